@@ -1,0 +1,157 @@
+"""Typed, validated configuration (pydantic). Every field is documented; unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """One model's architecture."""
+
+    kind: Literal["mf", "lightgcn", "vae"] = Field("lightgcn", description="model family")
+    dim: int = Field(64, ge=1, description="embedding / latent dimension")
+    layers: int = Field(2, ge=0, description="LightGCN propagation layers (ignored by MF and VAE)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Mult-VAE input dropout")
+
+    def kwargs(self) -> dict:
+        if self.kind == "lightgcn":
+            return {"dim": self.dim, "layers": self.layers}
+        if self.kind == "vae":
+            return {"dim": self.dim, "dropout": self.dropout}
+        return {"dim": self.dim}
+
+
+class TrainConfig(Strict):
+    """One training run on one block: optimiser, sampling and early stopping (method.md 4)."""
+
+    epochs: int = Field(100, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(2048, ge=1, description="positive pairs (BPR) or users (VAE) per step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (coupled weight decay) or AdamW (decoupled)")
+    l2: float = Field(0.0, ge=0, description="L2 weight on the batch's ego embeddings (BPR models)")
+    negatives: int = Field(1, ge=1, description="sampled negatives per positive pair (BPR)")
+    patience: int = Field(10, ge=1, description="evaluations without validation gain before stopping")
+    eval_every: int = Field(1, ge=1, description="validate every this many epochs (and after the last)")
+    min_epochs: int = Field(0, ge=0, description="never stop before this many epochs")
+    beta_max: float = Field(0.2, ge=0, description="Mult-VAE: KL weight β after annealing")
+    anneal_steps: int = Field(2000, ge=1, description="Mult-VAE: optimiser steps over which β rises to beta_max")
+    eval_chunk: int = Field(1024, ge=1, description="users per chunk in full-ranking evaluation")
+    select_metric: str = Field("recall@20", description="validation metric for model selection")
+
+
+DevicePref = Literal["auto", "cpu", "cuda"]
+
+
+class MemberConfig(ModelConfig):
+    """One teacher member: an architecture and its own seed."""
+
+    seed: int = Field(0, description="member seed (initialisation and sampling)")
+
+
+class ReplayConfig(Strict):
+    """Proxy-guided replay budget (method.md 5.1, 5.3)."""
+
+    top_a: int = Field(50, ge=1, description="A: candidates = each source's top-A items per user")
+    n_stability: int = Field(1, ge=0, description="n_S: items drawn per user from the stability proxy")
+    n_plasticity: int = Field(0, ge=0, description="n_P: items drawn per user from the plasticity proxy")
+    n_student: int = Field(0, ge=0, description="n_C: items drawn per user from the served student (teacher side)")
+    eps: float = Field(1e-4, ge=0, description="ε: draw probability ∝ exp(ε · rank disparity)")
+    scale: float = Field(0.5, ge=0, description="replay weight λ_e = scale · exp(-e / decay)")
+    decay: float = Field(10.0, gt=0, description="replay weight decay (10 student, 5 teacher)")
+
+
+class TeacherConfig(Strict):
+    """The teacher system: ensemble members and how they are trained and updated (method.md 4, 5.3)."""
+
+    members: list[MemberConfig] = Field(
+        default_factory=lambda: [MemberConfig(kind="lightgcn", dim=128, seed=s) for s in range(5)],
+        description="ensemble members",
+    )
+    base: TrainConfig = Field(default_factory=TrainConfig, description="block-0 schedule of BPR members")
+    base_vae: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=0.0),
+        description="block-0 schedule of Mult-VAE members",
+    )
+    update: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=1e-3), description="stage-3 schedule (BPR members)"
+    )
+    update_vae: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10, patience=10, batch_size=256, lr=1e-3, weight_decay=0.0),
+        description="stage-3 schedule (Mult-VAE members)",
+    )
+    lwc_weight: float = Field(0.01, ge=0, description="λ_LWC: weight of LWC-KD in the teacher update")
+    tau: float = Field(5.0, gt=0, description="LWC-KD temperature τ")
+    knn: int = Field(10, ge=1, description="neighbours per node of the LWC-KD UU / II graphs")
+    replay: ReplayConfig = Field(
+        default_factory=lambda: ReplayConfig(top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0),
+        description="replay from SP, PP and CL_k into every member",
+    )
+    vae_replay_value: float = Field(0.1, ge=0, le=1, description="Mult-VAE: input/target value of replayed pairs")
+    vae_kl_weight: float = Field(1.0, ge=0, description="Mult-VAE: weight of KL(previous output ‖ current)")
+    student_knowledge: bool = Field(True, description="replay student-side knowledge (SP, PP, CL_k) into the teacher")
+
+
+class StudentConfig(Strict):
+    """The served student: distillation (stage 1) and continual update (stage 2)."""
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(kind="lightgcn", dim=8), description="architecture")
+    distill: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10, batch_size=1024, lr=5e-3, patience=10),
+        description="stage-1 schedule (BPR + RRD + IR-RRD)",
+    )
+    topn: int = Field(40, ge=1, description="length of the teacher's interesting lists")
+    user_samples: int = Field(1000, ge=1, description="uninteresting items sampled per user (RRD)")
+    item_samples: int = Field(1000, ge=1, description="uninteresting users sampled per item (IR-RRD)")
+    rrd_weight: float = Field(0.01, ge=0, description="weight of RRD and of IR-RRD")
+    update: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=1e-3), description="stage-2 schedule"
+    )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="replay from SP and PP into the student")
+    w_stability: float = Field(1.0, ge=0, le=1, description="w_S: EMA weight of the stability proxy")
+    w_plasticity: float = Field(0.0, ge=0, le=1, description="w_P: EMA weight of the plasticity proxy")
+    init: Literal["entity", "one_hop", "random"] = Field("entity", description="initialisation of new rows")
+    avoid_top: int = Field(40, ge=0, description="BPR negatives of old users avoid the top-N of E, D, SP, PP")
+    redistill: bool = Field(True, description="distil a fresh student D_k from E_k after every block")
+
+
+class BlockOverride(Strict):
+    """Per-block overrides (the authors tuned these per block; method.md 5.1, 5.3)."""
+
+    student_replay: ReplayConfig | None = None
+    teacher_replay: ReplayConfig | None = None
+    w_stability: float | None = Field(None, ge=0, le=1)
+    w_plasticity: float | None = Field(None, ge=0, le=1)
+
+
+class RunConfig(Strict):
+    """A whole CCD run over a stream."""
+
+    dataset: str = Field("yelp", description="bundled dataset (yelp, gowalla) or a stream directory")
+    seed: int = Field(0, description="base seed; every stage derives its own seed from it")
+    device: DevicePref = Field("auto", description="auto, cpu or cuda")
+    max_blocks: int | None = Field(None, ge=0, description="stop after this incremental block (default: all)")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    blocks: dict[int, BlockOverride] = Field(default_factory=dict, description="per-block overrides")
+    ks: list[int] = Field(default_factory=lambda: [20, 50], description="cut-offs of Recall@K / NDCG@K")
+
+    def student_replay(self, k: int) -> ReplayConfig:
+        o = self.blocks.get(k)
+        return o.student_replay if o and o.student_replay else self.student.replay
+
+    def teacher_replay(self, k: int) -> ReplayConfig:
+        o = self.blocks.get(k)
+        return o.teacher_replay if o and o.teacher_replay else self.teacher.replay
+
+    def proxy_weights(self, k: int) -> tuple[float, float]:
+        o = self.blocks.get(k)
+        ws = o.w_stability if o and o.w_stability is not None else self.student.w_stability
+        wp = o.w_plasticity if o and o.w_plasticity is not None else self.student.w_plasticity
+        return ws, wp

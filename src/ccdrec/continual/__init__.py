@@ -1,0 +1,27 @@
+"""Continual learning of the student and the teachers: proxies, proxy-guided replay (method.md 5.1, 5.3)."""
+
+from ccdrec.continual.proxy import Proxy, ema_update
+from ccdrec.continual.replay import (
+    PreviousOutputKL,
+    ReplaySet,
+    impute_replay,
+    kl_to_previous,
+    rank_of,
+    replay_pass,
+    replay_weight,
+    sample_replay,
+)
+
+__all__ = [
+    "PreviousOutputKL",
+    "Proxy",
+    "ReplaySet",
+    "ema_update",
+    "impute_replay",
+    "kl_to_previous",
+    "rank_of",
+    "replay_pass",
+    "replay_weight",
+    "sample_replay",
+]
+from ccdrec.continual.lwckd import LWCKD, OldEmbeddings, PIWNet, contrastive, contrastive_rows, knn_graph  # noqa: E402, F401

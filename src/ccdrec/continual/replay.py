@@ -1,0 +1,354 @@
+"""Proxy-guided replay (method.md 5.1 for the student, 5.3 for the teacher members).
+
+For each old user u and each source X (the proxies SP, PP; for the teacher also the served student
+CL_k) with a budget n_X > 0:
+
+* candidates C_X(u) = X's top-A items for u after removing u's excluded items (train items of blocks
+  k-1 and k);
+* rank disparity d(u, i) = rank_W(u, i) − rank_X(u, i), with rank_W the 0-based rank of i in the
+  **current** model's full ranking for u and rank_X its position in X's candidate list; a large d
+  means X still ranks i high while the model has pushed it down, i.e. forgotten knowledge;
+* n_X items are drawn from C_X(u) without replacement with probability ∝ exp(ε · d(u, i)), ε = 1e-4;
+* each drawn pair gets the soft label y = σ(s_X(u, i)); the sources are merged, keeping the larger
+  label for a pair drawn from several sources.
+
+Both ranks are taken over the same candidate universe: every item of the current universe except u's
+excluded items (an excluded item never counts as "above" another). rank_X is therefore the position in
+X's list after exclusion, and rank_W counts the non-excluded items the current model scores strictly
+higher.
+
+Deviation from the authors' release fixed here (method.md 9): the student side ranked against the
+fixed starting student D_{k-1} and was sampled once per block. This module takes the *current* model's
+scorer, and the stage code re-samples (:func:`sample_replay`) whenever the model has moved (e.g. at
+each evaluation / epoch), on the student and teacher side alike.
+
+Training: :func:`replay_pass` runs λ_e · BCEWithLogits(s_model(u, i), y) over the replay set after the
+block's BPR pass, λ_e = :func:`replay_weight` (0.5·exp(−e/10) student, 0.5·exp(−e/5) teacher).
+Mult-VAE members do not take a BCE pass: :func:`impute_replay` writes the replayed pairs into their
+input/target rows with value 0.1 and :class:`PreviousOutputKL` regularises their output towards the
+previous block's model (method.md 5.3).
+
+Memory: every score computation works on ``chunk x n_items`` blocks of users, never a full
+users x items matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ccdrec.models.base import EmbeddingModel, Scorer
+from ccdrec.models.vae import MultVAE, rows_tensor
+
+DEFAULT_EPS = 1e-4
+VAE_REPLAY_VALUE = 0.1
+
+
+@dataclass
+class ReplaySet:
+    """Replayed (user, item) pairs with soft labels: ``users``/``items`` int64, ``labels`` float32."""
+
+    users: np.ndarray
+    items: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.users = np.asarray(self.users, dtype=np.int64)
+        self.items = np.asarray(self.items, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.float32)
+        if not (len(self.users) == len(self.items) == len(self.labels)):
+            raise ValueError("replay users, items and labels must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @classmethod
+    def empty(cls) -> ReplaySet:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+def replay_weight(epoch: int, scale: float = 0.5, decay: float = 10.0) -> float:
+    """λ_e = scale · exp(−e / decay): 0.5·exp(−e/10) for the student (5.1), decay 5 for teachers (5.3)."""
+    return scale * math.exp(-epoch / decay)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _fit_columns(scores: torch.Tensor, n_items: int) -> torch.Tensor:
+    """A fresh copy of ``scores`` cut or padded with −inf to exactly ``n_items`` columns."""
+    scores = scores.float()
+    if scores.shape[1] > n_items:
+        return scores[:, :n_items].clone()
+    if scores.shape[1] < n_items:
+        pad = scores.new_full((scores.shape[0], n_items - scores.shape[1]), -torch.inf)
+        return torch.cat([scores, pad], dim=1)
+    return scores.clone()  # callers mask in place; never write into a scorer's cached tensor
+
+
+def _excluded(exclude: sp.csr_matrix | None, users: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row position, column) of ``exclude[users]``'s entries inside ``n_items``; rows past its end are empty."""
+    if exclude is None:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    inside = users < exclude.shape[0]
+    pos = np.flatnonzero(inside)
+    sub = exclude[users[inside]]
+    rows = np.repeat(pos, np.diff(sub.indptr))
+    keep = sub.indices < n_items
+    return rows[keep], sub.indices[keep].astype(np.int64)
+
+
+def _mask(scores: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    if len(rows):
+        dev = scores.device
+        scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = -torch.inf
+    return scores
+
+
+def _count_above(sorted_asc: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries of ``sorted_asc`` are strictly greater than each of ``values``."""
+    return sorted_asc.shape[1] - torch.searchsorted(sorted_asc, values.contiguous(), right=True)
+
+
+def _as_csr(m: sp.spmatrix | None) -> sp.csr_matrix | None:
+    return None if m is None else sp.csr_matrix(m)
+
+
+# ----------------------------------------------------------------------------------------------- ranks
+
+
+def rank_of(
+    scorer: Scorer,
+    users: np.ndarray,
+    items: np.ndarray,
+    n_items: int,
+    exclude: sp.spmatrix | None = None,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """0-based rank of each ``items[b, a]`` in the scorer's full ranking for ``users[b]`` (0 = top).
+
+    rank(u, i) = |{j in universe, j not excluded for u : s(u, j) > s(u, i)}| — ties count nothing (an
+    item tied with i is not above it). Items in ``exclude`` (a CSR matrix, rows by user ID, possibly
+    fewer rows/columns than the universe) are left out of the count: they are the user's own train
+    items, which are never candidates, so the rank is the rank among the candidates. The rank of an
+    excluded item itself is still reported (among the non-excluded ones).
+
+    Computed ``chunk`` users at a time: memory is O(chunk x n_items).
+    """
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    if items.ndim == 1:
+        items = items[:, None]
+    if items.shape[0] != len(users):
+        raise ValueError(f"items must have one row per user: {items.shape} vs {len(users)} users")
+    exclude = _as_csr(exclude)
+    out = np.empty(items.shape, dtype=np.int64)
+    for start in range(0, len(users), chunk):
+        batch = users[start : start + chunk]
+        scores = _fit_columns(scorer(torch.from_numpy(batch).to(device)), n_items)
+        target = scores.gather(1, torch.from_numpy(items[start : start + chunk]).to(scores.device))
+        scores = _mask(scores, *_excluded(exclude, batch, n_items))
+        ranks = _count_above(scores.sort(dim=1).values, target)
+        out[start : start + len(batch)] = ranks.cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+def sample_replay(
+    current_scorer: Scorer,
+    n_items: int,
+    sources: Sequence[tuple[Scorer, int]],
+    users: np.ndarray,
+    exclude: sp.spmatrix | None,
+    top_a: int,
+    eps: float = DEFAULT_EPS,
+    rng: np.random.Generator | None = None,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> ReplaySet:
+    """Proxy-guided replay set for ``users`` (method.md 5.1; 5.3 with sources SP, PP and CL_k).
+
+    ``current_scorer``: the model being trained (its ranking gives rank_W, re-sample as it moves);
+    ``sources``: ``(scorer_X, n_X)`` pairs, e.g. ``[(sp.scorer(n_items=n), n_S), (pp.scorer(n_items=n), n_P)]``
+    (scorers of a smaller universe are padded with −inf); ``exclude``: CSR of each user's train items of
+    blocks k-1 and k (rows by user ID; may have fewer rows/columns than the universe).
+
+    For each user and source: candidates = X's top-``top_a`` non-excluded items (positions rank_X =
+    0..A-1), d = rank_W − rank_X, draw min(n_X, |candidates|) of them without replacement with
+    P ∝ exp(ε·d) — by Gumbel-top-k (keys ε·d − max + Gumbel noise from ``rng``; taking the n_X largest
+    keys is exactly successive sampling without replacement ∝ exp(ε·d)), label σ(s_X(u, i)).
+    Sources are merged keeping the larger label of a repeated pair. Deterministic given ``rng``.
+    ``users`` is deduplicated; users unknown to a source (a −inf row, e.g. beyond a proxy's table) get
+    nothing from it. Returns pairs sorted by (user, item).
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    users = users[users >= 0]
+    exclude = _as_csr(exclude)
+    active = [(scorer, int(n)) for scorer, n in sources if int(n) > 0]
+    if not active or len(users) == 0 or top_a <= 0 or n_items <= 0:
+        return ReplaySet.empty()
+    a = min(int(top_a), n_items)
+    out_u, out_i, out_y = [], [], []
+    for start in range(0, len(users), chunk):
+        batch = users[start : start + chunk]
+        batch_t = torch.from_numpy(batch).to(device)
+        ex_rows, ex_cols = _excluded(exclude, batch, n_items)
+        current = _mask(_fit_columns(current_scorer(batch_t), n_items), ex_rows, ex_cols)
+        dev = current.device
+        current_sorted = current.sort(dim=1).values
+        position = torch.arange(a, device=dev, dtype=torch.float32)
+        for scorer, n_draw in active:
+            src = _mask(_fit_columns(scorer(batch_t).to(dev), n_items), ex_rows, ex_cols)
+            top_scores, top_items = src.topk(a, dim=1)  # descending: rank_X = column position
+            valid = torch.isfinite(top_scores)
+            rank_w = _count_above(current_sorted, current.gather(1, top_items)).float()
+            logits = eps * (rank_w - position)
+            logits = logits.masked_fill(~valid, -torch.inf)
+            logits = logits - logits.max(dim=1, keepdim=True).values.nan_to_num(neginf=0.0)
+            gumbel = torch.from_numpy(rng.gumbel(size=logits.shape).astype(np.float32)).to(dev)
+            keys, pick = (logits + gumbel).topk(min(n_draw, a), dim=1)
+            drawn = torch.isfinite(keys)
+            rows = torch.arange(len(batch), device=dev)[:, None].expand_as(pick)[drawn]
+            out_u.append(batch[rows.cpu().numpy()])
+            out_i.append(top_items.gather(1, pick)[drawn].cpu().numpy())
+            out_y.append(torch.sigmoid(top_scores.gather(1, pick)[drawn]).cpu().numpy())
+    return _merge_max(np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_y), n_items)
+
+
+def _merge_max(users: np.ndarray, items: np.ndarray, labels: np.ndarray, n_items: int) -> ReplaySet:
+    """Unique (user, item) pairs, each with the largest label it was drawn with."""
+    if len(users) == 0:
+        return ReplaySet.empty()
+    key = users.astype(np.int64) * n_items + items.astype(np.int64)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    best = np.full(len(uniq), -np.inf, dtype=np.float32)
+    np.maximum.at(best, inverse, labels.astype(np.float32))
+    return ReplaySet(uniq // n_items, uniq % n_items, best)
+
+
+def replay_pass(
+    model: EmbeddingModel,
+    opt: torch.optim.Optimizer,
+    replay: ReplaySet,
+    weight: float,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> float:
+    """One shuffled pass of ``weight · BCEWithLogits(s_model(u, i), y)`` (batch mean) over ``replay``.
+
+    Representations come from ``model.propagate()`` per minibatch (LightGCN propagates through the
+    block's graph). Returns the mean weighted loss per pair; does nothing (returns 0.0) for an empty
+    set or a zero weight. (method.md writes λ_e · Σ; the batch mean keeps the scale independent of the
+    batch size, like the BPR term it is added to.)
+    """
+    if len(replay) == 0 or weight == 0.0:
+        return 0.0
+    dev = model.device
+    order = rng.permutation(len(replay))
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        users = torch.from_numpy(replay.users[idx]).to(dev)
+        items = torch.from_numpy(replay.items[idx]).to(dev)
+        labels = torch.from_numpy(replay.labels[idx]).to(dev)
+        scores = model.score_pairs(users, items, model.propagate())
+        loss = weight * F.binary_cross_entropy_with_logits(scores, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(order)
+
+
+# ----------------------------------------------------------------------------------- Mult-VAE members
+
+
+def impute_replay(matrix: sp.spmatrix, replay: ReplaySet, value: float = VAE_REPLAY_VALUE) -> sp.csr_matrix:
+    """``matrix`` with the replayed pairs written as ``value`` where the entry is 0 (method.md 5.3).
+
+    Existing non-zero entries (the block's observed 1s) are kept; the result is the VAE's input and
+    target rows (pass it to ``fit(..., vae_input=...)``).
+    """
+    m = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    m.sum_duplicates()
+    if len(replay) == 0:
+        return m
+    u, i = replay.users, replay.items
+    if u.min() < 0 or i.min() < 0 or u.max() >= m.shape[0] or i.max() >= m.shape[1]:
+        raise ValueError(f"replayed pairs fall outside the matrix of shape {m.shape}")
+    key = np.unique(u * m.shape[1] + i)
+    u, i = key // m.shape[1], key % m.shape[1]
+    free = np.asarray(m[u, i]).ravel() == 0
+    add = sp.csr_matrix((np.full(int(free.sum()), value, np.float32), (u[free], i[free])), shape=m.shape)
+    return (m + add).tocsr()
+
+
+def kl_to_previous(prev_logits: torch.Tensor, logits: torch.Tensor, n_old_items: int | None = None) -> torch.Tensor:
+    """mean_rows KL(softmax(prev) ‖ softmax(cur)) over the first ``n_old_items`` columns, renormalised.
+
+    The previous model knows only the items that existed before; both distributions are restricted to
+    those columns and renormalised there. ``prev_logits`` is treated as a constant.
+    """
+    n = prev_logits.shape[1] if n_old_items is None else int(n_old_items)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    log_p = F.log_softmax(prev_logits[:, :n].detach().float(), dim=1)
+    log_q = F.log_softmax(logits[:, :n].float(), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+class PreviousOutputKL:
+    """fit()'s VAE ``extra_loss``: weight · KL(previous model's output ‖ current) for persisting users.
+
+    method.md 5.3: a Mult-VAE member is regularised towards the output distribution of its block-(k-1)
+    self on the items that existed before (the first ``n_old_items`` columns, renormalised), for the
+    batch rows whose users persist from block k-1 (``persisting_users``). The previous outputs are
+    recomputed without gradient from ``prev_model`` (deterministic: no dropout, z = μ) on the same input
+    rows, i.e. the rows of ``matrix`` — the VAE input given to ``fit`` (e.g. :func:`impute_replay`'s
+    output) — cut to the first ``n_old_items`` columns. ``extra_loss`` receives only the logits and the
+    batch's user IDs, so the object holds ``matrix`` to rebuild those rows.
+    """
+
+    def __init__(
+        self,
+        prev_model: MultVAE,
+        persisting_users: np.ndarray,
+        n_old_items: int,
+        matrix: sp.spmatrix,
+        weight: float = 1.0,
+    ):
+        if prev_model.n_items < n_old_items:
+            raise ValueError(f"previous model has {prev_model.n_items} items < n_old_items={n_old_items}")
+        self.prev_model = prev_model
+        self.n_old_items = int(n_old_items)
+        self.matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        self.weight = float(weight)
+        persisting = np.asarray(persisting_users, dtype=np.int64)
+        self._persists = np.zeros(self.matrix.shape[0], dtype=bool)
+        self._persists[persisting[(persisting >= 0) & (persisting < self.matrix.shape[0])]] = True
+
+    def __call__(self, model, logits: torch.Tensor, users: np.ndarray, _unused=None, epoch: int = 0) -> torch.Tensor:
+        users = np.asarray(users, dtype=np.int64)
+        inside = users < len(self._persists)
+        keep = np.zeros(len(users), dtype=bool)
+        keep[inside] = self._persists[users[inside]]
+        if self.weight == 0.0 or not keep.any():
+            return logits.new_zeros(())
+        kept = torch.from_numpy(users[keep])
+        prev_dev = self.prev_model.device
+        with torch.no_grad():
+            x = rows_tensor(self.matrix, kept, self.prev_model.n_items, prev_dev)
+            x[:, self.n_old_items :] = 0.0
+            prev_logits = self.prev_model(x, stochastic=False)[0].to(logits.device)
+        rows = torch.from_numpy(np.flatnonzero(keep)).to(logits.device)
+        return self.weight * kl_to_previous(prev_logits, logits[rows], self.n_old_items)

@@ -1,0 +1,251 @@
+"""The stream of blocks D_0..D_K (method.md section 2).
+
+A stream directory holds ``interactions.csv.gz`` (``block,split,user,item``) and ``universe.csv``
+(``block,users,items`` = the cumulative universe U_k, I_k after block k), and, for streams made by
+``ccdrec data prepare``, the vocabularies ``users.csv`` / ``items.csv`` (row ``id`` -> ``original``).
+IDs are assigned in order of first appearance, so block k's new users are ``[U_{k-1}, U_k)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ccdrec.errors import CcdrecError
+
+SPLITS = ("train", "valid", "test")
+BUNDLED = ("yelp", "gowalla")
+BUNDLED_SHA256 = {
+    "yelp": "cd26d7bcf53a07156391930428c3423d90aac390ee17928db5c0c3deaf3429b4",
+    "gowalla": "80124baea4e20e35ac384c7b2e2b26dbb033fa05a2e42024b1b26fc8a3b4bf69",
+}
+INTERACTIONS = "interactions.csv.gz"
+UNIVERSE = "universe.csv"
+
+
+def pad_to(matrix: sp.spmatrix, shape: tuple[int, int]) -> sp.csr_matrix:
+    """``matrix`` as CSR of ``shape``: an earlier (smaller) universe is padded, a larger one cut."""
+    m = sp.csr_matrix(matrix)
+    if m.shape == tuple(shape):
+        return m
+    coo = m.tocoo()
+    keep = (coo.row < shape[0]) & (coo.col < shape[1])
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=shape)
+
+
+def _pairs_matrix(pairs: np.ndarray, n_users: int, n_items: int) -> sp.csr_matrix:
+    data = np.ones(len(pairs), dtype=np.float32)
+    m = sp.csr_matrix((data, (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+@dataclass(eq=False)
+class Block:
+    """One block D_k: its deduplicated train/valid/test pairs inside the cumulative universe.
+
+    ``train``, ``valid`` and ``test`` are ``(n, 2)`` int64 arrays of (user, item) pairs.
+    """
+
+    index: int
+    n_users: int
+    n_items: int
+    prev_users: int
+    prev_items: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    @property
+    def new_users(self) -> range:
+        """IDs of the users that enter the universe in this block: [U_{k-1}, U_k)."""
+        return range(self.prev_users, self.n_users)
+
+    @property
+    def new_items(self) -> range:
+        return range(self.prev_items, self.n_items)
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise CcdrecError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def matrix(self, name: str, n_users: int | None = None, n_items: int | None = None) -> sp.csr_matrix:
+        """Binary CSR matrix of one split, shaped to this block's universe (or a larger one)."""
+        return _pairs_matrix(self.split(name), n_users or self.n_users, n_items or self.n_items)
+
+    @cached_property
+    def train_matrix(self) -> sp.csr_matrix:
+        """R_k: the block's train interactions as a binary (U_k x I_k) CSR matrix."""
+        return self.matrix("train")
+
+    def users_with(self, name: str) -> np.ndarray:
+        return np.unique(self.split(name)[:, 0])
+
+
+@dataclass(eq=False)
+class Stream:
+    """A named sequence of blocks with optional vocabularies back to the original IDs."""
+
+    name: str
+    blocks: list[Block]
+    user_vocab: np.ndarray | None = None
+    item_vocab: np.ndarray | None = None
+    source: Path | None = field(default=None)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, k: int) -> Block:
+        return self.blocks[k]
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    @property
+    def n_users(self) -> int:
+        return self.blocks[-1].n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.blocks[-1].n_items
+
+    def summary(self) -> pd.DataFrame:
+        """Per-block table: universe, new entities, split sizes."""
+        rows = []
+        for b in self.blocks:
+            rows.append(
+                {
+                    "block": b.index,
+                    "users": b.n_users,
+                    "items": b.n_items,
+                    "new_users": len(b.new_users),
+                    "new_items": len(b.new_items),
+                    "active_users": int(len(np.unique(b.train[:, 0]))),
+                    "train": len(b.train),
+                    "valid": len(b.valid),
+                    "test": len(b.test),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def train_until(self, k: int) -> np.ndarray:
+        """All deduplicated train pairs of blocks 0..k (for the full-retraining reference)."""
+        pairs = np.concatenate([b.train for b in self.blocks[: k + 1]])
+        return np.unique(pairs, axis=0)
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("ccdrec.data") / "bundled" / name))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_stream(source: str | Path) -> Stream:
+    """Load a bundled stream by name (``yelp``, ``gowalla``) or a stream directory.
+
+    Raises :class:`CcdrecError` with a one-line message for anything wrong with the input.
+    """
+    name = str(source)
+    if name in BUNDLED:
+        path = bundled_path(name)
+        digest = _sha256(path / INTERACTIONS)
+        if digest != BUNDLED_SHA256[name]:
+            raise CcdrecError(f"bundled stream {name!r} is corrupt: SHA-256 {digest} does not match the release")
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise CcdrecError(
+                f"no stream {name!r}: not a bundled dataset ({', '.join(BUNDLED)}) nor a directory"
+            )
+        name = path.name
+    return _read_stream_dir(path, name)
+
+
+def _read_csv(path: Path, columns: tuple[str, ...], **kwargs) -> pd.DataFrame:
+    if not path.exists():
+        raise CcdrecError(f"{path}: file is missing")
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise CcdrecError(f"{path}: cannot be read as CSV ({e})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise CcdrecError(f"{path}: missing column(s) {', '.join(missing)}")
+    return df
+
+
+def _read_stream_dir(path: Path, name: str) -> Stream:
+    universe = _read_csv(path / UNIVERSE, ("block", "users", "items")).sort_values("block")
+    df = _read_csv(path / INTERACTIONS, ("block", "split", "user", "item"))
+    for col in ("block", "user", "item"):
+        if not pd.api.types.is_integer_dtype(df[col]):
+            raise CcdrecError(f"{path / INTERACTIONS}: column {col!r} must hold integers")
+    bad = set(df["split"].unique()) - set(SPLITS)
+    if bad:
+        raise CcdrecError(f"{path / INTERACTIONS}: unknown split value(s) {sorted(map(str, bad))}")
+    n_blocks = len(universe)
+    if list(universe["block"]) != list(range(n_blocks)):
+        raise CcdrecError(f"{path / UNIVERSE}: blocks must be numbered 0..K without gaps")
+    blocks: list[Block] = []
+    prev_u = prev_i = 0
+    for k, (n_u, n_i) in enumerate(zip(universe["users"].astype(int), universe["items"].astype(int))):
+        part = df[df["block"] == k]
+        if part["user"].to_numpy().max(initial=-1) >= n_u or part["item"].to_numpy().max(initial=-1) >= n_i:
+            raise CcdrecError(f"{path}: block {k} has IDs outside its universe ({n_u} users, {n_i} items)")
+        if n_u < prev_u or n_i < prev_i:
+            raise CcdrecError(f"{path / UNIVERSE}: universe sizes must not shrink (block {k})")
+        splits = {}
+        for s in SPLITS:
+            pairs = part.loc[part["split"] == s, ["user", "item"]].to_numpy(dtype=np.int64)
+            splits[s] = np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), dtype=np.int64)
+        if len(splits["train"]) == 0:
+            raise CcdrecError(f"{path / INTERACTIONS}: block {k} has no train interactions")
+        blocks.append(Block(k, int(n_u), int(n_i), prev_u, prev_i, **splits))
+        prev_u, prev_i = int(n_u), int(n_i)
+    if df["block"].max() >= n_blocks or df["block"].min() < 0:
+        raise CcdrecError(f"{path / INTERACTIONS}: block numbers outside 0..{n_blocks - 1}")
+    user_vocab = _read_vocab(path / "users.csv", prev_u)
+    item_vocab = _read_vocab(path / "items.csv", prev_i)
+    return Stream(name, blocks, user_vocab, item_vocab, source=path)
+
+
+def _read_vocab(path: Path, size: int) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    df = _read_csv(path, ("id", "original"), dtype={"original": str}, keep_default_na=False)
+    if len(df) != size or not (df["id"].to_numpy() == np.arange(size)).all():
+        raise CcdrecError(f"{path}: vocabulary must list IDs 0..{size - 1} in order")
+    return df["original"].astype(str).to_numpy()
+
+
+def save_stream(stream: Stream, path: Path) -> None:
+    """Write ``stream`` in the stream-directory format that :func:`load_stream` reads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for b in stream.blocks:
+        for s in SPLITS:
+            pairs = b.split(s)
+            frames.append(pd.DataFrame({"block": b.index, "split": s, "user": pairs[:, 0], "item": pairs[:, 1]}))
+    pd.concat(frames).to_csv(path / INTERACTIONS, index=False)
+    pd.DataFrame(
+        {"block": [b.index for b in stream.blocks], "users": [b.n_users for b in stream.blocks], "items": [b.n_items for b in stream.blocks]}
+    ).to_csv(path / UNIVERSE, index=False)
+    for name, vocab in (("users.csv", stream.user_vocab), ("items.csv", stream.item_vocab)):
+        if vocab is not None:
+            pd.DataFrame({"id": np.arange(len(vocab)), "original": vocab}).to_csv(path / name, index=False)

@@ -1,0 +1,179 @@
+"""The rank-based teacher ensemble and the teacher's top lists (method.md 6 and 7).
+
+Rank ensemble (method.md 6). For member m let r_m(u, i) be the 0-based rank of item i in m's
+ranking of all items for user u (0 = top). The ensemble score is
+
+    E(u, i) = mean_m (min(r_m(u, i), rank_cap) + 1) ** (-exponent),   exponent = 0.05, rank_cap = 45,000,
+
+so ranks past the cap share the weight of rank ``rank_cap``. Averaging rank weights instead of raw
+scores makes members with different score scales (BPR models, Mult-VAE logits) comparable.
+
+Top lists (method.md 7). The interesting list of a user is the teacher's top-n items *excluding the
+user's observed items*, in teacher order; the interesting list of an item is its top-n users
+excluding the users who observed it. Observed pairs are masked with ``-inf`` before ``topk`` (the
+authors' release masked them with NaN, which torch sorts *first*, so their lists were filled with
+the user's own training items; method.md 9). Everything is computed in user chunks: no
+``n_users x n_items`` matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ccdrec.models.base import Recommender, Scorer
+
+DEFAULT_EXPONENT = 0.05
+DEFAULT_RANK_CAP = 45_000
+PAD = -1
+
+
+class RankEnsemble:
+    """A teacher ensemble scoring E(u, i) = mean_m (min(r_m(u, i), rank_cap) + 1)^(-exponent) (method.md 6).
+
+    Duck-types as a :class:`~ccdrec.models.base.Recommender` for evaluation and serving
+    (``n_users``, ``n_items``, ``device``, ``scorer(context=None)``). All members must share the
+    universe. Scores are computed on the first member's device, one user chunk at a time, with memory
+    ``O(chunk x n_items)`` per member.
+    """
+
+    kind = "ensemble"
+
+    def __init__(self, members: Sequence[Recommender], exponent: float = DEFAULT_EXPONENT, rank_cap: int = DEFAULT_RANK_CAP):
+        members = list(members)
+        if not members:
+            raise ValueError("a RankEnsemble needs at least one member")
+        universes = {(m.n_users, m.n_items) for m in members}
+        if len(universes) != 1:
+            raise ValueError(f"ensemble members must share one universe (n_users, n_items), got {sorted(universes)}")
+        if exponent <= 0:
+            raise ValueError(f"exponent must be positive, got {exponent}")
+        if rank_cap < 0:
+            raise ValueError(f"rank_cap must be non-negative, got {rank_cap}")
+        self.members = members
+        self.exponent = float(exponent)
+        self.rank_cap = int(rank_cap)
+
+    @property
+    def n_users(self) -> int:
+        return self.members[0].n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.members[0].n_items
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def num_parameters(self) -> int:
+        return sum(m.num_parameters() for m in self.members)
+
+    def eval(self) -> RankEnsemble:
+        for m in self.members:
+            m.eval()
+        return self
+
+    def position_weights(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(n_items,) weight of each rank position: (min(r, rank_cap) + 1)^(-exponent)."""
+        ranks = torch.arange(self.n_items, dtype=torch.float64).clamp_max(self.rank_cap)
+        return (ranks + 1.0).pow(-self.exponent).to(device=device or self.device, dtype=torch.float32)
+
+    def scorer(self, context: sp.csr_matrix | None = None) -> Scorer:
+        """A no-grad function mapping user IDs to their (B, n_items) ensemble scores.
+
+        ``context`` is passed on to every member (the Mult-VAE's input rows; embedding models ignore it).
+        Each member's scorer is built once here, so propagated state is cached across chunks.
+        """
+        scorers = [m.scorer(context=context) for m in self.members]
+        device = self.device
+        weights = self.position_weights(device)
+        n_members = len(scorers)
+
+        @torch.no_grad()
+        def score(users: torch.Tensor) -> torch.Tensor:
+            out = None
+            for s in scorers:
+                scores = s(users).to(device=device, dtype=torch.float32)
+                scores = torch.nan_to_num(scores, nan=-torch.inf)
+                order = scores.argsort(dim=1, descending=True, stable=True)  # order[b, r] = item at rank r
+                if out is None:
+                    out = torch.zeros_like(scores)
+                out.scatter_add_(1, order, weights.expand_as(scores))
+            return out / n_members
+
+        return score
+
+
+def _chunk_pairs(observed: sp.csr_matrix, batch: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row position in ``batch``, column) of the non-zeros of ``observed[batch]`` inside ``n_cols``."""
+    inside = batch < observed.shape[0]
+    sub = observed[batch[inside]]
+    rows = np.repeat(np.flatnonzero(inside), np.diff(sub.indptr))
+    keep = sub.indices < n_cols
+    return rows[keep], sub.indices[keep].astype(np.int64)
+
+
+@torch.no_grad()
+def top_lists(
+    scorer: Scorer,
+    n_users: int,
+    n_items: int,
+    observed: sp.spmatrix | None,
+    n: int = 40,
+    chunk: int = 512,
+    users: np.ndarray | None = None,
+    *,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's interesting lists for RRD (user side) and IR-RRD (item side), method.md 7.
+
+    Returns ``(user_top, item_top)``: ``user_top[u]`` holds the ``n`` highest-scored items of user u
+    that u has not observed, in descending score order; ``item_top[i]`` the ``n`` highest-scored users
+    (among ``users``) that have not observed item i, in descending score order. Observed pairs (the
+    non-zeros of ``observed``; a smaller matrix covers an earlier universe) are masked with ``-inf``
+    before ``topk``, NaN scores likewise. Rows with fewer than ``n`` candidates, and the rows of users
+    that are not scored, are padded with -1. ``users=None`` scores every user.
+
+    The item side keeps a running top-``n`` per item, merged chunk by chunk, so memory is
+    ``O(n_items x (n + chunk))``; ties between equal scores are broken arbitrarily.
+    """
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    observed = sp.csr_matrix(observed) if observed is not None else sp.csr_matrix((n_users, n_items), dtype=np.float32)
+    users = np.arange(n_users, dtype=np.int64) if users is None else np.unique(np.asarray(users, dtype=np.int64))
+    if len(users) and (users[0] < 0 or users[-1] >= n_users):
+        raise ValueError(f"users must lie in [0, {n_users})")
+    k_user = min(n, n_items)
+    user_top = np.full((n_users, n), PAD, dtype=np.int64)
+    best_scores = torch.full((n_items, n), -torch.inf, device=device)
+    best_users = torch.full((n_items, n), PAD, dtype=torch.long, device=device)
+    for start in range(0, len(users), chunk):
+        batch = users[start : start + chunk]
+        scores = scorer(torch.from_numpy(batch).to(device)).to(device=device, dtype=torch.float32)
+        scores = torch.nan_to_num(scores, nan=-torch.inf)
+        r, c = _chunk_pairs(observed, batch, n_items)
+        scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -torch.inf
+        # user side
+        vals, idx = scores.topk(k_user, dim=1)
+        idx = torch.where(torch.isfinite(vals), idx, PAD)
+        user_top[batch, :k_user] = idx.cpu().numpy()
+        # item side: merge this chunk's users into the running top-n per item
+        cand_scores = torch.cat([best_scores, scores.T], dim=1)
+        cand_users = torch.cat([best_users, torch.from_numpy(batch).to(device).expand(n_items, -1)], dim=1)
+        vals, pos = cand_scores.topk(n, dim=1)
+        best_scores, best_users = vals, cand_users.gather(1, pos)
+    item_top = torch.where(torch.isfinite(best_scores), best_users, PAD).cpu().numpy()
+    return user_top, item_top
+
+
+def top_matrix(top: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    """Binary CSR matrix of the (row, entry) pairs of a padded top list (row r -> its valid entries)."""
+    rows, cols = np.nonzero(top >= 0)
+    m = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, top[rows, cols])), shape=(top.shape[0], n_cols))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m

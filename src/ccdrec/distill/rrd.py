@@ -1,0 +1,217 @@
+"""Ranking distillation from the teacher ensemble into a fresh student (Stage 1, method.md 7).
+
+RRD (relaxed ranking distillation, Kang et al. CIKM 2020), user side. For user u let a_1..a_n be the
+student's scores of the teacher's interesting items (its top-n excluding u's observed items, in teacher
+order) and b_1..b_M the scores of a uniform sample of uninteresting items (items outside the list).
+The loss is the negative Plackett–Luce log-likelihood of the interesting list being ranked, in order,
+above all the uninteresting items:
+
+    L_u = −Σ_t [ a_t − log( Σ_{j≥t} e^{a_j} + Σ_m e^{b_m} ) ].
+
+IR-RRD is the same on the item side: for item i, its teacher's interesting users (top-n excluding
+the users who observed it) above a sample of uninteresting users. Student generation minimises
+
+    BPR(Tr_k) + 0.01 · RRD + 0.01 · IR-RRD,
+
+with BPR negatives that also avoid the teacher's interesting items.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ccdrec.config import TrainConfig
+from ccdrec.data.stream import Block, pad_to
+from ccdrec.distill.ensemble import top_matrix
+from ccdrec.models.base import EmbeddingModel, Recommender
+from ccdrec.train.loop import FitResult, fit
+from ccdrec.train.sampling import pair_keys
+
+DEFAULT_USER_SAMPLES = 1000
+DEFAULT_ITEM_SAMPLES = 1000
+DEFAULT_WEIGHT = 0.01
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with masked-out entries replaced by a very negative *finite* value (keeps gradients NaN-free)."""
+    if mask is None:
+        return x
+    return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min / 4))
+
+
+def rrd_loss(
+    interesting: torch.Tensor,
+    uninteresting: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    uninteresting_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over rows of L = −Σ_t [a_t − log(Σ_{j≥t} e^{a_j} + Σ_m e^{b_m})] (method.md 7).
+
+    ``interesting``: (B, n) student scores a_1..a_n of the interesting list, in teacher order;
+    ``uninteresting``: (B, M) student scores b_1..b_M of the sampled uninteresting entries.
+    ``mask`` (B, n) and ``uninteresting_mask`` (B, M) mark the valid entries (False = padding or a
+    sampled collision): a masked entry takes no part in the list, neither as a term nor in any sum.
+    Rows without a valid interesting entry are left out of the mean; with none at all the loss is 0.
+    Computed stably: the suffix sums Σ_{j≥t} e^{a_j} by ``logcumsumexp`` over the reversed list.
+    """
+    if interesting.dim() != 2 or uninteresting.dim() != 2 or interesting.shape[0] != uninteresting.shape[0]:
+        raise ValueError(f"expected (B, n) and (B, M) scores, got {tuple(interesting.shape)} and {tuple(uninteresting.shape)}")
+    a = _masked(interesting, mask)
+    suffix = torch.logcumsumexp(a.flip(1), dim=1).flip(1)  # log Σ_{j≥t} e^{a_j}
+    below = torch.logsumexp(_masked(uninteresting, uninteresting_mask), dim=1, keepdim=True)  # log Σ_m e^{b_m}
+    terms = interesting - torch.logaddexp(suffix, below)
+    if mask is None:
+        return -terms.sum(1).mean()
+    terms = torch.where(mask, terms, torch.zeros_like(terms))
+    rows = mask.any(1)
+    if not bool(rows.any()):
+        return interesting.sum() * 0.0
+    return -terms.sum(1)[rows].mean()
+
+
+class _Side:
+    """One side of the distillation: rows (users or items) with interesting columns (items or users)."""
+
+    def __init__(self, top: np.ndarray, n_cols: int, samples: int, observed: sp.spmatrix | None):
+        self.top = torch.from_numpy(np.ascontiguousarray(top, dtype=np.int64))
+        self.n_cols = int(n_cols)
+        self.samples = int(samples)
+        excluded = top_matrix(top, n_cols)
+        if observed is not None:
+            excluded = excluded + pad_to(observed, excluded.shape)
+        self.keys = torch.from_numpy(pair_keys(excluded))  # sorted row * n_cols + col
+        self._device: torch.device | None = None
+
+    def to(self, device: torch.device) -> None:
+        if self._device != device:
+            self.top, self.keys, self._device = self.top.to(device), self.keys.to(device), device
+
+    def loss(self, row_rep: torch.Tensor, col_rep: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        top = self.top[rows]
+        mask = top >= 0
+        r = row_rep[rows]
+        a = (r.unsqueeze(1) * col_rep[top.clamp_min(0)]).sum(-1)
+        sampled = torch.randint(0, self.n_cols, (len(rows), self.samples), generator=gen, device=rows.device)
+        b = _gather_scores(r, col_rep, sampled)
+        return rrd_loss(a, b, mask, ~self._excluded(rows, sampled))
+
+    def _excluded(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if len(self.keys) == 0:
+            return torch.zeros_like(cols, dtype=torch.bool)
+        k = rows.unsqueeze(1) * self.n_cols + cols
+        pos = torch.searchsorted(self.keys, k).clamp_max(len(self.keys) - 1)
+        return self.keys[pos] == k
+
+
+def _gather_scores(rows_rep: torch.Tensor, col_rep: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, M) scores <rows_rep[b], col_rep[cols[b, m]]>, by whichever route needs less memory."""
+    b, m = cols.shape
+    if m * col_rep.shape[1] < col_rep.shape[0]:
+        return torch.bmm(col_rep[cols], rows_rep.unsqueeze(2)).squeeze(2)
+    return (rows_rep @ col_rep.T).gather(1, cols)
+
+
+class RRDObjective:
+    """weight_user · RRD + weight_item · IR-RRD on a BPR minibatch, as a ``fit(extra_loss=...)`` (method.md 7).
+
+    Called as ``(model, reps, users_np, pos_np, epoch)`` with ``reps = model.propagate()`` of the step.
+    User side: for each distinct user u of the batch, the scores <e_u, e_i> of ``user_top[u]`` (the
+    teacher's interesting items, in order, -1 = padding) against ``user_samples`` items drawn uniformly
+    from the rest. Item side: for each distinct positive item i, the scores of ``item_top[i]`` (its
+    interesting users) against ``item_samples`` uniformly drawn users. Sampled entries that fall in the
+    interesting list (or in ``observed``, when given) are masked out of the uninteresting sum.
+    A weight of 0 switches its side off.
+    """
+
+    def __init__(
+        self,
+        user_top: np.ndarray,
+        item_top: np.ndarray,
+        n_items: int,
+        n_users: int,
+        user_samples: int = DEFAULT_USER_SAMPLES,
+        item_samples: int = DEFAULT_ITEM_SAMPLES,
+        weight_user: float = DEFAULT_WEIGHT,
+        weight_item: float = DEFAULT_WEIGHT,
+        seed: int = 0,
+        observed: sp.spmatrix | None = None,
+    ):
+        user_top, item_top = np.asarray(user_top), np.asarray(item_top)
+        if user_top.ndim != 2 or user_top.shape[0] != n_users:
+            raise ValueError(f"user_top must be (n_users={n_users}, n), got {user_top.shape}")
+        if item_top.ndim != 2 or item_top.shape[0] != n_items:
+            raise ValueError(f"item_top must be (n_items={n_items}, n), got {item_top.shape}")
+        if user_top.max(initial=-1) >= n_items or item_top.max(initial=-1) >= n_users:
+            raise ValueError("top lists refer to IDs outside the universe")
+        if min(user_samples, item_samples) < 1:
+            raise ValueError("user_samples and item_samples must be positive")
+        self.n_users, self.n_items = int(n_users), int(n_items)
+        self.weight_user, self.weight_item = float(weight_user), float(weight_item)
+        self.seed = seed
+        obs_t = None if observed is None else sp.csr_matrix(observed).T.tocsr()
+        self.user_side = _Side(user_top, n_items, user_samples, observed)
+        self.item_side = _Side(item_top, n_users, item_samples, obs_t)
+        self._gen: torch.Generator | None = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            self._gen.manual_seed(self.seed)
+        return self._gen
+
+    def __call__(self, model: Recommender, reps, users_np: np.ndarray, pos_np: np.ndarray, epoch: int) -> torch.Tensor:
+        if not (isinstance(reps, tuple | list) and len(reps) == 2):
+            raise TypeError("RRDObjective needs (user, item) representations from an embedding model's propagate()")
+        user_rep, item_rep = reps
+        device = user_rep.device
+        gen = self._generator(device)
+        loss = user_rep.new_zeros(())
+        if self.weight_user > 0 and len(users_np):
+            self.user_side.to(device)
+            users = torch.from_numpy(np.unique(users_np)).to(device)
+            loss = loss + self.weight_user * self.user_side.loss(user_rep, item_rep, users, gen)
+        if self.weight_item > 0 and len(pos_np):
+            self.item_side.to(device)
+            items = torch.from_numpy(np.unique(pos_np)).to(device)
+            loss = loss + self.weight_item * self.item_side.loss(item_rep, user_rep, items, gen)
+        return loss
+
+
+def distill_student(
+    student: Recommender,
+    block: Block,
+    user_top: np.ndarray,
+    item_top: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    exclude: sp.spmatrix | None = None,
+    user_samples: int = DEFAULT_USER_SAMPLES,
+    item_samples: int = DEFAULT_ITEM_SAMPLES,
+    weight: float = DEFAULT_WEIGHT,
+    exclude_observed: bool = True,
+    label: str = "distill",
+) -> FitResult:
+    """Stage 1 (method.md 7): train ``student`` with BPR(Tr_k) + weight·RRD + weight·IR-RRD.
+
+    ``user_top`` / ``item_top``: the teacher's interesting lists from :func:`~ccdrec.distill.top_lists`
+    (shaped to the student's universe, -1 = padding). BPR negatives avoid the user's train items, the
+    teacher's interesting items and ``exclude`` (e.g. the top-40 of the proxies and CL_k).
+    ``exclude_observed``: keep the block's train pairs out of the uninteresting samples as well.
+    The student is trained in place (pass a freshly initialised one) and keeps its best-validation weights.
+    """
+    if not isinstance(student, EmbeddingModel):
+        raise TypeError(f"ranking distillation needs an embedding student (MF, LightGCN), got {type(student).__name__}")
+    n_u, n_i = student.n_users, student.n_items
+    objective = RRDObjective(
+        user_top, item_top, n_i, n_u, user_samples=user_samples, item_samples=item_samples,
+        weight_user=weight, weight_item=weight, seed=seed,
+        observed=block.matrix("train", n_u, n_i) if exclude_observed else None,
+    )
+    negatives_avoid = top_matrix(np.asarray(user_top), n_i)
+    if exclude is not None:
+        negatives_avoid = (negatives_avoid + pad_to(exclude, (n_u, n_i))).tocsr()
+    return fit(student, block, cfg, seed=seed, progress=progress, label=label, exclude=negatives_avoid, extra_loss=objective)

@@ -1,0 +1,9 @@
+"""The one exception type for user mistakes: bad input files, bad options, bad run directories.
+
+The CLI turns a :class:`CcdrecError` into a one-line message and exit code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class CcdrecError(Exception):
+    """A problem the user can fix (a missing column, an unknown dataset, a corrupt run directory)."""

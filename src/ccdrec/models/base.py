@@ -1,0 +1,93 @@
+"""The model interface shared by every teacher member and every student (style.md lesson 1).
+
+Everything downstream (evaluation, ensemble, distillation, replay, serving) talks to models only
+through :class:`Recommender`: score users against all items, set the block's graph, grow the universe.
+Embedding models (MF, LightGCN) additionally expose ego tables and propagated embeddings.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Literal
+
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a 1-D tensor of user IDs to a (len(users), n_items) score tensor."""
+
+InitStrategy = Literal["entity", "one_hop", "random"]
+INIT_STD = 0.01
+
+
+class Recommender(nn.Module, ABC):
+    """A model over a universe of ``n_users`` x ``n_items`` that scores by user-item affinity."""
+
+    kind: str = "model"
+
+    @property
+    @abstractmethod
+    def n_users(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_items(self) -> int: ...
+
+    @abstractmethod
+    def set_graph(self, train_matrix: sp.csr_matrix) -> None:
+        """Attach the current block's train matrix R_k (LightGCN's graph, the VAE's input rows)."""
+
+    @abstractmethod
+    def scorer(self, context: sp.csr_matrix | None = None) -> Scorer:
+        """A no-grad scoring function with propagated state cached, for evaluation and serving.
+
+        ``context``: the users' known interactions, for models that condition on them (Mult-VAE);
+        embedding models ignore it.
+        """
+
+    @abstractmethod
+    def grow(self, n_users: int, n_items: int, train_matrix: sp.csr_matrix, init: InitStrategy = "entity") -> None:
+        """Append rows for new users/items; old parameters stay bit-identical (method.md 3)."""
+
+    @abstractmethod
+    def config(self) -> dict:
+        """JSON-able constructor arguments; ``build_model(**config)`` rebuilds the architecture."""
+
+    def clone(self) -> Recommender:
+        """An independent copy: same architecture, copied weights, the same (shared, read-only) graph."""
+        cfg = {k: v for k, v in self.config().items() if k != "kind"}
+        twin = type(self)(**cfg).to(self.device)
+        twin.load_state_dict(self.state_dict())
+        for name in self._graph_attrs:
+            setattr(twin, name, getattr(self, name))
+        twin.train(self.training)
+        return twin
+
+    _graph_attrs: tuple[str, ...] = ()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class EmbeddingModel(Recommender):
+    """A model scoring s(u, i) = <e_u, e_i> from user and item ego tables (MF, LightGCN)."""
+
+    user_emb: nn.Parameter
+    item_emb: nn.Parameter
+
+    @abstractmethod
+    def layer_embeddings(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (users, items) embeddings, layer 0 = ego tables (for LWC-KD)."""
+
+    @abstractmethod
+    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (users, items) representations, differentiable."""
+
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor, reps=None) -> torch.Tensor:
+        u, i = reps if reps is not None else self.propagate()
+        return (u[users] * i[items]).sum(-1)

@@ -1,0 +1,108 @@
+"""Mult-VAE (Liang et al., WWW 2018), a teacher member for Gowalla (method.md 3).
+
+Input: the user's L2-normalised binary item row; encoder items -> d (tanh), μ and log σ² heads
+d -> d, reparameterisation in training and μ at evaluation, decoder d -> items; the loss is the
+multinomial log-likelihood + β·KL (see :func:`ccdrec.train.losses.vae_loss`).
+
+The user's input row comes from a *context* matrix: the block's train matrix given to
+:meth:`set_graph` by default, or the matrix the caller passes to :meth:`scorer` (evaluation on block j
+conditions on block j's train interactions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ccdrec.models.base import InitStrategy, Recommender, Scorer
+from ccdrec.models.growth import entity_rows
+
+
+def rows_tensor(matrix: sp.csr_matrix, users: torch.Tensor, n_items: int, device) -> torch.Tensor:
+    """Dense float rows of ``matrix`` for ``users``, padded/cut to ``n_items`` columns."""
+    idx = users.cpu().numpy()
+    sub = matrix[idx]
+    if sub.shape[1] != n_items:
+        sub = sp.csr_matrix((sub.data, sub.indices, sub.indptr), shape=(len(idx), max(n_items, sub.shape[1])))[:, :n_items]
+    return torch.from_numpy(np.asarray(sub.toarray(), dtype=np.float32)).to(device)
+
+
+class MultVAE(Recommender):
+    kind = "vae"
+    _graph_attrs = ("_context",)
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, dropout: float = 0.5):
+        super().__init__()
+        self.dim = dim
+        self.dropout = dropout
+        self._n_users = n_users
+        self.encoder = nn.Linear(n_items, dim)
+        self.mu = nn.Linear(dim, dim)
+        self.logvar = nn.Linear(dim, dim)
+        self.decoder = nn.Linear(dim, n_items)
+        for lin in (self.encoder, self.mu, self.logvar, self.decoder):
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.normal_(lin.bias, std=0.001)
+        self._context: sp.csr_matrix | None = None
+
+    @property
+    def n_users(self) -> int:
+        return self._n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.decoder.out_features
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "n_users": self.n_users, "n_items": self.n_items, "dim": self.dim, "dropout": self.dropout}
+
+    def set_graph(self, train_matrix: sp.csr_matrix) -> None:
+        self._context = sp.csr_matrix(train_matrix, dtype=np.float32)
+
+    def input_rows(self, users: torch.Tensor, context: sp.csr_matrix | None = None) -> torch.Tensor:
+        ctx = context if context is not None else self._context
+        if ctx is None:
+            raise RuntimeError("MultVAE needs set_graph(train_matrix) or a context matrix")
+        return rows_tensor(ctx, users, self.n_items, self.device)
+
+    def forward(self, x: torch.Tensor, stochastic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, μ and log σ² for binary (or soft) input rows ``x``.
+
+        ``stochastic`` (default: ``self.training``) switches input dropout and reparameterisation on.
+        """
+        stochastic = self.training if stochastic is None else stochastic
+        h = F.normalize(x, dim=1)
+        h = F.dropout(h, self.dropout, training=stochastic)
+        h = torch.tanh(self.encoder(h))
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if stochastic else mu
+        return self.decoder(z), mu, logvar
+
+    def scorer(self, context: sp.csr_matrix | None = None) -> Scorer:
+        def score(users: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self(self.input_rows(users, context), stochastic=False)[0]
+
+        return score
+
+    @torch.no_grad()
+    def grow(self, n_users: int, n_items: int, train_matrix: sp.csr_matrix, init: InitStrategy = "entity") -> None:
+        """Widen the encoder input and decoder output; new items start from the item-side trend."""
+        old_i = self.n_items
+        self._n_users = n_users
+        if n_items > old_i:
+            d = self.dim
+            table = torch.cat([self.decoder.weight, self.decoder.bias[:, None], self.encoder.weight.T], dim=1)
+            strategy = "random" if init == "random" else "entity"
+            r = sp.csr_matrix(train_matrix).T.tocsr()
+            new = entity_rows(table, None, r, old_i, 0, n_items, strategy)
+            enc, dec = nn.Linear(n_items, d), nn.Linear(d, n_items)
+            enc.weight.copy_(torch.cat([self.encoder.weight, new[:, d + 1 :].T], dim=1))
+            enc.bias.copy_(self.encoder.bias)
+            dec.weight.copy_(torch.cat([self.decoder.weight, new[:, :d]], dim=0))
+            dec.bias.copy_(torch.cat([self.decoder.bias, new[:, d]]))
+            self.encoder, self.decoder = enc.to(self.device), dec.to(self.device)
+        self.set_graph(train_matrix)

@@ -1,0 +1,263 @@
+"""The CCD stream end to end (method.md 4-5): the stage order, checkpoints, evaluation, resume.
+
+Block 0: train every teacher member, ensemble E_0, distil D_0, SP_0 = PP_0 = D_0.
+Block k >= 1, in this order: student update (CL_k), teacher update of every member, ensemble E_k,
+student generation (D_k). After each block, E_k, CL_k and D_k are evaluated on the test split of every
+block j <= k (the r_{k,j} protocol, method.md 8) and on block k's new users.
+
+Each stage is named (``b0/teacher2``, ``b3/student_update``, ...), seeded from the run seed and its
+name, and marks itself complete in ``state.json`` only after its outputs are on disk, so
+:func:`run_stream` with ``resume=True`` continues after any interruption with identical results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from ccdrec.config import RunConfig
+from ccdrec.continual.proxy import Proxy
+from ccdrec.data.stream import Stream, load_stream
+from ccdrec.device import resolve_device
+from ccdrec.distill.ensemble import RankEnsemble
+from ccdrec.errors import CcdrecError
+from ccdrec.eval.metrics import evaluate_block
+from ccdrec.models.base import Recommender
+from ccdrec.pipeline import stages
+from ccdrec.pipeline.rundir import RunDir
+from ccdrec.train.loop import FitResult
+
+REPORTED = ("teacher", "served", "student")
+
+
+class StopRequested(Exception):
+    """Raised after the stage named by ``stop_after`` (used to test resumption)."""
+
+
+class CCDStream:
+    """The state of a CCD run between stages, backed by a run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, stream: Stream, progress: bool = True, console: Console | None = None):
+        self.cfg, self.rd, self.stream = cfg, run_dir, stream
+        self.device = resolve_device(cfg.device)
+        self.progress = progress
+        self.console = console or Console(quiet=not progress)
+        self.members: list[Recommender | None] = [None] * len(cfg.teacher.members)
+        self.student: Recommender | None = None  # D_k
+        self.served: Recommender | None = None  # CL_k
+        self.proxies: tuple[Proxy, Proxy] | None = None
+        self.state = run_dir.read_state()
+        last = len(stream) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream) - 1)
+        self.last_block = last
+
+    # --- stage list --------------------------------------------------------------------------
+    def stage_list(self) -> list[tuple[str, Callable[[], dict]]]:
+        out: list[tuple[str, Callable[[], dict]]] = []
+        n = len(self.cfg.teacher.members)
+        for m in range(n):
+            out.append((f"b0/teacher{m}", lambda m=m: self.base_teacher(m)))
+        out.append(("b0/student", lambda: self.distil(0)))
+        out.append(("b0/eval", lambda: self.evaluate(0)))
+        for k in range(1, self.last_block + 1):
+            out.append((f"b{k}/student_update", lambda k=k: self.student_update(k)))
+            for m in range(n):
+                out.append((f"b{k}/teacher{m}", lambda k=k, m=m: self.teacher_update(k, m)))
+            out.append((f"b{k}/student", lambda k=k: self.distil(k)))
+            out.append((f"b{k}/eval", lambda k=k: self.evaluate(k)))
+        return out
+
+    def seed(self, name: str) -> int:
+        return stages.stage_seed(self.cfg.seed, name)
+
+    # --- persistence -------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Load the models every pointer of ``state.json`` names (resume)."""
+        ptr = self.state["pointers"]
+        for m in range(len(self.members)):
+            if f"teacher{m}" in ptr:
+                self.members[m] = self.rd.load_model(ptr[f"teacher{m}"], self.device)
+        if "student" in ptr:
+            self.student = self.rd.load_model(ptr["student"], self.device)
+        if "served" in ptr:
+            self.served = self.rd.load_model(ptr["served"], self.device)
+        if "proxies" in ptr:
+            t = self.rd.load_tensors(ptr["proxies"])
+            self.proxies = (Proxy(t["sp_user"], t["sp_item"]).to(self.device), Proxy(t["pp_user"], t["pp_item"]).to(self.device))
+        # graphs: every model is attached to the block it was last trained on
+        k = self.state.get("block", 0)
+        block = self.stream[k]
+        for model in [*self.members, self.student, self.served]:
+            if model is not None:
+                model.set_graph(block.matrix("train", model.n_users, model.n_items))
+
+    def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
+        for row in rows:
+            row.setdefault("stage", name)
+        self.rd.append_metrics(rows)
+        self.state["pointers"].update(pointers)
+        self.state["completed"].append(name)
+        self.state["seconds"][name] = round(seconds, 3)
+        self.state["block"] = block
+        self.rd.write_state(self.state)
+
+    def save_proxies(self, name: str) -> str:
+        sp_, pp_ = self.proxies
+        return self.rd.save_tensors(name, {"sp_user": sp_.user, "sp_item": sp_.item, "pp_user": pp_.user, "pp_item": pp_.item})
+
+    @staticmethod
+    def fit_row(model: str, res: FitResult | None, k: int, **extra) -> dict:
+        row = {"kind": "fit", "model": model, "k": k, **extra}
+        if res is not None:
+            row.update({"best_epoch": res.best_epoch + 1, "epochs": res.epochs_run, "train_seconds": round(res.seconds, 3)})
+            row.update({f"valid_{m}": v for m, v in res.best_valid.items() if m != "users"})
+        return row
+
+    # --- stages ------------------------------------------------------------------------------
+    def base_teacher(self, m: int) -> dict:
+        member = self.cfg.teacher.members[m]
+        name = f"b0/teacher{m}"
+        res = stages.train_member(member, self.stream[0], self.cfg, stages.stage_seed(member.seed, name), self.device,
+                                  self.progress, label=f"D_0 teacher {m} ({member.kind}-{member.dim})")
+        self.members[m] = res.model
+        ptr = self.rd.save_model(f"b0_teacher{m}", res.model)
+        return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, 0)]}
+
+    def ensemble(self) -> RankEnsemble:
+        return RankEnsemble([m for m in self.members if m is not None])
+
+    def distil(self, k: int) -> dict:
+        block = self.stream[k]
+        pointers, rows = {}, []
+        if k > 0 and not self.cfg.student.redistill:
+            # ablation: keep updating the same student, never re-distil
+            self.student = self.served
+        else:
+            user_top, item_top = stages.teacher_lists(self.ensemble(), block, self.cfg.student.topn)
+            avoid = None
+            if k > 0:
+                scorers = [p.scorer(n_items=block.n_items) for p in self.proxies] + [self.served.scorer()]
+                avoid = self.avoid(scorers, block, (block.n_users, block.n_items))
+            res = stages.generate_student(user_top, item_top, block, self.cfg, self.seed(f"b{k}/student"), self.device,
+                                          avoid, self.progress)
+            self.student = res.model
+            rows.append(self.fit_row("student", res.fit, k))
+        pointers["student"] = self.rd.save_model(f"b{k}_student", self.student)
+        if k == 0:
+            self.proxies = (Proxy.from_model(self.student), Proxy.from_model(self.student))
+            pointers["proxies"] = self.save_proxies("b0_proxies")
+        return {"pointers": pointers, "rows": rows}
+
+    def avoid(self, scorers, block, shape):
+        """Old users' top-N items of ``scorers`` (universe ``shape``), for BPR negatives to avoid."""
+        if self.cfg.student.avoid_top <= 0:
+            return None
+        users = np.arange(block.prev_users, dtype=np.int64)
+        observed = stages.past_train(block, self.stream[block.index - 1] if block.index else None)
+        return stages.avoid_top(scorers, shape, observed, self.cfg.student.avoid_top, users, self.device)
+
+    def student_update(self, k: int) -> dict:
+        block, prev = self.stream[k], self.stream[k - 1]
+        pointers = {}
+        if k >= 2:
+            w_s, w_p = self.cfg.proxy_weights(k)
+            self.proxies = stages.update_proxies(*self.proxies, self.student, w_s, w_p)
+            pointers["proxies"] = self.save_proxies(f"b{k}_proxies")
+        old = (prev.n_users, prev.n_items)
+        scorers = [self.ensemble().scorer(context=prev.train_matrix), self.student.scorer()]
+        scorers += [p.scorer(n_items=prev.n_items) for p in self.proxies]
+        avoid = self.avoid(scorers, block, old)
+        res, replayer = stages.update_student(self.student, *self.proxies, avoid, block, prev, self.cfg,
+                                              self.seed(f"b{k}/student_update"), self.progress)
+        self.served = res.model
+        pointers["served"] = self.rd.save_model(f"b{k}_served", self.served)
+        rows = [self.fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
+        return {"pointers": pointers, "rows": rows}
+
+    def teacher_update(self, k: int, m: int) -> dict:
+        block, prev = self.stream[k], self.stream[k - 1]
+        know = self.cfg.teacher.student_knowledge
+        sp_, pp_ = self.proxies if know else (None, None)
+        res = stages.update_teacher(
+            self.members[m], sp_, pp_, self.served if know else None, block, prev, self.cfg,
+            stages.stage_seed(self.cfg.teacher.members[m].seed, f"b{k}/teacher{m}"), self.progress,
+            label=f"D_{k} teacher {m} update",
+        )
+        self.members[m] = res.model
+        ptr = self.rd.save_model(f"b{k}_teacher{m}", res.model)
+        return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, k)]}
+
+    def evaluate(self, k: int) -> dict:
+        """r_{k,j} for j <= k of E_k, CL_k and D_k, plus block k's new users (method.md 8)."""
+        models = {"teacher": self.ensemble(), "student": self.student}
+        if k > 0:
+            models["served"] = self.served
+        rows = []
+        ks = tuple(self.cfg.ks)
+        block = self.stream[k]
+        for name, model in models.items():
+            for j in range(k + 1):
+                out = evaluate_block(model, self.stream[j], "test", ks=ks)
+                rows.append({"kind": "test", "model": name, "k": k, "j": j, **out})
+            if k > 0:
+                new = np.arange(block.prev_users, block.n_users)
+                out = evaluate_block(model, block, "test", users=new, ks=ks)
+                rows.append({"kind": "new_users", "model": name, "k": k, "j": k, **out})
+        for r in rows:
+            if r["kind"] == "test" and r["j"] == k:
+                self.console.print(f"  block {k}  {r['model']:<8} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}")
+        return {"pointers": {}, "rows": rows}
+
+    # --- driver ------------------------------------------------------------------------------
+    def run(self, stop_after: str | None = None) -> None:
+        done = set(self.state["completed"])
+        todo = self.stage_list()
+        known = {name for name, _ in todo}
+        if done - known:
+            raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
+        self.restore()
+        for name, fn in todo:
+            if name in done:
+                continue
+            block = int(name.split("/")[0][1:])
+            self.console.print(f"[bold]{name}[/bold]")
+            start = time.perf_counter()
+            out = fn()
+            self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, block)
+            if stop_after == name:
+                raise StopRequested(name)
+
+
+def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[RunConfig, RunDir]:
+    rd = RunDir(run_dir)
+    if resume:
+        if not rd.path.is_dir():
+            raise CcdrecError(f"{rd.path}: no such run directory to resume")
+        stored = rd.load_config()
+        return stored, rd
+    if cfg is None:
+        raise CcdrecError("a configuration is needed to start a run")
+    rd.create(cfg)
+    return cfg, rd
+
+
+def run_stream(
+    cfg: RunConfig | None, run_dir: Path, resume: bool = False, progress: bool = True, stop_after: str | None = None,
+    console: Console | None = None,
+) -> RunDir:
+    """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report."""
+    cfg, rd = prepare_run(cfg, run_dir, resume)
+    if resume:
+        rd.keep_metrics_of(set(rd.read_state()["completed"]))
+    stream = load_stream(cfg.dataset)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
+    runner.run(stop_after=stop_after)
+    from ccdrec.report.markdown import write_report
+
+    write_report(rd)
+    return rd

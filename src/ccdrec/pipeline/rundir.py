@@ -1,0 +1,124 @@
+"""The run directory: resolved config, per-stage checkpoints, metrics, and the resume state.
+
+Layout::
+
+    RUN/config.yaml        the resolved configuration (what ran)
+    RUN/state.json         completed stages and the checkpoint each role currently points to
+    RUN/metrics.jsonl      one JSON line per evaluation, tagged with its stage
+    RUN/checkpoints/       NAME.pt (tensors) + NAME.json (architecture) per stage output
+    RUN/report.md, plots/  written at the end
+
+Every file is written atomically; ``state.json`` is written last in a stage, so a stage counts as
+done only when all its outputs are on disk. On resume, metric lines of unfinished stages are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, load_model, load_tensors, read_json, save_model, save_tensors
+from ccdrec.config import RunConfig
+from ccdrec.errors import CcdrecError
+from ccdrec.models.base import Recommender
+
+STATE_VERSION = 1
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def ckpt(self, name: str) -> Path:
+        return self.path / "checkpoints" / name
+
+    # --- creation and validation -------------------------------------------------------------
+    def create(self, cfg: RunConfig) -> None:
+        if self.path.exists() and any(self.path.iterdir()):
+            raise CcdrecError(f"{self.path}: run directory exists and is not empty (use --resume to continue it)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()))
+        self.write_state({"version": STATE_VERSION, "completed": [], "pointers": {}, "seconds": {}})
+        atomic_write_bytes(self.metrics_path, lambda f: None)
+
+    def load_config(self) -> RunConfig:
+        if not self.config_path.exists():
+            raise CcdrecError(f"{self.path}: not a ccdrec run directory (no config.yaml)")
+        try:
+            data = yaml.safe_load(self.config_path.read_text())
+            return RunConfig.model_validate(data)
+        except yaml.YAMLError as e:
+            raise CcdrecError(f"{self.config_path}: corrupt YAML ({str(e).splitlines()[0]})") from None
+        except ValueError as e:
+            raise CcdrecError(f"{self.config_path}: incompatible configuration ({str(e).splitlines()[0]})") from None
+
+    def read_state(self) -> dict:
+        state = read_json(self.state_path)
+        if state.get("version") != STATE_VERSION or not isinstance(state.get("completed"), list):
+            raise CcdrecError(f"{self.state_path}: incompatible run state (version {state.get('version')!r})")
+        return state
+
+    def write_state(self, state: dict) -> None:
+        atomic_write_json(self.state_path, state)
+
+    # --- artefacts ---------------------------------------------------------------------------
+    def save_model(self, name: str, model: Recommender, meta: dict | None = None) -> str:
+        save_model(model, self.ckpt(name), meta)
+        return name
+
+    def load_model(self, name: str, device) -> Recommender:
+        model, _ = load_model(self.ckpt(name), device)
+        return model
+
+    def save_tensors(self, name: str, tensors: dict) -> str:
+        save_tensors(self.ckpt(name).with_suffix(".pt"), tensors)
+        return name
+
+    def load_tensors(self, name: str) -> dict:
+        return load_tensors(self.ckpt(name).with_suffix(".pt"))
+
+    # --- metrics -----------------------------------------------------------------------------
+    def append_metrics(self, rows: list[dict]) -> None:
+        with open(self.metrics_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for n, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CcdrecError(f"{self.metrics_path}:{n}: corrupt metrics line") from None
+        return rows
+
+    def keep_metrics_of(self, completed: set[str]) -> None:
+        """Drop metric lines of stages that did not complete (an interrupted stage re-runs)."""
+        text = self.metrics_path.read_text() if self.metrics_path.exists() else ""
+        keep = []
+        for line in text.splitlines():
+            try:
+                if json.loads(line).get("stage") in completed:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+        atomic_write_bytes(self.metrics_path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))

@@ -1,0 +1,1 @@
+"""Reports of a run: tables computed from metrics.jsonl, Markdown with PNG plots."""

@@ -1,0 +1,77 @@
+"""Tables computed from the rows of ``metrics.jsonl`` (method.md 8): r_{k,j}, LA/RA/H, new users.
+
+Pure functions over lists of metric rows, so that every number in a report is reproducible from the
+run directory alone.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ccdrec.eval.protocol import StreamScores
+
+
+def test_rows(rows: list[dict], model: str) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "test" and r.get("model") == model]
+
+
+def models_in(rows: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r.get("kind") == "test" and r["model"] not in seen:
+            seen.append(r["model"])
+    return seen
+
+
+def stream_scores(rows: list[dict], model: str, metric: str = "recall@20") -> StreamScores:
+    s = StreamScores()
+    for r in test_rows(rows, model):
+        s.add(r["k"], r["j"], r[metric])
+    return s
+
+
+def rkj_table(rows: list[dict], model: str, metric: str = "recall@20") -> pd.DataFrame:
+    """The r_{k,j} matrix: one row per block k the model was evaluated after, one column per test block j."""
+    s = stream_scores(rows, model, metric)
+    ks = s.blocks
+    js = sorted({j for _, j in s.r})
+    data = {f"D_{j}": [s.r.get((k, j)) for k in ks] for j in js}
+    return pd.DataFrame(data, index=[f"after D_{k}" for k in ks])
+
+
+def per_block(rows: list[dict], model: str, metric: str = "recall@20") -> pd.DataFrame:
+    """LA_k, RA_k and H_k for each incremental block k >= 1."""
+    s = stream_scores(rows, model, metric)
+    ks = [k for k in s.blocks if k >= 1]
+    return pd.DataFrame({"LA": [s.la(k) for k in ks], "RA": [s.ra(k) for k in ks], "H": [s.h(k) for k in ks]},
+                        index=pd.Index(ks, name="k"))
+
+
+def summary(rows: list[dict], metrics: tuple[str, ...] = ("recall@20", "ndcg@20")) -> pd.DataFrame:
+    """Stream LA / RA / H-mean of every evaluated model, for each metric."""
+    out = []
+    for model in models_in(rows):
+        row = {"model": model}
+        for metric in metrics:
+            summ = stream_scores(rows, model, metric).summary()
+            row.update({f"{name} {metric}": v for name, v in summ.items()})
+        out.append(row)
+    return pd.DataFrame(out).set_index("model") if out else pd.DataFrame()
+
+
+def new_users(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
+    """Block k's new users (test split of block k), per model and block."""
+    sel = [r for r in rows if r.get("kind") == "new_users"]
+    if not sel:
+        return pd.DataFrame()
+    df = pd.DataFrame(sel)
+    return df.pivot_table(index="k", columns="model", values=metric, aggfunc="first")
+
+
+def fit_table(rows: list[dict]) -> pd.DataFrame:
+    sel = [r for r in rows if r.get("kind") == "fit"]
+    if not sel:
+        return pd.DataFrame()
+    cols = ["stage", "model", "best_epoch", "epochs", "valid_recall@20", "train_seconds"]
+    df = pd.DataFrame(sel)
+    return df[[c for c in cols if c in df.columns]]

@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from ccdrec.eval import StreamScores, harmonic, rank_metrics
+from ccdrec.eval.metrics import evaluate_block
+
+
+def fixed_scorer(scores: np.ndarray):
+    t = torch.tensor(scores, dtype=torch.float32)
+    return lambda users: t[users]
+
+
+def csr(rows, n_users, n_items):
+    r = [u for u, items in rows.items() for _ in items]
+    c = [i for items in rows.values() for i in items]
+    return sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n_users, n_items))
+
+
+def test_hand_computed_recall_and_ndcg():
+    # user 0 ranks items 0>1>2>3>4; its test items are {1, 3}; item 0 is a train item (masked).
+    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    target = csr({0: [1, 3]}, 1, 5)
+    exclude = csr({0: [0]}, 1, 5)
+    out = rank_metrics(fixed_scorer(scores), target, exclude, 5, ks=(1, 2, 3))
+    # ranking after masking: 1, 2, 3, 4
+    assert out["recall@1"] == pytest.approx(0.5)
+    assert out["recall@2"] == pytest.approx(0.5)
+    assert out["recall@3"] == pytest.approx(1.0)
+    assert out["ndcg@1"] == pytest.approx(1.0)
+    ideal2 = 1 + 1 / np.log2(3)
+    assert out["ndcg@2"] == pytest.approx(1.0 / ideal2)
+    assert out["ndcg@3"] == pytest.approx((1 + 1 / np.log2(4)) / ideal2)
+    assert out["users"] == 1
+
+
+def test_without_mask_train_item_takes_a_slot():
+    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    target = csr({0: [1, 3]}, 1, 5)
+    out = rank_metrics(fixed_scorer(scores), target, None, 5, ks=(1,))
+    assert out["recall@1"] == 0.0
+
+
+def test_users_without_targets_are_skipped_and_mean_is_over_users():
+    scores = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0, 0, 0]])
+    target = csr({0: [0], 1: [0]}, 3, 3)
+    out = rank_metrics(fixed_scorer(scores), target, None, 3, ks=(1,))
+    assert out["users"] == 2
+    assert out["recall@1"] == pytest.approx(0.5)
+
+
+def test_chunk_size_invariance():
+    rng = np.random.default_rng(0)
+    n_u, n_i = 97, 60
+    scores = rng.normal(size=(n_u, n_i))
+    target = sp.random(n_u, n_i, density=0.05, random_state=1, format="csr")
+    target.data[:] = 1
+    exclude = sp.random(n_u, n_i, density=0.1, random_state=2, format="csr")
+    exclude = (exclude - exclude.multiply(target)).tocsr()
+    exclude.eliminate_zeros()
+    ref = rank_metrics(fixed_scorer(scores), target, exclude, n_i, chunk=1000)
+    for chunk in (1, 7, 32, 96):
+        assert rank_metrics(fixed_scorer(scores), target, exclude, n_i, chunk=chunk) == ref
+
+
+def test_target_from_smaller_universe_is_padded():
+    scores = np.array([[1.0, 2.0, 3.0, 9.0]])  # item 3 is newer than the target's universe
+    target = csr({0: [2]}, 1, 3)
+    out = rank_metrics(fixed_scorer(scores), target, None, 4, ks=(1, 2))
+    assert out["recall@1"] == 0.0 and out["recall@2"] == 1.0
+
+
+def test_evaluate_block_masks_the_other_splits(stream):
+    from ccdrec.models import MF
+
+    b = stream[0]
+    m = MF(b.n_users, b.n_items, 8)
+    # make the model love exactly each user's train items: masked, so recall can't come from them
+    with torch.no_grad():
+        m.user_emb.zero_()
+        m.item_emb.zero_()
+    out = evaluate_block(m, b, "test")
+    assert out["users"] == len(np.unique(b.test[:, 0]))
+
+
+def test_stream_scores_la_ra_h():
+    s = StreamScores()
+    s.add(0, 0, 0.5)
+    s.add(1, 0, 0.2)
+    s.add(1, 1, 0.4)
+    s.add(2, 0, 0.1)
+    s.add(2, 1, 0.3)
+    s.add(2, 2, 0.6)
+    assert s.la(2) == 0.6 and s.ra(2) == pytest.approx(0.2)
+    assert s.h(1) == pytest.approx(harmonic(0.4, 0.2))
+    summ = s.summary()
+    assert summ["LA"] == pytest.approx(0.5)
+    assert summ["RA"] == pytest.approx(0.2)
+    assert summ["H"] == pytest.approx(2 * 0.5 * 0.2 / 0.7)
+    with pytest.raises(ValueError):
+        s.add(1, 2, 0.1)

@@ -1,0 +1,235 @@
+"""Proxy-guided replay and the Mult-VAE replay path (method.md 5.1, 5.3)."""
+
+import copy
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ccdrec.continual import (
+    PreviousOutputKL,
+    Proxy,
+    ReplaySet,
+    impute_replay,
+    kl_to_previous,
+    rank_of,
+    replay_pass,
+    replay_weight,
+    sample_replay,
+)
+from ccdrec.models import MF, MultVAE
+from ccdrec.models.vae import rows_tensor
+
+
+def _table_scorer(scores: torch.Tensor):
+    return lambda users: scores[users]
+
+
+def _random_exclude(rng, n_users, n_cols, p=0.2):
+    return sp.csr_matrix((rng.random((n_users, n_cols)) < p).astype(np.float32))
+
+
+def _proxy(n_users, n_items, seed, dim=4):
+    g = torch.Generator().manual_seed(seed)
+    return Proxy(torch.randn(n_users, dim, generator=g), torch.randn(n_items, dim, generator=g))
+
+
+def _topa_brute(scores: np.ndarray, excl: np.ndarray, a: int) -> list[set[int]]:
+    out = []
+    for u in range(scores.shape[0]):
+        cand = [i for i in np.argsort(-scores[u], kind="stable") if not excl[u, i] and np.isfinite(scores[u, i])]
+        out.append(set(cand[:a]))
+    return out
+
+
+def _dense_exclude(exclude: sp.csr_matrix, n_users, n_items) -> np.ndarray:
+    d = np.zeros((n_users, n_items), dtype=bool)
+    e = exclude.toarray().astype(bool)
+    d[: e.shape[0], : e.shape[1]] = e[:, :n_items]
+    return d
+
+
+def test_replay_weight_schedule():
+    assert replay_weight(0) == 0.5
+    assert math.isclose(replay_weight(10), 0.5 * math.exp(-1))
+    assert math.isclose(replay_weight(5, decay=5.0), 0.5 * math.exp(-1))
+
+
+def test_rank_of_matches_brute_force_with_ties_and_exclusion():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 7, 11
+    scores = torch.from_numpy(rng.integers(0, 4, (n_users, n_items)).astype(np.float32))  # many ties
+    users = np.array([3, 0, 6, 2, 5])
+    items = rng.integers(0, n_items, (len(users), 4))
+    exclude = _random_exclude(rng, 6, 9)  # fewer rows and columns than the universe
+    excl = _dense_exclude(exclude, n_users, n_items)
+    s = scores.numpy()
+
+    def brute_rank(u, i, skip):
+        return sum(s[u, j] > s[u, i] and not skip[u, j] for j in range(n_items))
+
+    none = np.zeros_like(excl)
+    brute = np.array([[brute_rank(u, i, none) for i in row] for u, row in zip(users, items, strict=True)])
+    brute_ex = np.array([[brute_rank(u, i, excl) for i in row] for u, row in zip(users, items, strict=True)])
+    for chunk in (2, 100):
+        np.testing.assert_array_equal(rank_of(_table_scorer(scores), users, items, n_items, chunk=chunk), brute)
+        np.testing.assert_array_equal(rank_of(_table_scorer(scores), users, items, n_items, exclude, chunk=chunk), brute_ex)
+
+    # 0 = top: with scores -i the ranking is 0, 1, 2, ...; a smaller scorer's missing items rank last
+    def descending(u):
+        return torch.from_numpy(-np.arange(n_items - 2, dtype=np.float32))[None].repeat(len(u), 1)
+
+    assert rank_of(descending, np.array([0]), np.array([[0, 5, n_items - 1]]), n_items)[0].tolist() == [0, 5, n_items - 2]
+
+
+def _setup(seed=0, n_users=12, n_items=30):
+    rng = np.random.default_rng(seed)
+    sp_, pp_ = _proxy(n_users, n_items - 4, seed + 1), _proxy(n_users - 2, n_items, seed + 2)  # smaller universes
+    current = _proxy(n_users, n_items, seed + 3)
+    exclude = _random_exclude(rng, n_users, n_items - 3)
+    return sp_, pp_, current, exclude
+
+
+def test_sample_replay_draws_from_proxy_top_a_without_excluded_items():
+    n_users, n_items, a = 12, 30, 6
+    sp_, pp_, current, exclude = _setup(n_users=n_users, n_items=n_items)
+    excl = _dense_exclude(exclude, n_users, n_items)
+    users = np.arange(n_users)
+    for proxy, n_x in ((sp_, 3), (pp_, 2)):
+        rs = sample_replay(current.scorer(), n_items, [(proxy.scorer(n_items=n_items), n_x)], users, exclude, a,
+                           rng=np.random.default_rng(1), chunk=5)
+        full = proxy.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
+        top = _topa_brute(full, excl, a)
+        assert len(rs) > 0
+        assert not excl[rs.users, rs.items].any()
+        for u in users:
+            drawn = rs.items[rs.users == u]
+            assert len(drawn) == len(set(drawn.tolist())) == min(n_x, len(top[u]))
+            assert set(drawn.tolist()) <= top[u]
+        assert set(rs.users.tolist()) <= set(range(proxy.n_users))  # users unknown to the proxy get nothing
+        np.testing.assert_allclose(rs.labels, 1 / (1 + np.exp(-full[rs.users, rs.items])), rtol=1e-5)
+        assert rs.users.dtype == np.int64 and rs.items.dtype == np.int64 and rs.labels.dtype == np.float32
+
+
+def test_sample_replay_merges_sources_keeping_the_larger_label():
+    n_users, n_items, a = 10, 25, 5
+    sp_, pp_, current, exclude = _setup(seed=4, n_users=n_users, n_items=n_items)
+    excl = _dense_exclude(exclude, n_users, n_items)
+    users = np.arange(n_users)
+    # n_X = A draws every candidate, so the merged set is known exactly
+    rs = sample_replay(current.scorer(), n_items, [(sp_.scorer(), a), (pp_.scorer(), a)], users, exclude, a,
+                       rng=np.random.default_rng(0), chunk=3)
+    s_full = sp_.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
+    p_full = pp_.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
+    top_s, top_p = _topa_brute(s_full, excl, a), _topa_brute(p_full, excl, a)
+    expect = {}
+    for u in users:
+        for full, top in ((s_full, top_s[u]), (p_full, top_p[u])):
+            for i in top:
+                y = 1 / (1 + math.exp(-full[u, i]))
+                expect[(u, i)] = max(expect.get((u, i), -1.0), y)
+    got = {(u, i): y for u, i, y in zip(rs.users.tolist(), rs.items.tolist(), rs.labels.tolist(), strict=True)}
+    assert got.keys() == expect.keys()
+    assert len(got) == len(rs)  # no duplicate pairs
+    for k, y in expect.items():
+        assert math.isclose(got[k], y, rel_tol=1e-5)
+
+
+def test_sample_replay_is_deterministic_given_the_rng():
+    sp_, pp_, current, exclude = _setup(seed=7)
+    args = (current.scorer(), 30, [(sp_.scorer(), 2), (pp_.scorer(), 3)], np.arange(12), exclude, 8)
+    a = sample_replay(*args, eps=0.01, rng=np.random.default_rng(5), chunk=4)
+    b = sample_replay(*args, eps=0.01, rng=np.random.default_rng(5), chunk=4)
+    for x, y in ((a.users, b.users), (a.items, b.items), (a.labels, b.labels)):
+        np.testing.assert_array_equal(x, y)
+    assert len(sample_replay(*args[:2], [(sp_.scorer(), 0)], *args[3:])) == 0
+
+
+def test_sample_replay_favours_large_rank_disparity():
+    n_users, n_items, a, n_x = 300, 200, 20, 5
+    src = torch.full((n_users, n_items), -100.0)
+    src[:, :a] = torch.arange(a, 0, -1, dtype=torch.float32)  # proxy top-A = items 0..19
+    cur = torch.zeros(n_users, n_items)
+    cur[:, :10] = -50.0  # forgotten by the current model: ranked at the bottom
+    cur[:, 10:a] = 50.0  # still ranked at the top
+    users = np.arange(n_users)
+
+    def forgotten_share(eps):
+        rs = sample_replay(_table_scorer(cur), n_items, [(_table_scorer(src), n_x)], users, None, a, eps=eps,
+                           rng=np.random.default_rng(0), chunk=128)
+        assert len(rs) == n_users * n_x
+        return float((rs.items < 10).mean())
+
+    assert forgotten_share(0.05) > 0.95
+    assert 0.35 < forgotten_share(0.0) < 0.65  # ε = 0: uniform over the candidates
+
+
+def test_replay_pass_moves_scores_towards_labels():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = MF(20, 15, dim=8)
+    n = 60
+    replay = ReplaySet(rng.integers(0, 20, n), rng.integers(0, 15, n), rng.choice([0.05, 0.95], n))
+
+    def bce():
+        with torch.no_grad():
+            s = model.score_pairs(torch.from_numpy(replay.users), torch.from_numpy(replay.items))
+            return F.binary_cross_entropy_with_logits(s, torch.from_numpy(replay.labels)).item()
+
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    before = bce()
+    losses = [replay_pass(model, opt, replay, 0.5, 16, rng) for _ in range(10)]
+    assert bce() < before - 0.05
+    assert losses[-1] < losses[0]
+    assert replay_pass(model, opt, ReplaySet.empty(), 0.5, 16, rng) == 0.0
+
+
+def test_impute_replay_fills_only_zero_entries():
+    m = sp.csr_matrix(np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=np.float32))
+    replay = ReplaySet(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 2, 3, 3]), np.full(5, 0.7))
+    out = impute_replay(m, replay).toarray()
+    expect = m.toarray()
+    expect[0, 1] = expect[1, 2] = expect[2, 3] = 0.1
+    np.testing.assert_allclose(out, expect)
+    np.testing.assert_array_equal(m.toarray()[0], [1, 0, 0, 1])  # input untouched
+
+
+def test_kl_to_previous_restricts_and_renormalises_old_columns():
+    prev = torch.randn(3, 5)
+    cur = torch.cat([prev + 2.0, torch.randn(3, 2)], dim=1)  # same distribution on the old columns
+    assert kl_to_previous(prev, cur, 5).abs().item() < 1e-6
+    assert kl_to_previous(prev, torch.randn(3, 7), 5).item() > 0
+
+
+def _vae_setup():
+    torch.manual_seed(0)
+    n_users, n_old = 10, 12
+    prev = MultVAE(n_users, n_old, dim=4)
+    rng = np.random.default_rng(0)
+    dense = (rng.random((n_users, n_old + 3)) < 0.3).astype(np.float32)
+    dense[:, n_old:] = 0.0  # nobody has new items yet: the old columns' input is unchanged
+    dense[:, 0] = 1.0
+    return prev, sp.csr_matrix(dense), n_old
+
+
+def test_previous_output_kl_zero_for_same_model_positive_otherwise():
+    prev, matrix, n_old = _vae_setup()
+    model = copy.deepcopy(prev)
+    model.grow(prev.n_users, n_old + 3, matrix)
+    users = np.arange(prev.n_users)
+    reg = PreviousOutputKL(prev, np.array([0, 2, 4, 7]), n_old, matrix, weight=1.0)
+
+    def loss(m):
+        logits = m(rows_tensor(matrix, torch.from_numpy(users), m.n_items, "cpu"), stochastic=False)[0]
+        return reg(m, logits, users, np.empty(0, np.int64), 0)
+
+    assert loss(model).abs().item() < 1e-6
+    with torch.no_grad():
+        model.decoder.weight.add_(torch.randn_like(model.decoder.weight))
+    value = loss(model)
+    assert value.item() > 1e-3 and value.requires_grad
+    nobody = PreviousOutputKL(prev, np.array([], dtype=np.int64), n_old, matrix)
+    logits = model(rows_tensor(matrix, torch.from_numpy(users), model.n_items, "cpu"), stochastic=False)[0]
+    assert nobody(model, logits, users, None, 0).item() == 0.0

@@ -1,0 +1,156 @@
+"""RRD / IR-RRD ranking distillation (method.md 7)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import ccdrec.distill.rrd as rrd
+from ccdrec.config import TrainConfig
+from ccdrec.data.synthetic import synthetic_stream
+from ccdrec.distill import RRDObjective, distill_student, rrd_loss, top_lists
+from ccdrec.models import MF, LightGCN, MultVAE
+from ccdrec.train.loop import fit
+
+
+def _naive(a, b, mask=None):
+    """L = -Σ_t [a_t - log(Σ_{j>=t} e^{a_j} + Σ_m e^{b_m})], row mean, written as plain loops."""
+    losses = []
+    for r in range(len(a)):
+        items = [float(a[r][t]) for t in range(len(a[r])) if mask is None or mask[r][t]]
+        below = sum(math.exp(float(x)) for x in b[r])
+        losses.append(-sum(items[t] - math.log(sum(math.exp(x) for x in items[t:]) + below) for t in range(len(items))))
+    return sum(losses) / len(losses)
+
+
+def test_rrd_loss_equals_the_formula():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    assert rrd_loss(a, b).item() == pytest.approx(_naive(a, b), rel=1e-12)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False], [True, False, True, True, False]])
+    assert rrd_loss(a, b, mask).item() == pytest.approx(_naive(a, b, mask), rel=1e-12)
+
+
+def test_rrd_loss_masks_padding_and_collisions_out_entirely():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 4, generator=g), torch.randn(2, 6, generator=g)
+    padded = torch.cat([a, torch.full((2, 3), 1e6)], dim=1).requires_grad_()
+    mask = torch.arange(7).expand(2, -1) < 4
+    loss = rrd_loss(padded, b, mask)
+    assert loss.item() == pytest.approx(rrd_loss(a, b).item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(padded.grad).all() and (padded.grad[:, 4:] == 0).all()
+    keep = torch.tensor([[True, True, False, True, True, False]] * 2)
+    with_junk = b.masked_fill(~keep, 1e6)
+    expected = rrd_loss(a, b[:, [0, 1, 3, 4]]).item()
+    assert rrd_loss(a, with_junk, uninteresting_mask=keep).item() == pytest.approx(expected, rel=1e-6)
+    # a row without any valid interesting entry takes no part in the mean
+    mask[1] = False
+    assert rrd_loss(padded, b, mask).item() == pytest.approx(rrd_loss(a[:1], b[:1]).item(), rel=1e-6)
+
+
+def test_rrd_gradient_raises_interesting_over_uninteresting():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 6, generator=g).requires_grad_(), torch.randn(4, 20, generator=g).requires_grad_()
+    loss = rrd_loss(a, b)
+    loss.backward()
+    assert (b.grad > 0).all()  # every uninteresting score is pushed down
+    assert (a.grad.sum(1) < 0).all()  # the interesting list as a whole is pushed up
+    with torch.no_grad():
+        a2, b2 = a - 0.1 * a.grad, b - 0.1 * b.grad
+        assert (a2.mean(1) - b2.mean(1) > a.mean(1) - b.mean(1)).all()
+        assert rrd_loss(a2, b2) < loss
+
+
+def test_rrd_prefers_the_list_in_the_students_own_order():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 4, generator=g, dtype=torch.float64), torch.randn(1, 5, generator=g, dtype=torch.float64)
+    losses = {p: rrd_loss(a[:, list(p)], b).item() for p in itertools.permutations(range(4))}
+    student_order = tuple(a[0].argsort(descending=True).tolist())
+    assert losses[student_order] == min(losses.values())
+    assert all(v > losses[student_order] for p, v in losses.items() if p != student_order)
+
+
+def _low_rank_teacher(n_users=30, n_items=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_users, 3, generator=g) @ torch.randn(3, n_items, generator=g)
+    return top_lists(lambda u: scores[u], n_users, n_items, None, n=5)
+
+
+@pytest.mark.parametrize("side", ["user", "item"])
+def test_rrd_objective_alone_teaches_the_teachers_top_lists(side):
+    user_top, item_top = _low_rank_teacher()
+    n_users, n_items = user_top.shape[0], item_top.shape[0]
+    w_user, w_item = (1.0, 0.0) if side == "user" else (0.0, 1.0)
+    objective = RRDObjective(user_top, item_top, n_items, n_users, user_samples=20, item_samples=20,
+                             weight_user=w_user, weight_item=w_item, seed=0)
+    torch.manual_seed(0)
+    student = MF(n_users, n_items, dim=8)
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
+    users, items = np.arange(n_users), np.arange(n_items)
+
+    def overlap():
+        got_user, got_item = top_lists(student.scorer(), n_users, n_items, None, n=5)
+        got, want = (got_user, user_top) if side == "user" else (got_item, item_top)
+        return np.mean([len(set(x) & set(y)) for x, y in zip(got, want, strict=True)])
+
+    before = overlap()
+    for epoch in range(150):
+        loss = objective(student, student.propagate(), users, items, epoch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before < 1.5 and overlap() > 4.0
+
+
+def test_rrd_objective_validates_its_inputs():
+    user_top, item_top = _low_rank_teacher()
+    with pytest.raises(ValueError):
+        RRDObjective(user_top, item_top, n_items=30, n_users=40)  # swapped universe
+    objective = RRDObjective(user_top, item_top, n_items=40, n_users=30)
+    with pytest.raises(TypeError):
+        objective(None, torch.zeros(3, 40), np.array([0]), np.array([0]), 0)  # VAE logits, not (users, items)
+    block = synthetic_stream(n_blocks=1)[0]
+    with pytest.raises(TypeError):
+        distill_student(MultVAE(block.n_users, block.n_items, dim=4), block, user_top, item_top, TrainConfig(epochs=1))
+
+
+def _overlap(model, block, teacher_top, k):
+    top, _ = top_lists(model.scorer(), block.n_users, block.n_items, block.train_matrix, n=k)
+    return np.mean([len(set(x) & set(y)) for x, y in zip(top, teacher_top[:, :k], strict=True)])
+
+
+def test_distillation_pulls_the_student_toward_the_teacher():
+    block = synthetic_stream(n_blocks=1)[0]
+    torch.manual_seed(0)
+    teacher = LightGCN(block.n_users, block.n_items, dim=32)
+    fit(teacher, block, TrainConfig(epochs=20, batch_size=256, lr=0.02, eval_every=20), seed=0)
+    # top-10 lists: on a 120-item catalogue the default 40 would be a third of it
+    user_top, item_top = top_lists(teacher.scorer(), block.n_users, block.n_items, block.train_matrix, n=10)
+    cfg = TrainConfig(epochs=10, batch_size=256, lr=0.01, eval_every=10)
+    torch.manual_seed(1)
+    distilled = MF(block.n_users, block.n_items, dim=8)
+    result = distill_student(distilled, block, user_top, item_top, cfg, seed=1, user_samples=100, item_samples=100)
+    torch.manual_seed(1)
+    plain = MF(block.n_users, block.n_items, dim=8)
+    fit(plain, block, cfg, seed=1)
+    assert result.epochs_run == 10
+    assert _overlap(distilled, block, user_top, 10) > _overlap(plain, block, user_top, 10) + 0.3
+
+
+def test_distill_student_negatives_avoid_the_teachers_lists_and_extra_pairs(monkeypatch):
+    block = synthetic_stream(n_blocks=1)[0]
+    user_top = np.full((block.n_users, 3), -1)
+    user_top[0] = [5, 7, -1]
+    item_top = np.full((block.n_items, 3), -1)
+    extra = sp.csr_matrix(([1.0], ([2], [9])), shape=(3, 10))  # an earlier, smaller universe
+    seen = {}
+    monkeypatch.setattr(rrd, "fit", lambda model, blk, cfg, **kw: seen.update(kw))
+    distill_student(MF(block.n_users, block.n_items, dim=4), block, user_top, item_top, TrainConfig(epochs=1), exclude=extra)
+    excl = seen["exclude"].tocoo()
+    assert seen["exclude"].shape == (block.n_users, block.n_items)
+    assert set(zip(excl.row.tolist(), excl.col.tolist(), strict=True)) == {(0, 5), (0, 7), (2, 9)}
+    assert isinstance(seen["extra_loss"], RRDObjective)

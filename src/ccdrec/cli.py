@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -17,7 +17,7 @@ app = typer.Typer(help="Continual Collaborative Distillation for recommenders on
                   pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Inspect bundled streams and prepare your own logs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 @data_app.command("info")
@@ -66,11 +66,11 @@ def train(
     dim: int = typer.Option(128, help="embedding dimension"),
     layers: int = typer.Option(2, help="LightGCN layers"),
     seed: int = typer.Option(0, help="random seed"),
-    epochs: Optional[int] = typer.Option(None, help="maximum epochs (default: the model's schedule)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    batch_size: Optional[int] = typer.Option(None, help="batch size"),
+    epochs: int | None = typer.Option(None, help="maximum epochs (default: the model's schedule)"),
+    lr: float | None = typer.Option(None, help="learning rate"),
+    batch_size: int | None = typer.Option(None, help="batch size"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    out: Optional[Path] = typer.Option(None, help="write the best model here as OUT.pt + OUT.json"),
+    out: Path | None = typer.Option(None, help="write the best model here as OUT.pt + OUT.json"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Train one model on one block with early stopping; print validation and test metrics."""
@@ -103,12 +103,72 @@ def train(
         console.print(f"saved {out}.pt / {out}.json")
 
 
+@app.command("run")
+def run(
+    dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
+    data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
+    preset: str | None = typer.Option(None, help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)"),
+    config: Path | None = typer.Option(None, help="YAML or TOML file with configuration fields (over the preset)"),
+    set_: list[str] = typer.Option([], "--set", help="override one field, e.g. --set student.update.epochs=5 (repeatable)"),
+    seed: int | None = typer.Option(None, help="run seed (default 0)"),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda"),
+    max_blocks: int | None = typer.Option(None, help="stop after this incremental block"),
+    out: Path | None = typer.Option(None, help="run directory (default: runs/DATASET-PRESET-TIME)"),
+    resume: Path | None = typer.Option(None, help="continue an interrupted run directory from its last completed stage"),
+    progress: bool = typer.Option(True, help="show live progress"),
+) -> None:
+    """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.presets import load_config
+
+    if resume is not None:
+        cfg, run_dir = None, resume
+    else:
+        source = str(data) if data is not None else dataset
+        overrides = list(set_)
+        overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
+        cfg = load_config(source, preset, config, overrides)
+        name = Path(source).name
+        run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"run directory: {run_dir}")
+    try:
+        rd = run_stream(cfg, run_dir, resume=resume is not None, progress=progress, console=console)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: ccdrec run --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+    console.print(f"report: {rd.path / 'report.md'}")
+    from ccdrec.report import tables
+
+    summary = tables.summary(rd.read_metrics())
+    if not summary.empty:
+        console.print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+@app.command("recommend")
+def recommend(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `ccdrec run`"),
+    user: str = typer.Option(..., "--user", help="user ID, as in the original log"),
+    k: int = typer.Option(20, "-k", help="number of items"),
+) -> None:
+    """Print the served student's top-K unseen items for one user, in the original IDs."""
+    from ccdrec.serve import load_run
+
+    served = load_run(run_dir)
+    for rank, rec in enumerate(served.recommend(user, k), 1):
+        print(f"{rank}\t{rec.item}\t{rec.score:.4f}")
+
+
 def main() -> None:
     """Entry point: user mistakes become one-line errors with exit code 2."""
     try:
         app(standalone_mode=False)
     except CcdrecError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValidationError as e:
+        from ccdrec.config import validation_message
+
+        print(f"error: invalid option: {validation_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def validation_message(e: ValidationError) -> str:
+    """The first problem of a pydantic validation error, as ``field.path: message``."""
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
 
 
 class Strict(BaseModel):
@@ -33,9 +40,9 @@ class TrainConfig(Strict):
     epochs: int = Field(100, ge=1, description="maximum number of epochs")
     batch_size: int = Field(2048, ge=1, description="positive pairs (BPR) or users (VAE) per step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(1e-4, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (coupled weight decay) or AdamW (decoupled)")
-    l2: float = Field(0.0, ge=0, description="L2 weight on the batch's ego embeddings (BPR models)")
+    l2: float = Field(1e-4, ge=0, description="L2 weight on the batch's ego embeddings (BPR models)")
     negatives: int = Field(1, ge=1, description="sampled negatives per positive pair (BPR)")
     patience: int = Field(10, ge=1, description="evaluations without validation gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every this many epochs (and after the last)")
@@ -47,6 +54,12 @@ class TrainConfig(Strict):
 
 
 DevicePref = Literal["auto", "cpu", "cuda"]
+
+
+def default_schedule(kind: str) -> TrainConfig:
+    from ccdrec.train.schedules import default_schedule as schedule
+
+    return schedule(kind)
 
 
 class MemberConfig(ModelConfig):
@@ -74,11 +87,8 @@ class TeacherConfig(Strict):
         default_factory=lambda: [MemberConfig(kind="lightgcn", dim=128, seed=s) for s in range(5)],
         description="ensemble members",
     )
-    base: TrainConfig = Field(default_factory=TrainConfig, description="block-0 schedule of BPR members")
-    base_vae: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=0.0),
-        description="block-0 schedule of Mult-VAE members",
-    )
+    base: TrainConfig = Field(default_factory=lambda: default_schedule("lightgcn"), description="block-0 schedule of BPR members")
+    base_vae: TrainConfig = Field(default_factory=lambda: default_schedule("vae"), description="block-0 schedule of Mult-VAE members")
     update: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=1e-3), description="stage-3 schedule (BPR members)"
     )

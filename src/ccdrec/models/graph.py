@@ -36,3 +36,21 @@ def to_torch_sparse(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch
         size=m.shape,
         device=device,
     )
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """y = Â x for a *symmetric* sparse Â; the backward pass reuses Â (Âᵀ = Â) instead of transposing."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, torch.sparse.mm(ctx.adj, grad)
+
+
+def propagate_symmetric(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Â x with a cheap backward pass; Â must be symmetric (the normalised bipartite adjacency is)."""
+    return _SymmetricSpMM.apply(adj, x)

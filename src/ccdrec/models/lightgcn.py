@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Scorer
-from ccdrec.models.graph import normalized_adjacency, to_torch_sparse
+from ccdrec.models.graph import normalized_adjacency, propagate_symmetric, to_torch_sparse
 from ccdrec.models.growth import entity_rows, grow_table
 
 
@@ -59,7 +59,7 @@ class LightGCN(EmbeddingModel):
             if self._adj is None:
                 raise RuntimeError("LightGCN needs set_graph(train_matrix) before propagation")
             for _ in range(self.layers):
-                layers.append(torch.sparse.mm(self._adj, layers[-1]))
+                layers.append(propagate_symmetric(self._adj, layers[-1]))
         return [(x[: self.n_users], x[self.n_users :]) for x in layers]
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,20 +80,24 @@ class CCDStream:
         ptr = self.state["pointers"]
         for m in range(len(self.members)):
             if f"teacher{m}" in ptr:
-                self.members[m] = self.rd.load_model(ptr[f"teacher{m}"], self.device)
+                self.members[m] = self.load(ptr[f"teacher{m}"])
         if "student" in ptr:
-            self.student = self.rd.load_model(ptr["student"], self.device)
+            self.student = self.load(ptr["student"])
         if "served" in ptr:
-            self.served = self.rd.load_model(ptr["served"], self.device)
+            self.served = self.load(ptr["served"])
         if "proxies" in ptr:
             t = self.rd.load_tensors(ptr["proxies"])
             self.proxies = (Proxy(t["sp_user"], t["sp_item"]).to(self.device), Proxy(t["pp_user"], t["pp_item"]).to(self.device))
-        # graphs: every model is attached to the block it was last trained on
-        k = self.state.get("block", 0)
-        block = self.stream[k]
-        for model in [*self.members, self.student, self.served]:
-            if model is not None:
-                model.set_graph(block.matrix("train", model.n_users, model.n_items))
+
+    def load(self, name: str) -> Recommender:
+        """A checkpointed model, attached to the train graph of the block it was trained on."""
+        model, meta = self.rd.load_model(name, self.device)
+        block = self.stream[int(meta.get("block", 0))]
+        model.set_graph(block.matrix("train", model.n_users, model.n_items))
+        return model
+
+    def save(self, name: str, model: Recommender, block: int) -> str:
+        return self.rd.save_model(name, model, {"block": block})
 
     def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
         for row in rows:
@@ -124,7 +128,7 @@ class CCDStream:
         res = stages.train_member(member, self.stream[0], self.cfg, stages.stage_seed(member.seed, name), self.device,
                                   self.progress, label=f"D_0 teacher {m} ({member.kind}-{member.dim})")
         self.members[m] = res.model
-        ptr = self.rd.save_model(f"b0_teacher{m}", res.model)
+        ptr = self.save(f"b0_teacher{m}", res.model, 0)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, 0)]}
 
     def ensemble(self) -> RankEnsemble:
@@ -146,7 +150,7 @@ class CCDStream:
                                           avoid, self.progress)
             self.student = res.model
             rows.append(self.fit_row("student", res.fit, k))
-        pointers["student"] = self.rd.save_model(f"b{k}_student", self.student)
+        pointers["student"] = self.save(f"b{k}_student", self.student, k)
         if k == 0:
             self.proxies = (Proxy.from_model(self.student), Proxy.from_model(self.student))
             pointers["proxies"] = self.save_proxies("b0_proxies")
@@ -174,7 +178,7 @@ class CCDStream:
         res, replayer = stages.update_student(self.student, *self.proxies, avoid, block, prev, self.cfg,
                                               self.seed(f"b{k}/student_update"), self.progress)
         self.served = res.model
-        pointers["served"] = self.rd.save_model(f"b{k}_served", self.served)
+        pointers["served"] = self.save(f"b{k}_served", self.served, k)
         rows = [self.fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
         return {"pointers": pointers, "rows": rows}
 
@@ -188,7 +192,7 @@ class CCDStream:
             label=f"D_{k} teacher {m} update",
         )
         self.members[m] = res.model
-        ptr = self.rd.save_model(f"b{k}_teacher{m}", res.model)
+        ptr = self.save(f"b{k}_teacher{m}", res.model, k)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, k)]}
 
     def evaluate(self, k: int) -> dict:

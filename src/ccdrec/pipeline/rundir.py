@@ -80,9 +80,9 @@ class RunDir:
         save_model(model, self.ckpt(name), meta)
         return name
 
-    def load_model(self, name: str, device) -> Recommender:
-        model, _ = load_model(self.ckpt(name), device)
-        return model
+    def load_model(self, name: str, device) -> tuple[Recommender, dict]:
+        """(model, meta); ``meta["block"]`` is the block whose train graph the model was trained on."""
+        return load_model(self.ckpt(name), device)
 
     def save_tensors(self, name: str, tensors: dict) -> str:
         save_tensors(self.ckpt(name).with_suffix(".pt"), tensors)

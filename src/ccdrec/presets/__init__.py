@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from ccdrec.config import RunConfig
+from ccdrec.config import RunConfig, validation_message
 from ccdrec.errors import CcdrecError
 
 DATASET_PRESET = {"yelp": "yelp", "gowalla": "gowalla"}
@@ -84,6 +84,4 @@ def load_config(dataset: str | None = None, preset: str | None = None, file: Pat
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise CcdrecError(f"invalid configuration: {where}: {err['msg']}") from None
+        raise CcdrecError(f"invalid configuration: {validation_message(e)}") from None

@@ -1,0 +1,75 @@
+"""The command line: help everywhere, one-line errors with exit code 2, the main commands on tiny data."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ccdrec.data.stream import save_stream
+from ccdrec.data.synthetic import synthetic_stream
+
+
+def ccdrec(*args, cwd=None):
+    return subprocess.run([sys.executable, "-c", "from ccdrec.cli import main; main()", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def stream_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "synth"
+    save_stream(synthetic_stream(n_blocks=2, seed=3), d)
+    return d
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "info"], ["data", "prepare"], ["train"], ["run"], ["recommend"]])
+def test_every_command_has_help(cmd):
+    out = ccdrec(*cmd, "--help")
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_data_info_bundled_table():
+    out = ccdrec("data", "info", "yelp")
+    assert out.returncode == 0
+    assert "new_users" in out.stdout and "12,248" in out.stdout and "117,367" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data", "info", "no-such-stream"], "no stream 'no-such-stream'"),
+        (["train", "--dataset", "yelp", "--block", "9"], "--block 9 is out of range"),
+        (["train", "--dataset", "yelp", "--model", "transformer"], "invalid option: kind"),
+        (["run", "--resume", "/nonexistent/run"], "no such run directory"),
+        (["run", "--dataset", "yelp", "--set", "student.model.dim=-3"], "invalid configuration: student.model.dim"),
+        (["run", "--dataset", "yelp", "--preset", "nope"], "unknown preset"),
+        (["recommend", "/nonexistent/run", "--user", "1"], "no such run directory"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(args, message):
+    out = ccdrec(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
+    out = ccdrec("train", "--dataset", str(stream_dir), "--model", "mf", "--dim", "8", "--epochs", "3",
+                 "--no-progress", "--out", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    assert "valid recall@20" in out.stdout and "test  recall@20" in out.stdout
+    assert (tmp_path / "m.pt").exists() and (tmp_path / "m.json").exists()
+
+
+def test_run_then_recommend(stream_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = ccdrec("run", "--data", str(stream_dir), "--preset", "quick", "--set", "student.topn=10",
+                 "--set", "teacher.members=[{kind: mf, dim: 8}]", "--out", str(run_dir), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert (run_dir / "report.md").exists()
+    rec = ccdrec("recommend", str(run_dir), "--user", "5", "-k", "5")
+    assert rec.returncode == 0, rec.stderr
+    lines = rec.stdout.strip().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("1\t")
+    bad = ccdrec("recommend", str(run_dir), "--user", "999999")
+    assert bad.returncode == 2 and "unknown user" in bad.stderr

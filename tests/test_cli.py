@@ -10,8 +10,9 @@ from ccdrec.data.synthetic import synthetic_stream
 
 
 def ccdrec(*args, cwd=None):
-    return subprocess.run([sys.executable, "-c", "from ccdrec.cli import main; main()", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", "from ccdrec.cli import main; main()", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,20 @@ def test_user_mistakes_are_one_line_errors(args, message):
 
 
 def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
-    out = ccdrec("train", "--dataset", str(stream_dir), "--model", "mf", "--dim", "8", "--epochs", "3",
-                 "--no-progress", "--out", str(tmp_path / "m"))
+    out = ccdrec(
+        "train",
+        "--dataset",
+        str(stream_dir),
+        "--model",
+        "mf",
+        "--dim",
+        "8",
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "m"),
+    )
     assert out.returncode == 0, out.stderr
     assert "valid recall@20" in out.stdout and "test  recall@20" in out.stdout
     assert (tmp_path / "m.pt").exists() and (tmp_path / "m.json").exists()
@@ -63,8 +76,20 @@ def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
 
 def test_run_then_recommend(stream_dir, tmp_path):
     run_dir = tmp_path / "run"
-    out = ccdrec("run", "--data", str(stream_dir), "--preset", "quick", "--set", "student.topn=10",
-                 "--set", "teacher.members=[{kind: mf, dim: 8}]", "--out", str(run_dir), "--no-progress")
+    out = ccdrec(
+        "run",
+        "--data",
+        str(stream_dir),
+        "--preset",
+        "quick",
+        "--set",
+        "student.topn=10",
+        "--set",
+        "teacher.members=[{kind: mf, dim: 8}]",
+        "--out",
+        str(run_dir),
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr
     assert (run_dir / "report.md").exists()
     rec = ccdrec("recommend", str(run_dir), "--user", "5", "-k", "5")

@@ -87,7 +87,7 @@ def hand_graph():
     Block-k interactions: u0:{0,1}, u1:{0}, u2:{2}, u3:{3}, u4 (new):{0, 3}.
     """
     pairs = [(0, 0), (0, 1), (1, 0), (2, 2), (3, 3), (4, 0), (4, 3)]
-    r = sp.csr_matrix((np.ones(len(pairs)), tuple(zip(*pairs))), shape=(5, 4))
+    r = sp.csr_matrix((np.ones(len(pairs)), tuple(zip(*pairs, strict=True))), shape=(5, 4))
     users = torch.arange(4 * 2, dtype=torch.float32).reshape(4, 2)
     items = torch.tensor([[10.0, 0.0], [0.0, 10.0], [5.0, 5.0]])
     return r, users, items

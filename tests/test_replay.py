@@ -98,8 +98,16 @@ def test_sample_replay_draws_from_proxy_top_a_without_excluded_items():
     excl = _dense_exclude(exclude, n_users, n_items)
     users = np.arange(n_users)
     for proxy, n_x in ((sp_, 3), (pp_, 2)):
-        rs = sample_replay(current.scorer(), n_items, [(proxy.scorer(n_items=n_items), n_x)], users, exclude, a,
-                           rng=np.random.default_rng(1), chunk=5)
+        rs = sample_replay(
+            current.scorer(),
+            n_items,
+            [(proxy.scorer(n_items=n_items), n_x)],
+            users,
+            exclude,
+            a,
+            rng=np.random.default_rng(1),
+            chunk=5,
+        )
         full = proxy.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
         top = _topa_brute(full, excl, a)
         assert len(rs) > 0
@@ -119,8 +127,16 @@ def test_sample_replay_merges_sources_keeping_the_larger_label():
     excl = _dense_exclude(exclude, n_users, n_items)
     users = np.arange(n_users)
     # n_X = A draws every candidate, so the merged set is known exactly
-    rs = sample_replay(current.scorer(), n_items, [(sp_.scorer(), a), (pp_.scorer(), a)], users, exclude, a,
-                       rng=np.random.default_rng(0), chunk=3)
+    rs = sample_replay(
+        current.scorer(),
+        n_items,
+        [(sp_.scorer(), a), (pp_.scorer(), a)],
+        users,
+        exclude,
+        a,
+        rng=np.random.default_rng(0),
+        chunk=3,
+    )
     s_full = sp_.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
     p_full = pp_.scorer(n_items=n_items)(torch.from_numpy(users)).numpy()
     top_s, top_p = _topa_brute(s_full, excl, a), _topa_brute(p_full, excl, a)
@@ -157,8 +173,17 @@ def test_sample_replay_favours_large_rank_disparity():
     users = np.arange(n_users)
 
     def forgotten_share(eps):
-        rs = sample_replay(_table_scorer(cur), n_items, [(_table_scorer(src), n_x)], users, None, a, eps=eps,
-                           rng=np.random.default_rng(0), chunk=128)
+        rs = sample_replay(
+            _table_scorer(cur),
+            n_items,
+            [(_table_scorer(src), n_x)],
+            users,
+            None,
+            a,
+            eps=eps,
+            rng=np.random.default_rng(0),
+            chunk=128,
+        )
         assert len(rs) == n_users * n_x
         return float((rs.items < 10).mean())
 

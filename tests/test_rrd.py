@@ -85,8 +85,9 @@ def test_rrd_objective_alone_teaches_the_teachers_top_lists(side):
     user_top, item_top = _low_rank_teacher()
     n_users, n_items = user_top.shape[0], item_top.shape[0]
     w_user, w_item = (1.0, 0.0) if side == "user" else (0.0, 1.0)
-    objective = RRDObjective(user_top, item_top, n_items, n_users, user_samples=20, item_samples=20,
-                             weight_user=w_user, weight_item=w_item, seed=0)
+    objective = RRDObjective(
+        user_top, item_top, n_items, n_users, user_samples=20, item_samples=20, weight_user=w_user, weight_item=w_item, seed=0
+    )
     torch.manual_seed(0)
     student = MF(n_users, n_items, dim=8)
     opt = torch.optim.Adam(student.parameters(), lr=0.05)

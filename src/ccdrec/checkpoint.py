@@ -83,5 +83,7 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Recommen
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CcdrecError(f"{stem.with_suffix('.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
+        raise CcdrecError(
+            f"{stem.with_suffix('.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device), info.get("meta", {})

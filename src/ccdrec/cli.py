@@ -13,8 +13,12 @@ from rich.table import Table
 
 from ccdrec.errors import CcdrecError
 
-app = typer.Typer(help="Continual Collaborative Distillation for recommenders on a stream.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Continual Collaborative Distillation for recommenders on a stream.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 data_app = typer.Typer(help="Inspect bundled streams and prepare your own logs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -52,8 +56,19 @@ def data_prepare(
     """Cut a timestamped log into a block stream (k-core, time blocks, per-user 80/10/10 split)."""
     from ccdrec.data.prepare import prepare_stream
 
-    stream = prepare_stream(log, out, user_col=user_col, item_col=item_col, time_col=time_col, min_user=min_user,
-                            min_item=min_item, base_fraction=base_fraction, n_blocks=blocks, seed=seed, force=force)
+    stream = prepare_stream(
+        log,
+        out,
+        user_col=user_col,
+        item_col=item_col,
+        time_col=time_col,
+        min_user=min_user,
+        min_item=min_item,
+        base_fraction=base_fraction,
+        n_blocks=blocks,
+        seed=seed,
+        force=force,
+    )
     console.print(f"wrote {out}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items")
     data_info(str(out))
 
@@ -107,7 +122,9 @@ def train(
 def run(
     dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
     data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
-    preset: str | None = typer.Option(None, help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)"),
+    preset: str | None = typer.Option(
+        None, help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)"
+    ),
     config: Path | None = typer.Option(None, help="YAML or TOML file with configuration fields (over the preset)"),
     set_: list[str] = typer.Option([], "--set", help="override one field, e.g. --set student.update.epochs=5 (repeatable)"),
     seed: int | None = typer.Option(None, help="run seed (default 0)"),

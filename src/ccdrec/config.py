@@ -78,6 +78,7 @@ class ReplayConfig(Strict):
     eps: float = Field(1e-4, ge=0, description="ε: draw probability ∝ exp(ε · rank disparity)")
     scale: float = Field(0.5, ge=0, description="replay weight λ_e = scale · exp(-e / decay)")
     decay: float = Field(10.0, gt=0, description="replay weight decay (10 student, 5 teacher)")
+    resample_every: int = Field(1, ge=1, description="re-draw the replay set every this many epochs, as the model moves")
 
 
 class TeacherConfig(Strict):
@@ -88,7 +89,9 @@ class TeacherConfig(Strict):
         description="ensemble members",
     )
     base: TrainConfig = Field(default_factory=lambda: default_schedule("lightgcn"), description="block-0 schedule of BPR members")
-    base_vae: TrainConfig = Field(default_factory=lambda: default_schedule("vae"), description="block-0 schedule of Mult-VAE members")
+    base_vae: TrainConfig = Field(
+        default_factory=lambda: default_schedule("vae"), description="block-0 schedule of Mult-VAE members"
+    )
     update: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=1e-3), description="stage-3 schedule (BPR members)"
     )

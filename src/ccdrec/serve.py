@@ -72,7 +72,8 @@ class ServedRun:
         scores[torch.from_numpy(seen[seen < len(scores)]).to(scores.device)] = -torch.inf
         k = min(k, int(torch.isfinite(scores).sum()))
         top = scores.topk(k)
-        return [Recommendation(str(self.item_ids[i]), float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        return [Recommendation(str(self.item_ids[i]), float(s)) for s, i in pairs]
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> ServedRun:

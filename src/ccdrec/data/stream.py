@@ -169,9 +169,7 @@ def load_stream(source: str | Path) -> Stream:
     else:
         path = Path(source)
         if not path.is_dir():
-            raise CcdrecError(
-                f"no stream {name!r}: not a bundled dataset ({', '.join(BUNDLED)}) nor a directory"
-            )
+            raise CcdrecError(f"no stream {name!r}: not a bundled dataset ({', '.join(BUNDLED)}) nor a directory")
         name = path.name
     return _read_stream_dir(path, name)
 
@@ -203,7 +201,7 @@ def _read_stream_dir(path: Path, name: str) -> Stream:
         raise CcdrecError(f"{path / UNIVERSE}: blocks must be numbered 0..K without gaps")
     blocks: list[Block] = []
     prev_u = prev_i = 0
-    for k, (n_u, n_i) in enumerate(zip(universe["users"].astype(int), universe["items"].astype(int))):
+    for k, (n_u, n_i) in enumerate(zip(universe["users"].astype(int), universe["items"].astype(int), strict=True)):
         part = df[df["block"] == k]
         if part["user"].to_numpy().max(initial=-1) >= n_u or part["item"].to_numpy().max(initial=-1) >= n_i:
             raise CcdrecError(f"{path}: block {k} has IDs outside its universe ({n_u} users, {n_i} items)")
@@ -244,7 +242,11 @@ def save_stream(stream: Stream, path: Path) -> None:
             frames.append(pd.DataFrame({"block": b.index, "split": s, "user": pairs[:, 0], "item": pairs[:, 1]}))
     pd.concat(frames).to_csv(path / INTERACTIONS, index=False)
     pd.DataFrame(
-        {"block": [b.index for b in stream.blocks], "users": [b.n_users for b in stream.blocks], "items": [b.n_items for b in stream.blocks]}
+        {
+            "block": [b.index for b in stream.blocks],
+            "users": [b.n_users for b in stream.blocks],
+            "items": [b.n_items for b in stream.blocks],
+        }
     ).to_csv(path / UNIVERSE, index=False)
     for name, vocab in (("users.csv", stream.user_vocab), ("items.csv", stream.item_vocab)):
         if vocab is not None:

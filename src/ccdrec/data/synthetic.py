@@ -40,9 +40,7 @@ def synthetic_stream(
         # drift: each block favours a rotating subset of items inside every cluster
         weight = np.exp(rng.normal(0, 1.0, n_i))
         weight[prev_i:n_i] *= 3.0  # new items are trendy
-        active = np.concatenate(
-            [np.flatnonzero(rng.random(prev_u) < old_user_activity), np.arange(prev_u, n_u)]
-        )
+        active = np.concatenate([np.flatnonzero(rng.random(prev_u) < old_user_activity), np.arange(prev_u, n_u)])
         rows = []
         for u in active:
             same = np.flatnonzero(item_cluster[:n_i] == user_cluster[u])

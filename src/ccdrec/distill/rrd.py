@@ -207,8 +207,15 @@ def distill_student(
         raise TypeError(f"ranking distillation needs an embedding student (MF, LightGCN), got {type(student).__name__}")
     n_u, n_i = student.n_users, student.n_items
     objective = RRDObjective(
-        user_top, item_top, n_i, n_u, user_samples=user_samples, item_samples=item_samples,
-        weight_user=weight, weight_item=weight, seed=seed,
+        user_top,
+        item_top,
+        n_i,
+        n_u,
+        user_samples=user_samples,
+        item_samples=item_samples,
+        weight_user=weight,
+        weight_item=weight,
+        seed=seed,
         observed=block.matrix("train", n_u, n_i) if exclude_observed else None,
     )
     negatives_avoid = top_matrix(np.asarray(user_top), n_i)

@@ -8,7 +8,8 @@ Embedding models (MF, LightGCN) additionally expose ego tables and propagated em
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import scipy.sparse as sp
 import torch

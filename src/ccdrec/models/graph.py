@@ -18,7 +18,7 @@ def normalized_adjacency(train_matrix: sp.csr_matrix) -> sp.csr_matrix:
     a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
     deg = np.asarray(a.sum(axis=1)).ravel()
     with np.errstate(divide="ignore"):
-        d = np.where(deg > 0, deg ** -0.5, 0.0).astype(np.float32)
+        d = np.where(deg > 0, deg**-0.5, 0.0).astype(np.float32)
     dm = sp.diags(d)
     out = (dm @ a @ dm).tocsr()
     out.sort_indices()

@@ -125,8 +125,15 @@ class CCDStream:
     def base_teacher(self, m: int) -> dict:
         member = self.cfg.teacher.members[m]
         name = f"b0/teacher{m}"
-        res = stages.train_member(member, self.stream[0], self.cfg, stages.stage_seed(member.seed, name), self.device,
-                                  self.progress, label=f"D_0 teacher {m} ({member.kind}-{member.dim})")
+        res = stages.train_member(
+            member,
+            self.stream[0],
+            self.cfg,
+            stages.stage_seed(member.seed, name),
+            self.device,
+            self.progress,
+            label=f"D_0 teacher {m} ({member.kind}-{member.dim})",
+        )
         self.members[m] = res.model
         ptr = self.save(f"b0_teacher{m}", res.model, 0)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, 0)]}
@@ -146,8 +153,9 @@ class CCDStream:
             if k > 0:
                 scorers = [p.scorer(n_items=block.n_items) for p in self.proxies] + [self.served.scorer()]
                 avoid = self.avoid(scorers, block, (block.n_users, block.n_items))
-            res = stages.generate_student(user_top, item_top, block, self.cfg, self.seed(f"b{k}/student"), self.device,
-                                          avoid, self.progress)
+            res = stages.generate_student(
+                user_top, item_top, block, self.cfg, self.seed(f"b{k}/student"), self.device, avoid, self.progress
+            )
             self.student = res.model
             rows.append(self.fit_row("student", res.fit, k))
         pointers["student"] = self.save(f"b{k}_student", self.student, k)
@@ -175,8 +183,9 @@ class CCDStream:
         scorers = [self.ensemble().scorer(context=prev.train_matrix), self.student.scorer()]
         scorers += [p.scorer(n_items=prev.n_items) for p in self.proxies]
         avoid = self.avoid(scorers, block, old)
-        res, replayer = stages.update_student(self.student, *self.proxies, avoid, block, prev, self.cfg,
-                                              self.seed(f"b{k}/student_update"), self.progress)
+        res, replayer = stages.update_student(
+            self.student, *self.proxies, avoid, block, prev, self.cfg, self.seed(f"b{k}/student_update"), self.progress
+        )
         self.served = res.model
         pointers["served"] = self.save(f"b{k}_served", self.served, k)
         rows = [self.fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
@@ -187,8 +196,15 @@ class CCDStream:
         know = self.cfg.teacher.student_knowledge
         sp_, pp_ = self.proxies if know else (None, None)
         res = stages.update_teacher(
-            self.members[m], sp_, pp_, self.served if know else None, block, prev, self.cfg,
-            stages.stage_seed(self.cfg.teacher.members[m].seed, f"b{k}/teacher{m}"), self.progress,
+            self.members[m],
+            sp_,
+            pp_,
+            self.served if know else None,
+            block,
+            prev,
+            self.cfg,
+            stages.stage_seed(self.cfg.teacher.members[m].seed, f"b{k}/teacher{m}"),
+            self.progress,
             label=f"D_{k} teacher {m} update",
         )
         self.members[m] = res.model
@@ -213,7 +229,9 @@ class CCDStream:
                 rows.append({"kind": "new_users", "model": name, "k": k, "j": k, **out})
         for r in rows:
             if r["kind"] == "test" and r["j"] == k:
-                self.console.print(f"  block {k}  {r['model']:<8} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}")
+                self.console.print(
+                    f"  block {k}  {r['model']:<8} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
+                )
         return {"pointers": {}, "rows": rows}
 
     # --- driver ------------------------------------------------------------------------------
@@ -250,7 +268,11 @@ def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[Run
 
 
 def run_stream(
-    cfg: RunConfig | None, run_dir: Path, resume: bool = False, progress: bool = True, stop_after: str | None = None,
+    cfg: RunConfig | None,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: str | None = None,
     console: Console | None = None,
 ) -> RunDir:
     """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report."""

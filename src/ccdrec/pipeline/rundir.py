@@ -51,7 +51,9 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):
             raise CcdrecError(f"{self.path}: run directory exists and is not empty (use --resume to continue it)")
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()))
+        atomic_write_bytes(
+            self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        )
         self.write_state({"version": STATE_VERSION, "completed": [], "pointers": {}, "seconds": {}})
         atomic_write_bytes(self.metrics_path, lambda f: None)
 

@@ -64,7 +64,9 @@ def teacher_lists(ensemble: RankEnsemble, block: Block, n: int) -> tuple[np.ndar
     return top_lists(ensemble.scorer(context=r), ensemble.n_users, ensemble.n_items, r, n=n, device=ensemble.device)
 
 
-def avoid_top(scorers: list[Scorer], shape: tuple[int, int], observed: sp.csr_matrix, n: int, users: np.ndarray, device) -> sp.csr_matrix:
+def avoid_top(
+    scorers: list[Scorer], shape: tuple[int, int], observed: sp.csr_matrix, n: int, users: np.ndarray, device
+) -> sp.csr_matrix:
     """Union of each scorer's top-n unobserved items for ``users``, as a binary ``shape`` matrix.
 
     BPR negatives of old users avoid these likely positives (method.md 5.1, 7). Every scorer must
@@ -89,9 +91,18 @@ def generate_student(
     s = cfg.student
     student = build_model(s.model.kind, block.n_users, block.n_items, **s.model.kwargs()).to(device)
     res = distill_student(
-        student, block, user_top, item_top, s.distill, seed=seed, progress=progress, exclude=avoid,
-        user_samples=min(s.user_samples, block.n_items), item_samples=min(s.item_samples, block.n_users),
-        weight=s.rrd_weight, label=f"distil D_{block.index}",
+        student,
+        block,
+        user_top,
+        item_top,
+        s.distill,
+        seed=seed,
+        progress=progress,
+        exclude=avoid,
+        user_samples=min(s.user_samples, block.n_items),
+        item_samples=min(s.item_samples, block.n_users),
+        weight=s.rrd_weight,
+        label=f"distil D_{block.index}",
     )
     return StageResult(student, res)
 
@@ -109,8 +120,17 @@ class Replayer:
     (method.md 5.1, 9).
     """
 
-    def __init__(self, sources: list[tuple[Scorer, int]], users: np.ndarray, exclude: sp.csr_matrix, rc: ReplayConfig,
-                 batch_size: int, seed: int, n_items: int, context: sp.csr_matrix | None = None):
+    def __init__(
+        self,
+        sources: list[tuple[Scorer, int]],
+        users: np.ndarray,
+        exclude: sp.csr_matrix,
+        rc: ReplayConfig,
+        batch_size: int,
+        seed: int,
+        n_items: int,
+        context: sp.csr_matrix | None = None,
+    ):
         self.sources = [(s, n) for s, n in sources if n > 0]
         self.users, self.exclude, self.rc = users, exclude, rc
         self.batch_size, self.n_items, self.context = batch_size, n_items, context
@@ -126,14 +146,22 @@ class Replayer:
         if not self.active:
             return ReplaySet.empty()
         self.replay = sample_replay(
-            model.scorer(context=self.context), self.n_items, self.sources, self.users, self.exclude,
-            self.rc.top_a, self.rc.eps, self.rng, device=model.device,
+            model.scorer(context=self.context),
+            self.n_items,
+            self.sources,
+            self.users,
+            self.exclude,
+            self.rc.top_a,
+            self.rc.eps,
+            self.rng,
+            device=model.device,
         )
         self.sizes.append(len(self.replay))
         return self.replay
 
     def before_epoch(self, model, opt, epoch: int) -> None:
-        self.sample(model)
+        if epoch % self.rc.resample_every == 0:
+            self.sample(model)
 
     def after_epoch_pass(self, model, opt, epoch: int) -> None:
         weight = replay_weight(epoch, self.rc.scale, self.rc.decay)
@@ -146,8 +174,15 @@ def old_active_users(block: Block) -> np.ndarray:
 
 
 def update_student(
-    prev_student: EmbeddingModel, sp_proxy: Proxy, pp_proxy: Proxy, avoid: sp.csr_matrix | None, block: Block, prev: Block,
-    cfg: RunConfig, seed: int, progress=False,
+    prev_student: EmbeddingModel,
+    sp_proxy: Proxy,
+    pp_proxy: Proxy,
+    avoid: sp.csr_matrix | None,
+    block: Block,
+    prev: Block,
+    cfg: RunConfig,
+    seed: int,
+    progress=False,
 ) -> tuple[StageResult, Replayer]:
     """Stage 2 (method.md 5.1): CL_k from D_{k-1}, grown with entity initialisation, BPR + replay.
 
@@ -159,15 +194,26 @@ def update_student(
     model = prev_student.clone()
     model.grow(block.n_users, block.n_items, block.train_matrix, s.init)
     rc = cfg.student_replay(k)
-    n_u, n_i = block.n_users, block.n_items
+    n_i = block.n_items
     old_users = old_active_users(block)
     observed = past_train(block, prev)
     replayer = Replayer(
         [(sp_proxy.scorer(n_items=n_i), rc.n_stability), (pp_proxy.scorer(n_items=n_i), rc.n_plasticity)],
-        old_users, observed, rc, s.update.batch_size, seed + 1, n_i,
+        old_users,
+        observed,
+        rc,
+        s.update.batch_size,
+        seed + 1,
+        n_i,
     )
     res = fit(
-        model, block, s.update, seed=seed, progress=progress, label=f"update CL_{k}", exclude=avoid,
+        model,
+        block,
+        s.update,
+        seed=seed,
+        progress=progress,
+        label=f"update CL_{k}",
+        exclude=avoid,
         before_epoch=replayer.before_epoch if replayer.active else None,
         after_epoch_pass=replayer.after_epoch_pass if replayer.active else None,
     )
@@ -180,8 +226,16 @@ def update_proxies(sp_proxy: Proxy, pp_proxy: Proxy, student: EmbeddingModel, w_
 
 
 def update_teacher(
-    member: Recommender, sp_proxy: Proxy | None, pp_proxy: Proxy | None, served: Recommender | None, block: Block,
-    prev: Block, cfg: RunConfig, seed: int, progress=False, label: str = "",
+    member: Recommender,
+    sp_proxy: Proxy | None,
+    pp_proxy: Proxy | None,
+    served: Recommender | None,
+    block: Block,
+    prev: Block,
+    cfg: RunConfig,
+    seed: int,
+    progress=False,
+    label: str = "",
 ) -> StageResult:
     """Stage 3 (method.md 5.3): grow member m, then BPR + λ_LWC·LWC-KD + replay from SP, PP and CL_k.
 
@@ -205,8 +259,9 @@ def update_teacher(
     model = member.clone()
     if isinstance(model, MultVAE):
         model.grow(n_u, n_i, block.train_matrix, cfg.student.init)
-        replayer = Replayer(sources, old_active_users(block), observed, rc, t.update_vae.batch_size, seed + 1, n_i,
-                            context=block.train_matrix)
+        replayer = Replayer(
+            sources, old_active_users(block), observed, rc, t.update_vae.batch_size, seed + 1, n_i, context=block.train_matrix
+        )
         replay = replayer.sample(model)
         vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
         persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))
@@ -221,7 +276,13 @@ def update_teacher(
         lwc = LWCKD(old, pad_to(prev.train_matrix, (old.n_users, old.n_items)), tau=t.tau, weight=t.lwc_weight, knn=t.knn)
     replayer = Replayer(sources, old_active_users(block), observed, rc, t.update.batch_size, seed + 1, n_i)
     res = fit(
-        model, block, t.update, seed=seed, progress=progress, label=label, extra_loss=lwc,
+        model,
+        block,
+        t.update,
+        seed=seed,
+        progress=progress,
+        label=label,
+        extra_loss=lwc,
         before_epoch=replayer.before_epoch if replayer.active else None,
         after_epoch_pass=replayer.after_epoch_pass if replayer.active else None,
     )

@@ -69,8 +69,9 @@ def apply_override(data: dict, item: str) -> dict:
     return merge(data, nested)
 
 
-def load_config(dataset: str | None = None, preset: str | None = None, file: Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    dataset: str | None = None, preset: str | None = None, file: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Resolve a run configuration: the preset (default: the dataset's), then ``file``, then overrides."""
     data: dict = {}
     name = preset or DATASET_PRESET.get(dataset or "yelp", "yelp")

@@ -43,8 +43,9 @@ def per_block(rows: list[dict], model: str, metric: str = "recall@20") -> pd.Dat
     """LA_k, RA_k and H_k for each incremental block k >= 1."""
     s = stream_scores(rows, model, metric)
     ks = [k for k in s.blocks if k >= 1]
-    return pd.DataFrame({"LA": [s.la(k) for k in ks], "RA": [s.ra(k) for k in ks], "H": [s.h(k) for k in ks]},
-                        index=pd.Index(ks, name="k"))
+    return pd.DataFrame(
+        {"LA": [s.la(k) for k in ks], "RA": [s.ra(k) for k in ks], "H": [s.h(k) for k in ks]}, index=pd.Index(ks, name="k")
+    )
 
 
 def summary(rows: list[dict], metrics: tuple[str, ...] = ("recall@20", "ndcg@20")) -> pd.DataFrame:

@@ -25,8 +25,10 @@ class NegativeSampler:
     def __init__(self, exclude: sp.spmatrix, n_items: int | None = None):
         self.n_items = int(n_items or exclude.shape[1])
         if exclude.shape[1] != self.n_items:
-            exclude = sp.csr_matrix(exclude)[:, : self.n_items] if exclude.shape[1] > self.n_items else sp.csr_matrix(
-                exclude, shape=(exclude.shape[0], self.n_items)
+            exclude = (
+                sp.csr_matrix(exclude)[:, : self.n_items]
+                if exclude.shape[1] > self.n_items
+                else sp.csr_matrix(exclude, shape=(exclude.shape[0], self.n_items))
             )
         self.keys = pair_keys(exclude)
 

@@ -1,0 +1,79 @@
+"""Benchmark: the default full CCD stream on a bundled dataset.
+
+Prints one ``name: value`` line per figure: the wall seconds of every stage, ``total_seconds``,
+``peak_rss_mb``, the final stream ``teacher_LA/RA/H`` and ``student_LA/RA/H`` (Recall@20, the served
+student CL_k), and per block the served student's r_(k,k) against a student of the same size trained
+only on block k without a teacher (``baseline_rkk_k``).
+Targets on a 2-core CPU: Yelp <= 30 minutes; Gowalla <= 60 minutes and <= 6 GB peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dataset", default="yelp")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
+    ap.add_argument("--out", type=Path, default=None, help="keep the run directory here")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the no-teacher student baseline")
+    args = ap.parse_args()
+
+    from ccdrec.data import load_stream
+    from ccdrec.eval import evaluate_block
+    from ccdrec.models import build_model
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.presets import load_config
+    from ccdrec.report import tables
+    from ccdrec.train import fit
+
+    cfg = load_config(args.dataset, args.preset, None, args.overrides)
+    out = args.out or Path(tempfile.mkdtemp(prefix="ccdrec-bench-")) / "run"
+    start = time.perf_counter()
+    rd = run_stream(cfg, out, progress=False)
+    total = time.perf_counter() - start
+    state = rd.read_state()
+    for name, secs in state["seconds"].items():
+        print(f"stage_seconds[{name}]: {secs:.1f}")
+    print(f"total_seconds: {total:.1f}")
+    print(f"peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    rows = rd.read_metrics()
+    for model, label in (("teacher", "teacher"), ("served", "student")):
+        summ = tables.stream_scores(rows, model).summary()
+        for key in ("LA", "RA", "H"):
+            print(f"{label}_{key}: {summ[key]:.4f}")
+    d0 = [r for r in rows if r.get("kind") == "fit" and r.get("stage", "").startswith("b0/teacher")]
+    e0 = [r for r in rows if r.get("kind") == "test" and r["model"] == "teacher" and r["k"] == 0]
+    if d0:
+        print(f"teacher_members_D0_best_valid_recall@20: {max(r['valid_recall@20'] for r in d0):.4f}")
+    if e0:
+        print(f"teacher_ensemble_D0_test_recall@20: {e0[0]['recall@20']:.4f}")
+    if not args.no_baseline:
+        # a student of the same size trained only on block k, without a teacher
+        stream = load_stream(cfg.dataset)
+        s = cfg.student
+        last = len(stream) - 1 if cfg.max_blocks is None else cfg.max_blocks
+        served = {r["k"]: r["recall@20"] for r in rows if r.get("kind") == "test" and r["model"] == "served" and r["j"] == r["k"]}
+        for k in range(1, last + 1):
+            b = stream[k]
+            model = build_model(s.model.kind, b.n_users, b.n_items, **s.model.kwargs())
+            sched = cfg.teacher.base.model_copy(update={"epochs": max(cfg.teacher.base.epochs, 30)})
+            fit(model, b, sched, seed=cfg.seed)
+            base = evaluate_block(model, b, "test")["recall@20"]
+            print(
+                f"baseline_rkk_{k}: {base:.4f}  served_rkk_{k}: {served.get(k, float('nan')):.4f}  "
+                f"gain_{k}: {served.get(k, float('nan')) / base - 1:+.1%}"
+            )
+    if args.out is None:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

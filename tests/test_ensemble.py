@@ -161,3 +161,26 @@ def test_top_lists_of_an_ensemble_on_a_stream_block(block):
     user_top, item_top = top_lists(ensemble.scorer(), block.n_users, block.n_items, block.train_matrix, n=10, chunk=64)
     assert user_top.shape == (block.n_users, 10) and item_top.shape == (block.n_items, 10)
     assert not (block.train_matrix[np.repeat(np.arange(block.n_users), 10), user_top.ravel()] > 0).any()
+
+
+def test_sketched_tail_ranks_keep_the_top_of_the_ensemble():
+    class Fixed:
+        def __init__(self, scores):
+            self.s = scores
+            self.n_users, self.n_items = scores.shape
+            self.device = torch.device("cpu")
+
+        def scorer(self, context=None):
+            return lambda users: self.s[users]
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 3000, generator=gen)
+    members = [Fixed(base + 0.7 * torch.randn(64, 3000, generator=gen)) for _ in range(4)]
+    users = torch.arange(64)
+    exact = RankEnsemble(members).scorer()(users)
+    approx = RankEnsemble(members, exact_top=200, sketch=256).scorer()(users)
+    top_e, top_a = exact.topk(40).indices, approx.topk(40).indices
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 40 for a, b in zip(top_e, top_a, strict=True)])
+    assert overlap > 0.95
+    # ranks inside the exact top keep their exact weights
+    assert (approx - exact).abs().max() < 0.02

@@ -10,7 +10,14 @@ import scipy.sparse as sp
 import torch
 
 from ccdrec.config import TrainConfig
-from ccdrec.continual.lwckd import LWCKD, OldEmbeddings, contrastive, contrastive_rows, knn_graph
+from ccdrec.continual.lwckd import (
+    LWCKD,
+    OldEmbeddings,
+    contrastive,
+    contrastive_rows,
+    knn_graph,
+    sample_candidates,
+)
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.models.graph import normalized_adjacency
 from ccdrec.models.lightgcn import MF, LightGCN
@@ -316,12 +323,12 @@ def test_lwckd_in_fit_keeps_old_users_closer_to_the_old_model():
     b0, b1 = stream[0], stream[1]
     torch.manual_seed(0)
     model = MF(b0.n_users, b0.n_items, dim=16)
-    fit(model, b0, TrainConfig(epochs=10, batch_size=256, lr=0.02, eval_every=100))
+    fit(model, b0, TrainConfig(epochs=10, batch_size=256, lr=0.02, eval_every=100, weight_decay=1e-4, l2=0.0))
     old = OldEmbeddings.from_model(model, b0.train_matrix)
     model.grow(b1.n_users, b1.n_items, b1.train_matrix, init="entity")
     start = {k: v.clone() for k, v in model.state_dict().items()}
     # eval_every > epochs: fit keeps the last epoch, so both runs are compared after the same training
-    cfg = TrainConfig(epochs=5, batch_size=256, lr=0.02, eval_every=100)
+    cfg = TrainConfig(epochs=5, batch_size=256, lr=0.02, eval_every=100, weight_decay=1e-4, l2=0.0)
 
     def similarity_to_old(extra_loss) -> float:
         m = MF(b1.n_users, b1.n_items, dim=16)
@@ -333,3 +340,103 @@ def test_lwckd_in_fit_keeps_old_users_closer_to_the_old_model():
     plain = similarity_to_old(None)
     regularised = similarity_to_old(LWCKD(old, b0.train_matrix, tau=5.0, weight=0.1))
     assert regularised > plain + 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled softmax (option ``candidates``)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sample_candidates_keeps_mask_columns_and_corrects_the_draws():
+    rng = np.random.default_rng(6)
+    a, cand = torch.tensor(rng.normal(size=(6, 3))), torch.tensor(rng.normal(size=(50, 3)))
+    dense = (rng.random((6, 50)) < 0.08).astype(np.float32)
+    dense[5] = 0.0  # a row without weight
+    mask = sp.csr_matrix(dense)
+    cs = sample_candidates(mask, 50, 10, torch.Generator().manual_seed(1))
+    pos = np.unique(mask.indices)
+    n_p, rest = len(pos), cs.index[cs.n_mask_cols :]
+    assert cs.n_mask_cols == n_p and cs.index[:n_p].tolist() == pos.tolist()
+    assert 0 < len(rest) <= 10 and not np.isin(rest.numpy(), pos).any() and len(set(rest.tolist())) == len(rest)
+    assert torch.all(cs.offset[:n_p] == 0)
+    assert torch.allclose(cs.offset[n_p:], torch.full((len(rest),), math.log((50 - n_p) / len(rest))))
+    # the mask re-indexed onto C is the mask
+    remapped = sp.csr_matrix((cs.vals.numpy(), (cs.rows.numpy(), cs.index[cs.cols].numpy())), shape=(6, 50))
+    assert (remapped != mask).nnz == 0
+    # the loss: softmax over C with the corrected logits
+    idx, off = cs.index.numpy(), cs.offset.numpy()
+    expected = []
+    for r in range(5):
+        logits = a[r].numpy() @ cand.numpy()[idx].T / 2.0 + off
+        lse = math.log(np.exp(logits).sum())
+        w = dense[r, idx]
+        expected.append(-(w * (logits - lse)).sum() / w.sum())
+    got = contrastive(a, cand, mask, tau=2.0, candidate_set=cs)
+    assert got.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    again = contrastive(a, cand, mask, tau=2.0, candidates=10, generator=torch.Generator().manual_seed(1))
+    assert again.item() == got.item()
+    assert sample_candidates(mask, 50, 50) is None and sample_candidates(mask, 50, 80) is None
+
+
+def sampled_example():
+    """A small random LWC-KD problem, larger than the planted one so that S < N samples for real."""
+    rng = np.random.default_rng(5)
+    n_users, n_items, dim = 300, 200, 16
+    r = random_binary(rng, n_users, n_items, 0.03)
+    gen = torch.Generator().manual_seed(5)
+    old = OldEmbeddings((torch.randn(n_users, dim, generator=gen),), (torch.randn(n_items, dim, generator=gen),))
+    cur_u = old.users[0] + 0.5 * torch.randn(n_users, dim, generator=gen)
+    cur_i = old.items[0] + 0.5 * torch.randn(n_items, dim, generator=gen)
+    users, items = rng.choice(n_users, 40, replace=False), rng.choice(n_items, 50, replace=False)
+    return old, r, (cur_u, cur_i), users, items
+
+
+def loss_and_grad(lwc: LWCKD, cur, users, items) -> tuple[float, torch.Tensor]:
+    cu, ci = (c.clone().requires_grad_() for c in cur)
+    loss = lwc.loss_from_layers([(cu, ci)], users, items)
+    loss.backward()
+    return loss.item(), torch.cat([cu.grad.flatten(), ci.grad.flatten()])
+
+
+def test_sampled_lwckd_with_candidates_at_least_n_is_exact(grown):
+    model, old, _, r_old, _ = grown
+    users, items = np.array([14, 3, 0, 3, 11, 7, 12, 5]), np.array([1, 10, 9, 4, 4, 0, 8, 2])
+    exact = LWCKD(old, r_old, tau=2.0, knn=5).loss_from_layers(model.layer_embeddings(), users, items)
+    for s in (max(U0, I0), 1000):
+        sampled = LWCKD(old, r_old, tau=2.0, knn=5, candidates=s, seed=3).loss_from_layers(model.layer_embeddings(), users, items)
+        assert sampled.item() == exact.item()
+    with pytest.raises(ValueError):
+        LWCKD(old, r_old, candidates=0)
+
+
+def test_sampled_lwckd_is_close_to_full_on_average_with_aligned_gradient():
+    old, r, cur, users, items = sampled_example()
+    full, g_full = loss_and_grad(LWCKD(old, r, tau=2.0, weight=1.0, knn=5), cur, users, items)
+    losses, grads = [], []
+    for seed in range(50):
+        loss, grad = loss_and_grad(LWCKD(old, r, tau=2.0, weight=1.0, knn=5, candidates=40, seed=seed), cur, users, items)
+        losses.append(loss)
+        grads.append(grad)
+    assert len(set(losses)) > 1  # it does sample
+    assert abs(np.mean(losses) / full - 1.0) < 0.10
+    cosines = [torch.nn.functional.cosine_similarity(g, g_full, dim=0).item() for g in grads]
+    assert min(cosines) > 0.5
+    assert torch.nn.functional.cosine_similarity(torch.stack(grads).mean(0), g_full, dim=0).item() > 0.85
+
+
+def test_sampled_lwckd_is_deterministic_per_seed_and_shares_one_draw_across_layers():
+    old, r, cur, users, items = sampled_example()
+
+    def two_calls(seed: int) -> list[float]:
+        lwc = LWCKD(old, r, tau=2.0, knn=5, candidates=40, seed=seed)
+        return [lwc.loss_from_layers([cur], users, items).item() for _ in range(2)]
+
+    first = two_calls(7)
+    assert two_calls(7) == first
+    assert first[0] != first[1]  # the generator advances between calls
+    assert two_calls(8) != first
+    # one draw per term and call, shared by the layers: two identical layers give the one-layer loss
+    two_layer_old = OldEmbeddings(old.users * 2, old.items * 2)
+    one = LWCKD(old, r, tau=2.0, knn=5, candidates=40, seed=7).loss_from_layers([cur], users, items)
+    two = LWCKD(two_layer_old, r, tau=2.0, knn=5, candidates=40, seed=7).loss_from_layers([cur, cur], users, items)
+    assert two.item() == pytest.approx(one.item(), rel=1e-6)

@@ -102,6 +102,12 @@ class TeacherConfig(Strict):
     lwc_weight: float = Field(0.01, ge=0, description="λ_LWC: weight of LWC-KD in the teacher update")
     tau: float = Field(5.0, gt=0, description="LWC-KD temperature τ")
     knn: int = Field(10, ge=1, description="neighbours per node of the LWC-KD UU / II graphs")
+    lwc_candidates: int | None = Field(
+        1024, ge=1, description="LWC-KD softmax over the positives plus this many sampled entities (None: all old entities)"
+    )
+    ensemble_exact_top: int | None = Field(
+        None, ge=1, description="rank ensemble: exact ranks for each member's top-N only, sketched below (None: exact)"
+    )
     replay: ReplayConfig = Field(
         default_factory=lambda: ReplayConfig(top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0),
         description="replay from SP, PP and CL_k into every member",

@@ -21,6 +21,10 @@ old entities of one side:
 and LWCKD = λ_LWC · mean_l (UI_l + IU_l + UU_l + II_l)  (τ = 5, λ_LWC = 0.01; the *mean* over the L+1
 layers keeps λ's meaning the same for MF and LightGCN). Gradients reach only the current embeddings N.
 
+Option ``candidates`` = S (:class:`LWCKD`): a sampled-softmax approximation of the full softmax above,
+a speed-up: per call and term, the softmax runs over the mask's columns P plus S uniform draws, the
+draws outside P corrected by + log((N − |P|) / |R|); None (the default) keeps the exact softmax.
+
 The kNN graphs come from cosine similarity of sparse rows, computed in row chunks with top-k per row
 (:func:`knn_graph`); no dense |U|² or |I|² matrix is ever built.
 
@@ -43,6 +47,7 @@ Two deviations of the authors' release are avoided (method.md 9):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +61,16 @@ from ccdrec.models.base import EmbeddingModel
 
 TERMS = ("ui", "iu", "uu", "ii")
 
-__all__ = ["LWCKD", "OldEmbeddings", "PIWNet", "contrastive", "contrastive_rows", "knn_graph"]
+__all__ = [
+    "LWCKD",
+    "CandidateSet",
+    "OldEmbeddings",
+    "PIWNet",
+    "contrastive",
+    "contrastive_rows",
+    "knn_graph",
+    "sample_candidates",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +155,75 @@ def _mask_triplets(mask, shape: tuple[int, int], device: torch.device) -> tuple[
     return None
 
 
-def contrastive_rows(a: torch.Tensor, cand: torch.Tensor, mask, tau: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class CandidateSet:
+    """A sampled candidate set C = P ∪ R for one contrastive term, and the mask re-indexed onto C.
+
+    ``index`` (|C|,): entity IDs of the candidates, first the mask columns P (sorted), then the
+    sampled columns R outside P; ``offset`` (|C|,): the sampled-softmax correction added to the logits
+    (0 on P, log((N − |P|) / |R|) on R); ``rows`` / ``cols`` / ``vals``: the mask's non-zeros with
+    ``cols`` indexing C; ``n_rows``: B; ``n_mask_cols``: |P| (the first |P| entries of ``index``).
+    Built by :func:`sample_candidates`.
+    """
+
+    index: torch.Tensor
+    offset: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    n_rows: int
+    n_mask_cols: int
+
+
+def sample_candidates(
+    mask, n: int, size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> CandidateSet | None:
+    """Sample a candidate set of ``size`` + mask columns among ``n`` entities; ``None`` when size >= n (exact).
+
+    P = the union of the non-zero columns of ``mask`` (B x n; scipy sparse, torch sparse or dense) over
+    all its rows; S = ``size`` entities are drawn uniformly without replacement from all n (with
+    ``generator``, on the CPU, so a seeded generator gives the same draw on every device); R = the drawn
+    entities outside P. The logits of R get the correction log((n − |P|) / |R|): given |R|, R is a
+    uniform |R|-subset of the n − |P| columns outside P, so (n − |P|)/|R| · Σ_{j∈R} exp(s_rj) is an
+    unbiased estimate of Σ_{j∉P} exp(s_rj), and Σ_{j∈C} exp(s_rj + offset_j) an unbiased estimate of
+    each row's full partition function (its log is biased low by Jensen, little for moderate S). With
+    |R| = 0 (every draw hit P) nothing outside P is represented and the softmax runs over P alone.
+    """
+    if size < 1:
+        raise ValueError(f"candidates must be >= 1, not {size}")
+    if size >= n:
+        return None
+    b = mask.shape[0]
+    trip = _mask_triplets(mask, (b, n), torch.device(device))
+    if trip is None:
+        m = torch.as_tensor(mask, device=device)
+        if tuple(m.shape) != (b, n):
+            raise ValueError(f"mask shape {tuple(m.shape)} != {(b, n)}")
+        rows, cols = torch.nonzero(m, as_tuple=True)
+        vals = m[rows, cols].to(torch.float32)
+    else:
+        rows, cols, vals = trip
+    pos = torch.unique(cols.cpu())  # sorted
+    drawn = torch.randperm(n, generator=generator)[:size]
+    rest = drawn[~torch.isin(drawn, pos)]
+    rest = rest.sort().values
+    index = torch.cat([pos, rest]).to(device)
+    offset = torch.zeros(len(index), dtype=torch.float32)
+    if len(rest):
+        offset[len(pos) :] = math.log((n - len(pos)) / len(rest))
+    cols_c = torch.searchsorted(pos.to(device), cols)
+    return CandidateSet(index, offset.to(device), rows, cols_c, vals, b, len(pos))
+
+
+def contrastive_rows(
+    a: torch.Tensor,
+    cand: torch.Tensor,
+    mask,
+    tau: float = 5.0,
+    candidates: int | None = None,
+    generator: torch.Generator | None = None,
+    candidate_set: CandidateSet | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row contrastive losses ℓ_r and the boolean mask of rows with Σ_j M_rj > 0.
 
     ℓ_r = −Σ_j M_rj · log softmax_j(a_r · cand_jᵀ / τ) / Σ_j M_rj   (0 for rows without any weight).
@@ -149,7 +231,28 @@ def contrastive_rows(a: torch.Tensor, cand: torch.Tensor, mask, tau: float = 5.0
     ``a``: (B, d) anchors; ``cand``: (N, d) candidates; ``mask``: (B, N) non-negative weights, dense
     (tensor or array) or sparse (scipy, torch sparse). With a sparse mask only its non-zeros are
     gathered: ℓ_r = logsumexp_j(s_rj) − Σ_j M_rj s_rj / Σ_j M_rj.
+
+    Sampled softmax (a speed-up, an approximation of method.md 5.4's full softmax over all N): with
+    ``candidates`` = S < N, the softmax runs over C = (mask columns P) ∪ (S uniform draws, see
+    :func:`sample_candidates`, with ``generator``) only, with the correction log((N − |P|)/|R|) on the
+    logits of the drawn columns R outside P; the cost is O(B · |C|) instead of O(B · N). A prepared
+    ``candidate_set`` (to share one draw across layers) takes precedence over ``candidates``; ``mask``
+    is then ignored (the set holds it, re-indexed). ``candidates`` None or >= N: the exact softmax.
     """
+    if candidate_set is None and candidates is not None:
+        candidate_set = sample_candidates(mask, cand.shape[0], candidates, generator, a.device)
+    if candidate_set is not None:
+        cs = candidate_set
+        if cs.n_rows != a.shape[0]:
+            raise ValueError(f"candidate set has {cs.n_rows} rows, anchors {a.shape[0]}")
+        logits = a @ cand[cs.index].T / tau + cs.offset.to(a.dtype)
+        vals = cs.vals.to(logits.dtype)
+        msum = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals)
+        pos = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals * logits[cs.rows, cs.cols])
+        weighted = msum * torch.logsumexp(logits, dim=1) - pos
+        valid = msum > 0
+        losses = torch.where(valid, weighted / msum.clamp_min(torch.finfo(logits.dtype).tiny), torch.zeros_like(weighted))
+        return losses, valid
     shape = (a.shape[0], cand.shape[0])
     logits = a @ cand.T / tau
     trip = _mask_triplets(mask, shape, logits.device)
@@ -171,14 +274,22 @@ def contrastive_rows(a: torch.Tensor, cand: torch.Tensor, mask, tau: float = 5.0
 
 
 def contrastive(
-    a: torch.Tensor, cand: torch.Tensor, mask, tau: float = 5.0, row_weights: torch.Tensor | None = None
+    a: torch.Tensor,
+    cand: torch.Tensor,
+    mask,
+    tau: float = 5.0,
+    row_weights: torch.Tensor | None = None,
+    candidates: int | None = None,
+    generator: torch.Generator | None = None,
+    candidate_set: CandidateSet | None = None,
 ) -> torch.Tensor:
     """L(a, N, M) = −mean_{r: Σ_j M_rj > 0} Σ_j M_rj · log softmax_j(a_r · N_jᵀ / τ) / Σ_j M_rj (method.md 5.4).
 
     ``row_weights`` (B,): optional per-row weights (PIW) multiplying each row's loss before the mean,
-    a (B,) * (B,) product. Returns a scalar; 0 when no row has weight.
+    a (B,) * (B,) product. ``candidates`` / ``generator`` / ``candidate_set``: the sampled-softmax
+    approximation of :func:`contrastive_rows` (None: exact). Returns a scalar; 0 when no row has weight.
     """
-    losses, valid = contrastive_rows(a, cand, mask, tau)
+    losses, valid = contrastive_rows(a, cand, mask, tau, candidates, generator, candidate_set)
     if row_weights is not None:
         if row_weights.shape != losses.shape:
             raise ValueError(f"row_weights shape {tuple(row_weights.shape)} != per-row losses {tuple(losses.shape)}")
@@ -285,7 +396,24 @@ class LWCKD:
     UU / II graphs; ``piw``: personalised imitation weights on UI and UU; ``terms``: which of
     ``ui, iu, uu, ii`` to use; ``piw_hidden`` / ``piw_lr``: the PIW network's width and Adam rate;
     ``knn_graphs``: precomputed (user, item) kNN graphs of R_{k-1} (``(lwc.user_knn, lwc.item_knn)`` of
-    another member's LWCKD), so that several teacher members share one computation.
+    another member's LWCKD), so that several teacher members share one computation;
+    ``candidates`` / ``seed``: the sampled softmax below.
+
+    Sampled softmax (``candidates`` = S, an option; default None = method.md 5.4's exact full softmax).
+    The full softmax costs O(B · N) per term and layer (B distinct batch entities, N old entities of
+    the other side: ~700 x 11K-40K, 4 terms, all layers, forward and backward), too slow on a CPU for
+    the CCD stream's thousands of teacher-update steps. With S, each call draws, per term, one
+    candidate set C = P ∪ R shared by all layers (so the layers stay comparable): P = the union of the
+    term's mask columns over the batch rows, and S entities drawn uniformly without replacement from
+    the N old entities with a ``torch.Generator`` seeded by ``seed`` (runs are deterministic; the
+    generator advances with every call); R = the draws outside P. Logits are computed against
+    ``cand[C]`` only and the mask is re-indexed onto C, so time and memory are O(B · (|P| + S)).
+    Correction (standard sampled softmax): the logits of R get + log((N − |P|) / |R|), which makes
+    each row's partition estimate Σ_{j∈P} e^{s_j} + (N − |P|)/|R| · Σ_{j∈R} e^{s_j} unbiased (given
+    |R|, R is a uniform subset of the N − |P| columns outside P); the log-partition, and so the loss, is
+    then biased slightly low (Jensen), less as S grows. It is an approximation of method.md 5.4, a
+    speed-up of the kind method.md allows when it keeps quality (tests: mean loss over seeds close to
+    the exact one, gradient aligned with the exact gradient). S >= N uses the exact softmax.
 
     ``lwc(model, reps, users, pos_items, epoch)`` returns λ_LWC · mean_l Σ_terms L_term,l for the
     batch's *distinct* old users (ID < U_{k-1}) and old positive items (ID < I_{k-1}); new entities are
@@ -310,12 +438,16 @@ class LWCKD:
         piw_lr: float = 1e-3,
         knn_chunk: int = 1024,
         knn_graphs: tuple[sp.csr_matrix, sp.csr_matrix] | None = None,
+        candidates: int | None = None,
+        seed: int = 0,
     ):
         unknown = set(terms) - set(TERMS)
         if unknown or not terms:
             raise ValueError(f"terms must be a non-empty subset of {TERMS}, got {tuple(terms)}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, not {tau}")
+        if candidates is not None and candidates < 1:
+            raise ValueError(f"candidates must be None or >= 1, not {candidates}")
         r = sp.csr_matrix(old_matrix, dtype=np.float32)
         if r.shape != (old.n_users, old.n_items):
             raise ValueError(f"old_matrix shape {r.shape} != old model universe {(old.n_users, old.n_items)}")
@@ -323,6 +455,9 @@ class LWCKD:
         self.tau = float(tau)
         self.weight = float(weight)
         self.terms = tuple(terms)
+        self.candidates = None if candidates is None else int(candidates)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.r = r
         self.rt = r.T.tocsr()
         if knn_graphs is not None:
@@ -428,6 +563,15 @@ class LWCKD:
                 w[keep] = self.piw_weights(u_t[keep], current_final_users)
                 self.last_piw = w.detach()
 
+        # Sampled softmax: one candidate set per term and call, shared by all layers (None: exact).
+        sets: dict[str, CandidateSet | None] = dict.fromkeys(TERMS)
+        if self.candidates is not None:
+            n_side = {"ui": i_old, "iu": u_old, "uu": u_old, "ii": i_old}
+            n_rows = {"ui": len(users), "iu": len(items), "uu": len(users), "ii": len(items)}
+            for t in TERMS:  # fixed order: the generator's draws do not depend on the terms' order
+                if t in self.terms and n_rows[t]:
+                    sets[t] = sample_candidates(masks[t], n_side[t], self.candidates, self.generator, dev)
+
         sums = {t: torch.zeros((), device=dev) for t in self.terms}
         for layer, (cur_u, cur_i) in enumerate(layers):
             old_u, old_i = self.old.users[layer], self.old.items[layer]
@@ -435,15 +579,15 @@ class LWCKD:
             if len(users):
                 a_u = old_u[u_t]
                 if "ui" in self.terms:
-                    sums["ui"] = sums["ui"] + contrastive(a_u, cand_i, masks["ui"], self.tau, w)
+                    sums["ui"] = sums["ui"] + contrastive(a_u, cand_i, masks["ui"], self.tau, w, candidate_set=sets["ui"])
                 if "uu" in self.terms:
-                    sums["uu"] = sums["uu"] + contrastive(a_u, cand_u, masks["uu"], self.tau, w)
+                    sums["uu"] = sums["uu"] + contrastive(a_u, cand_u, masks["uu"], self.tau, w, candidate_set=sets["uu"])
             if len(items):
                 a_i = old_i[i_t]
                 if "iu" in self.terms:
-                    sums["iu"] = sums["iu"] + contrastive(a_i, cand_u, masks["iu"], self.tau)
+                    sums["iu"] = sums["iu"] + contrastive(a_i, cand_u, masks["iu"], self.tau, candidate_set=sets["iu"])
                 if "ii" in self.terms:
-                    sums["ii"] = sums["ii"] + contrastive(a_i, cand_i, masks["ii"], self.tau)
+                    sums["ii"] = sums["ii"] + contrastive(a_i, cand_i, masks["ii"], self.tau, candidate_set=sets["ii"])
         n_layers = len(layers)
         self.last_terms = {t: (v / n_layers).detach() for t, v in sums.items()}
         total = sum(sums.values()) / n_layers

@@ -43,6 +43,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
 from ccdrec.models.vae import MultVAE, rows_tensor
 
@@ -155,7 +156,7 @@ def rank_of(
         scores = _fit_columns(scorer(torch.from_numpy(batch).to(device)), n_items)
         target = scores.gather(1, torch.from_numpy(items[start : start + chunk]).to(scores.device))
         scores = _mask(scores, *_excluded(exclude, batch, n_items))
-        ranks = _count_above(scores.sort(dim=1).values, target)
+        ranks = _count_above(ascending_values(scores), target)
         out[start : start + len(batch)] = ranks.cpu().numpy()
     return out
 
@@ -205,7 +206,7 @@ def sample_replay(
         ex_rows, ex_cols = _excluded(exclude, batch, n_items)
         current = _mask(_fit_columns(current_scorer(batch_t), n_items), ex_rows, ex_cols)
         dev = current.device
-        current_sorted = current.sort(dim=1).values
+        current_sorted = ascending_values(current)
         position = torch.arange(a, device=dev, dtype=torch.float32)
         for scorer, n_draw in active:
             src = _mask(_fit_columns(scorer(batch_t).to(dev), n_items), ex_rows, ex_cols)

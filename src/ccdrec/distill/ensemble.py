@@ -24,10 +24,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ccdrec.eval.ranking import ascending_values, descending_order
 from ccdrec.models.base import Recommender, Scorer
 
 DEFAULT_EXPONENT = 0.05
 DEFAULT_RANK_CAP = 45_000
+DEFAULT_EXACT_TOP: int | None = None
+DEFAULT_SKETCH = 1_024
 PAD = -1
 
 
@@ -42,7 +45,14 @@ class RankEnsemble:
 
     kind = "ensemble"
 
-    def __init__(self, members: Sequence[Recommender], exponent: float = DEFAULT_EXPONENT, rank_cap: int = DEFAULT_RANK_CAP):
+    def __init__(
+        self,
+        members: Sequence[Recommender],
+        exponent: float = DEFAULT_EXPONENT,
+        rank_cap: int = DEFAULT_RANK_CAP,
+        exact_top: int | None = DEFAULT_EXACT_TOP,
+        sketch: int = DEFAULT_SKETCH,
+    ):
         members = list(members)
         if not members:
             raise ValueError("a RankEnsemble needs at least one member")
@@ -56,6 +66,8 @@ class RankEnsemble:
         self.members = members
         self.exponent = float(exponent)
         self.rank_cap = int(rank_cap)
+        self.exact_top = exact_top
+        self.sketch = int(sketch)
 
     @property
     def n_users(self) -> int:
@@ -93,19 +105,45 @@ class RankEnsemble:
         weights = self.position_weights(device)
         n_members = len(scorers)
 
+        exact = self.exact_top is None or self.exact_top >= self.n_items or self.sketch >= self.n_items
+        if not exact:
+            gen = torch.Generator().manual_seed(0)
+            columns = torch.randperm(self.n_items, generator=gen)[: self.sketch].to(device)
+
         @torch.no_grad()
         def score(users: torch.Tensor) -> torch.Tensor:
             out = None
             for s in scorers:
                 scores = s(users).to(device=device, dtype=torch.float32)
                 scores = torch.nan_to_num(scores, nan=-torch.inf)
-                order = scores.argsort(dim=1, descending=True, stable=True)  # order[b, r] = item at rank r
                 if out is None:
                     out = torch.zeros_like(scores)
-                out.scatter_add_(1, order, weights.expand_as(scores))
+                if exact:
+                    order = descending_order(scores)  # order[b, r] = item at rank r
+                    out.scatter_add_(1, order, weights.expand_as(scores))
+                else:
+                    out += self._sketched_weights(scores, weights, columns)
             return out / n_members
 
         return score
+
+    def _sketched_weights(self, scores: torch.Tensor, weights: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Rank weights with exact ranks for each row's top ``exact_top`` items and estimated ranks below.
+
+        A full sort of every row costs O(n log n) per user and member (seconds per chunk on a CPU at
+        Gowalla's 41K items). Instead, the top ``exact_top`` items get their exact rank (``topk``); every
+        other item gets the rank n · (share of a fixed random sketch of ``sketch`` items scoring higher),
+        at least ``exact_top``. The rank weight (r + 1)^(-0.05) is flat in the tail (0.708 at rank 1,000,
+        0.589 at 40,000), so the estimate moves tail weights little while the top ranks stay exact.
+        """
+        n, top = scores.shape[1], int(self.exact_top)
+        sample = ascending_values(scores.index_select(1, columns))
+        above = sample.shape[1] - torch.searchsorted(sample, scores.contiguous(), right=True)
+        est = (above.float() * (n / sample.shape[1])).clamp(min=top, max=n - 1).long()
+        out = weights[est]
+        top_idx = scores.topk(top, dim=1).indices
+        out.scatter_(1, top_idx, weights[:top].expand(scores.shape[0], top))
+        return out
 
 
 def _chunk_pairs(observed: sp.csr_matrix, batch: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:

@@ -139,7 +139,7 @@ class CCDStream:
         return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, 0)]}
 
     def ensemble(self) -> RankEnsemble:
-        return RankEnsemble([m for m in self.members if m is not None])
+        return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
 
     def distil(self, k: int) -> dict:
         block = self.stream[k]

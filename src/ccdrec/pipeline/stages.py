@@ -273,7 +273,15 @@ def update_teacher(
     model.grow(n_u, n_i, block.train_matrix, cfg.student.init)
     lwc = None
     if t.lwc_weight > 0:
-        lwc = LWCKD(old, pad_to(prev.train_matrix, (old.n_users, old.n_items)), tau=t.tau, weight=t.lwc_weight, knn=t.knn)
+        lwc = LWCKD(
+            old,
+            pad_to(prev.train_matrix, (old.n_users, old.n_items)),
+            tau=t.tau,
+            weight=t.lwc_weight,
+            knn=t.knn,
+            candidates=t.lwc_candidates,
+            seed=seed,
+        )
     replayer = Replayer(sources, old_active_users(block), observed, rc, t.update.batch_size, seed + 1, n_i)
     res = fit(
         model,

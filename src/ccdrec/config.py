@@ -42,6 +42,7 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (coupled weight decay) or AdamW (decoupled)")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="multiply the learning rate by this after every epoch")
     l2: float = Field(1e-4, ge=0, description="L2 weight on the batch's ego embeddings (BPR models)")
     negatives: int = Field(1, ge=1, description="sampled negatives per positive pair (BPR)")
     patience: int = Field(10, ge=1, description="evaluations without validation gain before stopping")

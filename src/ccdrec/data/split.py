@@ -11,7 +11,10 @@ import numpy as np
 
 
 def split_block(pairs: np.ndarray, rng: np.random.Generator, valid: float = 0.1, test: float = 0.1) -> dict[str, np.ndarray]:
-    """Split deduplicated (user, item) ``pairs`` of one block into ``train``/``valid``/``test``."""
+    """Split deduplicated (user, item) ``pairs`` of one block into ``train``/``valid``/``test``.
+
+    Each split comes back sorted by (user, item), the canonical order of a loaded stream.
+    """
     pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
     order = np.lexsort((rng.random(len(pairs)), pairs[:, 0]))  # group by user, random inside
     pairs = pairs[order]
@@ -23,8 +26,8 @@ def split_block(pairs: np.ndarray, rng: np.random.Generator, valid: float = 0.1,
     label = np.where(pos < n_test, 2, np.where(pos < n_test + n_valid, 1, 0))
     train = pairs[label == 0]
     trained_items = np.unique(train[:, 1])
-    out = {"train": train}
+    out = {"train": np.unique(train, axis=0)}
     for name, code in (("valid", 1), ("test", 2)):
         part = pairs[label == code]
-        out[name] = part[np.isin(part[:, 1], trained_items)]
+        out[name] = np.unique(part[np.isin(part[:, 1], trained_items)], axis=0).reshape(-1, 2)
     return out

@@ -105,12 +105,19 @@ class _Side:
         return self.keys[pos] == k
 
 
+FULL_SCORES_LIMIT = 1 << 26  # elements of a (B, n_cols) score block worth computing in full
+
+
 def _gather_scores(rows_rep: torch.Tensor, col_rep: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(B, M) scores <rows_rep[b], col_rep[cols[b, m]]>, by whichever route needs less memory."""
-    b, m = cols.shape
-    if m * col_rep.shape[1] < col_rep.shape[0]:
-        return torch.bmm(col_rep[cols], rows_rep.unsqueeze(2)).squeeze(2)
-    return (rows_rep @ col_rep.T).gather(1, cols)
+    """(B, M) scores <rows_rep[b], col_rep[cols[b, m]]>.
+
+    Scoring the rows against every column and gathering is much faster than gathering (B, M, d)
+    embeddings, whose backward pass is a slow scatter-add into the table; it is used unless the
+    (B, n_cols) block would be very large.
+    """
+    if cols.shape[0] * col_rep.shape[0] <= FULL_SCORES_LIMIT:
+        return (rows_rep @ col_rep.T).gather(1, cols)
+    return torch.bmm(col_rep[cols], rows_rep.unsqueeze(2)).squeeze(2)
 
 
 class RRDObjective:

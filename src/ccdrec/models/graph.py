@@ -6,6 +6,8 @@ never a dense (U+I)² matrix.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -29,13 +31,15 @@ def normalized_adjacency(train_matrix: sp.csr_matrix) -> sp.csr_matrix:
 def to_torch_sparse(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch.Tensor:
     """A scipy matrix as a torch sparse CSR tensor (float32)."""
     m = sp.csr_matrix(m, dtype=np.float32)
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(m.indptr.astype(np.int64)),
-        torch.from_numpy(m.indices.astype(np.int64)),
-        torch.from_numpy(m.data),
-        size=m.shape,
-        device=device,
-    )
+    with warnings.catch_warnings():  # torch's notes that sparse CSR is "beta" and unchecked
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data),
+            size=m.shape,
+            device=device,
+        )
 
 
 class _SymmetricSpMM(torch.autograd.Function):

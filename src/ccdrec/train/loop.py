@@ -160,6 +160,8 @@ def fit(
                 loss = bpr_epoch(model, opt, block.train, sampler, cfg, rng, epoch, extra_loss)
             if after_epoch_pass is not None:
                 after_epoch_pass(model, opt, epoch)
+            for group in opt.param_groups:
+                group["lr"] *= cfg.lr_decay
             model.eval()
             row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - start}
             last = epoch == cfg.epochs - 1

@@ -440,3 +440,18 @@ def test_sampled_lwckd_is_deterministic_per_seed_and_shares_one_draw_across_laye
     one = LWCKD(old, r, tau=2.0, knn=5, candidates=40, seed=7).loss_from_layers([cur], users, items)
     two = LWCKD(two_layer_old, r, tau=2.0, knn=5, candidates=40, seed=7).loss_from_layers([cur, cur], users, items)
     assert two.item() == pytest.approx(one.item(), rel=1e-6)
+
+
+def test_max_entities_contrasts_a_subset_of_the_batch():
+    torch.manual_seed(0)
+    old_u, old_i = torch.randn(30, 4), torch.randn(20, 4)
+    r = sp.random(30, 20, density=0.3, random_state=0, format="csr")
+    r.data[:] = 1
+    old = OldEmbeddings((old_u,), (old_i,))
+    users, items = np.arange(30), np.arange(20)
+    layers = [(old_u + 0.3 * torch.randn(30, 4), old_i + 0.3 * torch.randn(20, 4))]
+    full = LWCKD(old, r, terms=("ui", "iu")).loss_from_layers(layers, users, items)
+    capped = LWCKD(old, r, terms=("ui", "iu"), max_entities=8, seed=1)
+    losses = [capped.loss_from_layers(layers, users, items).item() for _ in range(200)]
+    assert len(set(np.round(losses, 6))) > 1  # different subsets per call
+    assert abs(np.mean(losses) - full.item()) < 0.1 * abs(full.item())  # an unbiased-ish estimate

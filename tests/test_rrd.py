@@ -134,7 +134,7 @@ def test_distillation_pulls_the_student_toward_the_teacher():
     cfg = TrainConfig(epochs=10, batch_size=256, lr=0.01, eval_every=10)
     torch.manual_seed(1)
     distilled = MF(block.n_users, block.n_items, dim=8)
-    result = distill_student(distilled, block, user_top, item_top, cfg, seed=1, user_samples=100, item_samples=100)
+    result = distill_student(distilled, block, user_top, item_top, cfg, seed=1, user_samples=100, item_samples=100, weight=0.1)
     torch.manual_seed(1)
     plain = MF(block.n_users, block.n_items, dim=8)
     fit(plain, block, cfg, seed=1)

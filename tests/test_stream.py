@@ -17,7 +17,12 @@ def test_bundled_yelp_matches_the_release():
     s = load_stream("yelp")
     assert len(s) == 6
     assert [(b.n_users, b.n_items) for b in s] == [
-        (12248, 10822), (13367, 11345), (13896, 11634), (14399, 11970), (14761, 12197), (14950, 12261),
+        (12248, 10822),
+        (13367, 11345),
+        (13896, 11634),
+        (14399, 11970),
+        (14761, 12197),
+        (14950, 12261),
     ]
     b1 = s[1]
     assert b1.new_users == range(12248, 13367)

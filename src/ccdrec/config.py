@@ -106,6 +106,9 @@ class TeacherConfig(Strict):
     lwc_candidates: int | None = Field(
         1024, ge=1, description="LWC-KD softmax over the positives plus this many sampled entities (None: all old entities)"
     )
+    lwc_entities: int | None = Field(
+        256, ge=1, description="LWC-KD: contrast at most this many of a batch's old users (and items) per step (None: all)"
+    )
     ensemble_exact_top: int | None = Field(
         None, ge=1, description="rank ensemble: exact ranks for each member's top-N only, sketched below (None: exact)"
     )

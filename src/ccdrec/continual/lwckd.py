@@ -397,7 +397,9 @@ class LWCKD:
     ``ui, iu, uu, ii`` to use; ``piw_hidden`` / ``piw_lr``: the PIW network's width and Adam rate;
     ``knn_graphs``: precomputed (user, item) kNN graphs of R_{k-1} (``(lwc.user_knn, lwc.item_knn)`` of
     another member's LWCKD), so that several teacher members share one computation;
-    ``candidates`` / ``seed``: the sampled softmax below.
+    ``candidates`` / ``seed``: the sampled softmax below. ``max_entities``: contrast at most this many
+    of the batch's distinct old users (and old items) per call, a random subset (a speed-up: the term
+    is a mean over entities, so a subset is an unbiased estimate of it).
 
     Sampled softmax (``candidates`` = S, an option; default None = method.md 5.4's exact full softmax).
     The full softmax costs O(B · N) per term and layer (B distinct batch entities, N old entities of
@@ -440,6 +442,7 @@ class LWCKD:
         knn_graphs: tuple[sp.csr_matrix, sp.csr_matrix] | None = None,
         candidates: int | None = None,
         seed: int = 0,
+        max_entities: int | None = None,
     ):
         unknown = set(terms) - set(TERMS)
         if unknown or not terms:
@@ -456,6 +459,7 @@ class LWCKD:
         self.weight = float(weight)
         self.terms = tuple(terms)
         self.candidates = None if candidates is None else int(candidates)
+        self.max_entities = None if max_entities is None else int(max_entities)
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.r = r
@@ -520,6 +524,14 @@ class LWCKD:
         s = self.piw_net(old_final, current_final_users[users])
         return s / s.mean().clamp_min(1e-12)
 
+    def _subsample(self, ids: np.ndarray, n_old: int) -> np.ndarray:
+        """The batch's old entities, at most ``max_entities`` of them (drawn with the object's generator)."""
+        ids = ids[ids < n_old]
+        if self.max_entities is not None and len(ids) > self.max_entities:
+            keep = torch.randperm(len(ids), generator=self.generator)[: self.max_entities].numpy()
+            ids = np.sort(ids[keep])
+        return ids
+
     def loss_from_layers(
         self,
         layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -537,10 +549,8 @@ class LWCKD:
         if self.old.users[0].device != dev:
             self.old = self.old.to(dev)
         u_old, i_old = self.n_old_users, self.n_old_items
-        users = np.unique(np.asarray(users, dtype=np.int64))
-        users = users[users < u_old]
-        items = np.unique(np.asarray(pos_items, dtype=np.int64))
-        items = items[items < i_old]
+        users = self._subsample(np.unique(np.asarray(users, dtype=np.int64)), u_old)
+        items = self._subsample(np.unique(np.asarray(pos_items, dtype=np.int64)), i_old)
         u_t = torch.from_numpy(users).to(dev)
         i_t = torch.from_numpy(items).to(dev)
 

@@ -27,7 +27,6 @@ from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.ensemble import top_matrix
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.train.loop import FitResult, fit
-from ccdrec.train.sampling import pair_keys
 
 DEFAULT_USER_SAMPLES = 1000
 DEFAULT_ITEM_SAMPLES = 1000
@@ -72,7 +71,13 @@ def rrd_loss(
 
 
 class _Side:
-    """One side of the distillation: rows (users or items) with interesting columns (items or users)."""
+    """One side of the distillation: rows (users or items) with interesting columns (items or users).
+
+    Each minibatch draws one uniform sample of ``samples`` columns shared by all its rows (a row's
+    uninteresting set is that sample minus its interesting and observed columns). Sharing the sample
+    turns the uninteresting scores into one (B x d)(d x M) product whose backward pass is cheap, where
+    per-row samples need a (B x M x d) gather and a slow scatter-add backward.
+    """
 
     def __init__(self, top: np.ndarray, n_cols: int, samples: int, observed: sp.spmatrix | None):
         self.top = torch.from_numpy(np.ascontiguousarray(top, dtype=np.int64))
@@ -81,43 +86,26 @@ class _Side:
         excluded = top_matrix(top, n_cols)
         if observed is not None:
             excluded = excluded + pad_to(observed, excluded.shape)
-        self.keys = torch.from_numpy(pair_keys(excluded))  # sorted row * n_cols + col
+        self.excluded = excluded.tocsr()
         self._device: torch.device | None = None
 
     def to(self, device: torch.device) -> None:
         if self._device != device:
-            self.top, self.keys, self._device = self.top.to(device), self.keys.to(device), device
+            self.top, self._device = self.top.to(device), device
 
     def loss(self, row_rep: torch.Tensor, col_rep: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         top = self.top[rows]
         mask = top >= 0
         r = row_rep[rows]
         a = (r.unsqueeze(1) * col_rep[top.clamp_min(0)]).sum(-1)
-        sampled = torch.randint(0, self.n_cols, (len(rows), self.samples), generator=gen, device=rows.device)
-        b = _gather_scores(r, col_rep, sampled)
-        return rrd_loss(a, b, mask, ~self._excluded(rows, sampled))
+        sampled = torch.randint(0, self.n_cols, (self.samples,), generator=gen, device=gen.device)
+        b = r @ col_rep[sampled.to(r.device)].T
+        return rrd_loss(a, b, mask, ~self._excluded(rows, sampled).to(r.device))
 
     def _excluded(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        if len(self.keys) == 0:
-            return torch.zeros_like(cols, dtype=torch.bool)
-        k = rows.unsqueeze(1) * self.n_cols + cols
-        pos = torch.searchsorted(self.keys, k).clamp_max(len(self.keys) - 1)
-        return self.keys[pos] == k
-
-
-FULL_SCORES_LIMIT = 1 << 26  # elements of a (B, n_cols) score block worth computing in full
-
-
-def _gather_scores(rows_rep: torch.Tensor, col_rep: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(B, M) scores <rows_rep[b], col_rep[cols[b, m]]>.
-
-    Scoring the rows against every column and gathering is much faster than gathering (B, M, d)
-    embeddings, whose backward pass is a slow scatter-add into the table; it is used unless the
-    (B, n_cols) block would be very large.
-    """
-    if cols.shape[0] * col_rep.shape[0] <= FULL_SCORES_LIMIT:
-        return (rows_rep @ col_rep.T).gather(1, cols)
-    return torch.bmm(col_rep[cols], rows_rep.unsqueeze(2)).squeeze(2)
+        """(B, M) bool: is sampled column ``cols[m]`` interesting or observed for row ``rows[b]``."""
+        sub = self.excluded[rows.cpu().numpy()][:, cols.cpu().numpy()]
+        return torch.from_numpy(sub.toarray() > 0)
 
 
 class RRDObjective:

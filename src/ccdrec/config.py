@@ -80,6 +80,7 @@ class ReplayConfig(Strict):
     scale: float = Field(0.5, ge=0, description="replay weight λ_e = scale · exp(-e / decay)")
     decay: float = Field(10.0, gt=0, description="replay weight decay (10 student, 5 teacher)")
     resample_every: int = Field(1, ge=1, description="re-draw the replay set every this many epochs, as the model moves")
+    batch_size: int = Field(8192, ge=1, description="replayed pairs per step of the replay pass")
 
 
 class TeacherConfig(Strict):
@@ -94,7 +95,8 @@ class TeacherConfig(Strict):
         default_factory=lambda: default_schedule("vae"), description="block-0 schedule of Mult-VAE members"
     )
     update: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=1e-3), description="stage-3 schedule (BPR members)"
+        default_factory=lambda: TrainConfig(epochs=10, patience=10, lr=2e-3, l2=1e-2, batch_size=2048),
+        description="stage-3 schedule (BPR members)",
     )
     update_vae: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=10, patience=10, batch_size=256, lr=1e-3, weight_decay=0.0),
@@ -113,7 +115,9 @@ class TeacherConfig(Strict):
         None, ge=1, description="rank ensemble: exact ranks for each member's top-N only, sketched below (None: exact)"
     )
     replay: ReplayConfig = Field(
-        default_factory=lambda: ReplayConfig(top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0),
+        default_factory=lambda: ReplayConfig(
+            top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0, resample_every=5
+        ),
         description="replay from SP, PP and CL_k into every member",
     )
     vae_replay_value: float = Field(0.1, ge=0, le=1, description="Mult-VAE: input/target value of replayed pairs")

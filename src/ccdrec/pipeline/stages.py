@@ -126,14 +126,13 @@ class Replayer:
         users: np.ndarray,
         exclude: sp.csr_matrix,
         rc: ReplayConfig,
-        batch_size: int,
         seed: int,
         n_items: int,
         context: sp.csr_matrix | None = None,
     ):
         self.sources = [(s, n) for s, n in sources if n > 0]
         self.users, self.exclude, self.rc = users, exclude, rc
-        self.batch_size, self.n_items, self.context = batch_size, n_items, context
+        self.n_items, self.context = n_items, context
         self.rng = np.random.default_rng(seed)
         self.replay = ReplaySet.empty()
         self.sizes: list[int] = []
@@ -165,7 +164,7 @@ class Replayer:
 
     def after_epoch_pass(self, model, opt, epoch: int) -> None:
         weight = replay_weight(epoch, self.rc.scale, self.rc.decay)
-        replay_pass(model, opt, self.replay, weight, self.batch_size, self.rng)
+        replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng)
 
 
 def old_active_users(block: Block) -> np.ndarray:
@@ -202,7 +201,6 @@ def update_student(
         old_users,
         observed,
         rc,
-        s.update.batch_size,
         seed + 1,
         n_i,
     )
@@ -260,7 +258,7 @@ def update_teacher(
     if isinstance(model, MultVAE):
         model.grow(n_u, n_i, block.train_matrix, cfg.student.init)
         replayer = Replayer(
-            sources, old_active_users(block), observed, rc, t.update_vae.batch_size, seed + 1, n_i, context=block.train_matrix
+            sources, old_active_users(block), observed, rc, seed + 1, n_i, context=block.train_matrix
         )
         replay = replayer.sample(model)
         vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
@@ -281,8 +279,9 @@ def update_teacher(
             knn=t.knn,
             candidates=t.lwc_candidates,
             seed=seed,
+            max_entities=t.lwc_entities,
         )
-    replayer = Replayer(sources, old_active_users(block), observed, rc, t.update.batch_size, seed + 1, n_i)
+    replayer = Replayer(sources, old_active_users(block), observed, rc, seed + 1, n_i)
     res = fit(
         model,
         block,

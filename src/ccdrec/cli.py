@@ -175,6 +175,89 @@ def recommend(
         print(f"{rank}\t{rec.item}\t{rec.score:.4f}")
 
 
+@app.command("compare")
+def compare(
+    dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
+    data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
+    methods: str = typer.Option(
+        "ccd,finetune,lwckd,lwckd-piw,retrain", help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain"
+    ),
+    ablations: bool = typer.Option(False, "--ablations", help="also run every ablation of CCD (as config switches)"),
+    only_ablations: str | None = typer.Option(
+        None,
+        "--ablation",
+        help="comma-separated subset of ablations: random-init, one-hop-init, no-stability, no-plasticity, no-replay, "
+        "no-student-knowledge, no-redistill",
+    ),
+    preset: str | None = typer.Option(None, help="configuration preset (default: the dataset's)"),
+    config: Path | None = typer.Option(None, help="YAML or TOML file with configuration fields (over the preset)"),
+    set_: list[str] = typer.Option([], "--set", help="override one field of every method's configuration (repeatable)"),
+    seed: int | None = typer.Option(None, help="run seed (default 0)"),
+    device: str | None = typer.Option(None, help="auto, cpu or cuda"),
+    max_blocks: int | None = typer.Option(None, help="stop after this incremental block"),
+    out: Path | None = typer.Option(None, help="comparison directory (default: runs/compare-DATASET-PRESET-TIME)"),
+    resume: Path | None = typer.Option(None, help="continue an interrupted comparison directory"),
+    bench: bool = typer.Option(True, help="measure CCD's serving cost (teacher ensemble vs student) for the report"),
+    progress: bool = typer.Option(True, help="show live progress"),
+) -> None:
+    """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.
+
+    Block-0 teachers and D_0 are trained once and shared by every method. The report holds LA / RA / H-mean of student and teacher per method, CCD's per-block H_k gain over the best competitor (table and bar plot), new-user metrics and training time.
+    """  # noqa: E501
+    from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
+    from ccdrec.presets import load_config
+
+    if resume is not None:
+        cfg, out_dir, method_list, ablation_list = None, resume, None, None
+    else:
+        method_list = parse_methods(methods)
+        ablation_list = parse_ablations(only_ablations, ablations)
+        source = str(data) if data is not None else dataset
+        overrides = list(set_)
+        overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
+        cfg = load_config(source, preset, config, overrides)
+        name = Path(source).name
+        out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"comparison directory: {out_dir}")
+    try:
+        report = run_compare(
+            cfg, out_dir, method_list, ablation_list, resume=resume is not None, progress=progress, console=console, bench=bench
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
+    console.print(f"report: {report}")
+
+
+@app.command("bench-serve")
+def bench_serve_command(
+    run_dir: Path = typer.Argument(..., help="a run directory of `ccdrec run` (or a competitor run of `ccdrec compare`)"),
+    batch: int = typer.Option(1024, help="users in the batch measurement"),
+    repeats: int = typer.Option(10, help="timed repetitions per measurement (the median is reported)"),
+    k: int = typer.Option(20, "-k", help="recommendation list length"),
+    device: str = typer.Option("cpu", help="auto, cpu or cuda"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+) -> None:
+    """Serving cost of the final teacher ensemble vs the final served student: parameters, memory, top-K latency."""
+    from ccdrec.serve_bench import TARGET_SPEEDUP, bench_records, bench_serve, format_bench, speedup
+
+    df = bench_serve(run_dir, batch=batch, repeats=repeats, k=k, device=device)
+    text = format_bench(df)
+    table = Table(title=f"serving cost of {run_dir} (top-{k}, seen items excluded, median of {repeats})")
+    table.add_column("model")
+    for col in text.columns:
+        table.add_column(col, justify="right")
+    for name, row in text.iterrows():
+        table.add_row(str(name), *[str(v) for v in row])
+    console.print(table)
+    met = "met" if speedup(df) >= TARGET_SPEEDUP else "NOT met"
+    console.print(f"student batch speed-up {speedup(df):.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {met})")
+    if json_out is not None:
+        from ccdrec.checkpoint import atomic_write_json
+
+        atomic_write_json(json_out, bench_records(df))
+
+
 def main() -> None:
     """Entry point: user mistakes become one-line errors with exit code 2."""
     try:

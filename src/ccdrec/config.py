@@ -168,6 +168,9 @@ class RunConfig(Strict):
     student: StudentConfig = Field(default_factory=StudentConfig)
     blocks: dict[int, BlockOverride] = Field(default_factory=dict, description="per-block overrides")
     ks: list[int] = Field(default_factory=lambda: [20, 50], description="cut-offs of Recall@K / NDCG@K")
+    competitors: CompetitorConfig = Field(
+        default_factory=lambda: CompetitorConfig(), description="the continual-learning competitors (ccdrec compare)"
+    )
 
     def student_replay(self, k: int) -> ReplayConfig:
         o = self.blocks.get(k)
@@ -182,3 +185,21 @@ class RunConfig(Strict):
         ws = o.w_stability if o and o.w_stability is not None else self.student.w_stability
         wp = o.w_plasticity if o and o.w_plasticity is not None else self.student.w_plasticity
         return ws, wp
+
+
+class CompetitorConfig(Strict):
+    """The continual-learning competitors of CCD (method.md 8; :mod:`ccdrec.pipeline.competitors`).
+
+    Their models are the student-size model (``student.model``) and the teacher members
+    (``teacher.members``), each updated block by block by the CL method alone with the stage schedules
+    ``student.update`` / ``teacher.update`` / ``teacher.update_vae`` (full retraining: ``teacher.base`` /
+    ``teacher.base_vae``). LWC-KD uses ``teacher.tau``, ``teacher.knn``, ``teacher.lwc_candidates`` and
+    ``teacher.lwc_entities``.
+    """
+
+    lwc_weight: float | None = Field(None, ge=0, description="λ of LWC-KD in the competitors (None: teacher.lwc_weight)")
+    piw_hidden: int = Field(16, ge=1, description="LWC-KD + PIW: hidden width of the imitation-weight network")
+    piw_lr: float = Field(1e-3, gt=0, description="LWC-KD + PIW: Adam learning rate of the imitation-weight network")
+
+
+RunConfig.model_rebuild()

@@ -73,7 +73,8 @@ def load_config(
     dataset: str | None = None, preset: str | None = None, file: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:
     """Resolve a run configuration: the preset (default: the dataset's), then ``file``, then overrides."""
-    data: dict = {}
+    # start from every default, so that a partial section (``base: {epochs: 60}``) overrides one field
+    data: dict = RunConfig().model_dump()
     name = preset or DATASET_PRESET.get(dataset or "yelp", "yelp")
     data = merge(data, read_preset(name))
     if file is not None:

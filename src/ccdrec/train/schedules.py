@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ccdrec.config import TrainConfig
 
-BPR_SCHEDULE = TrainConfig(epochs=60, batch_size=4096, lr=1e-2, weight_decay=0.0, l2=1e-2, negatives=4, eval_every=2, patience=5)
+BPR_SCHEDULE = TrainConfig(epochs=150, batch_size=4096, lr=1e-2, weight_decay=0.0, l2=1e-2, negatives=4, eval_every=2, patience=6)
 VAE_SCHEDULE = TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=0.0, patience=10, anneal_steps=2000)
 
 

@@ -1,0 +1,245 @@
+"""``ccdrec compare``: CCD, its continual-learning competitors and its ablations on one harness.
+
+A comparison directory holds one run directory per method and the comparison report::
+
+    OUT/config.yaml            the base (CCD) configuration every method shares
+    OUT/compare.json           the methods and ablations of the comparison (what --resume continues)
+    OUT/ccd/                   CCD (:func:`ccdrec.pipeline.ccd.run_stream`)
+    OUT/finetune/, OUT/lwckd/, OUT/lwckd-piw/, OUT/retrain/
+                               the CL competitors (:mod:`ccdrec.pipeline.competitors`)
+    OUT/ablation-NAME/         CCD with one switch (:data:`ABLATIONS`)
+    OUT/report.md, OUT/plots/  the comparison (:mod:`ccdrec.report.compare`)
+
+Block 0 is trained once: the first run (CCD when it takes part) trains the teacher members and
+distils D_0; every other run is seeded with those checkpoints (hard links) and their block-0
+metric rows (:func:`ccdrec.pipeline.staged.share_stages`), so all methods start from identical
+models. Ablations change only block k >= 1 switches, so they share CCD's block 0 (with its proxies).
+Every sub-run resumes after its last completed stage; ``--resume OUT`` continues the whole comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, read_json
+from ccdrec.config import RunConfig
+from ccdrec.errors import CcdrecError
+from ccdrec.pipeline.ccd import run_stream
+from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
+from ccdrec.pipeline.rundir import RunDir
+from ccdrec.pipeline.staged import check_shareable, share_stages
+
+METHODS = ("ccd", *CL_METHODS)
+COMPARE_FILE = "compare.json"
+CONFIG_FILE = "config.yaml"
+BENCH_FILE = "bench_serve.json"
+
+
+def _zero_replay(data: dict, side: str, fields: tuple[str, ...]) -> None:
+    """Set ``fields`` of the ``side`` (student / teacher) replay budget to 0, per-block overrides included."""
+    for f in fields:
+        data[side]["replay"][f] = 0
+    for override in data.get("blocks", {}).values():
+        rc = override.get(f"{side}_replay")
+        if rc is not None:
+            for f in fields:
+                rc[f] = 0
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    def apply(data: dict) -> None:
+        node = data
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return apply
+
+
+def _no_replay(data: dict) -> None:
+    _zero_replay(data, "student", ("n_stability", "n_plasticity"))
+    data["teacher"]["student_knowledge"] = False
+
+
+ABLATIONS: dict[str, tuple[str, Callable[[dict], None]]] = {
+    "random-init": ("random instead of entity initialisation of new rows", _set("student.init", "random")),
+    "one-hop-init": ("1-hop entity initialisation only", _set("student.init", "one_hop")),
+    "no-stability": (
+        "no stability proxy (n_S = 0 in student and teacher replay)",
+        lambda d: (_zero_replay(d, "student", ("n_stability",)), _zero_replay(d, "teacher", ("n_stability",))),
+    ),
+    "no-plasticity": (
+        "no plasticity proxy (n_P = 0 in student and teacher replay)",
+        lambda d: (_zero_replay(d, "student", ("n_plasticity",)), _zero_replay(d, "teacher", ("n_plasticity",))),
+    ),
+    "no-replay": ("no replay at all (student replay off, teacher update without student knowledge)", _no_replay),
+    "no-student-knowledge": ("teacher update without student-side replay", _set("teacher.student_knowledge", False)),
+    "no-redistill": ("no re-distillation: keep updating the same student", _set("student.redistill", False)),
+}
+
+
+def ablation_config(cfg: RunConfig, name: str) -> RunConfig:
+    """CCD's configuration with the switch of ablation ``name`` (:data:`ABLATIONS`)."""
+    if name not in ABLATIONS:
+        raise CcdrecError(f"unknown ablation {name!r}; expected one of {', '.join(ABLATIONS)}")
+    data = cfg.model_dump(mode="json")
+    ABLATIONS[name][1](data)
+    return RunConfig.model_validate(data)
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"ccd,finetune,lwckd"`` -> the list, validated and without repeats."""
+    out: list[str] = []
+    for m in (x.strip() for x in text.split(",")):
+        if not m:
+            continue
+        if m not in METHODS:
+            raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise CcdrecError("--methods names no method")
+    return out
+
+
+def parse_ablations(text: str | None, enabled: bool) -> list[str]:
+    """All ablations when ``enabled`` and ``text`` is None, else the comma-separated names in ``text``."""
+    if text is None:
+        return list(ABLATIONS) if enabled else []
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for n in names:
+        if n not in ABLATIONS:
+            raise CcdrecError(f"unknown ablation {n!r}; expected some of {', '.join(ABLATIONS)}")
+    return names
+
+
+def ablation_dir(name: str) -> str:
+    return f"ablation-{name}"
+
+
+def _started(d: Path) -> bool:
+    return (d / "state.json").exists()
+
+
+def _check_fresh(d: Path) -> None:
+    if d.exists() and any(d.iterdir()) and not _started(d):
+        raise CcdrecError(f"{d}: exists without state.json (an interrupted start); remove it and resume")
+
+
+def share_ccd_base(source: RunDir, target: RunDir, n_members: int) -> None:
+    """Seed a fresh CCD run (an ablation) with block 0 of CCD run ``source``: members, D_0, proxies, b0 metrics."""
+    check_shareable(source.load_config(), target.load_config(), source.path)
+    stages = [f"b0/teacher{m}" for m in range(n_members)] + ["b0/student", "b0/eval"]
+    checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)}
+    checkpoints |= {"student": "b0_student", "proxies": "b0_proxies"}
+    share_stages(source, target, stages, checkpoints)
+
+
+def read_plan(out: Path) -> tuple[RunConfig, dict]:
+    if not out.is_dir():
+        raise CcdrecError(f"{out}: no such comparison directory to resume")
+    if not (out / COMPARE_FILE).exists():
+        raise CcdrecError(f"{out}: not a comparison directory (no {COMPARE_FILE})")
+    plan = read_json(out / COMPARE_FILE)
+    cfg = RunDir(out).load_config()
+    return cfg, plan
+
+
+def run_compare(
+    cfg: RunConfig | None,
+    out: Path,
+    methods: list[str] | None = None,
+    ablations: list[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    bench: bool = True,
+    bench_repeats: int = 3,
+) -> Path:
+    """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
+
+    ``methods``: some of :data:`METHODS`; ``ablations``: some of :data:`ABLATIONS` (CCD takes part
+    whenever ablations do). ``bench``: measure the serving cost of CCD's final teacher and student
+    (:func:`ccdrec.serve_bench.bench_serve`) for the report.
+    """
+    out = Path(out)
+    console = console or Console(quiet=not progress)
+    if resume:
+        cfg, plan = read_plan(out)
+    else:
+        if cfg is None:
+            raise CcdrecError("a configuration is needed to start a comparison")
+        if out.exists() and any(out.iterdir()):
+            raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
+        methods = list(methods or METHODS)
+        ablations = list(ablations or [])
+        for m in methods:
+            if m not in METHODS:
+                raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+        for a in ablations:
+            if a not in ABLATIONS:
+                raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
+        if ablations and "ccd" not in methods:
+            methods.insert(0, "ccd")
+        plan = {"version": 1, "methods": methods, "ablations": ablations}
+        out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()
+        atomic_write_bytes(out / CONFIG_FILE, lambda f: f.write(text))
+        atomic_write_json(out / COMPARE_FILE, plan)
+    methods, ablations = plan["methods"], plan["ablations"]
+    n = len(cfg.teacher.members)
+    base: Path | None = None
+    if "ccd" in methods:
+        d = out / "ccd"
+        _check_fresh(d)
+        console.print(f"[bold]== ccd[/bold] ({d})")
+        run_stream(None if _started(d) else cfg, d, resume=_started(d), progress=progress, console=console)
+        base = d
+    for m in (x for x in methods if x != "ccd"):
+        d = out / m
+        _check_fresh(d)
+        console.print(f"[bold]== {m}[/bold] ({d})")
+        if _started(d):
+            run_competitor(None, d, m, resume=True, progress=progress, console=console)
+        else:
+            run_competitor(cfg, d, m, progress=progress, console=console, base_from=base)
+        base = base or d
+    for a in ablations:
+        d = out / ablation_dir(a)
+        _check_fresh(d)
+        console.print(f"[bold]== ablation {a}[/bold] ({d}): {ABLATIONS[a][0]}")
+        if not _started(d):
+            rd = RunDir(d)
+            rd.create(ablation_config(cfg, a))
+            share_ccd_base(RunDir(out / "ccd"), rd, n)
+        run_stream(None, d, resume=True, progress=progress, console=console)
+    bench_rows = None
+    if "ccd" in methods:
+        from ccdrec.serve_bench import bench_records, bench_serve, read_bench
+
+        if bench:
+            bench_rows = bench_serve(out / "ccd", repeats=bench_repeats, device=cfg.device)
+            atomic_write_json(out / BENCH_FILE, bench_records(bench_rows))
+        elif (out / BENCH_FILE).exists():
+            bench_rows = read_bench(out / BENCH_FILE)  # measured by an earlier pass
+    from ccdrec.report.compare import write_compare_report
+
+    return write_compare_report(out, comparison_runs(out, methods, ablations), bench_rows)
+
+
+def comparison_runs(out: Path, methods: list[str], ablations: list[str]) -> dict[str, tuple[RunDir, str]]:
+    """Report label -> (run directory, kind ``ccd`` or ``cl``) of every run of a comparison."""
+    runs: dict[str, tuple[RunDir, str]] = {}
+    for m in methods:
+        runs[m] = (RunDir(out / m), "ccd" if m == "ccd" else "cl")
+    for a in ablations:
+        runs[f"ccd/{a}"] = (RunDir(out / ablation_dir(a)), "ccd")
+    return runs
+
+
+__all__ = ["ABLATIONS", "METHODS", "ablation_config", "comparison_runs", "parse_ablations", "parse_methods", "run_compare"]

@@ -1,0 +1,192 @@
+"""Staged runs backed by a run directory: the stage-completion + pointers pattern, and shared stages.
+
+A staged run is a list of named stages (``b0/teacher2``, ``b3/eval``, ...). Each stage returns the
+checkpoints it wrote (``pointers``: role -> checkpoint name) and its metric rows; the stage counts as
+done only when :meth:`StagedRun.complete` has appended the rows and then written ``state.json``, so an
+interrupted run resumes after its last completed stage (the same protocol as
+:class:`ccdrec.pipeline.ccd.CCDStream`).
+
+:func:`share_stages` seeds a fresh run directory with completed stages of another run (block 0 of
+the comparison: the teacher members and D_0 are trained once and shared by every method). The
+checkpoint files are hard-linked (copied where links are impossible), the stages' metric rows copied
+(models renamed on request), and the stages marked complete with 0 seconds and their origin under
+``state["shared"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from ccdrec.data.stream import Stream
+from ccdrec.errors import CcdrecError
+from ccdrec.eval.metrics import evaluate_block
+from ccdrec.pipeline.ccd import StopRequested
+from ccdrec.pipeline.rundir import RunDir
+
+Stage = tuple[str, Callable[[], dict]]
+
+
+def stage_block(name: str) -> int:
+    """The block index of a stage name ``bK/...``."""
+    return int(name.split("/")[0][1:])
+
+
+class StagedRun:
+    """Runs ``stage_list()`` in order, skipping completed stages; subclasses define stages and ``restore``."""
+
+    def __init__(self, run_dir: RunDir, progress: bool = True, console: Console | None = None):
+        self.rd = run_dir
+        self.progress = progress
+        self.console = console or Console(quiet=not progress)
+        self.state = run_dir.read_state()
+
+    def stage_list(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Load the models the pointers of ``state.json`` name (resume)."""
+
+    def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
+        for row in rows:
+            row.setdefault("stage", name)
+        self.rd.append_metrics(rows)
+        self.state["pointers"].update(pointers)
+        self.state["completed"].append(name)
+        self.state["seconds"][name] = round(seconds, 3)
+        self.state["block"] = block
+        self.rd.write_state(self.state)
+
+    def run(self, stop_after: str | None = None) -> None:
+        done = set(self.state["completed"])
+        todo = self.stage_list()
+        known = {name for name, _ in todo}
+        if done - known:
+            raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
+        self.restore()
+        for name, fn in todo:
+            if name in done:
+                continue
+            self.console.print(f"[bold]{name}[/bold]")
+            start = time.perf_counter()
+            out = fn()
+            self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, stage_block(name))
+            if stop_after == name:
+                raise StopRequested(name)
+
+
+def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
+    """r_{k,j} rows (test split of every block j <= k) and block k's new-user rows, per named model (method.md 8)."""
+    rows = []
+    block = stream[k]
+    for name, model in models.items():
+        for j in range(k + 1):
+            out = evaluate_block(model, stream[j], "test", ks=ks)
+            rows.append({"kind": "test", "model": name, "k": k, "j": j, **out})
+        if k > 0:
+            new = np.arange(block.prev_users, block.n_users)
+            out = evaluate_block(model, block, "test", users=new, ks=ks)
+            rows.append({"kind": "new_users", "model": name, "k": k, "j": k, **out})
+    return rows
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def share_stages(
+    source: RunDir,
+    target: RunDir,
+    stages: list[str],
+    checkpoints: dict[str, str],
+    rename: dict[str, str] | None = None,
+) -> None:
+    """Mark ``stages`` of ``source`` as completed in ``target`` (a freshly created run directory).
+
+    ``checkpoints``: target role -> name of a checkpoint of ``source`` (``b0_teacher0``, ...); its files
+    are linked into ``target`` under the same name and the role points to it. ``rename``: model names
+    of the copied metric rows (source name -> target name; rows of other models are dropped when
+    ``rename`` is given).
+    """
+    src_state = source.read_state()
+    missing = [s for s in stages if s not in src_state["completed"]]
+    if missing:
+        raise CcdrecError(f"{source.path}: cannot share stages it has not completed: {missing[:3]}")
+    state = target.read_state()
+    if state["completed"]:
+        raise CcdrecError(f"{target.path}: shared stages can only seed a fresh run directory")
+    for name in checkpoints.values():
+        files = [f for f in (source.ckpt(f"{name}.pt"), source.ckpt(f"{name}.json")) if f.exists()]
+        if not files:
+            raise CcdrecError(f"{source.path}: checkpoint {name!r} is missing")
+        for f in files:
+            _link(f, target.ckpt(f.name))
+    rows = []
+    for r in source.read_metrics():
+        if r.get("stage") not in stages:
+            continue
+        if rename is not None:
+            if r.get("model") not in rename:
+                continue
+            r = {**r, "model": rename[r["model"]]}
+        rows.append(r)
+    target.append_metrics(rows)
+    state["pointers"].update(checkpoints)
+    state["completed"].extend(stages)
+    state["seconds"].update(dict.fromkeys(stages, 0.0))
+    state["shared"] = {**state.get("shared", {}), **dict.fromkeys(stages, str(source.path))}
+    state["block"] = max((stage_block(s) for s in stages), default=0)
+    target.write_state(state)
+
+
+def fit_row(model: str, res, k: int, **extra) -> dict:
+    """A ``kind: fit`` metric row from a :class:`ccdrec.train.loop.FitResult` (None: no training)."""
+    row = {"kind": "fit", "model": model, "k": k, **extra}
+    if res is not None:
+        row.update({"best_epoch": res.best_epoch + 1, "epochs": res.epochs_run, "train_seconds": round(res.seconds, 3)})
+        row.update({f"valid_{m}": v for m, v in res.best_valid.items() if m != "users"})
+    return row
+
+
+def base_signature(cfg) -> dict:
+    """The configuration fields that determine block 0 (teacher members, E_0, D_0 and its evaluation).
+
+    Two runs whose signatures are equal train identical block-0 models, so one can share them with the
+    other (:func:`share_stages`).
+    """
+    t, s = cfg.teacher, cfg.student
+    return {
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "ks": list(cfg.ks),
+        "members": [m.model_dump() for m in t.members],
+        "base": t.base.model_dump(),
+        "base_vae": t.base_vae.model_dump(),
+        "ensemble_exact_top": t.ensemble_exact_top,
+        "student_model": s.model.model_dump(),
+        "distill": s.distill.model_dump(),
+        "topn": s.topn,
+        "user_samples": s.user_samples,
+        "item_samples": s.item_samples,
+        "rrd_weight": s.rrd_weight,
+    }
+
+
+def check_shareable(source_cfg, target_cfg, source_path: Path) -> None:
+    """Raise unless ``source_cfg`` and ``target_cfg`` train the same block-0 models."""
+    a, b = base_signature(source_cfg), base_signature(target_cfg)
+    diff = [k for k in a if a[k] != b[k]]
+    if diff:
+        raise CcdrecError(f"{source_path}: cannot share its block-0 models: the configurations differ in {', '.join(diff)}")

@@ -1,0 +1,298 @@
+"""The comparison report of ``ccdrec compare`` (method.md 8): pure tables over metric rows, Markdown, plots.
+
+Every run of a comparison writes its own ``metrics.jsonl``. :func:`label_rows` renames each run's
+reported models to ``"<method>:<role>"`` with role ``student`` (the served student: CCD's CL_k, a
+competitor's student-size model) or ``teacher`` (the ensemble E_k); CCD's distilled D_k is role
+``distilled``. All numbers of the report come from those rows through the functions below:
+
+* :func:`comparison_table`  stream LA / RA / H-mean per method and role (method.md 8);
+* :func:`bold_best`         the table as text with the best value of every column in bold;
+* :func:`block_gains`       per block k, CCD's H_k minus the best CL competitor's H_k;
+* :func:`stream_gain`       the same on the stream H-mean;
+* :func:`new_user_table`    block k's new users per method;
+* :func:`time_table`        seconds per method from ``state.json`` (block 0, blocks 1..K, evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ccdrec.eval.protocol import StreamScores
+from ccdrec.report import tables
+
+ROLES = ("student", "teacher")
+CCD_ROLES = {"served": "student", "teacher": "teacher", "student": "distilled"}
+REFERENCE = ("retrain",)
+ROLE_NAMES = {"student": "served student", "teacher": "teacher ensemble", "distilled": "distilled student D_k"}
+
+
+def cl_roles(method: str) -> dict[str, str]:
+    """Model name -> role for a competitor run of ``method``."""
+    return {f"{method}:student": "student", f"{method}:teacher": "teacher"}
+
+
+def label_rows(rows: list[dict], method: str, roles: dict[str, str]) -> list[dict]:
+    """The rows of one run whose model has a role, renamed ``"<method>:<role>"`` and tagged with both."""
+    out = []
+    for r in rows:
+        role = roles.get(r.get("model"))
+        if role is not None:
+            out.append({**r, "model": f"{method}:{role}", "method": method, "role": role})
+    return out
+
+
+def _scores(rows: list[dict], method: str, role: str, metric: str) -> StreamScores:
+    return tables.stream_scores(rows, f"{method}:{role}", metric)
+
+
+def comparison_table(rows: list[dict], methods: list[str], metric: str = "recall@20", roles=ROLES) -> pd.DataFrame:
+    """Stream LA / RA / H-mean (blocks k >= 1) of every method, one column triple per role."""
+    data = []
+    for m in methods:
+        row = {}
+        for role in roles:
+            s = _scores(rows, m, role, metric)
+            summ = s.summary() if s.r else {"LA": math.nan, "RA": math.nan, "H": math.nan}
+            row.update({f"{role} {name}": v for name, v in summ.items()})
+        data.append(row)
+    return pd.DataFrame(data, index=pd.Index(methods, name="method"))
+
+
+def bold_best(df: pd.DataFrame, exclude=(), fmt: str = "{:.4f}") -> pd.DataFrame:
+    """``df`` as text, the highest value of each column in **bold** (ties at display precision all bold).
+
+    Rows in ``exclude`` (a reference such as full retraining) are shown but never compete; NaN is "–".
+    """
+    out = pd.DataFrame(index=df.index, columns=df.columns, dtype=object)
+    for col in df.columns:
+        cand = df.loc[[i for i in df.index if i not in exclude], col].dropna()
+        best = fmt.format(cand.max()) if len(cand) else None
+        for i in df.index:
+            v = df.at[i, col]
+            if pd.isna(v):
+                out.at[i, col] = "–"
+                continue
+            text = fmt.format(v)
+            out.at[i, col] = f"**{text}**" if text == best and i not in exclude else text
+    return out
+
+
+def block_gains(
+    rows: list[dict], competitors: list[str], ccd: str = "ccd", role: str = "student", metric: str = "recall@20"
+) -> pd.DataFrame:
+    """Per block k >= 1: CCD's H_k, the best competitor's H_k (and its name), and the gain CCD − best."""
+    s = _scores(rows, ccd, role, metric)
+    comp = {c: _scores(rows, c, role, metric) for c in competitors}
+    out = []
+    for k in (k for k in s.blocks if k >= 1):
+        h = {c: sc.h(k) for c, sc in comp.items() if (k, k) in sc.r}
+        best = max(h, key=h.get) if h else None
+        out.append(
+            {
+                f"{ccd} H_k": s.h(k),
+                "best competitor": best or "–",
+                "competitor H_k": h[best] if best else math.nan,
+                "gain": s.h(k) - h[best] if best else math.nan,
+            }
+        )
+    return pd.DataFrame(out, index=pd.Index([k for k in s.blocks if k >= 1], name="k"))
+
+
+def stream_gain(
+    rows: list[dict], competitors: list[str], ccd: str = "ccd", role: str = "student", metric: str = "recall@20"
+) -> dict:
+    """CCD's stream H-mean, the best competitor's (and its name), and the gain."""
+    table = comparison_table(rows, [ccd, *competitors], metric, roles=(role,))[f"{role} H"]
+    comp = table.drop(ccd).dropna()
+    best = comp.idxmax() if len(comp) else None
+    return {
+        "ccd": float(table[ccd]),
+        "best competitor": best,
+        "competitor": float(comp[best]) if best else math.nan,
+        "gain": float(table[ccd] - comp[best]) if best else math.nan,
+    }
+
+
+def new_user_table(rows: list[dict], methods: list[str], role: str = "student", metric: str = "recall@20") -> pd.DataFrame:
+    """Block k's new users (test split of block k): one row per method, one column per block k."""
+    data = {}
+    for m in methods:
+        sel = [r for r in rows if r.get("kind") == "new_users" and r.get("model") == f"{m}:{role}"]
+        data[m] = {f"D_{r['k']}": r[metric] for r in sorted(sel, key=lambda r: r["k"])}
+    df = pd.DataFrame.from_dict(data, orient="index")
+    df.index.name = "method"
+    return df
+
+
+def time_table(states: dict[str, dict]) -> pd.DataFrame:
+    """Seconds per run from ``state.json``: block 0, blocks 1..K (training), evaluation, total.
+
+    Stages shared from another run (``state["shared"]``) count 0 here; the ``shared`` column names them.
+    """
+    out = []
+    for state in states.values():
+        secs = state.get("seconds", {})
+        shared = state.get("shared", {})
+        row = {"block 0 (s)": 0.0, "blocks 1..K (s)": 0.0, "evaluation (s)": 0.0}
+        for name, v in secs.items():
+            if name in shared:
+                continue
+            if name.endswith("/eval"):
+                row["evaluation (s)"] += v
+            elif name.startswith("b0/"):
+                row["block 0 (s)"] += v
+            else:
+                row["blocks 1..K (s)"] += v
+        row["total (s)"] = row["block 0 (s)"] + row["blocks 1..K (s)"] + row["evaluation (s)"]
+        row["shared block 0"] = "yes" if any(n.startswith("b0/") for n in shared) else ""
+        out.append(row)
+    return pd.DataFrame(out, index=pd.Index(list(states), name="method"))
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall@20") -> None:
+    """Grouped bars: per block k, CCD's H_k gain over the best competitor, one bar per role."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    roles = list(gains)
+    ks = sorted({k for g in gains.values() for k in g.index})
+    width = 0.8 / max(len(roles), 1)
+    for n, role in enumerate(roles):
+        g = gains[role]
+        xs = [ks.index(k) + (n - (len(roles) - 1) / 2) * width for k in g.index]
+        ax.bar(xs, g["gain"].fillna(0.0), width=width, label=ROLE_NAMES.get(role, role))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(ks)), [f"D_{k}" for k in ks])
+    ax.set(title=f"CCD's H_k gain over the best CL competitor ({metric})", xlabel="block", ylabel="gain")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "recall@20") -> None:
+    """H_k per block of every method, one panel per role."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ROLES), figsize=(10, 3.5))
+    for ax, role in zip(axes, ROLES, strict=True):
+        for m in methods:
+            s = _scores(rows, m, role, metric)
+            ks = [k for k in s.blocks if k >= 1]
+            if ks:
+                ax.plot(ks, [s.h(k) for k in ks], marker="o", label=m)
+        ax.set(title=f"{ROLE_NAMES[role]}: H_k ({metric})", xlabel="block k")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    if df.empty:
+        return "_(none)_\n"
+    return df.to_markdown(floatfmt=floatfmt) + "\n"
+
+
+def comparison_rows(runs: dict) -> list[dict]:
+    """All labelled rows of a comparison: ``runs`` maps a label to (RunDir, ``"ccd"`` or ``"cl"``)."""
+    rows: list[dict] = []
+    for label, (rd, kind) in runs.items():
+        if not rd.metrics_path.exists():
+            continue
+        roles = CCD_ROLES if kind == "ccd" else cl_roles(label)
+        rows += label_rows(rd.read_metrics(), label, roles)
+    return rows
+
+
+def write_compare_report(out: Path, runs: dict, bench: pd.DataFrame | None = None) -> Path:
+    """Write ``OUT/report.md`` and ``OUT/plots/*.png`` of a comparison (see :mod:`ccdrec.pipeline.compare`)."""
+    from ccdrec.pipeline.compare import ABLATIONS
+
+    out = Path(out)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(runs)
+    labels = list(runs)
+    ablations = [m for m in labels if m.startswith("ccd/")]
+    methods = [m for m in labels if m not in ablations]
+    competitors = [m for m, (_, kind) in runs.items() if kind == "cl" and m not in REFERENCE]
+    lines = [f"# Comparison: {out.name}\n"]
+    lines.append(
+        "Every method starts from the same block-0 models (teacher members and D_0, trained once). "
+        "Student = the served student (CCD: CL_k; competitors: the student-size model updated by the CL method); "
+        "teacher = the rank ensemble of the members. LA / RA / H-mean over blocks k >= 1 (method.md 8). Best in bold"
+        + (
+            f"; {', '.join(r for r in REFERENCE if r in runs)} is a costly reference and does not compete"
+            if set(REFERENCE) & set(runs)
+            else ""
+        )
+        + ".\n"
+    )
+    lines.append("Runs: " + ", ".join(f"[{m}]({rd.path.name}/report.md)" for m, (rd, _) in runs.items()) + "\n")
+    for metric in ("recall@20", "ndcg@20"):
+        lines.append(f"## LA / RA / H-mean ({metric})\n")
+        lines.append(_md(bold_best(comparison_table(rows, methods, metric), exclude=REFERENCE)))
+    if ablations:
+        for metric in ("recall@20", "ndcg@20"):
+            lines.append(f"## Ablations of CCD: LA / RA / H-mean ({metric})\n")
+            lines.append(_md(bold_best(comparison_table(rows, ["ccd", *ablations], metric))))
+        for m in ablations:
+            lines.append(f"- `{m}`: {ABLATIONS[m.split('/', 1)[1]][0]}")
+        lines.append("")
+    if "ccd" in runs and competitors:
+        lines.append(f"## CCD's gain over the best CL competitor ({', '.join(competitors)})\n")
+        gains = {}
+        for metric in ("recall@20", "ndcg@20"):
+            for role in ROLES:
+                g = block_gains(rows, competitors, role=role, metric=metric)
+                if metric == "recall@20":
+                    gains[role] = g
+                sg = stream_gain(rows, competitors, role=role, metric=metric)
+                lines.append(f"### {ROLE_NAMES[role]}, H_k per block ({metric})\n")
+                lines.append(_md(g))
+                lines.append(
+                    f"Stream H-mean: ccd {sg['ccd']:.4f}, best competitor {sg['best competitor']} "
+                    f"{sg['competitor']:.4f}, gain {sg['gain']:+.4f}\n"
+                )
+        if any(not g.empty for g in gains.values()):
+            plot_gains(gains, plots / "gains.png")
+            lines.append("![CCD's H_k gain per block](plots/gains.png)\n")
+    if rows:
+        plot_h(rows, labels, plots / "h_per_block.png")
+        lines.append("## H_k per block\n")
+        lines.append("![H_k per block](plots/h_per_block.png)\n")
+    for role in ROLES:
+        lines.append(f"## New users of block k, {ROLE_NAMES[role]} (test recall@20)\n")
+        lines.append(_md(new_user_table(rows, labels, role)))
+    lines.append("## Training time\n")
+    states = {m: rd.read_state() for m, (rd, _) in runs.items() if rd.state_path.exists()}
+    lines.append(_md(time_table(states), ".1f"))
+    if bench is not None:
+        lines.append("## Serving cost: CCD's final teacher ensemble vs served student\n")
+        from ccdrec.serve_bench import TARGET_SPEEDUP, format_bench, speedup
+
+        lines.append(format_bench(bench).to_markdown() + "\n")
+        met = "met" if speedup(bench) >= TARGET_SPEEDUP else "NOT met"
+        lines.append(f"Batch speed-up of the student: {speedup(bench):.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {met}).\n")
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

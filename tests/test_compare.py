@@ -1,0 +1,407 @@
+"""CL competitors, CCD ablations and the comparison report, on tiny synthetic streams (seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ccdrec import CcdrecError
+from ccdrec.config import TrainConfig
+from ccdrec.continual.proxy import Proxy
+from ccdrec.data.stream import save_stream
+from ccdrec.data.synthetic import synthetic_stream
+from ccdrec.eval.protocol import harmonic
+from ccdrec.models import MF, LightGCN
+from ccdrec.models.vae import MultVAE
+from ccdrec.pipeline import stages
+from ccdrec.pipeline.ccd import StopRequested
+from ccdrec.pipeline.compare import ABLATIONS, ablation_config, parse_ablations, parse_methods, run_compare
+from ccdrec.pipeline.competitors import cl_retrain, cl_update, make_lwckd, run_competitor, union_block
+from ccdrec.pipeline.rundir import RunDir
+from ccdrec.pipeline.staged import base_signature
+from ccdrec.presets import load_config
+from ccdrec.report import compare as rc
+from ccdrec.train.loop import fit
+
+FAST = TrainConfig(epochs=5, batch_size=256, lr=0.02, eval_every=100, weight_decay=0.0, l2=0.0)
+OVERRIDES = [
+    "student.topn=10",
+    "student.user_samples=50",
+    "student.item_samples=50",
+    "teacher.members=[{kind: lightgcn, dim: 16, seed: 0}, {kind: mf, dim: 16, seed: 1}]",
+]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return synthetic_stream(n_blocks=3, base_users=100, base_items=60, new_users=20, new_items=10, per_user=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_mf(small):
+    torch.manual_seed(0)
+    model = MF(small[0].n_users, small[0].n_items, dim=16)
+    fit(model, small[0], FAST.model_copy(update={"epochs": 10}), seed=0)
+    return model
+
+
+def cfg_with(*overrides):
+    return load_config(preset="quick", overrides=list(overrides))
+
+
+def top_overlap(model, old_model, n: int = 10) -> float:
+    """Mean share of each old user's top-n old items that the model still ranks in its top-n."""
+    u0, i0 = old_model.n_users, old_model.n_items
+    old_u, old_i = old_model.propagate()
+    cur_u, cur_i = model.propagate()
+    a = (old_u @ old_i.T).topk(n, dim=1).indices.tolist()
+    b = (cur_u[:u0] @ cur_i[:i0].T).topk(n, dim=1).indices.tolist()
+    return float(np.mean([len(set(x) & set(y)) / n for x, y in zip(a, b, strict=True)]))
+
+
+# --------------------------------------------------------------------------------------------- competitors
+
+
+def test_finetune_grows_and_changes_old_rows_without_touching_the_previous_model(small, base_mf):
+    before = base_mf.user_emb.detach().clone()
+    res = cl_update(base_mf, "finetune", small[1], small[0], cfg_with(), FAST, seed=1)
+    new = res.model
+    assert (new.n_users, new.n_items) == (small[1].n_users, small[1].n_items)
+    assert res.lwc is None and res.fit.epochs_run == FAST.epochs
+    assert torch.equal(base_mf.user_emb.detach(), before)  # the previous model is left as it was
+    moved = (new.user_emb.detach()[: before.shape[0]] - before).norm(dim=1)
+    assert (moved > 0).float().mean() > 0.5  # fine-tuning moves old rows
+
+
+def test_lwckd_regulariser_is_nonzero_and_pulls_towards_the_old_model(small, base_mf):
+    cfg = cfg_with("competitors.lwc_weight=1.0")
+    sched = FAST.model_copy(update={"lr": 0.05})
+    plain = cl_update(base_mf, "finetune", small[1], small[0], cfg, sched, seed=1)
+    lwc = cl_update(base_mf, "lwckd", small[1], small[0], cfg, sched, seed=1)
+    assert lwc.lwc is not None and lwc.lwc.weight == 1.0 and not lwc.lwc.piw
+    assert all(v.item() > 0 for v in lwc.lwc.last_terms.values())
+    # the old users' rankings stay closer to the old model's ...
+    assert top_overlap(lwc.model, base_mf) > top_overlap(plain.model, base_mf)
+    # ... and the exact LWC-KD loss towards the old model is lower
+    exact = make_lwckd(base_mf, small[0], cfg_with("teacher.lwc_candidates=null", "teacher.lwc_entities=null"), False, 0)
+    users, items = np.arange(base_mf.n_users), np.arange(base_mf.n_items)
+
+    def probe(m):
+        u, i = m.propagate()
+        return exact.loss_from_layers([(u[: base_mf.n_users], i[: base_mf.n_items])], users, items).item()
+
+    assert probe(lwc.model) < 0.95 * probe(plain.model)
+    # the default weight is the teacher's λ_LWC
+    default = cl_update(base_mf, "lwckd", small[1], small[0], cfg_with(), FAST, seed=1)
+    assert default.lwc.weight == cfg_with().teacher.lwc_weight
+
+
+def test_piw_weights_differ_across_users_and_change_the_loss(small, base_mf):
+    cfg = cfg_with("competitors.lwc_weight=1.0")
+    b0, b1 = small[0], small[1]
+    grown = base_mf.clone()
+    grown.grow(b1.n_users, b1.n_items, b1.train_matrix, "entity")
+    with torch.no_grad():
+        grown.user_emb.add_(0.3 * torch.randn_like(grown.user_emb))
+    users, items = b1.train[:200, 0], b1.train[:200, 1]
+    plain = make_lwckd(base_mf, b0, cfg, piw=False, seed=0)
+    piw = make_lwckd(base_mf, b0, cfg, piw=True, seed=0)
+    loss_plain = plain(grown, grown.propagate(), users, items)
+    loss_piw = piw(grown, grown.propagate(), users, items)
+    w = piw.last_piw[piw.last_piw > 0]
+    assert len(w) > 5 and w.std().item() > 1e-4 and w.mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert abs(loss_piw.item() - loss_plain.item()) > 1e-6
+    a = cl_update(base_mf, "lwckd", b1, b0, cfg, FAST, seed=1).model
+    b = cl_update(base_mf, "lwckd-piw", b1, b0, cfg, FAST, seed=1).model
+    assert not torch.equal(a.user_emb, b.user_emb)
+
+
+def test_vae_members_are_fine_tuned_under_lwckd(small):
+    b0, b1 = small[0], small[1]
+    torch.manual_seed(0)
+    vae = MultVAE(b0.n_users, b0.n_items, dim=8)
+    sched = TrainConfig(epochs=2, batch_size=64, lr=1e-3, eval_every=100)
+    fit(vae, b0, sched, seed=0)
+    ft = cl_update(vae, "finetune", b1, b0, cfg_with(), sched, seed=2)
+    lw = cl_update(vae, "lwckd-piw", b1, b0, cfg_with(), sched, seed=2)
+    assert lw.lwc is None and ft.model.n_items == b1.n_items
+    assert all(torch.equal(x, y) for x, y in zip(ft.model.state_dict().values(), lw.model.state_dict().values(), strict=True))
+
+
+def test_retrain_is_a_fresh_model_on_all_train_pairs_so_far(small):
+    block = union_block(small, 2)
+    want = np.unique(np.concatenate([small[0].train, small[1].train, small[2].train]), axis=0)
+    assert np.array_equal(block.train, want)
+    train = set(map(tuple, want.tolist()))
+    assert len(block.valid) > 0 and not any(tuple(p) in train for p in block.valid.tolist())
+    assert np.array_equal(block.test, small[2].test) and block.n_users == small[2].n_users
+    spec = cfg_with().student.model  # LightGCN-8
+    res = cl_retrain(spec, small, 2, FAST, seed=0, device="cpu")
+    assert isinstance(res.model, LightGCN) and (res.model.n_users, res.model.n_items) == (small[2].n_users, small[2].n_items)
+    assert res.model._adj._nnz() == 2 * len(want)  # its graph is the union of all train pairs
+    with pytest.raises(ValueError, match="cl_retrain"):
+        cl_update(res.model, "retrain", small[2], small[1], cfg_with(), FAST, seed=0)
+
+
+# --------------------------------------------------------------------------------------------- ablations
+
+
+def test_ablations_change_only_their_switch_and_share_block_zero():
+    cfg = load_config("yelp", preset="paper-yelp")
+    for name in ABLATIONS:
+        assert base_signature(ablation_config(cfg, name)) == base_signature(cfg)
+    a = ablation_config(cfg, "no-stability")
+    for k, o in a.blocks.items():
+        assert o.student_replay.n_stability == 0 and o.teacher_replay.n_stability == 0
+        assert o.student_replay.n_plasticity == cfg.blocks[k].student_replay.n_plasticity
+    assert a.student.replay.n_stability == 0 and a.teacher.replay.n_stability == 0
+    p = ablation_config(cfg, "no-plasticity")
+    assert all(p.student_replay(k).n_plasticity == 0 and p.teacher_replay(k).n_plasticity == 0 for k in range(1, 6))
+    assert ablation_config(cfg, "random-init").student.init == "random"
+    assert ablation_config(cfg, "one-hop-init").student.init == "one_hop"
+    assert not ablation_config(cfg, "no-student-knowledge").teacher.student_knowledge
+    assert not ablation_config(cfg, "no-redistill").student.redistill
+    r = ablation_config(cfg, "no-replay")
+    assert not r.teacher.student_knowledge and all(
+        r.student_replay(k).n_stability == r.student_replay(k).n_plasticity == 0 for k in range(1, 6)
+    )
+    with pytest.raises(CcdrecError, match="unknown ablation"):
+        ablation_config(cfg, "no-such")
+
+
+def test_no_replay_samples_nothing(small, base_mf):
+    cfg = cfg_with("student.replay.n_stability=3", "student.replay.n_plasticity=2")
+    proxy = Proxy.from_model(base_mf)
+    b0, b1 = small[0], small[1]
+    _, with_replay = stages.update_student(base_mf, proxy, proxy, None, b1, b0, cfg, seed=0)
+    assert with_replay.active and sum(with_replay.sizes) > 0
+    _, without = stages.update_student(base_mf, proxy, proxy, None, b1, b0, ablation_config(cfg, "no-replay"), seed=0)
+    assert not without.active and without.sizes == [] and len(without.replay) == 0
+
+
+def test_parse_methods_and_ablations():
+    assert parse_methods("ccd, lwckd,ccd") == ["ccd", "lwckd"]
+    with pytest.raises(CcdrecError, match="unknown method"):
+        parse_methods("ccd,sgd")
+    assert parse_ablations(None, True) == list(ABLATIONS) and parse_ablations(None, False) == []
+    assert parse_ablations("no-replay", False) == ["no-replay"]
+    with pytest.raises(CcdrecError, match="unknown ablation"):
+        parse_ablations("no-such", True)
+
+
+# --------------------------------------------------------------------------------------------- report tables
+
+
+def metric_rows(model, values, extra=None):
+    """Hand-made test rows {(k, j): recall@20}; ndcg@20 = recall / 2."""
+    return [
+        {"kind": "test", "model": model, "k": k, "j": j, "recall@20": v, "ndcg@20": v / 2, **(extra or {})}
+        for (k, j), v in values.items()
+    ]
+
+
+CCD_STUDENT = {(0, 0): 0.9, (1, 0): 0.2, (1, 1): 0.4, (2, 0): 0.1, (2, 1): 0.3, (2, 2): 0.5}
+FT_STUDENT = {(0, 0): 0.9, (1, 0): 0.1, (1, 1): 0.3, (2, 0): 0.1, (2, 1): 0.1, (2, 2): 0.2}
+LWC_STUDENT = {(0, 0): 0.9, (1, 0): 0.1, (1, 1): 0.5, (2, 0): 0.1, (2, 1): 0.1, (2, 2): 0.1}
+RETRAIN_STUDENT = {(0, 0): 0.9, (1, 0): 0.9, (1, 1): 0.9, (2, 0): 0.9, (2, 1): 0.9, (2, 2): 0.9}
+TEACHER = {(0, 0): 0.5, (1, 0): 0.5, (1, 1): 0.5, (2, 0): 0.5, (2, 1): 0.5, (2, 2): 0.5}
+
+
+@pytest.fixture
+def hand_rows():
+    ccd_raw = metric_rows("served", {kj: v for kj, v in CCD_STUDENT.items() if kj[0] > 0})
+    ccd_raw += metric_rows("student", {kj: 0.01 for kj in CCD_STUDENT})  # D_k: role "distilled", not the student
+    ccd_raw += metric_rows("teacher", {kj: v + 0.1 for kj, v in TEACHER.items()})
+    ccd_raw += [{"kind": "new_users", "model": "served", "k": 1, "j": 1, "recall@20": 0.33, "ndcg@20": 0.1}]
+    rows = rc.label_rows(ccd_raw, "ccd", rc.CCD_ROLES)
+    for method, student in (("finetune", FT_STUDENT), ("lwckd", LWC_STUDENT), ("retrain", RETRAIN_STUDENT)):
+        raw = metric_rows(f"{method}:student", student) + metric_rows(f"{method}:teacher", TEACHER)
+        raw += [{"kind": "new_users", "model": f"{method}:student", "k": 1, "j": 1, "recall@20": 0.2, "ndcg@20": 0.1}]
+        rows += rc.label_rows(raw + metric_rows("other", TEACHER), method, rc.cl_roles(method))
+    return rows
+
+
+def test_label_rows_maps_models_to_roles(hand_rows):
+    ccd = {r["model"] for r in hand_rows if r["method"] == "ccd"}
+    assert ccd == {"ccd:student", "ccd:teacher", "ccd:distilled"}
+    assert not any(r["model"].endswith("other") for r in hand_rows)
+    served = [r for r in hand_rows if r["model"] == "ccd:student" and r["kind"] == "test"]
+    assert {(r["k"], r["j"]): r["recall@20"] for r in served} == {kj: v for kj, v in CCD_STUDENT.items() if kj[0] > 0}
+
+
+def test_comparison_table_la_ra_h(hand_rows):
+    t = rc.comparison_table(hand_rows, ["ccd", "finetune", "lwckd", "retrain"])
+    la, ra = (0.4 + 0.5) / 2, (0.2 + 0.2) / 2
+    assert t.loc["ccd", "student LA"] == pytest.approx(la)
+    assert t.loc["ccd", "student RA"] == pytest.approx(ra)
+    assert t.loc["ccd", "student H"] == pytest.approx(2 * la * ra / (la + ra))
+    assert t.loc["ccd", "teacher H"] == pytest.approx(0.6)
+    assert t.loc["finetune", "student LA"] == pytest.approx(0.25) and t.loc["finetune", "student RA"] == pytest.approx(0.1)
+    nd = rc.comparison_table(hand_rows, ["ccd"], "ndcg@20")
+    assert nd.loc["ccd", "student LA"] == pytest.approx(la / 2)
+
+
+def test_bold_best_marks_the_best_competing_value_per_column(hand_rows):
+    t = rc.comparison_table(hand_rows, ["ccd", "finetune", "lwckd", "retrain"])
+    text = rc.bold_best(t, exclude=("retrain",))
+    assert text.loc["ccd", "student H"].startswith("**") and not text.loc["finetune", "student H"].startswith("**")
+    assert text.loc["retrain", "student H"] == f"{t.loc['retrain', 'student H']:.4f}"  # the reference never wins
+    assert text.loc["ccd", "teacher H"] == "**0.6000**"
+    # ties at display precision are all bold
+    assert text.loc["finetune", "teacher H"] == text.loc["lwckd", "teacher H"] == "0.5000"
+    assert rc.bold_best(t.loc[["finetune", "lwckd"]]).loc["lwckd", "teacher H"] == "**0.5000**"
+    t.loc["lwckd", "student LA"] = float("nan")
+    assert rc.bold_best(t).loc["lwckd", "student LA"] == "–"
+
+
+def test_block_gains_against_the_best_competitor(hand_rows):
+    g = rc.block_gains(hand_rows, ["finetune", "lwckd"], role="student")
+    assert list(g.index) == [1, 2]
+    h1 = {"ccd": harmonic(0.4, 0.2), "finetune": harmonic(0.3, 0.1), "lwckd": harmonic(0.5, 0.1)}
+    h2 = {"ccd": harmonic(0.5, 0.2), "finetune": harmonic(0.2, 0.1), "lwckd": harmonic(0.1, 0.1)}
+    assert g.loc[1, "best competitor"] == "lwckd" and g.loc[2, "best competitor"] == "finetune"
+    assert g.loc[1, "gain"] == pytest.approx(h1["ccd"] - h1["lwckd"])
+    assert g.loc[2, "gain"] == pytest.approx(h2["ccd"] - h2["finetune"])
+    teacher = rc.block_gains(hand_rows, ["finetune", "lwckd"], role="teacher")
+    assert teacher["gain"].tolist() == pytest.approx([0.1, 0.1])
+    sg = rc.stream_gain(hand_rows, ["finetune", "lwckd", "retrain"][:2], role="student")
+    assert sg["best competitor"] == "lwckd"  # LA 0.3, RA 0.1
+    assert sg["gain"] == pytest.approx(harmonic(0.45, 0.2) - harmonic(0.3, 0.1))
+
+
+def test_new_user_and_time_tables(hand_rows):
+    nu = rc.new_user_table(hand_rows, ["ccd", "finetune"], "student")
+    assert nu.loc["ccd", "D_1"] == 0.33 and nu.loc["finetune", "D_1"] == 0.2
+    states = {
+        "ccd": {"seconds": {"b0/teacher0": 10.0, "b0/student": 2.0, "b0/eval": 1.0, "b1/student_update": 3.0, "b1/eval": 0.5}},
+        "finetune": {
+            "seconds": {"b0/teacher0": 0.0, "b0/eval": 0.0, "b1/student": 1.0, "b1/teacher0": 2.0, "b1/eval": 0.25},
+            "shared": {"b0/teacher0": "x", "b0/eval": "x"},
+        },
+    }
+    t = rc.time_table(states)
+    assert t.loc["ccd", "block 0 (s)"] == 12.0 and t.loc["ccd", "blocks 1..K (s)"] == 3.0
+    assert t.loc["ccd", "evaluation (s)"] == 1.5 and t.loc["ccd", "total (s)"] == 16.5
+    assert t.loc["finetune", "blocks 1..K (s)"] == 3.0 and t.loc["finetune", "shared block 0"] == "yes"
+    assert t.loc["finetune", "total (s)"] == 3.25
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def stream_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cmpstream") / "synthetic"
+    save_stream(synthetic_stream(n_blocks=2, seed=1), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def comparison(stream_dir, tmp_path_factory):
+    cfg = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    report = run_compare(
+        cfg,
+        out,
+        ["ccd", "finetune", "lwckd", "lwckd-piw", "retrain"],
+        ["no-replay", "no-redistill"],
+        progress=False,
+        bench_repeats=1,
+    )
+    return cfg, out, report
+
+
+def read_rows(d):
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]
+
+
+def test_compare_end_to_end_writes_the_report(comparison):
+    cfg, out, report = comparison
+    text = report.read_text()
+    for part in (
+        "LA / RA / H-mean (recall@20)",
+        "gain over the best CL competitor",
+        "New users",
+        "Training time",
+        "Serving cost",
+    ):
+        assert part in text
+    assert "ccd/no-replay" in text and "**" in text
+    assert (out / "plots" / "gains.png").stat().st_size > 1000 and (out / "plots" / "h_per_block.png").exists()
+    for m in ("finetune", "lwckd", "lwckd-piw", "retrain"):
+        rows = read_rows(out / m)
+        got = {(r["model"], r["k"], r["j"]) for r in rows if r["kind"] == "test"}
+        assert got == {(f"{m}:{role}", k, j) for role in ("student", "teacher") for k in (0, 1) for j in range(k + 1)}
+        assert {r["k"] for r in rows if r["kind"] == "new_users"} == {1}
+        state = RunDir(out / m).read_state()
+        assert state["shared"].keys() == {"b0/teacher0", "b0/teacher1", "b0/student", "b0/eval"}
+        # block-0 models are CCD's own checkpoints, not retrained copies
+        for name in ("b0_teacher0", "b0_teacher1", "b0_student"):
+            assert (out / m / "checkpoints" / f"{name}.pt").read_bytes() == (
+                out / "ccd" / "checkpoints" / f"{name}.pt"
+            ).read_bytes()
+    abl = RunDir(out / "ablation-no-replay")
+    assert abl.load_config().teacher.student_knowledge is False
+    assert "b0/teacher0" in abl.read_state()["shared"] and "proxies" in abl.read_state()["pointers"]
+
+    # the ablations do what their names say: no replayed pair, no fresh D_1
+    def replayed(d):
+        return [r["replay_pairs"] for r in read_rows(d) if r["kind"] == "fit" and r["model"] == "served"]
+
+    assert replayed(out / "ccd")[0] > 0 and replayed(out / "ablation-no-replay") == [0]
+
+    def same_weights(d):
+        a, b = (torch.load(d / "checkpoints" / f"{n}.pt", weights_only=True) for n in ("b1_student", "b1_served"))
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same_weights(out / "ablation-no-redistill") and not same_weights(out / "ccd")
+    bench = json.loads((out / "bench_serve.json").read_text())
+    assert [r["model"] for r in bench] == ["teacher ensemble", "student", "teacher / student"]
+
+
+def test_compare_resume_runs_nothing_again(comparison):
+    _, out, _ = comparison
+    before = {m: read_rows(out / m) for m in ("ccd", "finetune", "ablation-no-replay")}
+    report = run_compare(None, out, resume=True, progress=False, bench=False)
+    assert {m: read_rows(out / m) for m in before} == before
+    assert "Serving cost" in report.read_text()  # the earlier measurement is kept
+    with pytest.raises(CcdrecError, match="not empty"):
+        run_compare(load_config(preset="quick"), out, ["ccd"], progress=False)
+    with pytest.raises(CcdrecError, match="not a comparison directory"):
+        run_compare(None, out / "ccd", resume=True, progress=False)
+
+
+def test_standalone_competitor_trains_the_same_block_zero_and_resumes(comparison, tmp_path):
+    cfg, out, _ = comparison
+    with pytest.raises(StopRequested):
+        run_competitor(cfg, tmp_path / "ft", "finetune", progress=False, stop_after="b1/student")
+    run_competitor(None, tmp_path / "ft", "finetune", resume=True, progress=False)
+    assert read_rows(tmp_path / "ft") == read_rows(out / "finetune")
+
+
+def test_sharing_refuses_a_different_block_zero(comparison, tmp_path):
+    cfg, out, _ = comparison
+    other = cfg.model_copy(update={"seed": 7})
+    with pytest.raises(CcdrecError, match="cannot share"):
+        run_competitor(other, tmp_path / "x", "lwckd", progress=False, base_from=out / "ccd")
+
+
+def ccdrec(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", "from ccdrec.cli import main; main()", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_cli_compare_help_and_errors(tmp_path):
+    out = ccdrec("compare", "--help")
+    assert out.returncode == 0 and "--ablations" in out.stdout
+    out = ccdrec("compare", "--methods", "ccd,sgd", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "unknown method 'sgd'" in out.stderr
+    out = ccdrec("compare", "--resume", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "no such comparison directory" in out.stderr

@@ -18,11 +18,10 @@ from ccdrec.eval.protocol import harmonic
 from ccdrec.models import MF, LightGCN
 from ccdrec.models.vae import MultVAE
 from ccdrec.pipeline import stages
-from ccdrec.pipeline.ccd import StopRequested
 from ccdrec.pipeline.compare import ABLATIONS, ablation_config, parse_ablations, parse_methods, run_compare
 from ccdrec.pipeline.competitors import cl_retrain, cl_update, make_lwckd, run_competitor, union_block
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import base_signature
+from ccdrec.pipeline.staged import StopRequested, base_signature
 from ccdrec.presets import load_config
 from ccdrec.report import compare as rc
 from ccdrec.train.loop import fit

@@ -9,7 +9,8 @@ import pytest
 from ccdrec import CcdrecError, load_run
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
-from ccdrec.pipeline.ccd import StopRequested, run_stream
+from ccdrec.pipeline.ccd import run_stream
+from ccdrec.pipeline.staged import StopRequested
 from ccdrec.presets import load_config
 from ccdrec.report import tables
 

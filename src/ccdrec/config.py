@@ -115,9 +115,7 @@ class TeacherConfig(Strict):
         None, ge=1, description="rank ensemble: exact ranks for each member's top-N only, sketched below (None: exact)"
     )
     replay: ReplayConfig = Field(
-        default_factory=lambda: ReplayConfig(
-            top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0, resample_every=5
-        ),
+        default_factory=lambda: ReplayConfig(top_a=100, n_stability=5, n_plasticity=0, n_student=5, decay=5.0, resample_every=5),
         description="replay from SP, PP and CL_k into every member",
     )
     vae_replay_value: float = Field(0.1, ge=0, le=1, description="Mult-VAE: input/target value of replayed pairs")

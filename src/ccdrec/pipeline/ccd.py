@@ -12,7 +12,6 @@ name, and marks itself complete in ``state.json`` only after its outputs are on 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,32 +25,25 @@ from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
-from ccdrec.eval.metrics import evaluate_block
 from ccdrec.models.base import Recommender
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.train.loop import FitResult
+from ccdrec.pipeline.staged import StagedRun, evaluate_models, fit_row
 
 REPORTED = ("teacher", "served", "student")
 
 
-class StopRequested(Exception):
-    """Raised after the stage named by ``stop_after`` (used to test resumption)."""
-
-
-class CCDStream:
+class CCDStream(StagedRun):
     """The state of a CCD run between stages, backed by a run directory."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir, stream: Stream, progress: bool = True, console: Console | None = None):
-        self.cfg, self.rd, self.stream = cfg, run_dir, stream
+        super().__init__(run_dir, progress, console)
+        self.cfg, self.stream = cfg, stream
         self.device = resolve_device(cfg.device)
-        self.progress = progress
-        self.console = console or Console(quiet=not progress)
         self.members: list[Recommender | None] = [None] * len(cfg.teacher.members)
         self.student: Recommender | None = None  # D_k
         self.served: Recommender | None = None  # CL_k
         self.proxies: tuple[Proxy, Proxy] | None = None
-        self.state = run_dir.read_state()
         last = len(stream) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream) - 1)
         self.last_block = last
 
@@ -99,27 +91,9 @@ class CCDStream:
     def save(self, name: str, model: Recommender, block: int) -> str:
         return self.rd.save_model(name, model, {"block": block})
 
-    def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
-        for row in rows:
-            row.setdefault("stage", name)
-        self.rd.append_metrics(rows)
-        self.state["pointers"].update(pointers)
-        self.state["completed"].append(name)
-        self.state["seconds"][name] = round(seconds, 3)
-        self.state["block"] = block
-        self.rd.write_state(self.state)
-
     def save_proxies(self, name: str) -> str:
         sp_, pp_ = self.proxies
         return self.rd.save_tensors(name, {"sp_user": sp_.user, "sp_item": sp_.item, "pp_user": pp_.user, "pp_item": pp_.item})
-
-    @staticmethod
-    def fit_row(model: str, res: FitResult | None, k: int, **extra) -> dict:
-        row = {"kind": "fit", "model": model, "k": k, **extra}
-        if res is not None:
-            row.update({"best_epoch": res.best_epoch + 1, "epochs": res.epochs_run, "train_seconds": round(res.seconds, 3)})
-            row.update({f"valid_{m}": v for m, v in res.best_valid.items() if m != "users"})
-        return row
 
     # --- stages ------------------------------------------------------------------------------
     def base_teacher(self, m: int) -> dict:
@@ -136,7 +110,7 @@ class CCDStream:
         )
         self.members[m] = res.model
         ptr = self.save(f"b0_teacher{m}", res.model, 0)
-        return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, 0)]}
+        return {"pointers": {f"teacher{m}": ptr}, "rows": [fit_row(f"teacher{m}", res.fit, 0)]}
 
     def ensemble(self) -> RankEnsemble:
         return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
@@ -157,7 +131,7 @@ class CCDStream:
                 user_top, item_top, block, self.cfg, self.seed(f"b{k}/student"), self.device, avoid, self.progress
             )
             self.student = res.model
-            rows.append(self.fit_row("student", res.fit, k))
+            rows.append(fit_row("student", res.fit, k))
         pointers["student"] = self.save(f"b{k}_student", self.student, k)
         if k == 0:
             self.proxies = (Proxy.from_model(self.student), Proxy.from_model(self.student))
@@ -188,7 +162,7 @@ class CCDStream:
         )
         self.served = res.model
         pointers["served"] = self.save(f"b{k}_served", self.served, k)
-        rows = [self.fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
+        rows = [fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
         return {"pointers": pointers, "rows": rows}
 
     def teacher_update(self, k: int, m: int) -> dict:
@@ -209,49 +183,20 @@ class CCDStream:
         )
         self.members[m] = res.model
         ptr = self.save(f"b{k}_teacher{m}", res.model, k)
-        return {"pointers": {f"teacher{m}": ptr}, "rows": [self.fit_row(f"teacher{m}", res.fit, k)]}
+        return {"pointers": {f"teacher{m}": ptr}, "rows": [fit_row(f"teacher{m}", res.fit, k)]}
 
     def evaluate(self, k: int) -> dict:
         """r_{k,j} for j <= k of E_k, CL_k and D_k, plus block k's new users (method.md 8)."""
         models = {"teacher": self.ensemble(), "student": self.student}
         if k > 0:
             models["served"] = self.served
-        rows = []
-        ks = tuple(self.cfg.ks)
-        block = self.stream[k]
-        for name, model in models.items():
-            for j in range(k + 1):
-                out = evaluate_block(model, self.stream[j], "test", ks=ks)
-                rows.append({"kind": "test", "model": name, "k": k, "j": j, **out})
-            if k > 0:
-                new = np.arange(block.prev_users, block.n_users)
-                out = evaluate_block(model, block, "test", users=new, ks=ks)
-                rows.append({"kind": "new_users", "model": name, "k": k, "j": k, **out})
+        rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
         for r in rows:
             if r["kind"] == "test" and r["j"] == k:
                 self.console.print(
                     f"  block {k}  {r['model']:<8} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
                 )
         return {"pointers": {}, "rows": rows}
-
-    # --- driver ------------------------------------------------------------------------------
-    def run(self, stop_after: str | None = None) -> None:
-        done = set(self.state["completed"])
-        todo = self.stage_list()
-        known = {name for name, _ in todo}
-        if done - known:
-            raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
-        self.restore()
-        for name, fn in todo:
-            if name in done:
-                continue
-            block = int(name.split("/")[0][1:])
-            self.console.print(f"[bold]{name}[/bold]")
-            start = time.perf_counter()
-            out = fn()
-            self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, block)
-            if stop_after == name:
-                raise StopRequested(name)
 
 
 def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[RunConfig, RunDir]:

@@ -27,10 +27,13 @@ from rich.console import Console
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.eval.metrics import evaluate_block
-from ccdrec.pipeline.ccd import StopRequested
 from ccdrec.pipeline.rundir import RunDir
 
 Stage = tuple[str, Callable[[], dict]]
+
+
+class StopRequested(Exception):
+    """Raised after the stage named by ``stop_after`` (used to test resumption)."""
 
 
 def stage_block(name: str) -> int:

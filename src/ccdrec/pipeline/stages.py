@@ -8,7 +8,7 @@
 * :func:`update_proxies`    the stability / plasticity EMAs (5.1).
 
 Every stage takes an explicit seed, so a stage re-run after an interruption gives the same result.
-Orchestration, checkpoints and evaluation live in :mod:`ccdrec.pipeline.run`.
+Orchestration, checkpoints and evaluation live in :mod:`ccdrec.pipeline.ccd`.
 """
 
 from __future__ import annotations
@@ -257,9 +257,7 @@ def update_teacher(
     model = member.clone()
     if isinstance(model, MultVAE):
         model.grow(n_u, n_i, block.train_matrix, cfg.student.init)
-        replayer = Replayer(
-            sources, old_active_users(block), observed, rc, seed + 1, n_i, context=block.train_matrix
-        )
+        replayer = Replayer(sources, old_active_users(block), observed, rc, seed + 1, n_i, context=block.train_matrix)
         replay = replayer.sample(model)
         vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
         persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))

@@ -27,9 +27,7 @@ class ServedRun:
     """The served student of a run directory, ready to recommend."""
 
     def __init__(self, run_dir: Path, device: str = "cpu"):
-        rd = RunDir(Path(run_dir))
-        if not rd.path.is_dir():
-            raise CcdrecError(f"{rd.path}: no such run directory")
+        rd = RunDir.open(run_dir)
         cfg = rd.load_config()
         state = rd.read_state()
         ptr = state["pointers"]

@@ -68,9 +68,7 @@ def load_serving(run_dir: str | Path, device: str = "cpu") -> ServingModels:
     """The final models of a CCD or competitor run directory (pointers ``teacherM`` and ``served`` / ``student``)."""
     from ccdrec.pipeline.competitors import graph_of
 
-    rd = RunDir(Path(run_dir))
-    if not rd.path.is_dir():
-        raise CcdrecError(f"{rd.path}: no such run directory")
+    rd = RunDir.open(run_dir)
     cfg = rd.load_config()
     state = rd.read_state()
     ptr = state["pointers"]

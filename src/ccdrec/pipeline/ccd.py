@@ -97,17 +97,7 @@ class CCDStream(StagedRun):
 
     # --- stages ------------------------------------------------------------------------------
     def base_teacher(self, m: int) -> dict:
-        member = self.cfg.teacher.members[m]
-        name = f"b0/teacher{m}"
-        res = stages.train_member(
-            member,
-            self.stream[0],
-            self.cfg,
-            stages.stage_seed(member.seed, name),
-            self.device,
-            self.progress,
-            label=f"D_0 teacher {m} ({member.kind}-{member.dim})",
-        )
+        res = stages.base_member(m, self.stream[0], self.cfg, self.device, self.progress)
         self.members[m] = res.model
         ptr = self.save(f"b0_teacher{m}", res.model, 0)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [fit_row(f"teacher{m}", res.fit, 0)]}
@@ -200,14 +190,13 @@ class CCDStream(StagedRun):
 
 
 def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[RunConfig, RunDir]:
-    rd = RunDir(run_dir)
     if resume:
-        if not rd.path.is_dir():
-            raise CcdrecError(f"{rd.path}: no such run directory to resume")
+        rd = RunDir.open(run_dir)
         stored = rd.load_config()
         return stored, rd
     if cfg is None:
         raise CcdrecError("a configuration is needed to start a run")
+    rd = RunDir(run_dir)
     rd.create(cfg)
     return cfg, rd
 

@@ -214,17 +214,7 @@ class CLStream(StagedRun):
 
     # --- block 0: the same models as CCD's ---------------------------------------------------
     def base_teacher(self, m: int) -> dict:
-        member = self.cfg.teacher.members[m]
-        name = f"b0/teacher{m}"
-        res = stages.train_member(
-            member,
-            self.stream[0],
-            self.cfg,
-            stages.stage_seed(member.seed, name),
-            self.device,
-            self.progress,
-            label=f"D_0 teacher {m} ({member.kind}-{member.dim})",
-        )
+        res = stages.base_member(m, self.stream[0], self.cfg, self.device, self.progress)
         self.members[m] = res.model
         ptr = self.save(f"b0_teacher{m}", res.model, 0)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [fit_row(self.name(f"teacher{m}"), res.fit, 0)]}

@@ -46,6 +46,14 @@ class RunDir:
     def ckpt(self, name: str) -> Path:
         return self.path / "checkpoints" / name
 
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """An existing run directory (a clear error when there is none)."""
+        rd = cls(Path(path))
+        if not rd.path.is_dir():
+            raise CcdrecError(f"{rd.path}: no such run directory")
+        return rd
+
     # --- creation and validation -------------------------------------------------------------
     def create(self, cfg: RunConfig) -> None:
         if self.path.exists() and any(self.path.iterdir()):

@@ -58,6 +58,13 @@ def train_member(member: MemberConfig, block: Block, cfg: RunConfig, seed: int, 
     return StageResult(model, res)
 
 
+def base_member(m: int, block: Block, cfg: RunConfig, device, progress=False) -> StageResult:
+    """Block 0 member ``m`` as every run trains it (seeded from the member's seed and ``b0/teacher{m}``)."""
+    member = cfg.teacher.members[m]
+    seed = stage_seed(member.seed, f"b0/teacher{m}")
+    return train_member(member, block, cfg, seed, device, progress, label=f"D_0 teacher {m} ({member.kind}-{member.dim})")
+
+
 def teacher_lists(ensemble: RankEnsemble, block: Block, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The ensemble's top-n items per user and top-n users per item, excluding observed pairs (7)."""
     r = block.train_matrix

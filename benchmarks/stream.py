@@ -55,6 +55,9 @@ def main() -> None:
         print(f"teacher_members_D0_best_valid_recall@20: {max(r['valid_recall@20'] for r in d0):.4f}")
     if e0:
         print(f"teacher_ensemble_D0_test_recall@20: {e0[0]['recall@20']:.4f}")
+    v0 = [r for r in rows if r.get("kind") == "valid" and r["model"] == "teacher" and r["k"] == 0]
+    if v0:
+        print(f"teacher_ensemble_D0_valid_recall@20: {v0[0]['recall@20']:.4f}")
     if not args.no_baseline:
         # a student of the same size trained only on block k, without a teacher
         stream = load_stream(cfg.dataset)

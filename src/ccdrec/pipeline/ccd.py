@@ -25,7 +25,6 @@ from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
-from ccdrec.eval.metrics import evaluate_block
 from ccdrec.models.base import Recommender
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.rundir import RunDir
@@ -182,9 +181,6 @@ class CCDStream(StagedRun):
         if k > 0:
             models["served"] = self.served
         rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
-        # the teacher system's validation quality on the current block (model selection is per member)
-        valid = evaluate_block(models["teacher"], self.stream[k], "valid", ks=tuple(self.cfg.ks))
-        rows.append({"kind": "valid", "model": "teacher", "k": k, "j": k, **valid})
         for r in rows:
             if r["kind"] == "test" and r["j"] == k:
                 self.console.print(

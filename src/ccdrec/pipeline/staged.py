@@ -85,10 +85,13 @@ class StagedRun:
 
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
-    """r_{k,j} rows (test split of every block j <= k) and block k's new-user rows, per named model (method.md 8)."""
+    """r_{k,j} rows (test split of every block j <= k), block k's new-user rows and its validation row
+    (``kind: valid``; the teacher ensemble's own validation quality), per named model (method.md 8)."""
     rows = []
     block = stream[k]
     for name, model in models.items():
+        out = evaluate_block(model, block, "valid", ks=ks)
+        rows.append({"kind": "valid", "model": name, "k": k, "j": k, **out})
         for j in range(k + 1):
             out = evaluate_block(model, stream[j], "test", ks=ks)
             rows.append({"kind": "test", "model": name, "k": k, "j": j, **out})

@@ -89,9 +89,22 @@ class _Side:
         self.excluded = excluded.tocsr()
         self._device: torch.device | None = None
 
+        self.listed = torch.from_numpy(np.flatnonzero((np.asarray(top) >= 0).any(axis=1)))
+
     def to(self, device: torch.device) -> None:
         if self._device != device:
-            self.top, self._device = self.top.to(device), device
+            self.top, self.listed, self._device = self.top.to(device), self.listed.to(device), device
+
+    def draw_rows(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` distinct rows drawn uniformly from every row that has an interesting list.
+
+        The rows are not the minibatch's own users / items: those are only the entities active in the
+        current block, and distilling only them would leave every other user of the universe (most old
+        users) without the teacher's knowledge — the student would forget them.
+        """
+        n = min(n, len(self.listed))
+        pick = torch.randperm(len(self.listed), generator=gen, device=gen.device)[:n].to(self.listed.device)
+        return self.listed[pick].sort().values
 
     def loss(self, row_rep: torch.Tensor, col_rep: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         top = self.top[rows]
@@ -109,13 +122,15 @@ class _Side:
 
 
 class RRDObjective:
-    """weight_user · RRD + weight_item · IR-RRD on a BPR minibatch, as a ``fit(extra_loss=...)`` (method.md 7).
+    """weight_user · RRD + weight_item · IR-RRD beside a BPR minibatch, as a ``fit(extra_loss=...)`` (method.md 7).
 
     Called as ``(model, reps, users_np, pos_np, epoch)`` with ``reps = model.propagate()`` of the step.
-    User side: for each distinct user u of the batch, the scores <e_u, e_i> of ``user_top[u]`` (the
+    Each step distils as many users (items) as the minibatch has distinct users (positive items), drawn
+    uniformly from all users (items) with an interesting list — not only the block's active ones.
+    User side: for each drawn user u, the scores <e_u, e_i> of ``user_top[u]`` (the
     teacher's interesting items, in order, -1 = padding) against ``user_samples`` items drawn uniformly
-    from the rest. Item side: for each distinct positive item i, the scores of ``item_top[i]`` (its
-    interesting users) against ``item_samples`` uniformly drawn users. Sampled entries that fall in the
+    from the rest. Item side: for each drawn item i, the scores of ``item_top[i]`` (its
+    interesting users) against ``item_samples`` uniformly drawn users (items: the drawn ones likewise). Sampled entries that fall in the
     interesting list (or in ``observed``, when given) are masked out of the uninteresting sum.
     A weight of 0 switches its side off.
     """
@@ -165,11 +180,11 @@ class RRDObjective:
         loss = user_rep.new_zeros(())
         if self.weight_user > 0 and len(users_np):
             self.user_side.to(device)
-            users = torch.from_numpy(np.unique(users_np)).to(device)
+            users = self.user_side.draw_rows(len(np.unique(users_np)), gen)
             loss = loss + self.weight_user * self.user_side.loss(user_rep, item_rep, users, gen)
         if self.weight_item > 0 and len(pos_np):
             self.item_side.to(device)
-            items = torch.from_numpy(np.unique(pos_np)).to(device)
+            items = self.item_side.draw_rows(len(np.unique(pos_np)), gen)
             loss = loss + self.weight_item * self.item_side.loss(item_rep, user_rep, items, gen)
         return loss
 

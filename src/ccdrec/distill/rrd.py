@@ -127,11 +127,11 @@ class RRDObjective:
     Called as ``(model, reps, users_np, pos_np, epoch)`` with ``reps = model.propagate()`` of the step.
     Each step distils as many users (items) as the minibatch has distinct users (positive items), drawn
     uniformly from all users (items) with an interesting list — not only the block's active ones.
-    User side: for each drawn user u, the scores <e_u, e_i> of ``user_top[u]`` (the
-    teacher's interesting items, in order, -1 = padding) against ``user_samples`` items drawn uniformly
-    from the rest. Item side: for each drawn item i, the scores of ``item_top[i]`` (its
-    interesting users) against ``item_samples`` uniformly drawn users (items: the drawn ones likewise). Sampled entries that fall in the
-    interesting list (or in ``observed``, when given) are masked out of the uninteresting sum.
+    User side: for each drawn user u, the scores <e_u, e_i> of ``user_top[u]`` (the teacher's
+    interesting items, in order, -1 = padding) against ``user_samples`` items drawn uniformly (one
+    sample shared by the step's users). Item side: for each drawn item i, the scores of ``item_top[i]``
+    (its interesting users) against ``item_samples`` uniformly drawn users. Sampled entries that fall in
+    the interesting list (or in ``observed``, when given) are masked out of the uninteresting sum.
     A weight of 0 switches its side off.
     """
 

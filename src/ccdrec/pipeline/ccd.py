@@ -23,17 +23,16 @@ from ccdrec.config import RunConfig
 from ccdrec.continual.proxy import Proxy
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
-from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import StagedRun, evaluate_models, fit_row
+from ccdrec.pipeline.staged import TeacherStudentRun, evaluate_models, fit_row
 
 REPORTED = ("teacher", "served", "student")
 
 
-class CCDStream(StagedRun):
+class CCDStream(TeacherStudentRun):
     """The state of a CCD run between stages, backed by a run directory."""
 
     def __init__(self, cfg: RunConfig, run_dir: RunDir, stream: Stream, progress: bool = True, console: Console | None = None):
@@ -69,12 +68,8 @@ class CCDStream(StagedRun):
     # --- persistence -------------------------------------------------------------------------
     def restore(self) -> None:
         """Load the models every pointer of ``state.json`` names (resume)."""
+        super().restore()
         ptr = self.state["pointers"]
-        for m in range(len(self.members)):
-            if f"teacher{m}" in ptr:
-                self.members[m] = self.load(ptr[f"teacher{m}"])
-        if "student" in ptr:
-            self.student = self.load(ptr["student"])
         if "served" in ptr:
             self.served = self.load(ptr["served"])
         if "proxies" in ptr:
@@ -101,9 +96,6 @@ class CCDStream(StagedRun):
         self.members[m] = res.model
         ptr = self.save(f"b0_teacher{m}", res.model, 0)
         return {"pointers": {f"teacher{m}": ptr}, "rows": [fit_row(f"teacher{m}", res.fit, 0)]}
-
-    def ensemble(self) -> RankEnsemble:
-        return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
 
     def distil(self, k: int) -> dict:
         block = self.stream[k]

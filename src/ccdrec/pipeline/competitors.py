@@ -42,14 +42,13 @@ from ccdrec.config import ModelConfig, RunConfig, TrainConfig
 from ccdrec.continual.lwckd import LWCKD, OldEmbeddings
 from ccdrec.data.stream import Block, Stream, load_stream, pad_to
 from ccdrec.device import resolve_device
-from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.registry import build_model
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.ccd import prepare_run
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import StagedRun, check_shareable, evaluate_models, fit_row, share_stages
+from ccdrec.pipeline.staged import TeacherStudentRun, check_shareable, evaluate_models, fit_row, share_stages
 from ccdrec.train.loop import FitResult, fit
 
 CL_METHODS = ("finetune", "lwckd", "lwckd-piw", "retrain")
@@ -158,7 +157,7 @@ def graph_of(stream: Stream, meta: dict, shape: tuple[int, int]):
     return stream[k].matrix("train", *shape)
 
 
-class CLStream(StagedRun):
+class CLStream(TeacherStudentRun):
     """One CL method over the stream, backed by a run directory (see the module docstring)."""
 
     def __init__(
@@ -190,14 +189,6 @@ class CLStream(StagedRun):
         return out
 
     # --- persistence -------------------------------------------------------------------------
-    def restore(self) -> None:
-        ptr = self.state["pointers"]
-        for m in range(len(self.members)):
-            if f"teacher{m}" in ptr:
-                self.members[m] = self.load(ptr[f"teacher{m}"])
-        if "student" in ptr:
-            self.student = self.load(ptr["student"])
-
     def load(self, name: str) -> Recommender:
         model, meta = self.rd.load_model(name, self.device)
         model.set_graph(graph_of(self.stream, meta, (model.n_users, model.n_items)))
@@ -208,9 +199,6 @@ class CLStream(StagedRun):
         if self.method == "retrain" and block > 0:
             meta["graph"] = UNION
         return self.rd.save_model(name, model, meta)
-
-    def ensemble(self) -> RankEnsemble:
-        return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
 
     # --- block 0: the same models as CCD's ---------------------------------------------------
     def base_teacher(self, m: int) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 
 from ccdrec.data.stream import Stream
+from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
 from ccdrec.eval.metrics import evaluate_block
 from ccdrec.pipeline.rundir import RunDir
@@ -82,6 +83,33 @@ class StagedRun:
             self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, stage_block(name))
             if stop_after == name:
                 raise StopRequested(name)
+
+
+class TeacherStudentRun(StagedRun):
+    """A staged run holding teacher members (``self.members``) and a student (``self.student``).
+
+    Subclasses set ``cfg`` and implement ``load(name)`` (a checkpoint attached to its graph).
+    """
+
+    cfg = None
+    members: list
+    student = None
+
+    def load(self, name: str):
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Load the teacher members and the student that the pointers of ``state.json`` name (resume)."""
+        ptr = self.state["pointers"]
+        for m in range(len(self.members)):
+            if f"teacher{m}" in ptr:
+                self.members[m] = self.load(ptr[f"teacher{m}"])
+        if "student" in ptr:
+            self.student = self.load(ptr["student"])
+
+    def ensemble(self) -> RankEnsemble:
+        """The rank ensemble of the current teacher members (method.md 6)."""
+        return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
 
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:

@@ -52,7 +52,6 @@ def test_synthetic_stream_grows_every_block():
 
 
 def test_split_is_per_user_and_seeded():
-    rng = np.random.default_rng(0)
     pairs = np.array([(u, i) for u in range(30) for i in range(20)])
     a = split_block(pairs, np.random.default_rng(1))
     b = split_block(pairs, np.random.default_rng(1))
@@ -60,7 +59,6 @@ def test_split_is_per_user_and_seeded():
     for u in range(30):
         assert (a["valid"][:, 0] == u).sum() == 2 and (a["test"][:, 0] == u).sum() == 2
     assert len(a["train"]) + len(a["valid"]) + len(a["test"]) == len(pairs)
-    del rng
 
 
 def copy_yelp(tmp_path):

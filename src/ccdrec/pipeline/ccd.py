@@ -27,7 +27,7 @@ from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import TeacherStudentRun, evaluate_models, fit_row
+from ccdrec.pipeline.staged import TeacherStudentRun, fit_row
 
 REPORTED = ("teacher", "served", "student")
 
@@ -172,13 +172,7 @@ class CCDStream(TeacherStudentRun):
         models = {"teacher": self.ensemble(), "student": self.student}
         if k > 0:
             models["served"] = self.served
-        rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
-        for r in rows:
-            if r["kind"] == "test" and r["j"] == k:
-                self.console.print(
-                    f"  block {k}  {r['model']:<8} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
-                )
-        return {"pointers": {}, "rows": rows}
+        return self.evaluate_and_show(models, k)
 
 
 def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[RunConfig, RunDir]:

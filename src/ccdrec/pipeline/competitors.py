@@ -48,7 +48,7 @@ from ccdrec.models.registry import build_model
 from ccdrec.pipeline import stages
 from ccdrec.pipeline.ccd import prepare_run
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import TeacherStudentRun, check_shareable, evaluate_models, fit_row, share_stages
+from ccdrec.pipeline.staged import TeacherStudentRun, check_shareable, fit_row, share_stages
 from ccdrec.train.loop import FitResult, fit
 
 CL_METHODS = ("finetune", "lwckd", "lwckd-piw", "retrain")
@@ -259,13 +259,7 @@ class CLStream(TeacherStudentRun):
     def evaluate(self, k: int) -> dict:
         """r_{k,j} for j <= k of the ensemble and the student-size model, plus block k's new users (method.md 8)."""
         models = {self.name("teacher"): self.ensemble(), self.name("student"): self.student}
-        rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
-        for r in rows:
-            if r["kind"] == "test" and r["j"] == k:
-                self.console.print(
-                    f"  block {k}  {r['model']:<20} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
-                )
-        return {"pointers": {}, "rows": rows}
+        return self.evaluate_and_show(models, k)
 
 
 def model_prefix(rd: RunDir) -> str:

@@ -111,6 +111,17 @@ class TeacherStudentRun(StagedRun):
         """The rank ensemble of the current teacher members (method.md 6)."""
         return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
 
+    def evaluate_and_show(self, models: dict, k: int) -> dict:
+        """The stage result of block k's evaluation of ``models``; prints each model's r_(k,k)."""
+        rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
+        width = max(len(name) for name in models)
+        for r in rows:
+            if r["kind"] == "test" and r["j"] == k:
+                self.console.print(
+                    f"  block {k}  {r['model']:<{width}} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
+                )
+        return {"pointers": {}, "rows": rows}
+
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
     """r_{k,j} rows (test split of every block j <= k), block k's new-user rows and its validation row

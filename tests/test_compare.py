@@ -404,3 +404,18 @@ def test_cli_compare_help_and_errors(tmp_path):
     assert out.returncode == 2 and "unknown method 'sgd'" in out.stderr
     out = ccdrec("compare", "--resume", str(tmp_path / "missing"))
     assert out.returncode == 2 and "no such comparison directory" in out.stderr
+
+
+def test_compare_from_an_existing_run_reuses_its_stages(comparison, tmp_path):
+    cfg, out, _ = comparison
+    src = out / "ccd"
+    before = {p.name: p.read_bytes() for p in (src / "metrics.jsonl", src / "state.json")}
+    report = run_compare(None, tmp_path / "cmp", ["finetune"], from_run=src, progress=False, bench=False)
+    got = tmp_path / "cmp"
+    assert read_rows(got / "ccd") == read_rows(src)  # nothing of CCD trained again
+    assert read_rows(got / "finetune") == read_rows(out / "finetune")  # the same block 0, so the same run
+    assert os.stat(got / "ccd" / "checkpoints" / "b1_student.pt").st_ino == os.stat(src / "checkpoints" / "b1_student.pt").st_ino
+    assert {p.name: p.read_bytes() for p in (src / "metrics.jsonl", src / "state.json")} == before
+    assert "finetune" in report.read_text()
+    with pytest.raises(CcdrecError, match="no such run directory"):
+        run_compare(None, tmp_path / "cmp2", ["finetune"], from_run=tmp_path / "nope", progress=False)

@@ -106,3 +106,42 @@ def test_stream_scores_la_ra_h():
     assert summ["H"] == pytest.approx(2 * 0.5 * 0.2 / 0.7)
     with pytest.raises(ValueError):
         s.add(1, 2, 0.1)
+
+
+def test_descending_order_matches_a_stable_argsort():
+    from ccdrec.eval.ranking import descending_order
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 300)).astype(np.float32)
+    x[:, ::5] = np.round(x[:, ::5])  # ties
+    x[0, :4] = -np.inf
+    x[1, 10] = np.float32(3.4e38)
+    expected = np.argsort(-x, axis=1, kind="stable")
+    got = descending_order(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["lightgcn", "vae", "ensemble"])
+def test_one_scoring_pass_gives_the_numbers_of_separate_evaluations(kind):
+    from ccdrec.data.synthetic import synthetic_stream
+    from ccdrec.distill.ensemble import RankEnsemble
+    from ccdrec.eval.metrics import evaluate_many
+    from ccdrec.models import LightGCN, MultVAE
+
+    stream = synthetic_stream(n_blocks=3, seed=4)
+    last = stream[2]
+    torch.manual_seed(0)
+    if kind == "vae":
+        model = MultVAE(last.n_users, last.n_items, 16).eval()
+    else:
+        model = LightGCN(last.n_users, last.n_items, 16)
+        if kind == "ensemble":
+            model = RankEnsemble([model, LightGCN(last.n_users, last.n_items, 8)])
+    for m in getattr(model, "members", [model]):
+        m.set_graph(last.matrix("train", last.n_users, last.n_items))
+    new = np.arange(last.prev_users, last.n_users)
+    requests = [(last, "valid", None), (stream[0], "test", None), (stream[1], "test", None), (last, "test", new)]
+    got = evaluate_many(model, requests, chunk=37)
+    want = [evaluate_block(model, b, split, users=u, chunk=64) for b, split, u in requests]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert all(r["users"] > 0 for r in got)

@@ -197,6 +197,9 @@ def compare(
     max_blocks: int | None = typer.Option(None, help="stop after this incremental block"),
     out: Path | None = typer.Option(None, help="comparison directory (default: runs/compare-DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(None, help="continue an interrupted comparison directory"),
+    from_run: Path | None = typer.Option(
+        None, help="use this `ccdrec run` directory as the CCD run (its configuration is the comparison's)"
+    ),
     bench: bool = typer.Option(True, help="measure CCD's serving cost (teacher ensemble vs student) for the report"),
     progress: bool = typer.Option(True, help="show live progress"),
 ) -> None:
@@ -221,7 +224,15 @@ def compare(
     console.print(f"comparison directory: {out_dir}")
     try:
         report = run_compare(
-            cfg, out_dir, method_list, ablation_list, resume=resume is not None, progress=progress, console=console, bench=bench
+            cfg,
+            out_dir,
+            method_list,
+            ablation_list,
+            resume=resume is not None,
+            progress=progress,
+            console=console,
+            bench=bench,
+            from_run=from_run,
         )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)

@@ -84,6 +84,10 @@ class RankEnsemble:
     def num_parameters(self) -> int:
         return sum(m.num_parameters() for m in self.members)
 
+    @property
+    def uses_context(self) -> bool:
+        return any(getattr(m, "uses_context", True) for m in self.members)
+
     def eval(self) -> RankEnsemble:
         for m in self.members:
             m.eval()

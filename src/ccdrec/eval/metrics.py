@@ -9,6 +9,8 @@ on the chunk size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -28,6 +30,16 @@ def _rows(m: sp.csr_matrix, users: np.ndarray, n_cols: int) -> tuple[np.ndarray,
     return rows[keep], sub.indices[keep]
 
 
+@dataclass
+class Target:
+    """One evaluation target: the held-out items of each user, the items masked from the ranking,
+    and the users evaluated (``None``: every user with a target item)."""
+
+    target: sp.csr_matrix
+    exclude: sp.csr_matrix | None
+    users: np.ndarray | None = None
+
+
 def rank_metrics(
     scorer: Scorer,
     target: sp.csr_matrix,
@@ -43,39 +55,65 @@ def rank_metrics(
     ``target`` and ``exclude`` are binary CSR matrices whose rows are user IDs; their column count may
     be smaller than ``n_items`` (an earlier block's universe).
     """
-    target = sp.csr_matrix(target)
-    counts = np.diff(target.indptr)
-    if users is None:
-        users = np.flatnonzero(counts)
-    else:
-        users = np.asarray(users, dtype=np.int64)
-        users = users[(users < target.shape[0])]
+    return rank_metrics_many(scorer, [Target(target, exclude, users)], n_items, ks, chunk, device)[0]
+
+
+def rank_metrics_many(
+    scorer: Scorer,
+    targets: list[Target],
+    n_items: int,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, float]]:
+    """:func:`rank_metrics` of several targets from one scoring pass over the union of their users.
+
+    Every user is scored once, then each target masks and ranks its own copy of the user's row, so the
+    result equals separate calls (a rank ensemble's sorts or a LightGCN's scoring are paid once).
+    """
+    prepared = []
+    for t in targets:
+        target = sp.csr_matrix(t.target)
+        counts = np.diff(target.indptr)
+        users = np.flatnonzero(counts) if t.users is None else np.unique(np.asarray(t.users, dtype=np.int64))
+        users = users[users < target.shape[0]]
         users = users[counts[users] > 0]
+        prepared.append((target, t.exclude, users, counts))
+    union = np.unique(np.concatenate([p[2] for p in prepared])) if prepared else np.empty(0, dtype=np.int64)
     kmax = min(max(ks), n_items)
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
-    per_user = {f"{m}@{k}": np.zeros(len(users)) for k in ks for m in ("recall", "ndcg")}
-    for start in range(0, len(users), chunk):
-        batch = users[start : start + chunk]
-        scores = scorer(torch.from_numpy(batch).to(device)).float()
-        if exclude is not None:
-            r, c = _rows(exclude, batch, n_items)
-            scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -torch.inf
-        top = scores.topk(kmax, dim=1).indices.cpu().numpy()
-        r, c = _rows(target, batch, n_items)
-        truth = np.zeros((len(batch), n_items), dtype=bool)
-        truth[r, c] = True
-        hits = np.take_along_axis(truth, top, axis=1)
-        n_true = counts[batch].astype(np.float64)
-        for k in ks:
-            kk = min(k, kmax)
-            h = hits[:, :kk]
-            per_user[f"recall@{k}"][start : start + len(batch)] = h.sum(1) / n_true
-            dcg = (h * discounts[:kk]).sum(1)
-            ideal = np.cumsum(discounts[:kk])[np.minimum(n_true, kk).astype(int) - 1]
-            per_user[f"ndcg@{k}"][start : start + len(batch)] = dcg / ideal
-    out = {name: float(v.mean()) if len(v) else 0.0 for name, v in per_user.items()}
-    out["users"] = int(len(users))
-    return out
+    per_user = [{f"{m}@{k}": np.zeros(len(p[2])) for k in ks for m in ("recall", "ndcg")} for p in prepared]
+    for start in range(0, len(union), chunk):
+        batch = union[start : start + chunk]
+        all_scores = scorer(torch.from_numpy(batch).to(device)).float()
+        for (target, exclude, users, counts), out in zip(prepared, per_user, strict=True):
+            lo, hi = np.searchsorted(users, [batch[0], batch[-1] + 1])
+            if lo == hi:
+                continue
+            mine = users[lo:hi]
+            scores = all_scores[torch.from_numpy(np.searchsorted(batch, mine)).to(device)]
+            if exclude is not None:
+                r, c = _rows(exclude, mine, n_items)
+                scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -torch.inf
+            top = scores.topk(kmax, dim=1).indices.cpu().numpy()
+            r, c = _rows(target, mine, n_items)
+            truth = np.zeros((len(mine), n_items), dtype=bool)
+            truth[r, c] = True
+            hits = np.take_along_axis(truth, top, axis=1)
+            n_true = counts[mine].astype(np.float64)
+            for k in ks:
+                kk = min(k, kmax)
+                h = hits[:, :kk]
+                out[f"recall@{k}"][lo:hi] = h.sum(1) / n_true
+                dcg = (h * discounts[:kk]).sum(1)
+                ideal = np.cumsum(discounts[:kk])[np.minimum(n_true, kk).astype(int) - 1]
+                out[f"ndcg@{k}"][lo:hi] = dcg / ideal
+    results = []
+    for (_, _, users, _), out in zip(prepared, per_user, strict=True):
+        res = {name: float(v.mean()) if len(v) else 0.0 for name, v in out.items()}
+        res["users"] = int(len(users))
+        results.append(res)
+    return results
 
 
 def evaluate_block(
@@ -91,10 +129,38 @@ def evaluate_block(
 
     Pass ``scorer`` to reuse propagated state across several blocks.
     """
+    t = block_target(model, block, split, users)
+    if scorer is None:
+        scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))
+    return rank_metrics(scorer, t.target, t.exclude, model.n_items, t.users, ks, chunk, model.device)
+
+
+def block_target(model: Recommender, block: Block, split: str, users: np.ndarray | None = None) -> Target:
+    """The :class:`Target` of one split of ``block`` in ``model``'s universe, masked as in method.md 8."""
     if split not in MASK_OF:
         raise ValueError(f"evaluation split must be 'valid' or 'test', not {split!r}")
     n_u, n_i = model.n_users, model.n_items
     mask = block.matrix(MASK_OF[split][0], n_u, n_i) + block.matrix(MASK_OF[split][1], n_u, n_i)
-    if scorer is None:
-        scorer = model.scorer(context=block.matrix("train", n_u, n_i))
-    return rank_metrics(scorer, block.matrix(split, n_u, n_i), mask.tocsr(), n_i, users, ks, chunk, model.device)
+    return Target(block.matrix(split, n_u, n_i), mask.tocsr(), users)
+
+
+def evaluate_many(
+    model: Recommender,
+    requests: list[tuple[Block, str, np.ndarray | None]],
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk: int = 1024,
+) -> list[dict[str, float]]:
+    """:func:`evaluate_block` for each ``(block, split, users)`` request, in as few scoring passes as
+    possible: one for a model whose scores ignore the context (``uses_context`` False: MF, LightGCN and
+    their ensembles), else one per block (a Mult-VAE reads each block's train rows as its input)."""
+    groups: dict[int, list[int]] = {}
+    for n, (block, _, _) in enumerate(requests):
+        groups.setdefault(block.index if getattr(model, "uses_context", True) else -1, []).append(n)
+    out: list[dict[str, float]] = [{} for _ in requests]
+    for members in groups.values():
+        block = requests[members[0]][0]
+        scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))
+        targets = [block_target(model, requests[n][0], requests[n][1], requests[n][2]) for n in members]
+        for n, res in zip(members, rank_metrics_many(scorer, targets, model.n_items, ks, chunk, model.device), strict=True):
+            out[n] = res
+    return out

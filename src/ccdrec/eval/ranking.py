@@ -2,7 +2,10 @@
 
 On the CPU, NumPy's vectorised sorts are several times faster than ``torch.sort`` (measured here on
 512 x 12,000 float32 rows: ``np.argsort`` 0.18 s vs ``torch.argsort`` 1.06 s; ``np.sort`` 0.04 s vs
-``torch.sort`` 0.71 s). On CUDA, torch's own sorts are used.
+``torch.sort`` 0.71 s). NumPy sorts plain int64 keys faster still than it argsorts floats, so the
+descending order is read from one sort of packed keys (order-preserving score bits in the high half,
+the column in the low half): 0.17 s instead of 0.23 s for 512 x 41,000 rows. On CUDA, torch's own
+sorts are used.
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     """``order[b, r]`` = the item at rank r (0 = highest score) in row b."""
     if scores.device.type != "cpu":
         return scores.argsort(dim=1, descending=True, stable=True)
-    x = scores.detach().numpy()
-    return torch.from_numpy(np.argsort(-x, axis=1))
+    x = scores.detach().numpy().astype(np.float32) + np.float32(0.0)  # a copy, with -0.0 made +0.0
+    bits = x.view(np.int32)
+    # float order == signed-int order of these keys (negative floats have their magnitude bits flipped);
+    # ~key makes it descending; ties keep column order (as a stable sort would)
+    key = ~(bits ^ ((bits >> 31) & 0x7FFFFFFF))
+    packed = (key.astype(np.int64) << 32) | np.arange(x.shape[1], dtype=np.int64)
+    packed.sort(axis=1)
+    return torch.from_numpy(packed & 0xFFFFFFFF)
 
 
 def ascending_values(scores: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,9 @@ class Recommender(nn.Module, ABC):
 
     _graph_attrs: tuple[str, ...] = ()
 
+    uses_context: bool = True
+    """Whether scores depend on the ``context`` of :meth:`scorer` (False: one scoring serves every block)."""
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -77,6 +80,8 @@ class Recommender(nn.Module, ABC):
 
 class EmbeddingModel(Recommender):
     """A model scoring s(u, i) = <e_u, e_i> from user and item ego tables (MF, LightGCN)."""
+
+    uses_context = False
 
     user_emb: nn.Parameter
     item_emb: nn.Parameter

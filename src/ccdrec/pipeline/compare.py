@@ -15,6 +15,8 @@ distils D_0; every other run is seeded with those checkpoints (hard links) and t
 metric rows (:func:`ccdrec.pipeline.staged.share_stages`), so all methods start from identical
 models. Ablations change only block k >= 1 switches, so they share CCD's block 0 (with its proxies).
 Every sub-run resumes after its last completed stage; ``--resume OUT`` continues the whole comparison.
+``--from-run RUN`` starts a comparison from an existing ``ccdrec run`` directory: its configuration
+is the comparison's, and its stages become CCD's (checkpoints linked, small files copied).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import check_shareable, share_stages
+from ccdrec.pipeline.staged import check_shareable, link_file, share_stages
 
 METHODS = ("ccd", *CL_METHODS)
 COMPARE_FILE = "compare.json"
@@ -140,6 +142,26 @@ def share_ccd_base(source: RunDir, target: RunDir, n_members: int) -> None:
     share_stages(source, target, stages, checkpoints)
 
 
+def adopt_run(source: Path, target: Path) -> RunConfig:
+    """Make the CCD run directory ``source`` the comparison's ``target`` (OUT/ccd); returns its config.
+
+    Checkpoints are hard-linked (never rewritten in place); the config, state and metrics are copied, so
+    that finishing an incomplete run inside the comparison leaves ``source`` as it was.
+    """
+    src = RunDir.open(source)
+    if not src.state_path.exists():
+        raise CcdrecError(f"{source}: not a run directory (no state.json)")
+    cfg = src.load_config()
+    for f in sorted(p for p in src.path.rglob("*") if p.is_file()):
+        rel = f.relative_to(src.path)
+        if rel.parts[0] == "checkpoints":
+            link_file(f, target / rel)
+        elif rel.parts[0] in (CONFIG_FILE, src.state_path.name, src.metrics_path.name):
+            target.mkdir(parents=True, exist_ok=True)
+            (target / rel).write_bytes(f.read_bytes())
+    return cfg
+
+
 def read_plan(out: Path) -> tuple[RunConfig, dict]:
     if not out.is_dir():
         raise CcdrecError(f"{out}: no such comparison directory to resume")
@@ -160,22 +182,26 @@ def run_compare(
     console: Console | None = None,
     bench: bool = True,
     bench_repeats: int = 3,
+    from_run: Path | None = None,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
     ``methods``: some of :data:`METHODS`; ``ablations``: some of :data:`ABLATIONS` (CCD takes part
     whenever ablations do). ``bench``: measure the serving cost of CCD's final teacher and student
-    (:func:`ccdrec.serve_bench.bench_serve`) for the report.
+    (:func:`ccdrec.serve_bench.bench_serve`) for the report. ``from_run``: an existing CCD run
+    directory that becomes the comparison's CCD run (:func:`adopt_run`); its configuration replaces ``cfg``.
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
     if resume:
         cfg, plan = read_plan(out)
     else:
-        if cfg is None:
-            raise CcdrecError("a configuration is needed to start a comparison")
         if out.exists() and any(out.iterdir()):
             raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
+        if from_run is not None:
+            cfg = adopt_run(from_run, out / "ccd")
+        if cfg is None:
+            raise CcdrecError("a configuration is needed to start a comparison")
         methods = list(methods or METHODS)
         ablations = list(ablations or [])
         for m in methods:
@@ -184,7 +210,7 @@ def run_compare(
         for a in ablations:
             if a not in ABLATIONS:
                 raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
-        if ablations and "ccd" not in methods:
+        if (ablations or from_run is not None) and "ccd" not in methods:
             methods.insert(0, "ccd")
         plan = {"version": 1, "methods": methods, "ablations": ablations}
         out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from rich.console import Console
 from ccdrec.data.stream import Stream
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
-from ccdrec.eval.metrics import evaluate_block
+from ccdrec.eval.metrics import evaluate_many
 from ccdrec.pipeline.rundir import RunDir
 
 Stage = tuple[str, Callable[[], dict]]
@@ -128,20 +128,18 @@ def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -
     (``kind: valid``; the teacher ensemble's own validation quality), per named model (method.md 8)."""
     rows = []
     block = stream[k]
+    requests = [("valid", k, block, "valid", None)] + [("test", j, stream[j], "test", None) for j in range(k + 1)]
+    if k > 0:
+        requests.append(("new_users", k, block, "test", np.arange(block.prev_users, block.n_users)))
     for name, model in models.items():
-        out = evaluate_block(model, block, "valid", ks=ks)
-        rows.append({"kind": "valid", "model": name, "k": k, "j": k, **out})
-        for j in range(k + 1):
-            out = evaluate_block(model, stream[j], "test", ks=ks)
-            rows.append({"kind": "test", "model": name, "k": k, "j": j, **out})
-        if k > 0:
-            new = np.arange(block.prev_users, block.n_users)
-            out = evaluate_block(model, block, "test", users=new, ks=ks)
-            rows.append({"kind": "new_users", "model": name, "k": k, "j": k, **out})
+        results = evaluate_many(model, [(b, split, users) for _, _, b, split, users in requests], ks=ks)
+        for (kind, j, *_), out in zip(requests, results, strict=True):
+            rows.append({"kind": kind, "model": name, "k": k, "j": j, **out})
     return rows
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_file(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (a copy where links are impossible), replacing ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
@@ -177,7 +175,7 @@ def share_stages(
         if not files:
             raise CcdrecError(f"{source.path}: checkpoint {name!r} is missing")
         for f in files:
-            _link(f, target.ckpt(f.name))
+            link_file(f, target.ckpt(f.name))
     rows = []
     for r in source.read_metrics():
         if r.get("stage") not in stages:

@@ -51,7 +51,9 @@ def main() -> None:
     model = LightGCN(b.n_users, b.n_items, 128, 2)
     res = fit(model, b, cfg, seed=args.seed)
     test = evaluate_block(model, b, "test")
-    print(f"schedule: batch {cfg.batch_size}, lr {cfg.lr} x {cfg.lr_decay}/epoch, negatives {cfg.negatives}, l2 {cfg.l2}, wd {cfg.weight_decay}")
+    print(
+        f"schedule: batch {cfg.batch_size}, lr {cfg.lr} x {cfg.lr_decay}/epoch, negatives {cfg.negatives}, l2 {cfg.l2}, wd {cfg.weight_decay}"
+    )
     print(f"epochs_run: {res.epochs_run}")
     print(f"best_epoch: {res.best_epoch + 1}")
     print(f"seconds_per_epoch: {res.seconds / res.epochs_run:.2f}")

@@ -52,7 +52,8 @@ def main() -> None:
     res = fit(model, b, cfg, seed=args.seed)
     test = evaluate_block(model, b, "test")
     print(
-        f"schedule: batch {cfg.batch_size}, lr {cfg.lr} x {cfg.lr_decay}/epoch, negatives {cfg.negatives}, l2 {cfg.l2}, wd {cfg.weight_decay}"
+        f"schedule: batch {cfg.batch_size}, lr {cfg.lr} x {cfg.lr_decay}/epoch, negatives {cfg.negatives}, "
+        f"l2 {cfg.l2}, wd {cfg.weight_decay}"
     )
     print(f"epochs_run: {res.epochs_run}")
     print(f"best_epoch: {res.best_epoch + 1}")

@@ -124,3 +124,29 @@ def test_entity_init_item_side_and_no_interaction():
     r6 = sp.csr_matrix((r.data, r.indices, r.indptr.tolist() + [r.nnz]), shape=(6, 4))
     rows = entity_rows(users, items, r6, n_old=4, n_other_old=3, n_new_total=6, k=2)
     assert torch.allclose(rows[1], users[[0, 1]].mean(0) / 2)
+
+
+def test_vae_sparse_rows_give_the_dense_forward_loss_and_gradients():
+    from ccdrec.models.vae import MultVAE, rows_tensor
+    from ccdrec.train.losses import vae_loss
+
+    rng = np.random.default_rng(0)
+    m = sp.random(30, 50, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    m.data[:] = rng.choice([1.0, 0.1], size=m.nnz).astype(np.float32)
+    users = torch.tensor([3, 0, 7, 29, 12])
+    torch.manual_seed(0)
+    model = MultVAE(30, 50, 8).eval()
+    sparse = rows_tensor(m, users, 50, "cpu")
+    dense = torch.from_numpy(m[users.numpy()].toarray())
+    assert sparse.is_sparse and torch.equal(sparse.to_dense(), dense)
+    grads = []
+    for x in (sparse, dense):
+        model.zero_grad()
+        logits, mu, logvar = model(x, stochastic=False)
+        loss = vae_loss(logits, x, mu, logvar, beta=0.2)
+        loss.backward()
+        grads.append((loss.detach(), logits.detach(), model.encoder.weight.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # columns at or past ``below`` are dropped (a previous model's universe)
+    assert int(rows_tensor(m, users, 50, "cpu", below=20).coalesce().indices()[1].max()) < 20

@@ -111,3 +111,25 @@ def test_same_seed_same_metrics(full_run, tmp_path):
     first = [r for r in metric_lines(out) if int(r["stage"].split("/")[0][1:]) <= 1]
     assert again == first
     assert np.isfinite([r["recall@20"] for r in again if r["kind"] == "test"]).all()
+
+
+def test_student_update_negatives_avoid_the_saved_teacher_lists(full_run, stream_dir):
+    from ccdrec.data.stream import load_stream
+    from ccdrec.pipeline.ccd import CCDStream
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.pipeline.stages import teacher_lists
+
+    cfg, out = full_run
+    stream = load_stream(str(stream_dir))
+    run = CCDStream(cfg, RunDir(out), stream, progress=False)
+    run.restore()  # the final state: E_2, D_2 and the b2 lists
+    saved = run.teacher_top(2)
+    assert saved is not None and run.teacher_top(1) is None  # only the latest block's lists are pointed to
+    fresh, _ = teacher_lists(run.ensemble(), stream[2], cfg.student.topn)
+    np.testing.assert_array_equal(saved, fresh)
+    # as block 3's negatives would: every old user's saved top items are avoided
+    b = stream[2]
+    avoid = run.avoid([], b, (b.n_users, b.n_items), [saved])
+    rows, cols = np.nonzero(saved[: b.prev_users] >= 0)
+    assert np.all(avoid[rows, saved[rows, cols]] == 1)
+    assert avoid[b.prev_users :].nnz == 0  # new users are not old users

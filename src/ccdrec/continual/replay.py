@@ -348,8 +348,7 @@ class PreviousOutputKL:
         kept = torch.from_numpy(users[keep])
         prev_dev = self.prev_model.device
         with torch.no_grad():
-            x = rows_tensor(self.matrix, kept, self.prev_model.n_items, prev_dev)
-            x[:, self.n_old_items :] = 0.0
+            x = rows_tensor(self.matrix, kept, self.prev_model.n_items, prev_dev, below=self.n_old_items)
             prev_logits = self.prev_model(x, stochastic=False)[0].to(logits.device)
         rows = torch.from_numpy(np.flatnonzero(keep)).to(logits.device)
         return self.weight * kl_to_previous(prev_logits, logits[rows], self.n_old_items)

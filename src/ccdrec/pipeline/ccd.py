@@ -21,8 +21,9 @@ from rich.console import Console
 
 from ccdrec.config import RunConfig
 from ccdrec.continual.proxy import Proxy
-from ccdrec.data.stream import Stream, load_stream
+from ccdrec.data.stream import Stream, load_stream, pad_to
 from ccdrec.device import resolve_device
+from ccdrec.distill.ensemble import top_matrix
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 from ccdrec.pipeline import stages
@@ -105,6 +106,8 @@ class CCDStream(TeacherStudentRun):
             self.student = self.served
         else:
             user_top, item_top = stages.teacher_lists(self.ensemble(), block, self.cfg.student.topn)
+            # E_k's top lists also serve block k+1's student update (its negatives avoid them)
+            pointers["teacher_top"] = self.rd.save_tensors(f"b{k}_teacher_top", {"user_top": torch.from_numpy(user_top)})
             avoid = None
             if k > 0:
                 scorers = [p.scorer(n_items=block.n_items) for p in self.proxies] + [self.served.scorer()]
@@ -120,13 +123,27 @@ class CCDStream(TeacherStudentRun):
             pointers["proxies"] = self.save_proxies("b0_proxies")
         return {"pointers": pointers, "rows": rows}
 
-    def avoid(self, scorers, block, shape):
-        """Old users' top-N items of ``scorers`` (universe ``shape``), for BPR negatives to avoid."""
-        if self.cfg.student.avoid_top <= 0:
+    def avoid(self, scorers, block, shape, lists: list[np.ndarray] = ()):
+        """Old users' top-N items of ``scorers`` and of the precomputed top ``lists`` (universe
+        ``shape``), for BPR negatives to avoid."""
+        n = self.cfg.student.avoid_top
+        if n <= 0:
             return None
         users = np.arange(block.prev_users, dtype=np.int64)
         observed = stages.past_train(block, self.stream[block.index - 1] if block.index else None)
-        return stages.avoid_top(scorers, shape, observed, self.cfg.student.avoid_top, users, self.device)
+        out = stages.avoid_top(scorers, shape, observed, n, users, self.device)
+        for top in lists:
+            top = np.where(np.arange(len(top))[:, None] < block.prev_users, top[:, :n], -1)
+            out = out + pad_to(top_matrix(top, shape[1]), shape)
+        out.data[:] = 1.0
+        return out.tocsr()
+
+    def teacher_top(self, k: int) -> np.ndarray | None:
+        """E_k's top lists of users, saved by the distillation of block k (None if not saved)."""
+        ptr = self.state["pointers"].get("teacher_top")
+        if ptr != f"b{k}_teacher_top":
+            return None
+        return self.rd.load_tensors(ptr)["user_top"].numpy()
 
     def student_update(self, k: int) -> dict:
         block, prev = self.stream[k], self.stream[k - 1]
@@ -136,9 +153,14 @@ class CCDStream(TeacherStudentRun):
             self.proxies = stages.update_proxies(*self.proxies, self.student, w_s, w_p)
             pointers["proxies"] = self.save_proxies(f"b{k}_proxies")
         old = (prev.n_users, prev.n_items)
-        scorers = [self.ensemble().scorer(context=prev.train_matrix), self.student.scorer()]
-        scorers += [p.scorer(n_items=prev.n_items) for p in self.proxies]
-        avoid = self.avoid(scorers, block, old)
+        scorers = [self.student.scorer()] + [p.scorer(n_items=prev.n_items) for p in self.proxies]
+        lists = []
+        top = self.teacher_top(k - 1)
+        if top is not None and top.shape[1] >= self.cfg.student.avoid_top:
+            lists.append(top)  # E_{k-1}'s top items, as distilled into D_{k-1}
+        else:
+            scorers.insert(0, self.ensemble().scorer(context=prev.train_matrix))
+        avoid = self.avoid(scorers, block, old, lists)
         res, replayer = stages.update_student(
             self.student, *self.proxies, avoid, block, prev, self.cfg, self.seed(f"b{k}/student_update"), self.progress
         )

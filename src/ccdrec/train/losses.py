@@ -18,7 +18,13 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(logits: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float) -> torch.Tensor:
-    """Multinomial negative log-likelihood of ``target`` rows plus β-weighted Gaussian KL."""
-    nll = -(F.log_softmax(logits, dim=1) * target).sum(1).mean()
+    """Multinomial negative log-likelihood of ``target`` rows (dense, or sparse COO) plus β-weighted Gaussian KL."""
+    log_p = F.log_softmax(logits, dim=1)
+    if target.is_sparse:
+        target = target.coalesce()
+        (rows, cols), vals = target.indices(), target.values()
+        nll = -(log_p[rows, cols] * vals).sum() / logits.shape[0]
+    else:
+        nll = -(log_p * target).sum(1).mean()
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1).mean()
     return nll + beta * kl

@@ -404,6 +404,8 @@ def test_cli_compare_help_and_errors(tmp_path):
     assert out.returncode == 2 and "unknown method 'sgd'" in out.stderr
     out = ccdrec("compare", "--resume", str(tmp_path / "missing"))
     assert out.returncode == 2 and "no such comparison directory" in out.stderr
+    out = ccdrec("compare", "--from-run", str(tmp_path / "missing"), "--out", str(tmp_path / "y"))
+    assert out.returncode == 2 and "no such run directory" in out.stderr
 
 
 def test_compare_from_an_existing_run_reuses_its_stages(comparison, tmp_path):

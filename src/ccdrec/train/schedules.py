@@ -17,7 +17,7 @@ from ccdrec.config import TrainConfig
 BPR_SCHEDULE = TrainConfig(
     epochs=150, batch_size=4096, lr=1e-2, lr_decay=0.97, weight_decay=0.0, l2=3e-3, negatives=4, eval_every=2, patience=6
 )
-VAE_SCHEDULE = TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=0.0, patience=10, anneal_steps=2000)
+VAE_SCHEDULE = TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=0.0, eval_every=2, patience=6, anneal_steps=2000)
 
 
 def default_schedule(kind: str) -> TrainConfig:

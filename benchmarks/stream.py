@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     ap.add_argument("--out", type=Path, default=None, help="keep the run directory here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-teacher student baseline")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run directory --out; total_seconds is then the sum of the stages' own seconds",
+    )
     args = ap.parse_args()
 
     from ccdrec.data import load_stream
@@ -34,14 +39,22 @@ def main() -> None:
     from ccdrec.report import tables
     from ccdrec.train import fit
 
-    cfg = load_config(args.dataset, args.preset, None, args.overrides)
+    if args.resume and args.out is None:
+        ap.error("--resume needs --out RUN_DIR")
     out = args.out or Path(tempfile.mkdtemp(prefix="ccdrec-bench-")) / "run"
     start = time.perf_counter()
-    rd = run_stream(cfg, out, progress=False)
+    if args.resume:
+        rd = run_stream(None, out, resume=True, progress=False)
+        cfg = rd.load_config()
+    else:
+        cfg = load_config(args.dataset, args.preset, None, args.overrides)
+        rd = run_stream(cfg, out, progress=False)
     total = time.perf_counter() - start
     state = rd.read_state()
     for name, secs in state["seconds"].items():
         print(f"stage_seconds[{name}]: {secs:.1f}")
+    if args.resume:
+        total = sum(state["seconds"].values())  # every stage's own wall time, across the interruptions
     print(f"total_seconds: {total:.1f}")
     print(f"peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
     rows = rd.read_metrics()

@@ -36,7 +36,7 @@ def rows_tensor(matrix: sp.csr_matrix, users: torch.Tensor, n_items: int, device
     keep = sub.indices < limit
     indices = torch.from_numpy(np.vstack([rows[keep], sub.indices[keep]]).astype(np.int64))
     values = torch.from_numpy(np.asarray(sub.data[keep], dtype=np.float32))
-    return torch.sparse_coo_tensor(indices, values, (len(idx), n_items), device=device, is_coalesced=True)
+    return torch.sparse_coo_tensor(indices, values, (len(idx), n_items), device=device, is_coalesced=True, check_invariants=False)
 
 
 class MultVAE(Recommender):

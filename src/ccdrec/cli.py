@@ -118,6 +118,16 @@ def train(
         console.print(f"saved {out}.pt / {out}.json")
 
 
+def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
+    """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name."""
+    from ccdrec.presets import load_config
+
+    source = str(data) if data is not None else dataset
+    overrides = list(set_)
+    overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
+    return load_config(source, preset, config, overrides), Path(source).name
+
+
 @app.command("run")
 def run(
     dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
@@ -136,16 +146,11 @@ def run(
 ) -> None:
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
-    from ccdrec.presets import load_config
 
     if resume is not None:
         cfg, run_dir = None, resume
     else:
-        source = str(data) if data is not None else dataset
-        overrides = list(set_)
-        overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
-        cfg = load_config(source, preset, config, overrides)
-        name = Path(source).name
+        cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"run directory: {run_dir}")
     try:
@@ -208,18 +213,13 @@ def compare(
     Block-0 teachers and D_0 are trained once and shared by every method. The report holds LA / RA / H-mean of student and teacher per method, CCD's per-block H_k gain over the best competitor (table and bar plot), new-user metrics and training time.
     """  # noqa: E501
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
-    from ccdrec.presets import load_config
 
     if resume is not None:
         cfg, out_dir, method_list, ablation_list = None, resume, None, None
     else:
         method_list = parse_methods(methods)
         ablation_list = parse_ablations(only_ablations, ablations)
-        source = str(data) if data is not None else dataset
-        overrides = list(set_)
-        overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
-        cfg = load_config(source, preset, config, overrides)
-        name = Path(source).name
+        cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"comparison directory: {out_dir}")
     try:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def _in_threads(fn, x: np.ndarray) -> None:
@@ -25,9 +26,9 @@ def _in_threads(fn, x: np.ndarray) -> None:
     if threads <= 1:
         fn(x)
         return
-    global _POOL
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ccdrec-sort")
+    global _POOL, _POOL_SIZE
+    if _POOL is None or _POOL_SIZE < threads:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ccdrec-sort"), threads
     bounds = np.linspace(0, len(x), threads + 1).astype(int)
     list(_POOL.map(lambda ab: fn(x[ab[0] : ab[1]]), zip(bounds[:-1], bounds[1:], strict=True)))
 
@@ -40,7 +41,7 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     """``order[b, r]`` = the item at rank r (0 = highest score) in row b."""
     if scores.device.type != "cpu":
         return scores.argsort(dim=1, descending=True, stable=True)
-    x = scores.detach().numpy().astype(np.float32) + np.float32(0.0)  # a copy, with -0.0 made +0.0
+    x = np.asarray(scores.detach().numpy(), dtype=np.float32) + np.float32(0.0)  # one copy; -0.0 made +0.0
     bits = x.view(np.int32)
     # float order == signed-int order of these keys (negative floats have their magnitude bits flipped);
     # ~key makes it descending; ties keep column order (as a stable sort would)

@@ -133,8 +133,7 @@ class CCDStream(TeacherStudentRun):
         observed = stages.past_train(block, self.stream[block.index - 1] if block.index else None)
         out = stages.avoid_top(scorers, shape, observed, n, users, self.device)
         for top in lists:
-            top = np.where(np.arange(len(top))[:, None] < block.prev_users, top[:, :n], -1)
-            out = out + pad_to(top_matrix(top, shape[1]), shape)
+            out = out + pad_to(top_matrix(top[: block.prev_users, :n], shape[1]), shape)
         out.data[:] = 1.0
         return out.tocsr()
 

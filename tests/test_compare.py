@@ -347,6 +347,9 @@ def test_compare_end_to_end_writes_the_report(comparison):
     abl = RunDir(out / "ablation-no-replay")
     assert abl.load_config().teacher.student_knowledge is False
     assert "b0/teacher0" in abl.read_state()["shared"] and "proxies" in abl.read_state()["pointers"]
+    # E_0's top lists come with block 0, so block 1's student update needs no ensemble pass of its own
+    top = "checkpoints/b0_teacher_top.pt"
+    assert os.stat(abl.path / top).st_ino == os.stat(out / "ccd" / top).st_ino
 
     # the ablations do what their names say: no replayed pair, no fresh D_1
     def replayed(d):

@@ -153,6 +153,33 @@ def test_sample_replay_merges_sources_keeping_the_larger_label():
         assert math.isclose(got[k], y, rel_tol=1e-5)
 
 
+def test_rank_labels_are_the_current_models_own_scores_at_the_source_positions():
+    n_users, n_items, a = 10, 25, 6
+    _, _, current, exclude = _setup(seed=3, n_users=n_users, n_items=n_items)
+    src = _proxy(n_users, n_items, seed=11)
+    excl = _dense_exclude(exclude, n_users, n_items)
+    users = np.arange(n_users)
+    cur = current.scorer()(torch.from_numpy(users)).numpy()
+    got = []
+    for scale in (1.0, 50.0):  # the same ranking at another scale: source labels change, rank labels do not
+        scaled = Proxy(src.user * scale, src.item)
+        rs = sample_replay(
+            current.scorer(), n_items, [(scaled.scorer(), a)], users, exclude, a, rng=np.random.default_rng(0), labels="rank"
+        )
+        got.append(rs)
+        full = scaled.scorer()(torch.from_numpy(users)).numpy()
+        for u in users:
+            own = np.sort(cur[u][~excl[u]])[::-1]
+            listed = [i for i in np.argsort(-full[u], kind="stable") if not excl[u, i]][:a]
+            for i, y in zip(rs.items[rs.users == u], rs.labels[rs.users == u], strict=True):
+                assert math.isclose(y, 1 / (1 + math.exp(-own[listed.index(i)])), rel_tol=1e-5)
+    np.testing.assert_array_equal(got[0].items, got[1].items)
+    np.testing.assert_allclose(got[0].labels, got[1].labels)
+    # a source that is the current model itself labels each item with its own score
+    rs = sample_replay(current.scorer(), n_items, [(current.scorer(), a)], users, exclude, a, labels="rank")
+    np.testing.assert_allclose(rs.labels, 1 / (1 + np.exp(-cur[rs.users, rs.items])), rtol=1e-5)
+
+
 def test_sample_replay_is_deterministic_given_the_rng():
     sp_, pp_, current, exclude = _setup(seed=7)
     args = (current.scorer(), 30, [(sp_.scorer(), 2), (pp_.scorer(), 3)], np.arange(12), exclude, 8)

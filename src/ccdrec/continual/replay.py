@@ -43,6 +43,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from ccdrec.config import ReplayLabels
 from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
 from ccdrec.models.vae import MultVAE, rows_tensor
@@ -175,6 +176,7 @@ def sample_replay(
     rng: np.random.Generator | None = None,
     chunk: int = 1024,
     device: torch.device | str = "cpu",
+    labels: ReplayLabels = "source",
 ) -> ReplaySet:
     """Proxy-guided replay set for ``users`` (method.md 5.1; 5.3 with sources SP, PP and CL_k).
 
@@ -186,7 +188,12 @@ def sample_replay(
     For each user and source: candidates = X's top-``top_a`` non-excluded items (positions rank_X =
     0..A-1), d = rank_W − rank_X, draw min(n_X, |candidates|) of them without replacement with
     P ∝ exp(ε·d) — by Gumbel-top-k (keys ε·d − max + Gumbel noise from ``rng``; taking the n_X largest
-    keys is exactly successive sampling without replacement ∝ exp(ε·d)), label σ(s_X(u, i)).
+    keys is exactly successive sampling without replacement ∝ exp(ε·d)), label σ(s_X(u, i)) for
+    ``labels="source"``. ``labels="rank"`` calibrates the label to the current model's own scale: y =
+    σ(s_W of the item the current model ranks at position rank_X), i.e. "score the item as you score
+    your rank_X-th item". Sources' logits are not calibrated probabilities: on Yelp a served student
+    CL_2's top logits are about 0.07 (labels ≈ 0.5) while a stability proxy's are about 12 (labels ≈ 1),
+    so source labels pull a teacher's scores of its own top items towards 0 (see :data:`ReplayLabels`).
     Sources are merged keeping the larger label of a repeated pair. Deterministic given ``rng``.
     ``users`` is deduplicated; users unknown to a source (a −inf row, e.g. beyond a proxy's table) get
     nothing from it. Returns pairs sorted by (user, item).
@@ -222,7 +229,11 @@ def sample_replay(
             rows = torch.arange(len(batch), device=dev)[:, None].expand_as(pick)[drawn]
             out_u.append(batch[rows.cpu().numpy()])
             out_i.append(top_items.gather(1, pick)[drawn].cpu().numpy())
-            out_y.append(torch.sigmoid(top_scores.gather(1, pick)[drawn]).cpu().numpy())
+            if labels == "source":
+                label_logits = top_scores.gather(1, pick)
+            else:  # "rank": the current model's own score at position rank_X of its ranking
+                label_logits = current_sorted.gather(1, current_sorted.shape[1] - 1 - pick)
+            out_y.append(torch.sigmoid(label_logits[drawn]).cpu().numpy())
     return _merge_max(np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_y), n_items)
 
 

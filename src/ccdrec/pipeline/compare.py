@@ -139,6 +139,8 @@ def share_ccd_base(source: RunDir, target: RunDir, n_members: int) -> None:
     stages = [f"b0/teacher{m}" for m in range(n_members)] + ["b0/student", "b0/eval"]
     checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)}
     checkpoints |= {"student": "b0_student", "proxies": "b0_proxies"}
+    if source.ckpt("b0_teacher_top.pt").exists():
+        checkpoints["teacher_top"] = "b0_teacher_top"  # E_0's top lists: block 1's student update reuses them
     share_stages(source, target, stages, checkpoints)
 
 

@@ -210,13 +210,15 @@ def base_signature(cfg) -> dict:
     other (:func:`share_stages`).
     """
     t, s = cfg.teacher, cfg.student
+    kinds = {m.kind for m in t.members}
     return {
         "dataset": cfg.dataset,
         "seed": cfg.seed,
         "ks": list(cfg.ks),
         "members": [m.model_dump() for m in t.members],
-        "base": t.base.model_dump(),
-        "base_vae": t.base_vae.model_dump(),
+        # a schedule matters only if some member trains with it
+        "base": t.base.model_dump() if kinds - {"vae"} else None,
+        "base_vae": t.base_vae.model_dump() if "vae" in kinds else None,
         "ensemble_exact_top": t.ensemble_exact_top,
         "student_model": s.model.model_dump(),
         "distill": s.distill.model_dump(),

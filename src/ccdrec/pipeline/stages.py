@@ -161,6 +161,7 @@ class Replayer:
             self.rc.eps,
             self.rng,
             device=model.device,
+            labels=self.rc.labels,
         )
         self.sizes.append(len(self.replay))
         return self.replay

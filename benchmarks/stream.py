@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     ap.add_argument("--out", type=Path, default=None, help="keep the run directory here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-teacher student baseline")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument(
         "--resume",
         action="store_true",
@@ -41,6 +42,10 @@ def main() -> None:
 
     if args.resume and args.out is None:
         ap.error("--resume needs --out RUN_DIR")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(args.threads, 1))
     out = args.out or Path(tempfile.mkdtemp(prefix="ccdrec-bench-")) / "run"
     start = time.perf_counter()
     if args.resume:

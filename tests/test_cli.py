@@ -43,6 +43,7 @@ def test_data_info_bundled_table():
         (["run", "--resume", "/nonexistent/run"], "no such run directory"),
         (["run", "--dataset", "yelp", "--set", "student.model.dim=-3"], "invalid configuration: student.model.dim"),
         (["run", "--dataset", "yelp", "--preset", "nope"], "unknown preset"),
+        (["run", "--dataset", "yelp", "--threads", "0"], "--threads must be at least 1"),
         (["recommend", "/nonexistent/run", "--user", "1"], "no such run directory"),
     ],
 )
@@ -89,6 +90,8 @@ def test_run_then_recommend(stream_dir, tmp_path):
         "--out",
         str(run_dir),
         "--no-progress",
+        "--threads",
+        "1",
     )
     assert out.returncode == 0, out.stderr
     assert (run_dir / "report.md").exists()

@@ -221,7 +221,6 @@ def run_stream(
     if resume:
         rd.keep_metrics_of(set(rd.read_state()["completed"]))
     stream = load_stream(cfg.dataset)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
     runner.run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report

@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from ccdrec.config import ModelConfig, RunConfig, TrainConfig
@@ -308,7 +307,6 @@ def run_competitor(
         if base_from is not None:
             share_base(RunDir(base_from), rd, method, len(cfg.teacher.members))
     stream = load_stream(cfg.dataset)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     CLStream(cfg, rd, stream, method, progress=progress, console=console).run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report
 

@@ -154,9 +154,7 @@ def run(
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(None, help="continue an interrupted run directory from its last completed stage"),
     progress: bool = typer.Option(True, help="show live progress"),
-    threads: int | None = typer.Option(
-        None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"
-    ),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
 ) -> None:
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
@@ -222,9 +220,7 @@ def compare(
     ),
     bench: bool = typer.Option(True, help="measure CCD's serving cost (teacher ensemble vs student) for the report"),
     progress: bool = typer.Option(True, help="show live progress"),
-    threads: int | None = typer.Option(
-        None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"
-    ),
+    threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
 ) -> None:
     """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.
 

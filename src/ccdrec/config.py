@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 def validation_message(e: ValidationError) -> str:
@@ -164,7 +164,11 @@ class StudentConfig(Strict):
 
 
 class BlockOverride(Strict):
-    """Per-block overrides (the authors tuned these per block; method.md 5.1, 5.3)."""
+    """Per-block overrides (the authors tuned these per block; method.md 5.1, 5.3).
+
+    A replay override names only the fields that change in block k; the others are taken from
+    ``student.replay`` / ``teacher.replay`` when the configuration is validated.
+    """
 
     student_replay: ReplayConfig | None = None
     teacher_replay: ReplayConfig | None = None
@@ -186,6 +190,16 @@ class RunConfig(Strict):
     competitors: CompetitorConfig = Field(
         default_factory=lambda: CompetitorConfig(), description="the continual-learning competitors (ccdrec compare)"
     )
+
+    @model_validator(mode="after")
+    def _complete_block_overrides(self) -> RunConfig:
+        """Fill the fields a per-block replay override leaves out from the block-independent config."""
+        for o in self.blocks.values():
+            for side, base in (("student_replay", self.student.replay), ("teacher_replay", self.teacher.replay)):
+                given = getattr(o, side)
+                if given is not None and given.model_fields_set != set(ReplayConfig.model_fields):
+                    setattr(o, side, base.model_copy(update={f: getattr(given, f) for f in given.model_fields_set}))
+        return self
 
     def student_replay(self, k: int) -> ReplayConfig:
         o = self.blocks.get(k)

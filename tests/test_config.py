@@ -1,0 +1,34 @@
+"""Typed configuration: defaults, per-block overrides and their resolution."""
+
+import pytest
+
+from ccdrec.config import RunConfig
+from ccdrec.errors import CcdrecError
+from ccdrec.presets import load_config
+
+
+def test_teacher_replay_labels_default_to_the_teachers_own_scale_and_the_student_keeps_source_labels():
+    cfg = RunConfig()
+    assert cfg.teacher.replay.labels == "rank" and cfg.student.replay.labels == "source"
+
+
+def test_a_per_block_replay_override_changes_only_the_fields_it_names():
+    cfg = load_config("yelp", overrides=["teacher.replay.resample_every=3", "blocks={2: {teacher_replay: {n_student: 1}}}"])
+    two, one = cfg.teacher_replay(2), cfg.teacher_replay(1)
+    assert two.n_student == 1 and one.n_student == 5
+    assert two.model_dump(exclude={"n_student"}) == one.model_dump(exclude={"n_student"})  # labels, resample_every, ...
+    assert cfg.student_replay(2) == cfg.student.replay
+    # the resolved configuration (as written to a run directory) reads back to the same configuration
+    assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_paper_preset_keeps_the_authors_per_block_budgets():
+    cfg = load_config("yelp", preset="paper-yelp")
+    got = [(r.top_a, r.n_stability, r.n_plasticity, r.n_student) for r in map(cfg.teacher_replay, range(1, 6))]
+    assert got == [(100, 5, 0, 5), (100, 1, 3, 5), (50, 3, 5, 1), (100, 1, 3, 1), (100, 1, 5, 1)]  # method.md 5.3
+    assert all(cfg.teacher_replay(k).labels == "rank" for k in range(1, 6))
+
+
+def test_unknown_replay_labels_are_a_clear_error():
+    with pytest.raises(CcdrecError, match="teacher.replay.labels"):
+        load_config("yelp", overrides=["teacher.replay.labels=probability"])

@@ -121,7 +121,7 @@ def test_descending_order_matches_a_stable_argsort():
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("kind", ["lightgcn", "vae", "ensemble"])
+@pytest.mark.parametrize("kind", ["lightgcn", "vae", "ensemble", "mixed"])
 def test_one_scoring_pass_gives_the_numbers_of_separate_evaluations(kind):
     from ccdrec.data.synthetic import synthetic_stream
     from ccdrec.distill.ensemble import RankEnsemble
@@ -137,6 +137,9 @@ def test_one_scoring_pass_gives_the_numbers_of_separate_evaluations(kind):
         model = LightGCN(last.n_users, last.n_items, 16)
         if kind == "ensemble":
             model = RankEnsemble([model, LightGCN(last.n_users, last.n_items, 8)])
+        if kind == "mixed":  # a Mult-VAE member reads each block's context, the LightGCN members do not
+            vae = MultVAE(last.n_users, last.n_items, 16).eval()
+            model = RankEnsemble([vae, model, LightGCN(last.n_users, last.n_items, 8)])
     for m in getattr(model, "members", [model]):
         m.set_graph(last.matrix("train", last.n_users, last.n_items))
     new = np.arange(last.prev_users, last.n_users)
@@ -145,3 +148,38 @@ def test_one_scoring_pass_gives_the_numbers_of_separate_evaluations(kind):
     want = [evaluate_block(model, b, split, users=u, chunk=64) for b, split, u in requests]
     assert got == pytest.approx(want, rel=1e-6)
     assert all(r["users"] > 0 for r in got)
+
+
+def test_a_mixed_ensemble_ranks_its_context_free_members_once_per_user():
+    from ccdrec.data.synthetic import synthetic_stream
+    from ccdrec.distill.ensemble import RankEnsemble
+    from ccdrec.eval.metrics import evaluate_many
+    from ccdrec.models import MF, MultVAE
+
+    stream = synthetic_stream(n_blocks=3, seed=5)
+    last = stream[2]
+    torch.manual_seed(0)
+    mf, vae = MF(last.n_users, last.n_items, 8), MultVAE(last.n_users, last.n_items, 8).eval()
+    scored = {"mf": 0, "vae": 0}
+
+    def counting(model, name):
+        build = model.scorer
+
+        def scorer(context=None):
+            inner = build(context=context)
+
+            def score(users):
+                scored[name] += len(users)
+                return inner(users)
+
+            return score
+
+        model.scorer = scorer
+
+    counting(mf, "mf")
+    counting(vae, "vae")
+    requests = [(b, "test", None) for b in stream]
+    evaluate_many(RankEnsemble([vae, mf]), requests, chunk=16)
+    users = [set(np.flatnonzero(np.diff(b.matrix("test", last.n_users, last.n_items).indptr))) for b in stream]
+    assert scored["mf"] == len(set().union(*users))  # once per user, whatever the number of blocks
+    assert scored["vae"] == sum(len(u) for u in users)  # once per block that evaluates the user

@@ -18,7 +18,7 @@ the user's own training items; method.md 9). Everything is computed in user chun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -104,30 +104,60 @@ class RankEnsemble:
         ``context`` is passed on to every member (the Mult-VAE's input rows; embedding models ignore it).
         Each member's scorer is built once here, so propagated state is cached across chunks.
         """
-        scorers = [m.scorer(context=context) for m in self.members]
+        many = self.context_scorer([context])
+
+        def score(users: torch.Tensor) -> torch.Tensor:
+            return next(many(users, [torch.arange(len(users), device=users.device)]))
+
+        return score
+
+    def context_scorer(self, contexts: Sequence[sp.csr_matrix | None]) -> Callable[..., Iterator[torch.Tensor]]:
+        """Scores of one user chunk under several contexts, ranking context-free members only once.
+
+        ``score(users, rows)`` yields, for each context c in turn, the (len(rows[c]), n_items) scores of
+        ``users[rows[c]]``, equal to ``self.scorer(contexts[c])(users[rows[c]])``. Members whose scores
+        ignore the context (MF, LightGCN) are ranked once for all ``users``; only context members
+        (Mult-VAE) are ranked per context. Members' rank weights are summed context-free members first,
+        then context members, each group in member order (the same order for every context).
+        Memory: two ``len(users) x n_items`` blocks besides the members' own.
+        """
+        free = [m for m in self.members if not getattr(m, "uses_context", True)]
+        bound = [m for m in self.members if getattr(m, "uses_context", True)]
+        free_scorers = [m.scorer(context=None) for m in free]
+        bound_scorers = [[m.scorer(context=c) for m in bound] for c in contexts]
         device = self.device
         weights = self.position_weights(device)
-        n_members = len(scorers)
-
+        n_members = len(self.members)
         exact = self.exact_top is None or self.exact_top >= self.n_items or self.sketch >= self.n_items
+        columns = None
         if not exact:
             gen = torch.Generator().manual_seed(0)
             columns = torch.randperm(self.n_items, generator=gen)[: self.sketch].to(device)
 
+        def rank_weights(scores: torch.Tensor) -> torch.Tensor:
+            scores = torch.nan_to_num(scores.to(device=device, dtype=torch.float32), nan=-torch.inf)
+            if columns is None:
+                out = torch.zeros_like(scores)
+                out.scatter_(1, descending_order(scores), weights.expand_as(scores))  # order[b, r] = item at rank r
+                return out
+            return self._sketched_weights(scores, weights, columns)
+
         @torch.no_grad()
-        def score(users: torch.Tensor) -> torch.Tensor:
-            out = None
-            for s in scorers:
-                scores = s(users).to(device=device, dtype=torch.float32)
-                scores = torch.nan_to_num(scores, nan=-torch.inf)
-                if out is None:
-                    out = torch.zeros_like(scores)
-                if exact:
-                    order = descending_order(scores)  # order[b, r] = item at rank r
-                    out.scatter_add_(1, order, weights.expand_as(scores))
-                else:
-                    out += self._sketched_weights(scores, weights, columns)
-            return out / n_members
+        def score(users: torch.Tensor, rows: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+            shared = None
+            for s in free_scorers:
+                w = rank_weights(s(users))
+                shared = w if shared is None else shared.add_(w)
+            for scorers, r in zip(bound_scorers, rows, strict=True):
+                r = r.to(device)
+                if len(r) == 0:
+                    yield torch.zeros(0, self.n_items, device=device)
+                    continue
+                out = shared[r] if shared is not None else torch.zeros(len(r), self.n_items, device=device)
+                sub = users[r.to(users.device)]
+                for s in scorers:
+                    out += rank_weights(s(sub))
+                yield out / n_members
 
         return score
 

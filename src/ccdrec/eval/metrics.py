@@ -58,6 +58,60 @@ def rank_metrics(
     return rank_metrics_many(scorer, [Target(target, exclude, users)], n_items, ks, chunk, device)[0]
 
 
+class _Tally:
+    """Per-user Recall@K / NDCG@K of one :class:`Target`, filled one user chunk at a time."""
+
+    def __init__(self, t: Target, n_items: int, ks: tuple[int, ...]):
+        self.target = sp.csr_matrix(t.target)
+        self.exclude, self.n_items, self.ks = t.exclude, n_items, ks
+        self.counts = np.diff(self.target.indptr)
+        users = np.flatnonzero(self.counts) if t.users is None else np.unique(np.asarray(t.users, dtype=np.int64))
+        users = users[users < self.target.shape[0]]
+        self.users = users[self.counts[users] > 0]
+        self.kmax = min(max(ks), n_items)
+        self.discounts = 1.0 / np.log2(np.arange(2, self.kmax + 2))
+        self.per_user = {f"{m}@{k}": np.zeros(len(self.users)) for k in ks for m in ("recall", "ndcg")}
+
+    def wanted(self, batch: np.ndarray) -> np.ndarray:
+        """The users of the sorted ``batch`` that this target evaluates."""
+        lo, hi = np.searchsorted(self.users, [batch[0], batch[-1] + 1])
+        return self.users[lo:hi]
+
+    def add(self, batch: np.ndarray, scores: torch.Tensor) -> None:
+        """Score rows of the sorted, unique users ``batch`` (the rows of ``scores``)."""
+        lo, hi = np.searchsorted(self.users, [batch[0], batch[-1] + 1])
+        if lo == hi:
+            return
+        mine = self.users[lo:hi]
+        dev = scores.device
+        scores = scores[torch.from_numpy(np.searchsorted(batch, mine)).to(dev)]
+        if self.exclude is not None:
+            r, c = _rows(self.exclude, mine, self.n_items)
+            scores[torch.from_numpy(r).to(dev), torch.from_numpy(c).to(dev)] = -torch.inf
+        top = scores.topk(self.kmax, dim=1).indices.cpu().numpy()
+        r, c = _rows(self.target, mine, self.n_items)
+        truth = np.zeros((len(mine), self.n_items), dtype=bool)
+        truth[r, c] = True
+        hits = np.take_along_axis(truth, top, axis=1)
+        n_true = self.counts[mine].astype(np.float64)
+        for k in self.ks:
+            kk = min(k, self.kmax)
+            h = hits[:, :kk]
+            self.per_user[f"recall@{k}"][lo:hi] = h.sum(1) / n_true
+            dcg = (h * self.discounts[:kk]).sum(1)
+            ideal = np.cumsum(self.discounts[:kk])[np.minimum(n_true, kk).astype(int) - 1]
+            self.per_user[f"ndcg@{k}"][lo:hi] = dcg / ideal
+
+    def result(self) -> dict[str, float]:
+        res = {name: float(v.mean()) if len(v) else 0.0 for name, v in self.per_user.items()}
+        res["users"] = int(len(self.users))
+        return res
+
+
+def _union(tallies: list[_Tally]) -> np.ndarray:
+    return np.unique(np.concatenate([t.users for t in tallies])) if tallies else np.empty(0, dtype=np.int64)
+
+
 def rank_metrics_many(
     scorer: Scorer,
     targets: list[Target],
@@ -71,49 +125,42 @@ def rank_metrics_many(
     Every user is scored once, then each target masks and ranks its own copy of the user's row, so the
     result equals separate calls (a rank ensemble's sorts or a LightGCN's scoring are paid once).
     """
-    prepared = []
-    for t in targets:
-        target = sp.csr_matrix(t.target)
-        counts = np.diff(target.indptr)
-        users = np.flatnonzero(counts) if t.users is None else np.unique(np.asarray(t.users, dtype=np.int64))
-        users = users[users < target.shape[0]]
-        users = users[counts[users] > 0]
-        prepared.append((target, t.exclude, users, counts))
-    union = np.unique(np.concatenate([p[2] for p in prepared])) if prepared else np.empty(0, dtype=np.int64)
-    kmax = min(max(ks), n_items)
-    discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
-    per_user = [{f"{m}@{k}": np.zeros(len(p[2])) for k in ks for m in ("recall", "ndcg")} for p in prepared]
+    tallies = [_Tally(t, n_items, ks) for t in targets]
+    union = _union(tallies)
     for start in range(0, len(union), chunk):
         batch = union[start : start + chunk]
-        all_scores = scorer(torch.from_numpy(batch).to(device)).float()
-        for (target, exclude, users, counts), out in zip(prepared, per_user, strict=True):
-            lo, hi = np.searchsorted(users, [batch[0], batch[-1] + 1])
-            if lo == hi:
-                continue
-            mine = users[lo:hi]
-            scores = all_scores[torch.from_numpy(np.searchsorted(batch, mine)).to(device)]
-            if exclude is not None:
-                r, c = _rows(exclude, mine, n_items)
-                scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -torch.inf
-            top = scores.topk(kmax, dim=1).indices.cpu().numpy()
-            r, c = _rows(target, mine, n_items)
-            truth = np.zeros((len(mine), n_items), dtype=bool)
-            truth[r, c] = True
-            hits = np.take_along_axis(truth, top, axis=1)
-            n_true = counts[mine].astype(np.float64)
-            for k in ks:
-                kk = min(k, kmax)
-                h = hits[:, :kk]
-                out[f"recall@{k}"][lo:hi] = h.sum(1) / n_true
-                dcg = (h * discounts[:kk]).sum(1)
-                ideal = np.cumsum(discounts[:kk])[np.minimum(n_true, kk).astype(int) - 1]
-                out[f"ndcg@{k}"][lo:hi] = dcg / ideal
-    results = []
-    for (_, _, users, _), out in zip(prepared, per_user, strict=True):
-        res = {name: float(v.mean()) if len(v) else 0.0 for name, v in out.items()}
-        res["users"] = int(len(users))
-        results.append(res)
-    return results
+        scores = scorer(torch.from_numpy(batch).to(device)).float()
+        for t in tallies:
+            t.add(batch, scores)
+    return [t.result() for t in tallies]
+
+
+def rank_metrics_contexts(
+    context_scorer,
+    groups: list[list[Target]],
+    n_items: int,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> list[list[dict[str, float]]]:
+    """:func:`rank_metrics_many` of several groups of targets, group g scored under context g.
+
+    ``context_scorer(users, rows)`` yields, for each group in turn, the scores of ``users[rows[g]]``
+    under that group's context (:meth:`ccdrec.distill.ensemble.RankEnsemble.context_scorer`: an
+    ensemble ranks its context-free members once per user chunk for all groups). One pass over the
+    union of all groups' users; each group scores only the users it evaluates.
+    """
+    tallies = [[_Tally(t, n_items, ks) for t in g] for g in groups]
+    union = _union([t for g in tallies for t in g])
+    for start in range(0, len(union), chunk):
+        batch = union[start : start + chunk]
+        wanted = [np.unique(np.concatenate([t.wanted(batch) for t in g])) if g else batch[:0] for g in tallies]
+        rows = [torch.from_numpy(np.searchsorted(batch, w)) for w in wanted]
+        scores = context_scorer(torch.from_numpy(batch).to(device), rows)
+        for g, w, sc in zip(tallies, wanted, scores, strict=True):
+            for t in g if len(w) else ():
+                t.add(w, sc.float())
+    return [[t.result() for t in g] for g in tallies]
 
 
 def evaluate_block(
@@ -152,11 +199,23 @@ def evaluate_many(
 ) -> list[dict[str, float]]:
     """:func:`evaluate_block` for each ``(block, split, users)`` request, in as few scoring passes as
     possible: one for a model whose scores ignore the context (``uses_context`` False: MF, LightGCN and
-    their ensembles), else one per block (a Mult-VAE reads each block's train rows as its input)."""
+    their ensembles), else one per block (a Mult-VAE reads each block's train rows as its input) —
+    except for a model with a ``context_scorer`` (a rank ensemble with Mult-VAE members), which takes
+    one pass for all blocks and ranks its context-free members once per user."""
     groups: dict[int, list[int]] = {}
     for n, (block, _, _) in enumerate(requests):
         groups.setdefault(block.index if getattr(model, "uses_context", True) else -1, []).append(n)
     out: list[dict[str, float]] = [{} for _ in requests]
+    if len(groups) > 1 and hasattr(model, "context_scorer"):
+        # one pass: an ensemble ranks its context-free members once for every block's targets
+        order = list(groups.values())
+        contexts = [requests[g[0]][0].matrix("train", model.n_users, model.n_items) for g in order]
+        targets = [[block_target(model, *requests[n]) for n in g] for g in order]
+        results = rank_metrics_contexts(model.context_scorer(contexts), targets, model.n_items, ks, chunk, model.device)
+        for g, res in zip(order, results, strict=True):
+            for n, r in zip(g, res, strict=True):
+                out[n] = r
+        return out
     for members in groups.values():
         block = requests[members[0]][0]
         scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))

@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     ap.add_argument("--out", type=Path, default=None, help="keep the run directory here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-teacher student baseline")
+    ap.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="only train the no-teacher students of the run directory --out and print their r_(k,k) lines",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument(
         "--resume",
@@ -32,28 +37,25 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from ccdrec.data import load_stream
-    from ccdrec.eval import evaluate_block
-    from ccdrec.models import build_model
     from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.pipeline.rundir import RunDir
     from ccdrec.presets import load_config
-    from ccdrec.report import tables
-    from ccdrec.train import fit
 
-    if args.resume and args.out is None:
-        ap.error("--resume needs --out RUN_DIR")
+    if (args.resume or args.baseline_only) and args.out is None:
+        ap.error("--resume and --baseline-only need --out RUN_DIR")
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(max(args.threads, 1))
+    if args.baseline_only:
+        print_baseline(RunDir.open(args.out))
+        return
     out = args.out or Path(tempfile.mkdtemp(prefix="ccdrec-bench-")) / "run"
     start = time.perf_counter()
     if args.resume:
         rd = run_stream(None, out, resume=True, progress=False)
-        cfg = rd.load_config()
     else:
-        cfg = load_config(args.dataset, args.preset, None, args.overrides)
-        rd = run_stream(cfg, out, progress=False)
+        rd = run_stream(load_config(args.dataset, args.preset, None, args.overrides), out, progress=False)
     total = time.perf_counter() - start
     state = rd.read_state()
     for name, secs in state["seconds"].items():
@@ -62,6 +64,17 @@ def main() -> None:
         total = sum(state["seconds"].values())  # every stage's own wall time, across the interruptions
     print(f"total_seconds: {total:.1f}")
     print(f"peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print_quality(rd)
+    if not args.no_baseline:
+        print_baseline(rd)
+    if args.out is None:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def print_quality(rd) -> None:
+    """The stream's LA / RA / H of teacher and served student, and block 0's teacher quality."""
+    from ccdrec.report import tables
+
     rows = rd.read_metrics()
     for model, label in (("teacher", "teacher"), ("served", "student")):
         summ = tables.stream_scores(rows, model).summary()
@@ -76,24 +89,32 @@ def main() -> None:
     v0 = [r for r in rows if r.get("kind") == "valid" and r["model"] == "teacher" and r["k"] == 0]
     if v0:
         print(f"teacher_ensemble_D0_valid_recall@20: {v0[0]['recall@20']:.4f}")
-    if not args.no_baseline:
-        # a student of the same size trained only on block k, without a teacher
-        stream = load_stream(cfg.dataset)
-        s = cfg.student
-        last = len(stream) - 1 if cfg.max_blocks is None else cfg.max_blocks
-        served = {r["k"]: r["recall@20"] for r in rows if r.get("kind") == "test" and r["model"] == "served" and r["j"] == r["k"]}
-        for k in range(1, last + 1):
-            b = stream[k]
-            model = build_model(s.model.kind, b.n_users, b.n_items, **s.model.kwargs())
-            sched = cfg.teacher.base.model_copy(update={"epochs": max(cfg.teacher.base.epochs, 30)})
-            fit(model, b, sched, seed=cfg.seed)
-            base = evaluate_block(model, b, "test")["recall@20"]
-            print(
-                f"baseline_rkk_{k}: {base:.4f}  served_rkk_{k}: {served.get(k, float('nan')):.4f}  "
-                f"gain_{k}: {served.get(k, float('nan')) / base - 1:+.1%}"
-            )
-    if args.out is None:
-        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def print_baseline(rd) -> None:
+    """Per block k, a student of the same size trained only on block k without a teacher, against the
+    run's served student CL_k (test r_(k,k))."""
+    from ccdrec.data import load_stream
+    from ccdrec.eval import evaluate_block
+    from ccdrec.models import build_model
+    from ccdrec.train import fit
+
+    cfg, rows = rd.load_config(), rd.read_metrics()
+    stream = load_stream(cfg.dataset)
+    s = cfg.student
+    last = len(stream) - 1 if cfg.max_blocks is None else cfg.max_blocks
+    served = {r["k"]: r["recall@20"] for r in rows if r.get("kind") == "test" and r["model"] == "served" and r["j"] == r["k"]}
+    for k in range(1, last + 1):
+        b = stream[k]
+        model = build_model(s.model.kind, b.n_users, b.n_items, **s.model.kwargs())
+        sched = cfg.teacher.base.model_copy(update={"epochs": max(cfg.teacher.base.epochs, 30)})
+        fit(model, b, sched, seed=cfg.seed)
+        base = evaluate_block(model, b, "test")["recall@20"]
+        print(
+            f"baseline_rkk_{k}: {base:.4f}  served_rkk_{k}: {served.get(k, float('nan')):.4f}  "
+            f"gain_{k}: {served.get(k, float('nan')) / base - 1:+.1%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -108,8 +108,14 @@ class _Tally:
         return res
 
 
-def _union(tallies: list[_Tally]) -> np.ndarray:
-    return np.unique(np.concatenate([t.users for t in tallies])) if tallies else np.empty(0, dtype=np.int64)
+def _per_context(scorers: list[Scorer]):
+    """One scorer per context as a :func:`rank_metrics_contexts` scorer (each scores only its rows)."""
+
+    def score(users: torch.Tensor, rows):
+        for s, r in zip(scorers, rows, strict=True):
+            yield s(users[r.to(users.device)]) if len(r) else None
+
+    return score
 
 
 def rank_metrics_many(
@@ -125,14 +131,7 @@ def rank_metrics_many(
     Every user is scored once, then each target masks and ranks its own copy of the user's row, so the
     result equals separate calls (a rank ensemble's sorts or a LightGCN's scoring are paid once).
     """
-    tallies = [_Tally(t, n_items, ks) for t in targets]
-    union = _union(tallies)
-    for start in range(0, len(union), chunk):
-        batch = union[start : start + chunk]
-        scores = scorer(torch.from_numpy(batch).to(device)).float()
-        for t in tallies:
-            t.add(batch, scores)
-    return [t.result() for t in tallies]
+    return rank_metrics_contexts(_per_context([scorer]), [targets], n_items, ks, chunk, device)[0]
 
 
 def rank_metrics_contexts(
@@ -151,7 +150,8 @@ def rank_metrics_contexts(
     union of all groups' users; each group scores only the users it evaluates.
     """
     tallies = [[_Tally(t, n_items, ks) for t in g] for g in groups]
-    union = _union([t for g in tallies for t in g])
+    every = [t.users for g in tallies for t in g]
+    union = np.unique(np.concatenate(every)) if every else np.empty(0, dtype=np.int64)
     for start in range(0, len(union), chunk):
         batch = union[start : start + chunk]
         wanted = [np.unique(np.concatenate([t.wanted(batch) for t in g])) if g else batch[:0] for g in tallies]
@@ -197,29 +197,24 @@ def evaluate_many(
     ks: tuple[int, ...] = DEFAULT_KS,
     chunk: int = 1024,
 ) -> list[dict[str, float]]:
-    """:func:`evaluate_block` for each ``(block, split, users)`` request, in as few scoring passes as
-    possible: one for a model whose scores ignore the context (``uses_context`` False: MF, LightGCN and
-    their ensembles), else one per block (a Mult-VAE reads each block's train rows as its input) —
-    except for a model with a ``context_scorer`` (a rank ensemble with Mult-VAE members), which takes
-    one pass for all blocks and ranks its context-free members once per user."""
+    """:func:`evaluate_block` for each ``(block, split, users)`` request, in one pass over the union of
+    their users. A model whose scores ignore the context (``uses_context`` False: MF, LightGCN and their
+    ensembles) scores each user once; one that reads it (a Mult-VAE reads the block's train rows as its
+    input) scores each block's users under that block's context, and a rank ensemble with Mult-VAE
+    members (``context_scorer``) still ranks its context-free members once per user."""
     groups: dict[int, list[int]] = {}
     for n, (block, _, _) in enumerate(requests):
         groups.setdefault(block.index if getattr(model, "uses_context", True) else -1, []).append(n)
+    order = list(groups.values())
+    contexts = [requests[g[0]][0].matrix("train", model.n_users, model.n_items) for g in order]
+    if hasattr(model, "context_scorer"):
+        # a rank ensemble ranks its context-free members once for every block's targets
+        scorer = model.context_scorer(contexts)
+    else:
+        scorer = _per_context([model.scorer(context=c) for c in contexts])
+    targets = [[block_target(model, *requests[n]) for n in g] for g in order]
     out: list[dict[str, float]] = [{} for _ in requests]
-    if len(groups) > 1 and hasattr(model, "context_scorer"):
-        # one pass: an ensemble ranks its context-free members once for every block's targets
-        order = list(groups.values())
-        contexts = [requests[g[0]][0].matrix("train", model.n_users, model.n_items) for g in order]
-        targets = [[block_target(model, *requests[n]) for n in g] for g in order]
-        results = rank_metrics_contexts(model.context_scorer(contexts), targets, model.n_items, ks, chunk, model.device)
-        for g, res in zip(order, results, strict=True):
-            for n, r in zip(g, res, strict=True):
-                out[n] = r
-        return out
-    for members in groups.values():
-        block = requests[members[0]][0]
-        scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))
-        targets = [block_target(model, requests[n][0], requests[n][1], requests[n][2]) for n in members]
-        for n, res in zip(members, rank_metrics_many(scorer, targets, model.n_items, ks, chunk, model.device), strict=True):
-            out[n] = res
+    for g, res in zip(order, rank_metrics_contexts(scorer, targets, model.n_items, ks, chunk, model.device), strict=True):
+        for n, r in zip(g, res, strict=True):
+            out[n] = r
     return out

@@ -121,6 +121,26 @@ def test_descending_order_matches_a_stable_argsort():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_rank_weights_are_added_at_each_items_rank():
+    from ccdrec.eval.ranking import add_rank_weights
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((150, 97)).astype(np.float32)  # > 64 rows: split over threads and slabs
+    x[:, ::7] = np.round(x[:, ::7])  # ties
+    x[3, :5] = np.nan  # NaN ranks last, like -inf
+    x[4, 1], x[4, 2] = -0.0, 0.0
+    weights = torch.from_numpy(rng.random(97).astype(np.float32))
+    acc = torch.from_numpy(rng.random((150, 97)).astype(np.float32))
+    expected = acc.numpy().copy()
+    order = np.argsort(-np.nan_to_num(x, nan=-np.inf), axis=1, kind="stable")
+    for b in range(150):
+        expected[b, order[b]] += weights.numpy()
+    add_rank_weights(acc, torch.from_numpy(x), weights)
+    np.testing.assert_array_equal(acc.numpy(), expected)
+    with pytest.raises(ValueError):
+        add_rank_weights(acc, torch.from_numpy(x[:, :5]), weights)
+
+
 @pytest.mark.parametrize("kind", ["lightgcn", "vae", "ensemble", "mixed"])
 def test_one_scoring_pass_gives_the_numbers_of_separate_evaluations(kind):
     from ccdrec.data.synthetic import synthetic_stream

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccdrec.eval.ranking import ascending_values, descending_order
+from ccdrec.eval.ranking import add_rank_weights, ascending_values
 from ccdrec.models.base import Recommender, Scorer
 
 DEFAULT_EXPONENT = 0.05
@@ -134,20 +134,22 @@ class RankEnsemble:
             gen = torch.Generator().manual_seed(0)
             columns = torch.randperm(self.n_items, generator=gen)[: self.sketch].to(device)
 
-        def rank_weights(scores: torch.Tensor) -> torch.Tensor:
-            scores = torch.nan_to_num(scores.to(device=device, dtype=torch.float32), nan=-torch.inf)
+        def add_weights(acc: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            """acc += the rank weights of ``scores`` (exact ranks, or sketched below ``exact_top``)."""
+            scores = scores.to(device=device, dtype=torch.float32)
             if columns is None:
-                out = torch.zeros_like(scores)
-                out.scatter_(1, descending_order(scores), weights.expand_as(scores))  # order[b, r] = item at rank r
-                return out
-            return self._sketched_weights(scores, weights, columns)
+                add_rank_weights(acc, scores, weights)
+            else:
+                acc += self._sketched_weights(torch.nan_to_num(scores, nan=-torch.inf), weights, columns)
+            return acc
 
         @torch.no_grad()
         def score(users: torch.Tensor, rows: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
             shared = None
-            for s in free_scorers:
-                w = rank_weights(s(users))
-                shared = w if shared is None else shared.add_(w)
+            if free_scorers:
+                shared = torch.zeros(len(users), self.n_items, device=device)
+                for s in free_scorers:
+                    add_weights(shared, s(users))
             for scorers, r in zip(bound_scorers, rows, strict=True):
                 r = r.to(device)
                 if len(r) == 0:
@@ -156,7 +158,7 @@ class RankEnsemble:
                 out = shared[r] if shared is not None else torch.zeros(len(r), self.n_items, device=device)
                 sub = users[r.to(users.device)]
                 for s in scorers:
-                    out += rank_weights(s(sub))
+                    add_weights(out, s(sub))
                 yield out / n_members
 
         return score

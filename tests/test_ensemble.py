@@ -140,6 +140,9 @@ def test_top_lists_are_chunk_size_invariant():
     for user_top, item_top in runs[1:]:
         np.testing.assert_array_equal(user_top, runs[0][0])
         np.testing.assert_array_equal(item_top, runs[0][1])
+    user_only, none = top_lists(FixedScores(scores).scorer(), *scores.shape, observed, n=4, chunk=3, item_side=False)
+    np.testing.assert_array_equal(user_only, runs[0][0])
+    assert none is None
 
 
 def test_top_lists_pad_short_rows_and_unscored_users():

@@ -202,7 +202,8 @@ def top_lists(
     users: np.ndarray | None = None,
     *,
     device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
+    item_side: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's interesting lists for RRD (user side) and IR-RRD (item side), method.md 7.
 
     Returns ``(user_top, item_top)``: ``user_top[u]`` holds the ``n`` highest-scored items of user u
@@ -210,10 +211,12 @@ def top_lists(
     (among ``users``) that have not observed item i, in descending score order. Observed pairs (the
     non-zeros of ``observed``; a smaller matrix covers an earlier universe) are masked with ``-inf``
     before ``topk``, NaN scores likewise. Rows with fewer than ``n`` candidates, and the rows of users
-    that are not scored, are padded with -1. ``users=None`` scores every user.
+    that are not scored, are padded with -1. ``users=None`` scores every user. ``item_side=False``
+    skips the item side (``item_top`` is None).
 
-    The item side keeps a running top-``n`` per item, merged chunk by chunk, so memory is
-    ``O(n_items x (n + chunk))``; ties between equal scores are broken arbitrarily.
+    The item side keeps a running top-``n`` per item: each chunk's own top-``n`` users per item are
+    merged into it, so memory is ``O(n_items x n)`` besides the chunk's scores; ties between equal
+    scores are broken arbitrarily.
     """
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
@@ -223,8 +226,9 @@ def top_lists(
         raise ValueError(f"users must lie in [0, {n_users})")
     k_user = min(n, n_items)
     user_top = np.full((n_users, n), PAD, dtype=np.int64)
-    best_scores = torch.full((n_items, n), -torch.inf, device=device)
-    best_users = torch.full((n_items, n), PAD, dtype=torch.long, device=device)
+    # the running item-side top lists, one column per item
+    best_scores = torch.full((n, n_items), -torch.inf, device=device)
+    best_users = torch.full((n, n_items), PAD, dtype=torch.long, device=device)
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
         scores = scorer(torch.from_numpy(batch).to(device)).to(device=device, dtype=torch.float32)
@@ -235,12 +239,17 @@ def top_lists(
         vals, idx = scores.topk(k_user, dim=1)
         idx = torch.where(torch.isfinite(vals), idx, PAD)
         user_top[batch, :k_user] = idx.cpu().numpy()
-        # item side: merge this chunk's users into the running top-n per item
-        cand_scores = torch.cat([best_scores, scores.T], dim=1)
-        cand_users = torch.cat([best_users, torch.from_numpy(batch).to(device).expand(n_items, -1)], dim=1)
-        vals, pos = cand_scores.topk(n, dim=1)
-        best_scores, best_users = vals, cand_users.gather(1, pos)
-    item_top = torch.where(torch.isfinite(best_scores), best_users, PAD).cpu().numpy()
+        if not item_side:
+            continue
+        # item side: this chunk's top-n users per item, merged into the running top-n
+        vals, pos = scores.topk(min(n, len(batch)), dim=0)
+        cand_scores = torch.cat([best_scores, vals], dim=0)
+        cand_users = torch.cat([best_users, torch.from_numpy(batch).to(device)[pos]], dim=0)
+        vals, pos = cand_scores.topk(n, dim=0)
+        best_scores, best_users = vals, cand_users.gather(0, pos)
+    if not item_side:
+        return user_top, None
+    item_top = torch.where(torch.isfinite(best_scores), best_users, PAD).T.contiguous().cpu().numpy()
     return user_top, item_top
 
 

@@ -84,7 +84,7 @@ def avoid_top(
         return out
     observed = pad_to(observed, shape)
     for scorer in scorers:
-        user_top, _ = top_lists(scorer, shape[0], shape[1], observed, n=n, users=users, device=device)
+        user_top, _ = top_lists(scorer, shape[0], shape[1], observed, n=n, users=users, device=device, item_side=False)
         out = out + top_matrix(user_top, shape[1])
     out.data[:] = 1.0
     return out

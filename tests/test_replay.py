@@ -4,6 +4,7 @@ import copy
 import math
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from ccdrec.continual import (
     impute_replay,
     kl_to_previous,
     rank_of,
+    replay_candidates,
     replay_pass,
     replay_weight,
     sample_replay,
@@ -188,6 +190,33 @@ def test_sample_replay_is_deterministic_given_the_rng():
     for x, y in ((a.users, b.users), (a.items, b.items), (a.labels, b.labels)):
         np.testing.assert_array_equal(x, y)
     assert len(sample_replay(*args[:2], [(sp_.scorer(), 0)], *args[3:])) == 0
+
+
+def test_precomputed_candidates_draw_the_same_replay_set():
+    sp_, pp_, current, exclude = _setup(seed=7)
+    users = np.arange(12)
+    fresh = sample_replay(
+        current.scorer(),
+        30,
+        [(sp_.scorer(), 2), (pp_.scorer(), 3)],
+        users,
+        exclude,
+        8,
+        eps=0.01,
+        rng=np.random.default_rng(5),
+        chunk=4,
+        labels="source",
+    )
+    cands = [(replay_candidates(x.scorer(), users, 30, exclude, 10, chunk=5), n) for x, n in ((sp_, 2), (pp_, 3))]
+    again = sample_replay(
+        current.scorer(), 30, cands, users, exclude, 8, eps=0.01, rng=np.random.default_rng(5), chunk=4, labels="source"
+    )
+    for x, y in ((fresh.users, again.users), (fresh.items, again.items), (fresh.labels, again.labels)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="other users"):
+        sample_replay(current.scorer(), 30, cands, np.arange(20), exclude, 8)
+    with pytest.raises(ValueError, match="requested"):
+        sample_replay(current.scorer(), 30, cands, users, exclude, 12)
 
 
 def test_sample_replay_favours_large_rank_disparity():

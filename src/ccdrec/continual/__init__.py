@@ -2,17 +2,20 @@
 
 from ccdrec.continual.proxy import Proxy, ema_update
 from ccdrec.continual.replay import (
+    Candidates,
     PreviousOutputKL,
     ReplaySet,
     impute_replay,
     kl_to_previous,
     rank_of,
+    replay_candidates,
     replay_pass,
     replay_weight,
     sample_replay,
 )
 
 __all__ = [
+    "Candidates",
     "PreviousOutputKL",
     "Proxy",
     "ReplaySet",
@@ -20,6 +23,7 @@ __all__ = [
     "impute_replay",
     "kl_to_previous",
     "rank_of",
+    "replay_candidates",
     "replay_pass",
     "replay_weight",
     "sample_replay",

@@ -165,10 +165,57 @@ def rank_of(
 # ---------------------------------------------------------------------------------------------- replay
 
 
+@dataclass
+class Candidates:
+    """A source's replay candidates C_X(u) for sorted unique ``users``: X's top-A non-excluded items
+    per user in X's order (``items[r, a]`` has rank_X = a), with X's scores (−inf pads rows with
+    fewer than A candidates). A source is fixed while a model trains, so its candidates are computed
+    once (:func:`replay_candidates`) and reused every time the replay set is re-drawn."""
+
+    users: np.ndarray
+    items: torch.Tensor
+    scores: torch.Tensor
+
+    def rows(self, batch: np.ndarray, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``a`` candidates (items, scores) of each user of ``batch`` (all must be known)."""
+        if a > self.items.shape[1]:
+            raise ValueError(f"candidates hold {self.items.shape[1]} items per user, {a} requested")
+        pos = np.searchsorted(self.users, batch)
+        if len(batch) and (pos.max() >= len(self.users) or not np.array_equal(self.users[pos], batch)):
+            raise ValueError("replay candidates were computed for other users")
+        pos_t = torch.from_numpy(pos).to(self.items.device)
+        return self.items[pos_t, :a], self.scores[pos_t, :a]
+
+
+def replay_candidates(
+    scorer: Scorer,
+    users: np.ndarray,
+    n_items: int,
+    exclude: sp.spmatrix | None,
+    top_a: int,
+    chunk: int = 1024,
+    device: torch.device | str = "cpu",
+) -> Candidates:
+    """X's top-``top_a`` items for each of ``users`` after removing each user's ``exclude`` items (5.1)."""
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    exclude = _as_csr(exclude)
+    a = min(int(top_a), n_items)
+    items, scores = [], []
+    for start in range(0, len(users), chunk):
+        batch = users[start : start + chunk]
+        src = _fit_columns(scorer(torch.from_numpy(batch).to(device)).to(device), n_items)
+        top_scores, top_items = _mask(src, *_excluded(exclude, batch, n_items)).topk(a, dim=1)
+        items.append(top_items)
+        scores.append(top_scores)
+    if not items:
+        return Candidates(users, torch.zeros(0, a, dtype=torch.long, device=device), torch.zeros(0, a, device=device))
+    return Candidates(users, torch.cat(items), torch.cat(scores))
+
+
 def sample_replay(
     current_scorer: Scorer,
     n_items: int,
-    sources: Sequence[tuple[Scorer, int]],
+    sources: Sequence[tuple[Scorer | Candidates, int]],
     users: np.ndarray,
     exclude: sp.spmatrix | None,
     top_a: int,
@@ -182,8 +229,10 @@ def sample_replay(
 
     ``current_scorer``: the model being trained (its ranking gives rank_W, re-sample as it moves);
     ``sources``: ``(scorer_X, n_X)`` pairs, e.g. ``[(sp.scorer(n_items=n), n_S), (pp.scorer(n_items=n), n_P)]``
-    (scorers of a smaller universe are padded with −inf); ``exclude``: CSR of each user's train items of
-    blocks k-1 and k (rows by user ID; may have fewer rows/columns than the universe).
+    (scorers of a smaller universe are padded with −inf), or ``(candidates_X, n_X)`` with X's
+    :func:`replay_candidates` for these users, ``exclude`` and at least ``top_a`` items; ``exclude``:
+    CSR of each user's train items of blocks k-1 and k (rows by user ID; may have fewer rows/columns
+    than the universe).
 
     For each user and source: candidates = X's top-``top_a`` non-excluded items (positions rank_X =
     0..A-1), d = rank_W − rank_X, draw min(n_X, |candidates|) of them without replacement with
@@ -202,22 +251,24 @@ def sample_replay(
     users = np.unique(np.asarray(users, dtype=np.int64))
     users = users[users >= 0]
     exclude = _as_csr(exclude)
-    active = [(scorer, int(n)) for scorer, n in sources if int(n) > 0]
+    active = [(source, int(n)) for source, n in sources if int(n) > 0]
     if not active or len(users) == 0 or top_a <= 0 or n_items <= 0:
         return ReplaySet.empty()
     a = min(int(top_a), n_items)
+    active = [
+        (c if isinstance(c, Candidates) else replay_candidates(c, users, n_items, exclude, a, chunk, device), n)
+        for c, n in active
+    ]
     out_u, out_i, out_y = [], [], []
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
         batch_t = torch.from_numpy(batch).to(device)
-        ex_rows, ex_cols = _excluded(exclude, batch, n_items)
-        current = _mask(_fit_columns(current_scorer(batch_t), n_items), ex_rows, ex_cols)
+        current = _mask(_fit_columns(current_scorer(batch_t), n_items), *_excluded(exclude, batch, n_items))
         dev = current.device
         current_sorted = ascending_values(current)
         position = torch.arange(a, device=dev, dtype=torch.float32)
-        for scorer, n_draw in active:
-            src = _mask(_fit_columns(scorer(batch_t).to(dev), n_items), ex_rows, ex_cols)
-            top_scores, top_items = src.topk(a, dim=1)  # descending: rank_X = column position
+        for candidates, n_draw in active:
+            top_items, top_scores = (t.to(dev) for t in candidates.rows(batch, a))
             valid = torch.isfinite(top_scores)
             rank_w = _count_above(current_sorted, current.gather(1, top_items)).float()
             logits = eps * (rank_w - position)

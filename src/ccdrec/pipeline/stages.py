@@ -23,7 +23,16 @@ import torch
 from ccdrec.config import MemberConfig, ReplayConfig, RunConfig
 from ccdrec.continual.lwckd import LWCKD, OldEmbeddings
 from ccdrec.continual.proxy import Proxy, ema_update
-from ccdrec.continual.replay import PreviousOutputKL, ReplaySet, impute_replay, replay_pass, replay_weight, sample_replay
+from ccdrec.continual.replay import (
+    Candidates,
+    PreviousOutputKL,
+    ReplaySet,
+    impute_replay,
+    replay_candidates,
+    replay_pass,
+    replay_weight,
+    sample_replay,
+)
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.ensemble import RankEnsemble, top_lists, top_matrix
 from ccdrec.distill.rrd import distill_student
@@ -143,6 +152,7 @@ class Replayer:
         self.rng = np.random.default_rng(seed)
         self.replay = ReplaySet.empty()
         self.sizes: list[int] = []
+        self.candidates: list[tuple[Candidates, int]] | None = None  # the fixed sources' candidates, once
 
     @property
     def active(self) -> bool:
@@ -151,10 +161,15 @@ class Replayer:
     def sample(self, model: Recommender) -> ReplaySet:
         if not self.active:
             return ReplaySet.empty()
+        if self.candidates is None:
+            self.candidates = [
+                (replay_candidates(s, self.users, self.n_items, self.exclude, self.rc.top_a, device=model.device), n)
+                for s, n in self.sources
+            ]
         self.replay = sample_replay(
             model.scorer(context=self.context),
             self.n_items,
-            self.sources,
+            self.candidates,
             self.users,
             self.exclude,
             self.rc.top_a,

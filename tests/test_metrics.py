@@ -121,6 +121,21 @@ def test_descending_order_matches_a_stable_argsort():
     np.testing.assert_array_equal(got, expected)
 
 
+def test_ascending_values_sort_masked_entries_as_minus_inf_without_touching_the_scores():
+    from ccdrec.eval.ranking import ascending_values
+
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.standard_normal((140, 50)).astype(np.float32))
+    before = x.clone()
+    rows, cols = rng.integers(0, 140, 300), rng.integers(0, 50, 300)  # unsorted, with repeats
+    expected = x.numpy().copy()
+    expected[rows, cols] = -np.inf
+    got = ascending_values(x, masked=(rows, cols))
+    np.testing.assert_array_equal(got.numpy(), np.sort(expected, axis=1))
+    assert torch.equal(x, before)
+    np.testing.assert_array_equal(ascending_values(x).numpy(), np.sort(x.numpy(), axis=1))
+
+
 def test_rank_weights_are_added_at_each_items_rank():
     from ccdrec.eval.ranking import add_rank_weights
 

@@ -83,15 +83,16 @@ def replay_weight(epoch: int, scale: float = 0.5, decay: float = 10.0) -> float:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _fit_columns(scores: torch.Tensor, n_items: int) -> torch.Tensor:
-    """A fresh copy of ``scores`` cut or padded with −inf to exactly ``n_items`` columns."""
+def _fit_columns(scores: torch.Tensor, n_items: int, copy: bool = True) -> torch.Tensor:
+    """``scores`` cut or padded with −inf to exactly ``n_items`` columns: a fresh copy (callers mask
+    it in place; never write into a scorer's cached tensor), or a possible view with ``copy=False``."""
     scores = scores.float()
     if scores.shape[1] > n_items:
-        return scores[:, :n_items].clone()
-    if scores.shape[1] < n_items:
+        scores = scores[:, :n_items]
+    elif scores.shape[1] < n_items:
         pad = scores.new_full((scores.shape[0], n_items - scores.shape[1]), -torch.inf)
         return torch.cat([scores, pad], dim=1)
-    return scores.clone()  # callers mask in place; never write into a scorer's cached tensor
+    return scores.clone() if copy else scores
 
 
 def _excluded(exclude: sp.csr_matrix | None, users: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -263,9 +264,11 @@ def sample_replay(
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
         batch_t = torch.from_numpy(batch).to(device)
-        current = _mask(_fit_columns(current_scorer(batch_t), n_items), *_excluded(exclude, batch, n_items))
+        # rank_W counts non-excluded items only: they are masked in the sorted copy; the candidates
+        # (never excluded) are read from the unmasked scores
+        current = _fit_columns(current_scorer(batch_t), n_items, copy=False)
         dev = current.device
-        current_sorted = ascending_values(current)
+        current_sorted = ascending_values(current, masked=_excluded(exclude, batch, n_items))
         position = torch.arange(a, device=dev, dtype=torch.float32)
         for candidates, n_draw in active:
             top_items, top_scores = (t.to(dev) for t in candidates.rows(batch, a))

@@ -90,9 +90,8 @@ class _Tally:
             scores[torch.from_numpy(r).to(dev), torch.from_numpy(c).to(dev)] = -torch.inf
         top = scores.topk(self.kmax, dim=1).indices.cpu().numpy()
         r, c = _rows(self.target, mine, self.n_items)
-        truth = np.zeros((len(mine), self.n_items), dtype=bool)
-        truth[r, c] = True
-        hits = np.take_along_axis(truth, top, axis=1)
+        # hits[b, p]: is the item at position p of row b a target item? (pair keys, no dense row mask)
+        hits = np.isin(np.arange(len(mine))[:, None] * self.n_items + top, r * self.n_items + c)
         n_true = self.counts[mine].astype(np.float64)
         for k in self.ks:
             kk = min(k, self.kmax)

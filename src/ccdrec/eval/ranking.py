@@ -103,15 +103,33 @@ def add_rank_weights(acc: torch.Tensor, scores: torch.Tensor, weights: torch.Ten
     _in_threads(slab, len(x))
 
 
-def ascending_values(scores: torch.Tensor) -> torch.Tensor:
-    """Each row's scores sorted in ascending order."""
+def ascending_values(scores: torch.Tensor, masked: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
+    """Each row's scores sorted in ascending order; ``scores`` is left unchanged.
+
+    ``masked``: (rows, cols) of entries that sort as −inf (e.g. a user's own train items), applied to
+    a copy slab by slab instead of to a masked copy of the whole chunk.
+    """
+    if masked is not None and len(masked[0]):
+        rows, cols = (np.asarray(m, dtype=np.int64) for m in masked)
+        order = np.argsort(rows, kind="stable")
+        rows, cols = rows[order], cols[order]
+    else:
+        rows = cols = None
     if scores.device.type != "cpu":
-        return scores.sort(dim=1).values
+        x = scores.clone()
+        if rows is not None:
+            x[torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)] = -torch.inf
+        return x.sort(dim=1).values
     x = _cpu_rows(scores)
     out = np.empty_like(x)
 
     def slab(a: int, b: int) -> None:
-        out[a:b] = np.sort(x[a:b], axis=1)
+        y = out[a:b]
+        y[:] = x[a:b]
+        if rows is not None:
+            lo, hi = np.searchsorted(rows, [a, b])
+            y[rows[lo:hi] - a, cols[lo:hi]] = -np.inf
+        y.sort(axis=1)
 
     _in_threads(slab, len(x))
     return torch.from_numpy(out)

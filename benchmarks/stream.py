@@ -1,8 +1,9 @@
 """Benchmark: the default full CCD stream on a bundled dataset.
 
 Prints one ``name: value`` line per figure: the wall seconds of every stage, ``total_seconds``,
-``peak_rss_mb``, the final stream ``teacher_LA/RA/H`` and ``student_LA/RA/H`` (Recall@20, the served
-student CL_k), and per block the served student's r_(k,k) against a student of the same size trained
+``peak_rss_mb`` (with ``--workers N``: this process's peak plus N times the largest worker's), the
+final stream ``teacher_LA/RA/H`` and ``student_LA/RA/H`` (Recall@20, the served student CL_k), and
+per block the served student's r_(k,k) against a student of the same size trained
 only on block k without a teacher (``baseline_rkk_k``).
 Targets on a 2-core CPU: Yelp <= 30 minutes; Gowalla <= 60 minutes and <= 6 GB peak RSS.
 """
@@ -30,6 +31,7 @@ def main() -> None:
         help="only train the no-teacher students of the run directory --out and print their r_(k,k) lines",
     )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--workers", type=int, default=None, help="processes training teacher members side by side")
     ap.add_argument(
         "--resume",
         action="store_true",
@@ -53,9 +55,10 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="ccdrec-bench-")) / "run"
     start = time.perf_counter()
     if args.resume:
-        rd = run_stream(None, out, resume=True, progress=False)
+        rd = run_stream(None, out, resume=True, progress=False, workers=args.workers)
     else:
-        rd = run_stream(load_config(args.dataset, args.preset, None, args.overrides), out, progress=False)
+        cfg = load_config(args.dataset, args.preset, None, args.overrides)
+        rd = run_stream(cfg, out, progress=False, workers=args.workers)
     total = time.perf_counter() - start
     state = rd.read_state()
     for name, secs in state["seconds"].items():
@@ -63,12 +66,23 @@ def main() -> None:
     if args.resume:
         total = sum(state["seconds"].values())  # every stage's own wall time, across the interruptions
     print(f"total_seconds: {total:.1f}")
-    print(f"peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+    print_memory(rd.load_config().workers)
     print_quality(rd)
     if not args.no_baseline:
         print_baseline(rd)
     if args.out is None:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def print_memory(workers: int) -> None:
+    """Peak resident memory: of this process, of the largest worker process, and their bound when
+    ``workers`` worker processes run beside this one (``peak_rss_mb``)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if workers > 1:
+        print(f"peak_rss_main_mb: {own:.0f}")
+        print(f"peak_rss_worker_mb: {child:.0f}")
+    print(f"peak_rss_mb: {own + (workers * child if workers > 1 else 0):.0f}")
 
 
 def print_quality(rd) -> None:

@@ -72,6 +72,18 @@ def test_resume_after_interruption_gives_identical_metrics(full_run, stream_dir,
     assert metric_lines(part) == metric_lines(out)
 
 
+def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp_path):
+    cfg, out = full_run
+    par = tmp_path / "par"
+    run_stream(cfg, par, progress=False, workers=2)
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731 - member stages may finish in any order
+    assert sorted(metric_lines(par), key=key) == sorted(metric_lines(out), key=key)
+    state = json.loads((par / "state.json").read_text())
+    assert {"b1/teacher0", "b1/teacher1", "b2/eval"} <= set(state["completed"])
+    with pytest.raises(CcdrecError, match="workers"):
+        run_stream(None, par, resume=True, progress=False, workers=0)
+
+
 def test_resume_rejects_a_corrupt_run_directory(full_run, tmp_path):
     _, out = full_run
     broken = tmp_path / "broken"

@@ -46,6 +46,13 @@ class CCDStream(TeacherStudentRun):
         self.proxies: tuple[Proxy, Proxy] | None = None
         last = len(stream) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream) - 1)
         self.last_block = last
+        self.workers = cfg.workers
+
+    @classmethod
+    def open_worker(cls, path: Path) -> CCDStream:
+        rd = RunDir.open(path)
+        cfg = rd.load_config()
+        return cls(cfg, rd, load_stream(cfg.dataset), progress=False)
 
     # --- stage list --------------------------------------------------------------------------
     def stage_list(self) -> list[tuple[str, Callable[[], dict]]]:
@@ -196,15 +203,24 @@ class CCDStream(TeacherStudentRun):
         return self.evaluate_and_show(models, k)
 
 
-def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool) -> tuple[RunConfig, RunDir]:
+def prepare_run(cfg: RunConfig | None, run_dir: Path, resume: bool, workers: int | None = None) -> tuple[RunConfig, RunDir]:
+    """The configuration and directory of a new run, or of the run to resume (its stored configuration).
+
+    ``workers``, if given, replaces the configuration's number of worker processes (it changes how
+    fast a run goes, not what it computes, so a run may be resumed with another number).
+    """
+    if workers is not None and workers < 1:
+        raise CcdrecError(f"workers must be at least 1, got {workers}")
     if resume:
         rd = RunDir.open(run_dir)
-        stored = rd.load_config()
-        return stored, rd
-    if cfg is None:
+        cfg = rd.load_config()
+    elif cfg is None:
         raise CcdrecError("a configuration is needed to start a run")
-    rd = RunDir(run_dir)
-    rd.create(cfg)
+    else:
+        rd = RunDir(run_dir)
+        rd.create(cfg)
+    if workers is not None:
+        cfg = cfg.model_copy(update={"workers": workers})
     return cfg, rd
 
 
@@ -215,9 +231,12 @@ def run_stream(
     progress: bool = True,
     stop_after: str | None = None,
     console: Console | None = None,
+    workers: int | None = None,
 ) -> RunDir:
-    """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report."""
-    cfg, rd = prepare_run(cfg, run_dir, resume)
+    """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report.
+
+    ``workers``: on resume, the number of worker processes to use instead of the stored one."""
+    cfg, rd = prepare_run(cfg, run_dir, resume, workers)
     if resume:
         rd.keep_metrics_of(set(rd.read_state()["completed"]))
     stream = load_stream(cfg.dataset)

@@ -185,6 +185,7 @@ def run_compare(
     bench: bool = True,
     bench_repeats: int = 3,
     from_run: Path | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
@@ -226,16 +227,16 @@ def run_compare(
         d = out / "ccd"
         _check_fresh(d)
         console.print(f"[bold]== ccd[/bold] ({d})")
-        run_stream(None if _started(d) else cfg, d, resume=_started(d), progress=progress, console=console)
+        run_stream(None if _started(d) else cfg, d, resume=_started(d), progress=progress, console=console, workers=workers)
         base = d
     for m in (x for x in methods if x != "ccd"):
         d = out / m
         _check_fresh(d)
         console.print(f"[bold]== {m}[/bold] ({d})")
         if _started(d):
-            run_competitor(None, d, m, resume=True, progress=progress, console=console)
+            run_competitor(None, d, m, resume=True, progress=progress, console=console, workers=workers)
         else:
-            run_competitor(cfg, d, m, progress=progress, console=console, base_from=base)
+            run_competitor(cfg, d, m, progress=progress, console=console, base_from=base, workers=workers)
         base = base or d
     for a in ablations:
         d = out / ablation_dir(a)
@@ -245,7 +246,7 @@ def run_compare(
             rd = RunDir(d)
             rd.create(ablation_config(cfg, a))
             share_ccd_base(RunDir(out / "ccd"), rd, n)
-        run_stream(None, d, resume=True, progress=progress, console=console)
+        run_stream(None, d, resume=True, progress=progress, console=console, workers=workers)
     bench_rows = None
     if "ccd" in methods:
         from ccdrec.serve_bench import bench_records, bench_serve, read_bench

@@ -169,6 +169,13 @@ class CLStream(TeacherStudentRun):
         self.student: Recommender | None = None
         self.last_block = len(stream) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream) - 1)
         self._knn: dict[int, tuple] = {}
+        self.workers = cfg.workers
+
+    @classmethod
+    def open_worker(cls, path: Path) -> CLStream:
+        rd = RunDir.open(path)
+        cfg = rd.load_config()
+        return cls(cfg, rd, load_stream(cfg.dataset), rd.read_state()["method"], progress=False)
 
     def name(self, role: str) -> str:
         return f"{self.method}:{role}"
@@ -289,6 +296,7 @@ def run_competitor(
     stop_after: str | None = None,
     console: Console | None = None,
     base_from: Path | None = None,
+    workers: int | None = None,
 ) -> RunDir:
     """Run (or resume) one CL method over a stream into ``run_dir``; writes metrics and the run report.
 
@@ -296,7 +304,7 @@ def run_competitor(
     shares instead of training them again; its configuration must agree on block 0.
     """
     check_method(method)
-    cfg, rd = prepare_run(cfg, run_dir, resume)
+    cfg, rd = prepare_run(cfg, run_dir, resume, workers)
     if resume:
         rd.keep_metrics_of(set(rd.read_state()["completed"]))
         method = rd.read_state().get("method", method)

@@ -15,13 +15,16 @@ checkpoint files are hard-linked (copied where links are impossible), the stages
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from ccdrec.data.stream import Stream
@@ -43,7 +46,17 @@ def stage_block(name: str) -> int:
 
 
 class StagedRun:
-    """Runs ``stage_list()`` in order, skipping completed stages; subclasses define stages and ``restore``."""
+    """Runs ``stage_list()`` in order, skipping completed stages; subclasses define stages and ``restore``.
+
+    Stages that :meth:`parallel_group` puts in one group (a block's teacher members: each depends only
+    on its own previous version and on checkpoints written before the group) may run side by side in
+    ``workers`` processes. A worker rebuilds the run from its directory with :meth:`open_worker`,
+    runs one stage, which writes its checkpoints, and hands back the stage's pointers and rows; only
+    this process writes ``state.json`` and ``metrics.jsonl``, so an interruption loses at most the
+    stages still running, and a resumed run repeats exactly those.
+    """
+
+    workers = 1
 
     def __init__(self, run_dir: RunDir, progress: bool = True, console: Console | None = None):
         self.rd = run_dir
@@ -56,6 +69,15 @@ class StagedRun:
 
     def restore(self) -> None:
         """Load the models the pointers of ``state.json`` name (resume)."""
+
+    def parallel_group(self, name: str) -> str | None:
+        """A key shared by stages that may run side by side (None: run this stage alone)."""
+        return None
+
+    @classmethod
+    def open_worker(cls, path: Path) -> StagedRun:
+        """This run, rebuilt in a worker process from its directory (without progress display)."""
+        raise NotImplementedError
 
     def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
         for row in rows:
@@ -74,15 +96,49 @@ class StagedRun:
         if done - known:
             raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
         self.restore()
-        for name, fn in todo:
-            if name in done:
-                continue
+        todo = [(name, fn) for name, fn in todo if name not in done]
+        i = 0
+        while i < len(todo):
+            name, fn = todo[i]
+            group = self.parallel_group(name) if self.workers > 1 else None
+            if group is not None:
+                names = [name]
+                while i + len(names) < len(todo) and self.parallel_group(todo[i + len(names)][0]) == group:
+                    names.append(todo[i + len(names)][0])
+                if len(names) > 1:
+                    self.run_parallel(names)
+                    i += len(names)
+                    if stop_after in names:
+                        raise StopRequested(stop_after)
+                    continue
             self.console.print(f"[bold]{name}[/bold]")
             start = time.perf_counter()
             out = fn()
             self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, stage_block(name))
+            i += 1
             if stop_after == name:
                 raise StopRequested(name)
+
+    def run_parallel(self, names: list[str]) -> None:
+        """Run the stages ``names`` in ``workers`` spawned processes, completing each as it finishes,
+        then reload the models their pointers name."""
+        workers = min(self.workers, len(names))
+        threads = max(1, torch.get_num_threads() // workers)
+        self.console.print(f"[bold]{', '.join(names)}[/bold] ({workers} processes, {threads} threads each)")
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads): n for n in names}
+            try:
+                for fut in as_completed(futures):
+                    name = futures[fut]
+                    out, seconds = fut.result()
+                    self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name))
+                    self.console.print(f"  {name} done ({seconds:.1f} s)")
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        self.restore()
 
 
 class TeacherStudentRun(StagedRun):
@@ -107,6 +163,11 @@ class TeacherStudentRun(StagedRun):
         if "student" in ptr:
             self.student = self.load(ptr["student"])
 
+    def parallel_group(self, name: str) -> str | None:
+        """A block's teacher member stages (``bK/teacherM``) may run side by side."""
+        block, _, role = name.partition("/")
+        return f"{block}/teachers" if role.startswith("teacher") else None
+
     def ensemble(self) -> RankEnsemble:
         """The rank ensemble of the current teacher members (method.md 6)."""
         return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
@@ -121,6 +182,17 @@ class TeacherStudentRun(StagedRun):
                     f"  block {k}  {r['model']:<{width}} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
                 )
         return {"pointers": {}, "rows": rows}
+
+
+def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float]:
+    """Worker process: rebuild the run of ``kind`` at ``path``, run stage ``name``, return its result."""
+    torch.set_num_threads(threads)
+    runner = kind.open_worker(Path(path))
+    runner.restore()
+    fn = dict(runner.stage_list())[name]
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:

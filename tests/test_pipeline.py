@@ -84,6 +84,27 @@ def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp
         run_stream(None, par, resume=True, progress=False, workers=0)
 
 
+def test_shared_teacher_replay_candidates_change_nothing(full_run):
+    import torch
+
+    from ccdrec.pipeline import stages
+    from ccdrec.pipeline.ccd import CCDStream
+
+    _, out = full_run
+    run = CCDStream.open_worker(out)
+    run.restore()
+    block, prev = run.stream[2], run.stream[1]
+    cands = stages.teacher_candidates(*run.proxies, run.served, block, prev, run.cfg, "cpu")
+    assert set(cands) == {"stability", "student"}  # the default budgets: n_S = n_C = 5, n_P = 0
+    for member in run.members:
+        a, b = (
+            stages.update_teacher(member, *run.proxies, run.served, block, prev, run.cfg, 3, candidates=c).model
+            for c in (None, cands)
+        )
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), name
+
+
 def test_resume_rejects_a_corrupt_run_directory(full_run, tmp_path):
     _, out = full_run
     broken = tmp_path / "broken"

@@ -155,3 +155,20 @@ def test_distill_student_negatives_avoid_the_teachers_lists_and_extra_pairs(monk
     assert seen["exclude"].shape == (block.n_users, block.n_items)
     assert set(zip(excl.row.tolist(), excl.col.tolist(), strict=True)) == {(0, 5), (0, 7), (2, 9)}
     assert isinstance(seen["extra_loss"], RRDObjective)
+
+
+def test_uninteresting_mask_marks_interesting_and_observed_sampled_columns():
+    from ccdrec.distill.rrd import _Side
+
+    rng = np.random.default_rng(2)
+    n_rows, n_cols = 30, 25
+    top = rng.integers(-1, n_cols, (n_rows, 4))
+    observed = sp.csr_matrix((rng.random((n_rows, n_cols)) < 0.15).astype(np.float32))
+    side = _Side(top, n_cols, 12, observed)
+    rows = torch.from_numpy(np.sort(rng.choice(n_rows, 9, replace=False)))
+    cols = torch.from_numpy(rng.integers(0, n_cols, 40))  # with repeated columns
+    dense = observed.toarray() > 0
+    for r in range(n_rows):
+        dense[r, top[r][top[r] >= 0]] = True
+    expected = dense[rows.numpy()][:, cols.numpy()]
+    np.testing.assert_array_equal(side._excluded(rows, cols).numpy(), expected)

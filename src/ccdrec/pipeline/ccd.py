@@ -1,8 +1,9 @@
 """The CCD stream end to end (method.md 4-5): the stage order, checkpoints, evaluation, resume.
 
 Block 0: train every teacher member, ensemble E_0, distil D_0, SP_0 = PP_0 = D_0.
-Block k >= 1, in this order: student update (CL_k), teacher update of every member, ensemble E_k,
-student generation (D_k). After each block, E_k, CL_k and D_k are evaluated on the test split of every
+Block k >= 1, in this order: student update (CL_k), the teacher-side replay candidates of SP, PP and
+CL_k (computed once, shared by the members), teacher update of every member, ensemble E_k, student
+generation (D_k). After each block, E_k, CL_k and D_k are evaluated on the test split of every
 block j <= k (the r_{k,j} protocol, method.md 8) and on block k's new users.
 
 Each stage is named (``b0/teacher2``, ``b3/student_update``, ...), seeded from the run seed and its
@@ -21,6 +22,7 @@ from rich.console import Console
 
 from ccdrec.config import RunConfig
 from ccdrec.continual.proxy import Proxy
+from ccdrec.continual.replay import Candidates
 from ccdrec.data.stream import Stream, load_stream, pad_to
 from ccdrec.device import resolve_device
 from ccdrec.distill.ensemble import top_matrix
@@ -64,6 +66,8 @@ class CCDStream(TeacherStudentRun):
         out.append(("b0/eval", lambda: self.evaluate(0)))
         for k in range(1, self.last_block + 1):
             out.append((f"b{k}/student_update", lambda k=k: self.student_update(k)))
+            if self.cfg.teacher.student_knowledge:
+                out.append((f"b{k}/replay_candidates", lambda k=k: self.replay_candidates(k)))
             for m in range(n):
                 out.append((f"b{k}/teacher{m}", lambda k=k, m=m: self.teacher_update(k, m)))
             out.append((f"b{k}/student", lambda k=k: self.distil(k)))
@@ -175,6 +179,28 @@ class CCDStream(TeacherStudentRun):
         rows = [fit_row("served", res.fit, k, replay_pairs=int(np.mean(replayer.sizes)) if replayer.sizes else 0)]
         return {"pointers": pointers, "rows": rows}
 
+    def replay_candidates(self, k: int) -> dict:
+        """The teacher-side replay candidates of SP, PP and CL_k for block k, shared by every member (5.3)."""
+        block, prev = self.stream[k], self.stream[k - 1]
+        found = stages.teacher_candidates(*self.proxies, self.served, block, prev, self.cfg, self.device)
+        tensors = {"users": torch.from_numpy(stages.old_active_users(block))}
+        for name, c in found.items():
+            tensors[f"{name}_items"], tensors[f"{name}_scores"] = c.items, c.scores
+        return {"pointers": {"replay_candidates": self.rd.save_tensors(f"b{k}_replay_candidates", tensors)}, "rows": []}
+
+    def load_candidates(self, k: int) -> dict[str, Candidates] | None:
+        """Block k's saved teacher-side replay candidates (None when this run has not computed them)."""
+        ptr = self.state["pointers"].get("replay_candidates")
+        if ptr != f"b{k}_replay_candidates":
+            return None
+        t = self.rd.load_tensors(ptr)
+        users = t["users"].numpy()
+        return {
+            name: Candidates(users, t[f"{name}_items"].to(self.device), t[f"{name}_scores"].to(self.device))
+            for name in stages.TEACHER_SOURCES
+            if f"{name}_items" in t
+        }
+
     def teacher_update(self, k: int, m: int) -> dict:
         block, prev = self.stream[k], self.stream[k - 1]
         know = self.cfg.teacher.student_knowledge
@@ -190,6 +216,7 @@ class CCDStream(TeacherStudentRun):
             stages.stage_seed(self.cfg.teacher.members[m].seed, f"b{k}/teacher{m}"),
             self.progress,
             label=f"D_{k} teacher {m} update",
+            candidates=self.load_candidates(k) if know else None,
         )
         self.members[m] = res.model
         ptr = self.save(f"b{k}_teacher{m}", res.model, k)

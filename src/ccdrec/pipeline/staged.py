@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -125,19 +126,27 @@ class StagedRun:
         workers = min(self.workers, len(names))
         threads = max(1, torch.get_num_threads() // workers)
         self.console.print(f"[bold]{', '.join(names)}[/bold] ({workers} processes, {threads} threads each)")
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(os.getpid(),),
+        )
+        try:
             futures = {pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads): n for n in names}
-            try:
-                for fut in as_completed(futures):
-                    name = futures[fut]
-                    out, seconds = fut.result()
-                    self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name))
-                    self.console.print(f"  {name} done ({seconds:.1f} s)")
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            for fut in as_completed(futures):
+                name = futures[fut]
+                out, seconds = fut.result()
+                self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name))
+                self.console.print(f"  {name} done ({seconds:.1f} s)")
+        except BaseException:
+            # interrupted, or a stage failed: stop the other workers now instead of waiting for them
+            processes = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in processes:
+                proc.terminate()
+            raise
+        pool.shutdown()
         self.restore()
 
 
@@ -182,6 +191,17 @@ class TeacherStudentRun(StagedRun):
                     f"  block {k}  {r['model']:<{width}} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
                 )
         return {"pointers": {}, "rows": rows}
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker process when the process that started it is gone (killed mid-group)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _start_worker(parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float]:

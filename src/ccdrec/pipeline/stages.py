@@ -138,7 +138,7 @@ class Replayer:
 
     def __init__(
         self,
-        sources: list[tuple[Scorer, int]],
+        sources: list[tuple[Scorer | Candidates, int]],
         users: np.ndarray,
         exclude: sp.csr_matrix,
         rc: ReplayConfig,
@@ -158,13 +158,16 @@ class Replayer:
     def active(self) -> bool:
         return bool(self.sources) and len(self.users) > 0
 
+    def candidates_of(self, scorer: Scorer, device) -> Candidates:
+        """A source's top-A candidates for this replayer's users and exclusions."""
+        return replay_candidates(scorer, self.users, self.n_items, self.exclude, self.rc.top_a, device=device)
+
     def sample(self, model: Recommender) -> ReplaySet:
         if not self.active:
             return ReplaySet.empty()
         if self.candidates is None:
             self.candidates = [
-                (replay_candidates(s, self.users, self.n_items, self.exclude, self.rc.top_a, device=model.device), n)
-                for s, n in self.sources
+                (s if isinstance(s, Candidates) else self.candidates_of(s, model.device), n) for s, n in self.sources
             ]
         self.replay = sample_replay(
             model.scorer(context=self.context),
@@ -246,6 +249,46 @@ def update_proxies(sp_proxy: Proxy, pp_proxy: Proxy, student: EmbeddingModel, w_
     return ema_update(sp_proxy, student, w_s), ema_update(pp_proxy, student, w_p)
 
 
+TEACHER_SOURCES = ("stability", "plasticity", "student")
+
+
+def teacher_replay_sources(
+    sp_proxy: Proxy | None,
+    pp_proxy: Proxy | None,
+    served: Recommender | None,
+    rc: ReplayConfig,
+    n_items: int,
+    candidates: dict[str, Candidates] | None = None,
+) -> dict[str, tuple[Scorer | Candidates, int]]:
+    """The replay sources of a teacher update with a budget (5.3): SP, PP and CL_k by name, each as its
+    precomputed ``candidates`` when given, else as a scorer of the block's universe."""
+    given = candidates or {}
+    scorers = {
+        "stability": (lambda: sp_proxy.scorer(n_items=n_items), sp_proxy, rc.n_stability),
+        "plasticity": (lambda: pp_proxy.scorer(n_items=n_items), pp_proxy, rc.n_plasticity),
+        "student": (lambda: served.scorer(), served, rc.n_student),
+    }
+    return {
+        name: (given[name] if name in given else make(), n)
+        for name, (make, source, n) in scorers.items()
+        if source is not None and n > 0
+    }
+
+
+def teacher_candidates(
+    sp_proxy: Proxy | None, pp_proxy: Proxy | None, served: Recommender | None, block: Block, prev: Block, cfg: RunConfig, device
+) -> dict[str, Candidates]:
+    """Block k's replay candidates of SP, PP and CL_k for the teacher update (5.3). They are the same for
+    every member, so they are computed once per block instead of once per member."""
+    rc = cfg.teacher_replay(block.index)
+    users, observed = old_active_users(block), past_train(block, prev)
+    sources = teacher_replay_sources(sp_proxy, pp_proxy, served, rc, block.n_items)
+    return {
+        name: replay_candidates(scorer, users, block.n_items, observed, rc.top_a, device=device)
+        for name, (scorer, _) in sources.items()
+    }
+
+
 def update_teacher(
     member: Recommender,
     sp_proxy: Proxy | None,
@@ -257,12 +300,14 @@ def update_teacher(
     seed: int,
     progress=False,
     label: str = "",
+    candidates: dict[str, Candidates] | None = None,
 ) -> StageResult:
     """Stage 3 (method.md 5.3): grow member m, then BPR + λ_LWC·LWC-KD + replay from SP, PP and CL_k.
 
     Replay ranks against the teacher's own current ranking. Mult-VAE members take the replayed pairs
     into their input/target rows (value 0.1) and a KL term towards their previous outputs instead.
-    Pass ``None`` proxies / student for a teacher update without student-side knowledge.
+    Pass ``None`` proxies / student for a teacher update without student-side knowledge;
+    ``candidates``: the sources' :func:`teacher_candidates` of this block, if already computed.
     """
     seed_everything(seed)
     t = cfg.teacher
@@ -270,13 +315,7 @@ def update_teacher(
     n_u, n_i = block.n_users, block.n_items
     rc = cfg.teacher_replay(k)
     observed = past_train(block, prev)
-    sources = []
-    if sp_proxy is not None:
-        sources.append((sp_proxy.scorer(n_items=n_i), rc.n_stability))
-    if pp_proxy is not None:
-        sources.append((pp_proxy.scorer(n_items=n_i), rc.n_plasticity))
-    if served is not None:
-        sources.append((served.scorer(), rc.n_student))
+    sources = list(teacher_replay_sources(sp_proxy, pp_proxy, served, rc, n_i, candidates).values())
     model = member.clone()
     if isinstance(model, MultVAE):
         model.grow(n_u, n_i, block.train_matrix, cfg.student.init)

@@ -172,6 +172,15 @@ def test_ablations_change_only_their_switch_and_share_block_zero():
         ablation_config(cfg, "no-such")
 
 
+def test_an_ablation_that_changes_nothing_is_skipped():
+    from ccdrec.pipeline.compare import effective_ablations
+
+    plain = load_config("yelp")  # n_P = 0 on both sides already
+    assert effective_ablations(plain, ["no-plasticity", "no-stability"]) == ["no-stability"]
+    paper = load_config("yelp", preset="paper-yelp")  # per-block n_P > 0
+    assert effective_ablations(paper, ["no-plasticity", "no-stability"]) == ["no-plasticity", "no-stability"]
+
+
 def test_no_replay_samples_nothing(small, base_mf):
     cfg = cfg_with("student.replay.n_stability=3", "student.replay.n_plasticity=2")
     proxy = Proxy.from_model(base_mf)

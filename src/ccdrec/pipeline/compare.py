@@ -94,6 +94,19 @@ def ablation_config(cfg: RunConfig, name: str) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
+def effective_ablations(cfg: RunConfig, ablations: list[str], console: Console | None = None) -> list[str]:
+    """The ``ablations`` whose switch changes ``cfg`` (e.g. no-plasticity does nothing where n_P is 0
+    on both sides already, as in the Yelp preset); the others are reported on ``console`` and dropped."""
+    out = []
+    for a in ablations:
+        if ablation_config(cfg, a) == cfg:
+            if console is not None:
+                console.print(f"ablation {a} ({ABLATIONS[a][0]}) changes nothing in this configuration: skipped")
+        else:
+            out.append(a)
+    return out
+
+
 def parse_methods(text: str) -> list[str]:
     """``"ccd,finetune,lwckd"`` -> the list, validated and without repeats."""
     out: list[str] = []
@@ -213,6 +226,7 @@ def run_compare(
         for a in ablations:
             if a not in ABLATIONS:
                 raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
+        ablations = effective_ablations(cfg, ablations, console)
         if (ablations or from_run is not None) and "ccd" not in methods:
             methods.insert(0, "ccd")
         plan = {"version": 1, "methods": methods, "ablations": ablations}
@@ -271,4 +285,13 @@ def comparison_runs(out: Path, methods: list[str], ablations: list[str]) -> dict
     return runs
 
 
-__all__ = ["ABLATIONS", "METHODS", "ablation_config", "comparison_runs", "parse_ablations", "parse_methods", "run_compare"]
+__all__ = [
+    "ABLATIONS",
+    "METHODS",
+    "ablation_config",
+    "comparison_runs",
+    "effective_ablations",
+    "parse_ablations",
+    "parse_methods",
+    "run_compare",
+]

@@ -7,9 +7,10 @@ descending order is read from one sort of packed keys (order-preserving score bi
 the column in the low half). NumPy sorts on one core, so the rows are split over
 ``torch.get_num_threads()`` threads (NumPy releases the GIL), and each thread works through its rows
 in small slabs so that the packed keys stay in cache: building the keys, sorting them and scattering
-the rank weights of 1,024 x 41,000 scores takes 0.3 s here, against 0.4-1.6 s for the same steps done
-on the whole chunk at once (memory-bound passes over 330 MB temporaries). On CUDA, torch's own sorts
-are used.
+the rank weights of 1,024 x 41,000 scores takes 0.25 s here with 2 threads, against 0.4-1.6 s for the
+same steps done on the whole chunk at once (memory-bound passes over 330 MB temporaries; a Gowalla
+block-1 evaluation of the 7-member ensemble went from 91 s to 38 s). On CUDA, torch's own sorts are
+used.
 """
 
 from __future__ import annotations

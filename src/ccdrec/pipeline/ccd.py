@@ -262,7 +262,7 @@ def run_stream(
 ) -> RunDir:
     """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report.
 
-    ``workers``: on resume, the number of worker processes to use instead of the stored one."""
+    ``workers``: the number of worker processes, instead of the configuration's (see :func:`prepare_run`)."""
     cfg, rd = prepare_run(cfg, run_dir, resume, workers)
     if resume:
         rd.keep_metrics_of(set(rd.read_state()["completed"]))

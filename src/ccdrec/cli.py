@@ -156,7 +156,7 @@ def run(
     progress: bool = typer.Option(True, help="show live progress"),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
     workers: int | None = typer.Option(
-        None, help="processes training a block's teacher members side by side (default 1; 2 on a 2-core CPU is faster)"
+        None, help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
     ),
 ) -> None:
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
@@ -225,7 +225,7 @@ def compare(
     progress: bool = typer.Option(True, help="show live progress"),
     threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
     workers: int | None = typer.Option(
-        None, help="processes training a block's teacher members side by side (default 1; 2 on a 2-core CPU is faster)"
+        None, help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
     ),
 ) -> None:
     """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.

@@ -155,10 +155,9 @@ def rank_of(
     out = np.empty(items.shape, dtype=np.int64)
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
-        scores = _fit_columns(scorer(torch.from_numpy(batch).to(device)), n_items)
+        scores = _fit_columns(scorer(torch.from_numpy(batch).to(device)), n_items, copy=False)
         target = scores.gather(1, torch.from_numpy(items[start : start + chunk]).to(scores.device))
-        scores = _mask(scores, *_excluded(exclude, batch, n_items))
-        ranks = _count_above(ascending_values(scores), target)
+        ranks = _count_above(ascending_values(scores, masked=_excluded(exclude, batch, n_items)), target)
         out[start : start + len(batch)] = ranks.cpu().numpy()
     return out
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from ccdrec.allocator import keep_freed_memory
 from ccdrec.data.stream import Stream
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
@@ -91,6 +92,7 @@ class StagedRun:
         self.rd.write_state(self.state)
 
     def run(self, stop_after: str | None = None) -> None:
+        keep_freed_memory()
         done = set(self.state["completed"])
         todo = self.stage_list()
         known = {name for name, _ in todo}
@@ -207,6 +209,7 @@ def _start_worker(parent: int) -> None:
 def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float]:
     """Worker process: rebuild the run of ``kind`` at ``path``, run stage ``name``, return its result."""
     torch.set_num_threads(threads)
+    keep_freed_memory()
     runner = kind.open_worker(Path(path))
     runner.restore()
     fn = dict(runner.stage_list())[name]

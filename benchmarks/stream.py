@@ -66,7 +66,7 @@ def main() -> None:
     if args.resume:
         total = sum(state["seconds"].values())  # every stage's own wall time, across the interruptions
     print(f"total_seconds: {total:.1f}")
-    print_memory(rd.load_config().workers)
+    print_memory(state, rd.load_config().workers)
     print_quality(rd)
     if not args.no_baseline:
         print_baseline(rd)
@@ -74,15 +74,20 @@ def main() -> None:
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
-def print_memory(workers: int) -> None:
-    """Peak resident memory: of this process, of the largest worker process, and their bound when
-    ``workers`` worker processes run beside this one (``peak_rss_mb``)."""
+def print_memory(state: dict, workers: int) -> None:
+    """Peak resident memory: of this process, of the largest worker stage (a block's teacher member
+    stages ``bK/teacherM`` run in workers), and their bound when ``workers`` worker processes run
+    beside this one (``peak_rss_mb``). A stage's own peak comes from ``state.json``."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peaks = state.get("peak_rss_mb", {})
+    for name, mb in peaks.items():
+        print(f"stage_peak_rss_mb[{name}]: {mb:.0f}")
     if workers > 1:
+        worker = max((mb for name, mb in peaks.items() if name.partition("/")[2].startswith("teacher")), default=0.0)
         print(f"peak_rss_main_mb: {own:.0f}")
-        print(f"peak_rss_worker_mb: {child:.0f}")
-    print(f"peak_rss_mb: {own + (workers * child if workers > 1 else 0):.0f}")
+        print(f"peak_rss_worker_mb: {worker:.0f}")
+        own += workers * worker
+    print(f"peak_rss_mb: {own:.0f}")
 
 
 def print_quality(rd) -> None:

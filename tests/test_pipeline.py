@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def test_run_writes_every_evaluation_and_report(full_run):
     assert {r["k"] for r in rows if r["kind"] == "new_users"} == {1, 2}
     report = (out / "report.md").read_text()
     assert "r_(k,j)" in report and (out / "plots" / "h_per_block.png").stat().st_size > 1000
+    state = json.loads((out / "state.json").read_text())
+    if sys.platform.startswith("linux"):  # every stage's own peak RSS: at least the interpreter with torch loaded
+        assert set(state["peak_rss_mb"]) == set(state["completed"]) and min(state["peak_rss_mb"].values()) > 50
+        assert "peak RSS (MB)" in report
     summary = tables.summary(rows)
     assert set(summary.index) == {"teacher", "student", "served"}
     # the served student is far above random on the block it was trained on
@@ -80,6 +85,8 @@ def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp
     assert sorted(metric_lines(par), key=key) == sorted(metric_lines(out), key=key)
     state = json.loads((par / "state.json").read_text())
     assert {"b1/teacher0", "b1/teacher1", "b2/eval"} <= set(state["completed"])
+    if sys.platform.startswith("linux"):  # measured in the worker that ran the stage, too
+        assert set(state["peak_rss_mb"]) == set(state["completed"])
     with pytest.raises(CcdrecError, match="workers"):
         run_stream(None, par, resume=True, progress=False, workers=0)
 

@@ -293,7 +293,7 @@ def bench_serve_command(
 
 def main() -> None:
     """Entry point: user mistakes become one-line errors with exit code 2."""
-    from ccdrec.allocator import keep_freed_memory
+    from ccdrec.memory import keep_freed_memory
 
     keep_freed_memory()
     try:

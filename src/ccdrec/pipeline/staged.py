@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ccdrec.allocator import keep_freed_memory
 from ccdrec.data.stream import Stream
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
 from ccdrec.eval.metrics import evaluate_many
+from ccdrec.memory import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
 from ccdrec.pipeline.rundir import RunDir
 
 Stage = tuple[str, Callable[[], dict]]
@@ -81,13 +81,17 @@ class StagedRun:
         """This run, rebuilt in a worker process from its directory (without progress display)."""
         raise NotImplementedError
 
-    def complete(self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int) -> None:
+    def complete(
+        self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int, peak_mb: float | None = None
+    ) -> None:
         for row in rows:
             row.setdefault("stage", name)
         self.rd.append_metrics(rows)
         self.state["pointers"].update(pointers)
         self.state["completed"].append(name)
         self.state["seconds"][name] = round(seconds, 3)
+        if peak_mb is not None:
+            self.state.setdefault("peak_rss_mb", {})[name] = round(peak_mb)
         self.state["block"] = block
         self.rd.write_state(self.state)
 
@@ -115,9 +119,8 @@ class StagedRun:
                         raise StopRequested(stop_after)
                     continue
             self.console.print(f"[bold]{name}[/bold]")
-            start = time.perf_counter()
-            out = fn()
-            self.complete(name, out["pointers"], out["rows"], time.perf_counter() - start, stage_block(name))
+            out, seconds, peak = run_measured(fn)
+            self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name), peak)
             i += 1
             if stop_after == name:
                 raise StopRequested(name)
@@ -138,8 +141,8 @@ class StagedRun:
             futures = {pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads): n for n in names}
             for fut in as_completed(futures):
                 name = futures[fut]
-                out, seconds = fut.result()
-                self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name))
+                out, seconds, peak = fut.result()
+                self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name), peak)
                 self.console.print(f"  {name} done ({seconds:.1f} s)")
         except BaseException:
             # interrupted, or a stage failed: stop the other workers now instead of waiting for them
@@ -206,16 +209,25 @@ def _start_worker(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float]:
+def run_measured(fn: Callable[[], dict]) -> tuple[dict, float, float | None]:
+    """A stage's result, wall seconds and own peak resident memory in MB (None where not measurable);
+    the heap's free pages go back to the system after it (:mod:`ccdrec.memory`)."""
+    reset_peak_rss()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+    release_freed_memory()
+    return out, seconds, peak
+
+
+def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float, float | None]:
     """Worker process: rebuild the run of ``kind`` at ``path``, run stage ``name``, return its result."""
     torch.set_num_threads(threads)
     keep_freed_memory()
     runner = kind.open_worker(Path(path))
     runner.restore()
-    fn = dict(runner.stage_list())[name]
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+    return run_measured(dict(runner.stage_list())[name])
 
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:

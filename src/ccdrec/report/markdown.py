@@ -65,9 +65,10 @@ def write_report(rd) -> Path:
     lines.append(_md(tables.new_users(rows)))
     lines.append("## Training (best epoch by validation recall@20 of the block)\n")
     lines.append(_md(tables.fit_table(rows), ".3f"))
-    lines.append("## Time per stage (seconds)\n")
+    lines.append("## Time and peak memory per stage\n")
     secs = pd.Series(state.get("seconds", {}), name="seconds", dtype=float)
-    lines.append(_md(secs.to_frame(), ".1f"))
+    peaks = pd.Series(state.get("peak_rss_mb", {}), name="peak RSS (MB)", dtype=float)
+    lines.append(_md(pd.concat([secs, peaks.reindex(secs.index)], axis=1), ".1f"))
     lines.append(f"Total: {secs.sum():.1f} s\n")
     out.write_text("\n".join(lines))
     return out

@@ -1,0 +1,48 @@
+"""ccdrec.memory: large freed blocks stay in the heap until released; a stage's own peak RSS."""
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc only")
+
+PROBE = """
+import ctypes, numpy as np
+from ccdrec import memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+def mapped_by(nbytes):
+    before = libc.mallinfo2().hblkhd
+    a = np.ones(nbytes // 8)
+    mapped = libc.mallinfo2().hblkhd - before
+    del a
+    return mapped
+print(mapped_by(64 << 20))
+print(memory.keep_freed_memory())
+print(mapped_by(64 << 20))
+held = rss_mb()
+memory.release_freed_memory()
+print(held - rss_mb())
+print(memory.reset_peak_rss())
+base = memory.peak_rss_mb()
+a = np.ones(200 << 17); del a
+print(memory.peak_rss_mb() - base)
+memory.release_freed_memory(); memory.reset_peak_rss()
+print(memory.peak_rss_mb() - base)
+"""
+
+
+def test_heap_policy_and_stage_peak():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) >= 64 << 20  # glibc's default: a fresh mmap for a 64 MB block
+    assert out[1] == "True"
+    assert int(out[2]) == 0  # now served from the heap, and kept there when freed ...
+    assert float(out[3]) > 50  # ... until released
+    assert out[4] == "True"
+    assert float(out[5]) > 190  # a 200 MB block raises the peak
+    assert float(out[6]) < 50  # reset: the peak restarts from the current RSS

@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--skip-gowalla", action="store_true", help="skip the Gowalla evaluation figure")
     ap.add_argument("--gowalla-only", action="store_true", help="only the Gowalla evaluation (own process)")
     args = ap.parse_args()
+    from ccdrec.memory import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI and staged runs do (ccdrec.memory)
     if args.gowalla_only:
         gowalla_eval()
         return

@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--member", type=int, default=0, help="the ensemble member to update")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     args = ap.parse_args()
+    from ccdrec.memory import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI and staged runs do (ccdrec.memory)
 
     import numpy as np
     from pydantic import ValidationError

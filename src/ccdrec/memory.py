@@ -4,13 +4,15 @@ glibc's ``malloc`` serves a request above ``M_MMAP_THRESHOLD`` (at most 32 MB by
 ``mmap`` and unmaps it on ``free``; every page of the next such block is then a page fault. Scores and
 logits here are blocks of that size at every step: a batch of 256 Gowalla users' Mult-VAE logits is
 256 x 41,000 floats (42 MB), an evaluation chunk's scores 168 MB. Faulting their pages in again at each
-allocation made a Mult-VAE training step on one thread take 150 ms instead of 80 ms.
+allocation made a Mult-VAE training step on one thread take 150 ms.
 
-:func:`keep_freed_memory` raises the mmap and trim thresholds to 256 MB, so such blocks stay in the heap
-and are reused; :func:`release_freed_memory` hands the heap's free pages back to the system
-(``malloc_trim``), which a staged run does after every stage. With 1 GB thresholds and no release, the
-holes left in the heap grew a Gowalla run's main process to 7.4 GB. Without glibc (macOS, Windows,
-musl) these do nothing.
+:func:`keep_freed_memory` raises the mmap threshold to 64 MB and the trim threshold to 512 MB, so such
+training blocks stay in the heap and are reused (a Mult-VAE step: 72 ms), while larger ones (evaluation
+chunks) are still mapped and unmapped; :func:`release_freed_memory` hands the heap's free pages back to
+the system (``malloc_trim``), which a staged run does after every stage. Higher thresholds were faster
+still but fragmented the heap: with 256 MB, the 168 MB score chunks of a Gowalla block's replay
+candidates left holes that took that stage from 0.9 GB to 4.0 GB, and with 1 GB and no release a whole
+Gowalla run's main process reached 7.4 GB. Without glibc (macOS, Windows, musl) these do nothing.
 
 :func:`reset_peak_rss` and :func:`peak_rss_mb` measure one stage's own peak (Linux ``VmHWM``, reset
 through ``/proc/self/clear_refs``); ``ru_maxrss`` cannot, as it never goes down, and a spawned
@@ -26,7 +28,8 @@ from pathlib import Path
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-LIMIT = 256 << 20
+MMAP_LIMIT = 64 << 20
+TRIM_LIMIT = 512 << 20
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -42,9 +45,12 @@ def _libc():
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds to 256 MB in this process; False where that is not possible."""
+    """Set glibc's mmap threshold to 64 MB and trim threshold to 512 MB in this process; False where
+    that is not possible."""
     libc = _libc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, LIMIT)) and bool(libc.mallopt(M_TRIM_THRESHOLD, LIMIT))
+    return (
+        libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_LIMIT)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_LIMIT))
+    )
 
 
 def release_freed_memory() -> None:

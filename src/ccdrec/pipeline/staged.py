@@ -212,11 +212,11 @@ def _start_worker(parent: int) -> None:
 def run_measured(fn: Callable[[], dict]) -> tuple[dict, float, float | None]:
     """A stage's result, wall seconds and own peak resident memory in MB (None where not measurable);
     the heap's free pages go back to the system after it (:mod:`ccdrec.memory`)."""
-    reset_peak_rss()
+    measurable = reset_peak_rss()  # else VmHWM would be the whole process's peak
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    peak = peak_rss_mb()
+    peak = peak_rss_mb() if measurable else None
     release_freed_memory()
     return out, seconds, peak
 

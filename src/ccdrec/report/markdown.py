@@ -68,7 +68,8 @@ def write_report(rd) -> Path:
     lines.append("## Time and peak memory per stage\n")
     secs = pd.Series(state.get("seconds", {}), name="seconds", dtype=float)
     peaks = pd.Series(state.get("peak_rss_mb", {}), name="peak RSS (MB)", dtype=float)
-    lines.append(_md(pd.concat([secs, peaks.reindex(secs.index)], axis=1), ".1f"))
+    table = pd.concat([secs, peaks.reindex(secs.index)], axis=1) if len(peaks) else secs.to_frame()  # older runs: no peaks
+    lines.append(_md(table, ".1f"))
     lines.append(f"Total: {secs.sum():.1f} s\n")
     out.write_text("\n".join(lines))
     return out

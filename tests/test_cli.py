@@ -45,6 +45,8 @@ def test_data_info_bundled_table():
         (["run", "--dataset", "yelp", "--preset", "nope"], "unknown preset"),
         (["run", "--dataset", "yelp", "--threads", "0"], "--threads must be at least 1"),
         (["recommend", "/nonexistent/run", "--user", "1"], "no such run directory"),
+        (["run", "--resume", "/nonexistent/run", "--preset", "quick"], "--preset cannot change it"),
+        (["compare", "--resume", "/nonexistent/cmp", "--set", "seed=1", "--seed", "2"], "--set, --seed cannot change it"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message):

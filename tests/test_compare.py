@@ -433,3 +433,17 @@ def test_compare_from_an_existing_run_reuses_its_stages(comparison, tmp_path):
     assert "finetune" in report.read_text()
     with pytest.raises(CcdrecError, match="no such run directory"):
         run_compare(None, tmp_path / "cmp2", ["finetune"], from_run=tmp_path / "nope", progress=False)
+
+
+def test_compare_resume_adds_methods_and_takes_every_run_on_to_later_blocks(comparison, tmp_path):
+    cfg, out, _ = comparison
+    got = tmp_path / "cmp"
+    run_compare(cfg.model_copy(update={"max_blocks": 0}), got, ["ccd", "finetune"], progress=False, bench=False)
+    assert {r["k"] for r in read_rows(got / "finetune")} == {0}
+    run_compare(None, got, ["lwckd", "finetune"], resume=True, progress=False, bench=False, max_blocks=1)
+    assert json.loads((got / "compare.json").read_text())["methods"] == ["ccd", "finetune", "lwckd"]
+    for m in ("ccd", "finetune", "lwckd"):  # the same runs as a comparison started with every block
+        assert read_rows(got / m) == read_rows(out / m)
+        assert RunDir(got / m).load_config().max_blocks == 1
+    with pytest.raises(CcdrecError, match="must be at least 1"):
+        run_compare(None, got, resume=True, progress=False, bench=False, max_blocks=0)

@@ -11,6 +11,7 @@ from ccdrec import CcdrecError, load_run
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.pipeline.ccd import run_stream
+from ccdrec.pipeline.rundir import RunDir
 from ccdrec.pipeline.staged import StopRequested
 from ccdrec.presets import load_config
 from ccdrec.report import tables
@@ -75,6 +76,18 @@ def test_resume_after_interruption_gives_identical_metrics(full_run, stream_dir,
         f.write('{"stage": "b1/teacher1", "kind": "fit", "mod')
     run_stream(None, part, resume=True, progress=False)
     assert metric_lines(part) == metric_lines(out)
+
+
+def test_a_finished_run_goes_on_to_later_blocks(full_run, tmp_path):
+    cfg, out = full_run
+    short = tmp_path / "short"
+    run_stream(cfg.model_copy(update={"max_blocks": 1}), short, progress=False)
+    assert max(r["k"] for r in metric_lines(short)) == 1
+    with pytest.raises(CcdrecError, match="must be at least 1"):
+        RunDir(short).set_max_blocks(0)
+    assert RunDir(short).set_max_blocks(2).max_blocks == RunDir(short).load_config().max_blocks == 2
+    run_stream(None, short, resume=True, progress=False)
+    assert metric_lines(short) == metric_lines(out)  # as if it had been started with every block
 
 
 def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp_path):

@@ -133,15 +133,25 @@ def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
     """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name."""
     from ccdrec.presets import load_config
 
-    source = str(data) if data is not None else dataset
+    source = str(data) if data is not None else dataset or "yelp"
     overrides = list(set_)
     overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
     return load_config(source, preset, config, overrides), Path(source).name
 
 
+def _refuse_on_resume(command: str, **given) -> None:
+    """``--resume`` continues with the stored configuration: options that would change it are errors."""
+    named = [f"--{k.rstrip('_').replace('_', '-')}" for k, v in given.items() if v not in (None, [], False)]
+    if named:
+        raise CcdrecError(
+            f"--resume continues with the run's stored configuration; {', '.join(named)} cannot change it "
+            f"(start a new {command} instead)"
+        )
+
+
 @app.command("run")
 def run(
-    dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
+    dataset: str | None = typer.Option(None, help="bundled dataset: yelp (default) or gowalla"),
     data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
     preset: str | None = typer.Option(
         None, help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)"
@@ -150,7 +160,9 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="override one field, e.g. --set student.update.epochs=5 (repeatable)"),
     seed: int | None = typer.Option(None, help="run seed (default 0)"),
     device: str | None = typer.Option(None, help="auto, cpu or cuda"),
-    max_blocks: int | None = typer.Option(None, help="stop after this incremental block"),
+    max_blocks: int | None = typer.Option(
+        None, help="stop after this incremental block (with --resume: take a finished run on to this block)"
+    ),
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(None, help="continue an interrupted run directory from its last completed stage"),
     progress: bool = typer.Option(True, help="show live progress"),
@@ -164,7 +176,14 @@ def run(
 
     _set_threads(threads)
     if resume is not None:
+        _refuse_on_resume(
+            "run", dataset=dataset, data=data, preset=preset, config=config, set_=set_, seed=seed, device=device, out=out
+        )
         cfg, run_dir = None, resume
+        if max_blocks is not None:
+            from ccdrec.pipeline.rundir import RunDir
+
+            RunDir.open(resume).set_max_blocks(max_blocks)
     else:
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,10 +217,12 @@ def recommend(
 
 @app.command("compare")
 def compare(
-    dataset: str = typer.Option("yelp", help="bundled dataset: yelp or gowalla"),
+    dataset: str | None = typer.Option(None, help="bundled dataset: yelp (default) or gowalla"),
     data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
-    methods: str = typer.Option(
-        "ccd,finetune,lwckd,lwckd-piw,retrain", help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain"
+    methods: str | None = typer.Option(
+        None,
+        help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain (default: all; with --resume: "
+        "methods to add to the comparison)",
     ),
     ablations: bool = typer.Option(False, "--ablations", help="also run every ablation of CCD (as config switches)"),
     only_ablations: str | None = typer.Option(
@@ -215,9 +236,13 @@ def compare(
     set_: list[str] = typer.Option([], "--set", help="override one field of every method's configuration (repeatable)"),
     seed: int | None = typer.Option(None, help="run seed (default 0)"),
     device: str | None = typer.Option(None, help="auto, cpu or cuda"),
-    max_blocks: int | None = typer.Option(None, help="stop after this incremental block"),
+    max_blocks: int | None = typer.Option(
+        None, help="stop after this incremental block (with --resume: take every run of the comparison on to this block)"
+    ),
     out: Path | None = typer.Option(None, help="comparison directory (default: runs/compare-DATASET-PRESET-TIME)"),
-    resume: Path | None = typer.Option(None, help="continue an interrupted comparison directory"),
+    resume: Path | None = typer.Option(
+        None, help="continue a comparison directory (and add the --methods / --ablation(s) given)"
+    ),
     from_run: Path | None = typer.Option(
         None, help="use this `ccdrec run` directory as the CCD run (its configuration is the comparison's)"
     ),
@@ -235,11 +260,23 @@ def compare(
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
 
     _set_threads(threads)
+    method_list = parse_methods(methods) if methods is not None else None
+    ablation_list = parse_ablations(only_ablations, ablations)
     if resume is not None:
-        cfg, out_dir, method_list, ablation_list = None, resume, None, None
+        _refuse_on_resume(
+            "comparison",
+            dataset=dataset,
+            data=data,
+            preset=preset,
+            config=config,
+            set_=set_,
+            seed=seed,
+            device=device,
+            out=out,
+            from_run=from_run,
+        )
+        cfg, out_dir = None, resume
     else:
-        method_list = parse_methods(methods)
-        ablation_list = parse_ablations(only_ablations, ablations)
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"comparison directory: {out_dir}")
@@ -255,6 +292,7 @@ def compare(
             bench=bench,
             from_run=from_run,
             workers=workers,
+            max_blocks=max_blocks if resume is not None else None,
         )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)

@@ -24,10 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
-from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, read_json
+from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.ccd import run_stream
@@ -199,6 +198,7 @@ def run_compare(
     bench_repeats: int = 3,
     from_run: Path | None = None,
     workers: int | None = None,
+    max_blocks: int | None = None,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
@@ -206,11 +206,16 @@ def run_compare(
     whenever ablations do). ``bench``: measure the serving cost of CCD's final teacher and student
     (:func:`ccdrec.serve_bench.bench_serve`) for the report. ``from_run``: an existing CCD run
     directory that becomes the comparison's CCD run (:func:`adopt_run`); its configuration replaces ``cfg``.
+    On ``resume``, ``methods`` and ``ablations`` are added to the comparison's, and ``max_blocks`` takes
+    every run on to that block (:meth:`RunDir.set_max_blocks`).
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
     if resume:
         cfg, plan = read_plan(out)
+        plan = _extend_plan(out, cfg, plan, methods or [], ablations or [], console)
+        if max_blocks is not None:
+            cfg = _extend_blocks(out, plan, max_blocks)
     else:
         if out.exists() and any(out.iterdir()):
             raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
@@ -219,20 +224,13 @@ def run_compare(
         if cfg is None:
             raise CcdrecError("a configuration is needed to start a comparison")
         methods = list(methods or METHODS)
-        ablations = list(ablations or [])
-        for m in methods:
-            if m not in METHODS:
-                raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
-        for a in ablations:
-            if a not in ABLATIONS:
-                raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
-        ablations = effective_ablations(cfg, ablations, console)
+        _check_names(methods, ablations or [])
+        ablations = effective_ablations(cfg, list(ablations or []), console)
         if (ablations or from_run is not None) and "ccd" not in methods:
             methods.insert(0, "ccd")
         plan = {"version": 1, "methods": methods, "ablations": ablations}
         out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode()
-        atomic_write_bytes(out / CONFIG_FILE, lambda f: f.write(text))
+        RunDir(out).save_config(cfg)
         atomic_write_json(out / COMPARE_FILE, plan)
     methods, ablations = plan["methods"], plan["ablations"]
     n = len(cfg.teacher.members)
@@ -273,6 +271,43 @@ def run_compare(
     from ccdrec.report.compare import write_compare_report
 
     return write_compare_report(out, comparison_runs(out, methods, ablations), bench_rows)
+
+
+def _check_names(methods: list[str], ablations: list[str]) -> None:
+    for m in methods:
+        if m not in METHODS:
+            raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
+    for a in ablations:
+        if a not in ABLATIONS:
+            raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
+
+
+def _extend_plan(out: Path, cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:
+    """The comparison's plan with ``methods`` and ``ablations`` added (written to OUT/compare.json)."""
+    _check_names(methods, ablations)
+    new_methods = [m for m in methods if m not in plan["methods"]]
+    new_ablations = [a for a in effective_ablations(cfg, ablations, console) if a not in plan["ablations"]]
+    if not new_methods and not new_ablations:
+        return plan
+    merged = [*plan["methods"], *new_methods]
+    if new_ablations and "ccd" not in merged:
+        merged.insert(0, "ccd")
+    plan = {**plan, "methods": merged, "ablations": [*plan["ablations"], *new_ablations]}
+    atomic_write_json(out / COMPARE_FILE, plan)
+    return plan
+
+
+def _extend_blocks(out: Path, plan: dict, max_blocks: int) -> RunConfig:
+    """Take the comparison and every run it has started on to block ``max_blocks``; its new configuration."""
+    runs = [d for d, _ in comparison_runs(out, plan["methods"], plan["ablations"]).values() if _started(d.path)]
+    started = max((rd.last_started_block() for rd in runs), default=0)
+    if max_blocks < started:  # checked for every run before any is changed
+        raise CcdrecError(f"{out}: block {started} is already under way; --max-blocks must be at least {started}")
+    for rd in runs:
+        rd.set_max_blocks(max_blocks)
+    cfg = RunDir(out).load_config().model_copy(update={"max_blocks": max_blocks})
+    RunDir(out).save_config(cfg)
+    return cfg
 
 
 def comparison_runs(out: Path, methods: list[str], ablations: list[str]) -> dict[str, tuple[RunDir, str]]:

@@ -59,9 +59,7 @@ class RunDir:
         if self.path.exists() and any(self.path.iterdir()):
             raise CcdrecError(f"{self.path}: run directory exists and is not empty (use --resume to continue it)")
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
-        )
+        self.save_config(cfg)
         self.write_state({"version": STATE_VERSION, "completed": [], "pointers": {}, "seconds": {}})
         atomic_write_bytes(self.metrics_path, lambda f: None)
 
@@ -75,6 +73,29 @@ class RunDir:
             raise CcdrecError(f"{self.config_path}: corrupt YAML ({str(e).splitlines()[0]})") from None
         except ValueError as e:
             raise CcdrecError(f"{self.config_path}: incompatible configuration ({str(e).splitlines()[0]})") from None
+
+    def save_config(self, cfg: RunConfig) -> None:
+        atomic_write_bytes(
+            self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        )
+
+    def last_started_block(self) -> int:
+        """The last block with a completed stage (0 for a run with none)."""
+        return max((int(name.split("/")[0][1:]) for name in self.read_state()["completed"]), default=0)
+
+    def set_max_blocks(self, max_blocks: int) -> RunConfig:
+        """Let the stored run go on to block ``max_blocks`` (or stop there); returns the new configuration.
+
+        A run that stopped at its last block continues with the next one on resume. The blocks it has
+        already started cannot be taken back: ``max_blocks`` below them is an error.
+        """
+        cfg = self.load_config()
+        started = self.last_started_block()
+        if max_blocks < started:
+            raise CcdrecError(f"{self.path}: block {started} is already under way; --max-blocks must be at least {started}")
+        cfg = cfg.model_copy(update={"max_blocks": max_blocks})
+        self.save_config(cfg)
+        return cfg
 
     def read_state(self) -> dict:
         state = read_json(self.state_path)

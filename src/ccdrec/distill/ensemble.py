@@ -241,16 +241,46 @@ def top_lists(
         user_top[batch, :k_user] = idx.cpu().numpy()
         if not item_side:
             continue
-        # item side: this chunk's top-n users per item, merged into the running top-n
-        vals, pos = scores.topk(min(n, len(batch)), dim=0)
-        cand_scores = torch.cat([best_scores, vals], dim=0)
-        cand_users = torch.cat([best_users, torch.from_numpy(batch).to(device)[pos]], dim=0)
-        vals, pos = cand_scores.topk(n, dim=0)
-        best_scores, best_users = vals, cand_users.gather(0, pos)
+        # item side: this chunk's candidates per item, merged into the running top-n
+        vals, ids = _item_candidates(scores, best_scores[-1], torch.from_numpy(batch).to(device), n)
+        if vals is None:
+            continue
+        vals, pos = torch.cat([best_scores, vals], dim=0).topk(n, dim=0)
+        best_scores, best_users = vals, torch.cat([best_users, ids], dim=0).gather(0, pos)
     if not item_side:
         return user_top, None
     item_top = torch.where(torch.isfinite(best_scores), best_users, PAD).T.contiguous().cpu().numpy()
     return user_top, item_top
+
+
+def _item_candidates(
+    scores: torch.Tensor, floor: torch.Tensor, users: torch.Tensor, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The entries of a chunk's ``scores`` (users x items) that may enter the items' running top-n.
+
+    Only scores above ``floor`` (each item's current n-th best) can. Returns ``(values, users)`` as
+    ``(m, n_items)`` columns padded with -inf / PAD, or ``(None, None)`` when no entry qualifies. Once a
+    few chunks have been merged, few entries clear the floor, so the candidates are gathered sparsely
+    instead of by a ``topk`` down every item's column of the chunk (63 ms for 512 x 12,000 on one core).
+    """
+    above = scores > floor
+    count = int(above.sum())
+    if count == 0:
+        return None, None
+    if count * 8 > above.numel():  # the first chunks: most entries qualify
+        vals, pos = scores.topk(min(n, scores.shape[0]), dim=0)
+        return vals, users[pos]
+    rows, cols = above.nonzero(as_tuple=True)  # row-major: rows ascending within each item
+    cols, order = cols.sort(stable=True)
+    rows = rows[order]
+    per_item = torch.bincount(cols, minlength=scores.shape[1])
+    slot = torch.arange(len(cols), device=cols.device) - (per_item.cumsum(0) - per_item)[cols]
+    m = int(per_item.max())
+    vals = torch.full((m, scores.shape[1]), -torch.inf, device=scores.device)
+    ids = torch.full((m, scores.shape[1]), PAD, dtype=torch.long, device=scores.device)
+    vals[slot, cols] = scores[rows, cols]
+    ids[slot, cols] = users[rows]
+    return vals, ids
 
 
 def top_matrix(top: np.ndarray, n_cols: int) -> sp.csr_matrix:

@@ -10,6 +10,11 @@ directory's checkpoints, so every variant starts from the same state; nothing in
     python benchmarks/teacher_replay.py RUN --block 2 --set teacher.student_knowledge=false
     python benchmarks/teacher_replay.py RUN --block 2 --set teacher.replay.scale=1e-9   # same steps, no pull
 
+``--stage student`` replays the student update (stage 2, method.md 5.1) of block k instead: CL_k from
+D_{k-1}, SP_{k-1} / PP_{k-1} and the negatives' avoid lists, as the run built them::
+
+    python benchmarks/teacher_replay.py RUN --block 2 --stage student --set student.avoid_top=0
+
 Prints ``valid_recall@20[b<j>]`` for j <= k, then ``LA`` (block k), ``RA`` (mean over j < k), ``H`` and
 ``seconds`` (the update alone).
 """
@@ -26,6 +31,7 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a CCD run directory that has completed block --block")
     ap.add_argument("--block", type=int, default=1, help="the block k whose teacher update is replayed (k >= 1)")
     ap.add_argument("--member", type=int, default=0, help="the ensemble member to update")
+    ap.add_argument("--stage", choices=("teacher", "student"), default="teacher", help="the update to replay")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     args = ap.parse_args()
     from ccdrec.memory import keep_freed_memory
@@ -62,21 +68,29 @@ def main() -> None:
     try:
         member = run.load(f"b{k - 1}_teacher{m}")
         served = run.load(f"b{k}_served")
+        distilled = run.load(f"b{k - 1}_student")
         t = rd.load_tensors("b0_proxies" if k == 1 else f"b{k}_proxies")  # SP_{k-1}, PP_{k-1}
+        top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy() if args.stage == "student" else None
     except (CcdrecError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.run} has not completed block {k}: {e}") from None
     proxies = (Proxy(t["sp_user"], t["sp_item"]).to(run.device), Proxy(t["pp_user"], t["pp_item"]).to(run.device))
-    know = cfg.teacher.student_knowledge
     start = time.perf_counter()
-    res = stages.update_teacher(
-        member,
-        *(proxies if know else (None, None)),
-        served if know else None,
-        stream[k],
-        stream[k - 1],
-        cfg,
-        stages.stage_seed(cfg.teacher.members[m].seed, f"b{k}/teacher{m}"),
-    )
+    if args.stage == "student":  # as CCDStream.student_update, from the stored D_{k-1}, proxies and E_{k-1} lists
+        prev = stream[k - 1]
+        scorers = [distilled.scorer()] + [p.scorer(n_items=prev.n_items) for p in proxies]
+        avoid = run.avoid(scorers, stream[k], (prev.n_users, prev.n_items), [top])
+        res, _ = stages.update_student(distilled, *proxies, avoid, stream[k], prev, cfg, run.seed(f"b{k}/student_update"))
+    else:
+        know = cfg.teacher.student_knowledge
+        res = stages.update_teacher(
+            member,
+            *(proxies if know else (None, None)),
+            served if know else None,
+            stream[k],
+            stream[k - 1],
+            cfg,
+            stages.stage_seed(cfg.teacher.members[m].seed, f"b{k}/teacher{m}"),
+        )
     seconds = time.perf_counter() - start
     out = evaluate_many(res.model, [(stream[j], "valid", None) for j in range(k + 1)], (20,))
     recall = [o["recall@20"] for o in out]

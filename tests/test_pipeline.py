@@ -1,7 +1,9 @@
 """The whole CCD stream on the synthetic stream: runs, reports, resumes to identical metrics, serves."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -102,6 +104,23 @@ def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp
         assert set(state["peak_rss_mb"]) == set(state["completed"])
     with pytest.raises(CcdrecError, match="workers"):
         run_stream(None, par, resume=True, progress=False, workers=0)
+
+
+def test_workers_fall_back_to_one_process_for_a_script_read_from_stdin(full_run, tmp_path):
+    cfg, out = full_run
+    (tmp_path / "config.json").write_text(cfg.model_copy(update={"max_blocks": 1}).model_dump_json())
+    script = (
+        "from pathlib import Path\n"
+        "from ccdrec.config import RunConfig\n"
+        "from ccdrec.pipeline.ccd import run_stream\n"
+        f"cfg = RunConfig.model_validate_json(Path({str(tmp_path / 'config.json')!r}).read_text())\n"
+        f"run_stream(cfg, Path({str(tmp_path / 'run')!r}), progress=True, workers=2)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "one process: workers cannot re-import a program read from stdin" in " ".join(res.stdout.split())
+    assert metric_lines(tmp_path / "run") == [r for r in metric_lines(out) if r["k"] <= 1]
 
 
 def test_shared_teacher_replay_candidates_change_nothing(full_run):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -104,10 +105,14 @@ class StagedRun:
             raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
         self.restore()
         todo = [(name, fn) for name, fn in todo if name not in done]
+        workers = self.workers
+        if workers > 1 and not _main_can_be_spawned():
+            self.console.print("one process: workers cannot re-import a program read from stdin")
+            workers = 1
         i = 0
         while i < len(todo):
             name, fn = todo[i]
-            group = self.parallel_group(name) if self.workers > 1 else None
+            group = self.parallel_group(name) if workers > 1 else None
             if group is not None:
                 names = [name]
                 while i + len(names) < len(todo) and self.parallel_group(todo[i + len(names)][0]) == group:
@@ -196,6 +201,13 @@ class TeacherStudentRun(StagedRun):
                     f"  block {k}  {r['model']:<{width}} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
                 )
         return {"pointers": {}, "rows": rows}
+
+
+def _main_can_be_spawned() -> bool:
+    """Whether a spawned worker can re-import the main program: it can from a file or ``python -c``, not
+    from a script read from stdin (multiprocessing looks for a file named ``<stdin>``)."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path is None or os.path.exists(path)
 
 
 def _exit_with_parent(parent: int) -> None:

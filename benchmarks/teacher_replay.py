@@ -66,11 +66,12 @@ def main() -> None:
     stream = load_stream(cfg.dataset)
     run = CCDStream(cfg, rd, stream, progress=False)
     try:
-        member = run.load(f"b{k - 1}_teacher{m}")
-        served = run.load(f"b{k}_served")
-        distilled = run.load(f"b{k - 1}_student")
         t = rd.load_tensors("b0_proxies" if k == 1 else f"b{k}_proxies")  # SP_{k-1}, PP_{k-1}
-        top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy() if args.stage == "student" else None
+        if args.stage == "student":
+            distilled = run.load(f"b{k - 1}_student")
+            top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy()
+        else:
+            member, served = run.load(f"b{k - 1}_teacher{m}"), run.load(f"b{k}_served")
     except (CcdrecError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.run} has not completed block {k}: {e}") from None
     proxies = (Proxy(t["sp_user"], t["sp_item"]).to(run.device), Proxy(t["pp_user"], t["pp_item"]).to(run.device))

@@ -213,7 +213,10 @@ def run_compare(
     console = console or Console(quiet=not progress)
     if resume:
         cfg, plan = read_plan(out)
-        plan = _extend_plan(out, cfg, plan, methods or [], ablations or [], console)
+        merged = _merge_plan(cfg, plan, methods or [], ablations or [], console)
+        if merged != plan:
+            plan = merged
+            atomic_write_json(out / COMPARE_FILE, plan)
         if max_blocks is not None:
             cfg = _extend_blocks(out, plan, max_blocks)
     else:
@@ -224,11 +227,9 @@ def run_compare(
         if cfg is None:
             raise CcdrecError("a configuration is needed to start a comparison")
         methods = list(methods or METHODS)
-        _check_names(methods, ablations or [])
-        ablations = effective_ablations(cfg, list(ablations or []), console)
-        if (ablations or from_run is not None) and "ccd" not in methods:
+        if from_run is not None and "ccd" not in methods:
             methods.insert(0, "ccd")
-        plan = {"version": 1, "methods": methods, "ablations": ablations}
+        plan = _merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
         out.mkdir(parents=True, exist_ok=True)
         RunDir(out).save_config(cfg)
         atomic_write_json(out / COMPARE_FILE, plan)
@@ -273,40 +274,32 @@ def run_compare(
     return write_compare_report(out, comparison_runs(out, methods, ablations), bench_rows)
 
 
-def _check_names(methods: list[str], ablations: list[str]) -> None:
+def _merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:
+    """``plan`` (a comparison's methods and ablations) with ``methods`` and ``ablations`` added, validated;
+    ablations that change nothing in ``cfg`` are skipped, and CCD takes part whenever ablations do."""
     for m in methods:
         if m not in METHODS:
             raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
     for a in ablations:
         if a not in ABLATIONS:
             raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
-
-
-def _extend_plan(out: Path, cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:
-    """The comparison's plan with ``methods`` and ``ablations`` added (written to OUT/compare.json)."""
-    _check_names(methods, ablations)
-    new_methods = [m for m in methods if m not in plan["methods"]]
-    new_ablations = [a for a in effective_ablations(cfg, ablations, console) if a not in plan["ablations"]]
-    if not new_methods and not new_ablations:
-        return plan
-    merged = [*plan["methods"], *new_methods]
+    merged = list(dict.fromkeys([*plan["methods"], *methods]))
+    new_ablations = [a for a in effective_ablations(cfg, list(dict.fromkeys(ablations)), console) if a not in plan["ablations"]]
     if new_ablations and "ccd" not in merged:
         merged.insert(0, "ccd")
-    plan = {**plan, "methods": merged, "ablations": [*plan["ablations"], *new_ablations]}
-    atomic_write_json(out / COMPARE_FILE, plan)
-    return plan
+    return {**plan, "methods": merged, "ablations": [*plan["ablations"], *new_ablations]}
 
 
 def _extend_blocks(out: Path, plan: dict, max_blocks: int) -> RunConfig:
     """Take the comparison and every run it has started on to block ``max_blocks``; its new configuration."""
     runs = [d for d, _ in comparison_runs(out, plan["methods"], plan["ablations"]).values() if _started(d.path)]
-    started = max((rd.last_started_block() for rd in runs), default=0)
-    if max_blocks < started:  # checked for every run before any is changed
-        raise CcdrecError(f"{out}: block {started} is already under way; --max-blocks must be at least {started}")
+    for rd in runs:  # every run is checked before any is changed
+        rd.check_max_blocks(max_blocks)
     for rd in runs:
         rd.set_max_blocks(max_blocks)
-    cfg = RunDir(out).load_config().model_copy(update={"max_blocks": max_blocks})
-    RunDir(out).save_config(cfg)
+    top = RunDir(out)
+    cfg = top.load_config().model_copy(update={"max_blocks": max_blocks})
+    top.save_config(cfg)
     return cfg
 
 

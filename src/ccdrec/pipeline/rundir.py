@@ -79,9 +79,11 @@ class RunDir:
             self.config_path, lambda f: f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
         )
 
-    def last_started_block(self) -> int:
-        """The last block with a completed stage (0 for a run with none)."""
-        return max((int(name.split("/")[0][1:]) for name in self.read_state()["completed"]), default=0)
+    def check_max_blocks(self, max_blocks: int) -> None:
+        """Raise unless the run can stop at block ``max_blocks``: a block already under way cannot be taken back."""
+        started = max((int(name.split("/")[0][1:]) for name in self.read_state()["completed"]), default=0)
+        if max_blocks < started:
+            raise CcdrecError(f"{self.path}: block {started} is already under way; --max-blocks must be at least {started}")
 
     def set_max_blocks(self, max_blocks: int) -> RunConfig:
         """Let the stored run go on to block ``max_blocks`` (or stop there); returns the new configuration.
@@ -89,11 +91,8 @@ class RunDir:
         A run that stopped at its last block continues with the next one on resume. The blocks it has
         already started cannot be taken back: ``max_blocks`` below them is an error.
         """
-        cfg = self.load_config()
-        started = self.last_started_block()
-        if max_blocks < started:
-            raise CcdrecError(f"{self.path}: block {started} is already under way; --max-blocks must be at least {started}")
-        cfg = cfg.model_copy(update={"max_blocks": max_blocks})
+        self.check_max_blocks(max_blocks)
+        cfg = self.load_config().model_copy(update={"max_blocks": max_blocks})
         self.save_config(cfg)
         return cfg
 

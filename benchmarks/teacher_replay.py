@@ -15,6 +15,12 @@ D_{k-1}, SP_{k-1} / PP_{k-1} and the negatives' avoid lists, as the run built th
 
     python benchmarks/teacher_replay.py RUN --block 2 --stage student --set student.avoid_top=0
 
+``--stage distill`` replays the student generation (stage 1, method.md 7) of block k: a fresh D_k
+distilled from the stored members of E_k, with the negatives' avoid lists of SP_{k-1}, PP_{k-1} and
+CL_k::
+
+    python benchmarks/teacher_replay.py RUN --block 2 --stage distill --set student.rrd_weight=0.1
+
 Prints ``valid_recall@20[b<j>]`` for j <= k, then ``LA`` (block k), ``RA`` (mean over j < k), ``H`` and
 ``seconds`` (the update alone).
 """
@@ -31,7 +37,7 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a CCD run directory that has completed block --block")
     ap.add_argument("--block", type=int, default=1, help="the block k whose teacher update is replayed (k >= 1)")
     ap.add_argument("--member", type=int, default=0, help="the ensemble member to update")
-    ap.add_argument("--stage", choices=("teacher", "student"), default="teacher", help="the update to replay")
+    ap.add_argument("--stage", choices=("teacher", "student", "distill"), default="teacher", help="the update to replay")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     args = ap.parse_args()
     from ccdrec.memory import keep_freed_memory
@@ -70,6 +76,9 @@ def main() -> None:
         if args.stage == "student":
             distilled = run.load(f"b{k - 1}_student")
             top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy()
+        elif args.stage == "distill":
+            run.members = [run.load(f"b{k}_teacher{i}") for i in range(len(cfg.teacher.members))]
+            served = run.load(f"b{k}_served")
         else:
             member, served = run.load(f"b{k - 1}_teacher{m}"), run.load(f"b{k}_served")
     except (CcdrecError, FileNotFoundError) as e:
@@ -81,6 +90,12 @@ def main() -> None:
         scorers = [distilled.scorer()] + [p.scorer(n_items=prev.n_items) for p in proxies]
         avoid = run.avoid(scorers, stream[k], (prev.n_users, prev.n_items), [top])
         res, _ = stages.update_student(distilled, *proxies, avoid, stream[k], prev, cfg, run.seed(f"b{k}/student_update"))
+    elif args.stage == "distill":  # as CCDStream.distil: E_k's lists, avoid lists of SP_{k-1}, PP_{k-1}, CL_k
+        block = stream[k]
+        user_top, item_top = stages.teacher_lists(run.ensemble(), block, cfg.student.topn)
+        scorers = [p.scorer(n_items=block.n_items) for p in proxies] + [served.scorer()]
+        avoid = run.avoid(scorers, block, (block.n_users, block.n_items))
+        res = stages.generate_student(user_top, item_top, block, cfg, run.seed(f"b{k}/student"), run.device, avoid)
     else:
         know = cfg.teacher.student_knowledge
         res = stages.update_teacher(

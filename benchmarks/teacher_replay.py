@@ -74,7 +74,8 @@ def main() -> None:
     try:
         t = rd.load_tensors("b0_proxies" if k == 1 else f"b{k}_proxies")  # SP_{k-1}, PP_{k-1}
         if args.stage == "student":
-            distilled = run.load(f"b{k - 1}_student")
+            run.student = run.load(f"b{k - 1}_student")  # D_{k-1}
+            run.members = [run.load(f"b{k - 1}_teacher{i}") for i in range(len(cfg.teacher.members))]
             top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy()
         elif args.stage == "distill":
             run.members = [run.load(f"b{k}_teacher{i}") for i in range(len(cfg.teacher.members))]
@@ -86,10 +87,11 @@ def main() -> None:
     proxies = (Proxy(t["sp_user"], t["sp_item"]).to(run.device), Proxy(t["pp_user"], t["pp_item"]).to(run.device))
     start = time.perf_counter()
     if args.stage == "student":  # as CCDStream.student_update, from the stored D_{k-1}, proxies and E_{k-1} lists
-        prev = stream[k - 1]
-        scorers = [distilled.scorer()] + [p.scorer(n_items=prev.n_items) for p in proxies]
-        avoid = run.avoid(scorers, stream[k], (prev.n_users, prev.n_items), [top])
-        res, _ = stages.update_student(distilled, *proxies, avoid, stream[k], prev, cfg, run.seed(f"b{k}/student_update"))
+        run.proxies = proxies
+        avoid = run.student_avoid(k, top)
+        res, _ = stages.update_student(
+            run.student, *proxies, avoid, stream[k], stream[k - 1], cfg, run.seed(f"b{k}/student_update")
+        )
     elif args.stage == "distill":  # as CCDStream.distil: E_k's lists, avoid lists of SP_{k-1}, PP_{k-1}, CL_k
         block = stream[k]
         user_top, item_top = stages.teacher_lists(run.ensemble(), block, cfg.student.topn)

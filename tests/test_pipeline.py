@@ -205,3 +205,19 @@ def test_student_update_negatives_avoid_the_saved_teacher_lists(full_run, stream
     rows, cols = np.nonzero(saved[: b.prev_users] >= 0)
     assert np.all(avoid[rows, saved[rows, cols]] == 1)
     assert avoid[b.prev_users :].nnz == 0  # new users are not old users
+
+
+@pytest.mark.parametrize(("stage", "model"), [("distill", "student"), ("student", "served")])
+def test_stage_replay_benchmark_reproduces_the_runs_validation_recall(full_run, stage, model):
+    """benchmarks/teacher_replay.py rebuilds block 1's D_1 / CL_1 from the run's checkpoints."""
+    _, out = full_run
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "teacher_replay.py")
+    res = subprocess.run(
+        [sys.executable, script, str(out), "--block", "1", "--stage", stage], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    printed = dict(line.split(": ") for line in res.stdout.splitlines())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (want,) = [r["recall@20"] for r in rows if r["kind"] == "valid" and r["model"] == model and r["k"] == 1]
+    assert float(printed["valid_recall@20[b1]"]) == pytest.approx(want, abs=1e-4)
+    assert float(printed["LA"]) == pytest.approx(want, abs=1e-4) and 0 < float(printed["RA"]) <= 1

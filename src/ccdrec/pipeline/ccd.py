@@ -148,6 +148,19 @@ class CCDStream(TeacherStudentRun):
         out.data[:] = 1.0
         return out.tocsr()
 
+    def student_avoid(self, k: int, top: np.ndarray | None):
+        """Block k's avoid lists for the student update's negatives (5.1): the top items of D_{k-1}
+        (``self.student``), SP_{k-1}, PP_{k-1} and E_{k-1}: its saved top lists ``top`` when they are
+        long enough, else the ensemble of ``self.members``."""
+        block, prev = self.stream[k], self.stream[k - 1]
+        scorers = [self.student.scorer()] + [p.scorer(n_items=prev.n_items) for p in self.proxies]
+        lists = []
+        if top is not None and top.shape[1] >= self.cfg.student.avoid_top:
+            lists.append(top)  # E_{k-1}'s top items, as distilled into D_{k-1}
+        else:
+            scorers.insert(0, self.ensemble().scorer(context=prev.train_matrix))
+        return self.avoid(scorers, block, (prev.n_users, prev.n_items), lists)
+
     def teacher_top(self, k: int) -> np.ndarray | None:
         """E_k's top lists of users, saved by the distillation of block k (None if not saved)."""
         ptr = self.state["pointers"].get("teacher_top")
@@ -162,15 +175,7 @@ class CCDStream(TeacherStudentRun):
             w_s, w_p = self.cfg.proxy_weights(k)
             self.proxies = stages.update_proxies(*self.proxies, self.student, w_s, w_p)
             pointers["proxies"] = self.save_proxies(f"b{k}_proxies")
-        old = (prev.n_users, prev.n_items)
-        scorers = [self.student.scorer()] + [p.scorer(n_items=prev.n_items) for p in self.proxies]
-        lists = []
-        top = self.teacher_top(k - 1)
-        if top is not None and top.shape[1] >= self.cfg.student.avoid_top:
-            lists.append(top)  # E_{k-1}'s top items, as distilled into D_{k-1}
-        else:
-            scorers.insert(0, self.ensemble().scorer(context=prev.train_matrix))
-        avoid = self.avoid(scorers, block, old, lists)
+        avoid = self.student_avoid(k, self.teacher_top(k - 1))
         res, replayer = stages.update_student(
             self.student, *self.proxies, avoid, block, prev, self.cfg, self.seed(f"b{k}/student_update"), self.progress
         )

@@ -221,3 +221,28 @@ def test_stage_replay_benchmark_reproduces_the_runs_validation_recall(full_run, 
     (want,) = [r["recall@20"] for r in rows if r["kind"] == "valid" and r["model"] == model and r["k"] == 1]
     assert float(printed["valid_recall@20[b1]"]) == pytest.approx(want, abs=1e-4)
     assert float(printed["LA"]) == pytest.approx(want, abs=1e-4) and 0 < float(printed["RA"]) <= 1
+
+
+def test_sigterm_stops_a_run_that_resumes_to_the_same_metrics(full_run, stream_dir, tmp_path):
+    import signal
+    import time
+
+    _, out = full_run
+    part = tmp_path / "part"
+    cmd = [sys.executable, "-m", "ccdrec", "run", "--data", str(stream_dir), "--preset", "quick", "--out", str(part)]
+    cmd += [a for o in OVERRIDES for a in ("--set", o)] + ["--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = part / "state.json"
+        if state.exists() and len(json.loads(state.read_text())["completed"]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"continue with: ccdrec run --resume {part}" in err and "Traceback" not in err
+    done = json.loads((part / "state.json").read_text())["completed"]
+    assert 2 <= len(done) < len(json.loads((out / "state.json").read_text())["completed"])
+    run_stream(None, part, resume=True, progress=False)
+    assert metric_lines(part) == metric_lines(out)

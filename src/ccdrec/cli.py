@@ -329,11 +329,22 @@ def bench_serve_command(
         atomic_write_json(json_out, bench_records(df))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: user mistakes become one-line errors with exit code 2."""
+    """Entry point: user mistakes become one-line errors with exit code 2.
+
+    SIGTERM (what ``kill``, ``timeout`` and job schedulers send) takes the path of Ctrl-C: the
+    completed stages are kept, the workers are stopped and the resume command is printed.
+    """
+    import signal
+
     from ccdrec.memory import keep_freed_memory
 
     keep_freed_memory()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app(standalone_mode=False)
     except CcdrecError as e:

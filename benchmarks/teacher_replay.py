@@ -79,15 +79,15 @@ def main() -> None:
             top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy()
         elif args.stage == "distill":
             run.members = [run.load(f"b{k}_teacher{i}") for i in range(len(cfg.teacher.members))]
-            served = run.load(f"b{k}_served")
+            run.served = run.load(f"b{k}_served")
         else:
             member, served = run.load(f"b{k - 1}_teacher{m}"), run.load(f"b{k}_served")
     except (CcdrecError, FileNotFoundError) as e:
         raise SystemExit(f"error: {args.run} has not completed block {k}: {e}") from None
     proxies = (Proxy(t["sp_user"], t["sp_item"]).to(run.device), Proxy(t["pp_user"], t["pp_item"]).to(run.device))
+    run.proxies = proxies
     start = time.perf_counter()
     if args.stage == "student":  # as CCDStream.student_update, from the stored D_{k-1}, proxies and E_{k-1} lists
-        run.proxies = proxies
         avoid = run.student_avoid(k, top)
         res, _ = stages.update_student(
             run.student, *proxies, avoid, stream[k], stream[k - 1], cfg, run.seed(f"b{k}/student_update")
@@ -95,8 +95,7 @@ def main() -> None:
     elif args.stage == "distill":  # as CCDStream.distil: E_k's lists, avoid lists of SP_{k-1}, PP_{k-1}, CL_k
         block = stream[k]
         user_top, item_top = stages.teacher_lists(run.ensemble(), block, cfg.student.topn)
-        scorers = [p.scorer(n_items=block.n_items) for p in proxies] + [served.scorer()]
-        avoid = run.avoid(scorers, block, (block.n_users, block.n_items))
+        avoid = run.distil_avoid(k)
         res = stages.generate_student(user_top, item_top, block, cfg, run.seed(f"b{k}/student"), run.device, avoid)
     else:
         know = cfg.teacher.student_knowledge

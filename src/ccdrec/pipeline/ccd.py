@@ -119,10 +119,7 @@ class CCDStream(TeacherStudentRun):
             user_top, item_top = stages.teacher_lists(self.ensemble(), block, self.cfg.student.topn)
             # E_k's top lists also serve block k+1's student update (its negatives avoid them)
             pointers["teacher_top"] = self.rd.save_tensors(f"b{k}_teacher_top", {"user_top": torch.from_numpy(user_top)})
-            avoid = None
-            if k > 0:
-                scorers = [p.scorer(n_items=block.n_items) for p in self.proxies] + [self.served.scorer()]
-                avoid = self.avoid(scorers, block, (block.n_users, block.n_items))
+            avoid = self.distil_avoid(k) if k > 0 else None
             res = stages.generate_student(
                 user_top, item_top, block, self.cfg, self.seed(f"b{k}/student"), self.device, avoid, self.progress
             )
@@ -147,6 +144,13 @@ class CCDStream(TeacherStudentRun):
             out = out + pad_to(top_matrix(top[: block.prev_users, :n], shape[1]), shape)
         out.data[:] = 1.0
         return out.tocsr()
+
+    def distil_avoid(self, k: int):
+        """Block k's avoid lists for the distillation's negatives (7): the top items of SP_{k-1},
+        PP_{k-1} (``self.proxies``) and CL_k (``self.served``)."""
+        block = self.stream[k]
+        scorers = [p.scorer(n_items=block.n_items) for p in self.proxies] + [self.served.scorer()]
+        return self.avoid(scorers, block, (block.n_users, block.n_items))
 
     def student_avoid(self, k: int, top: np.ndarray | None):
         """Block k's avoid lists for the student update's negatives (5.1): the top items of D_{k-1}

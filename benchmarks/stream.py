@@ -67,6 +67,10 @@ def main() -> None:
         total = sum(state["seconds"].values())  # every stage's own wall time, across the interruptions
     print(f"total_seconds: {total:.1f}")
     print_memory(state, rd.load_config().workers)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        print(f"gpu_peak_allocated_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
     print_quality(rd)
     if not args.no_baseline:
         print_baseline(rd)

@@ -31,19 +31,23 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the schedule's maximum epochs")
     ap.add_argument("--skip-gowalla", action="store_true", help="skip the Gowalla evaluation figure")
     ap.add_argument("--gowalla-only", action="store_true", help="only the Gowalla evaluation (own process)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA also prints the GPU's memory peak)")
     args = ap.parse_args()
     from ccdrec.memory import keep_freed_memory
 
     keep_freed_memory()  # as the CLI and staged runs do (ccdrec.memory)
+    from ccdrec.device import resolve_device
+
+    device = resolve_device(args.device)
     if args.gowalla_only:
-        gowalla_eval()
+        gowalla_eval(device)
         return
 
+    from ccdrec.config import default_schedule
     from ccdrec.data import load_stream
     from ccdrec.eval import evaluate_block
     from ccdrec.models import LightGCN
     from ccdrec.train import fit
-    from ccdrec.train.schedules import default_schedule
 
     stream = load_stream(args.dataset)
     b = stream[0]
@@ -51,7 +55,7 @@ def main() -> None:
     if args.epochs:
         cfg = cfg.model_copy(update={"epochs": args.epochs})
     torch.manual_seed(args.seed)
-    model = LightGCN(b.n_users, b.n_items, 128, 2)
+    model = LightGCN(b.n_users, b.n_items, 128, 2).to(device)
     res = fit(model, b, cfg, seed=args.seed)
     test = evaluate_block(model, b, "test")
     print(
@@ -66,23 +70,31 @@ def main() -> None:
     print(f"test_recall@20: {test['recall@20']:.4f}")
     print(f"test_ndcg@20: {test['ndcg@20']:.4f}")
     print(f"peak_rss_mb: {peak_rss_mb():.0f}")
+    print_gpu_peak(device)
     if not args.skip_gowalla:
         # a fresh process, so that its peak RSS is the evaluation's own
-        subprocess.run([sys.executable, __file__, "--gowalla-only"], check=True)
+        subprocess.run([sys.executable, __file__, "--gowalla-only", "--device", str(device)], check=True)
 
 
-def gowalla_eval() -> None:
+def print_gpu_peak(device, prefix: str = "") -> None:
+    """The GPU's peak allocated memory of this process (CUDA only)."""
+    if torch.device(device).type == "cuda":
+        print(f"{prefix}gpu_peak_allocated_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+
+
+def gowalla_eval(device) -> None:
     from ccdrec.data import load_stream
     from ccdrec.eval import evaluate_block
     from ccdrec.models import MF
 
     g = load_stream("gowalla")[0]
-    m = MF(g.n_users, g.n_items, 64)
+    m = MF(g.n_users, g.n_items, 64).to(device)
     start = time.perf_counter()
     out = evaluate_block(m, g, "test")
     print(f"gowalla_eval_users: {out['users']}")
     print(f"gowalla_eval_seconds: {time.perf_counter() - start:.1f}")
     print(f"gowalla_eval_peak_rss_mb: {peak_rss_mb():.0f}")
+    print_gpu_peak(device, "gowalla_eval_")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ CL_k::
 
     python benchmarks/teacher_replay.py RUN --block 2 --stage distill --set student.rrd_weight=0.1
 
+Each replays the run's own stage (:func:`ccdrec.pipeline.stage_replay.replay_stage`: the same code and seed
+as the run, from the models the run held before that stage) on a scratch copy; the run is not changed.
 Prints ``valid_recall@20[b<j>]`` for j <= k, then ``LA`` (block k), ``RA`` (mean over j < k), ``H`` and
-``seconds`` (the update alone).
+``seconds`` (the stage, its set-up included).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ import argparse
 import time
 from pathlib import Path
 
+STAGES = {"teacher": "b{k}/teacher{m}", "student": "b{k}/student_update", "distill": "b{k}/student"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a CCD run directory that has completed block --block")
     ap.add_argument("--block", type=int, default=1, help="the block k whose teacher update is replayed (k >= 1)")
     ap.add_argument("--member", type=int, default=0, help="the ensemble member to update")
-    ap.add_argument("--stage", choices=("teacher", "student", "distill"), default="teacher", help="the update to replay")
+    ap.add_argument("--stage", choices=tuple(STAGES), default="teacher", help="the update to replay")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="configuration override key=value")
     args = ap.parse_args()
     from ccdrec.memory import keep_freed_memory
@@ -48,14 +52,11 @@ def main() -> None:
     from pydantic import ValidationError
 
     from ccdrec.config import RunConfig, validation_message
-    from ccdrec.continual.proxy import Proxy
-    from ccdrec.data import load_stream
     from ccdrec.errors import CcdrecError
     from ccdrec.eval.metrics import evaluate_many
     from ccdrec.eval.protocol import harmonic
-    from ccdrec.pipeline import stages
-    from ccdrec.pipeline.ccd import CCDStream
     from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.pipeline.stage_replay import replay_stage
     from ccdrec.presets import apply_override
 
     k, m = args.block, args.member
@@ -69,47 +70,16 @@ def main() -> None:
         raise SystemExit(f"error: {validation_message(e) if isinstance(e, ValidationError) else e}") from None
     if not 1 <= k or not 0 <= m < len(cfg.teacher.members):
         raise SystemExit(f"error: --block must be >= 1 and --member in 0..{len(cfg.teacher.members) - 1}")
-    stream = load_stream(cfg.dataset)
-    run = CCDStream(cfg, rd, stream, progress=False)
-    try:
-        t = rd.load_tensors("b0_proxies" if k == 1 else f"b{k}_proxies")  # SP_{k-1}, PP_{k-1}
-        if args.stage == "student":
-            run.student = run.load(f"b{k - 1}_student")  # D_{k-1}
-            run.members = [run.load(f"b{k - 1}_teacher{i}") for i in range(len(cfg.teacher.members))]
-            top = rd.load_tensors(f"b{k - 1}_teacher_top")["user_top"].numpy()
-        elif args.stage == "distill":
-            run.members = [run.load(f"b{k}_teacher{i}") for i in range(len(cfg.teacher.members))]
-            run.served = run.load(f"b{k}_served")
-        else:
-            member, served = run.load(f"b{k - 1}_teacher{m}"), run.load(f"b{k}_served")
-    except (CcdrecError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {args.run} has not completed block {k}: {e}") from None
-    proxies = (Proxy(t["sp_user"], t["sp_item"]).to(run.device), Proxy(t["pp_user"], t["pp_item"]).to(run.device))
-    run.proxies = proxies
+    stage = STAGES[args.stage].format(k=k, m=m)
     start = time.perf_counter()
-    if args.stage == "student":  # as CCDStream.student_update, from the stored D_{k-1}, proxies and E_{k-1} lists
-        avoid = run.student_avoid(k, top)
-        res, _ = stages.update_student(
-            run.student, *proxies, avoid, stream[k], stream[k - 1], cfg, run.seed(f"b{k}/student_update")
-        )
-    elif args.stage == "distill":  # as CCDStream.distil: E_k's lists, avoid lists of SP_{k-1}, PP_{k-1}, CL_k
-        block = stream[k]
-        user_top, item_top = stages.teacher_lists(run.ensemble(), block, cfg.student.topn)
-        avoid = run.distil_avoid(k)
-        res = stages.generate_student(user_top, item_top, block, cfg, run.seed(f"b{k}/student"), run.device, avoid)
-    else:
-        know = cfg.teacher.student_knowledge
-        res = stages.update_teacher(
-            member,
-            *(proxies if know else (None, None)),
-            served if know else None,
-            stream[k],
-            stream[k - 1],
-            cfg,
-            stages.stage_seed(cfg.teacher.members[m].seed, f"b{k}/teacher{m}"),
-        )
+    try:
+        # the stage as the run ran it (same code, same seed), on a scratch copy of the run's state before it
+        state, stream = replay_stage(rd, stage, cfg)
+    except CcdrecError as e:
+        raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - start
-    out = evaluate_many(res.model, [(stream[j], "valid", None) for j in range(k + 1)], (20,))
+    model = {"teacher": state.members[m], "student": state.served, "distill": state.student}[args.stage]
+    out = evaluate_many(model, [(stream[j], "valid", None) for j in range(k + 1)], (20,))
     recall = [o["recall@20"] for o in out]
     for j, r in enumerate(recall):
         print(f"valid_recall@20[b{j}]: {r:.4f}")

@@ -37,7 +37,7 @@ def test_data_info_bundled_table():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["data", "info", "no-such-stream"], "no stream 'no-such-stream'"),
+        (["data", "info", "no-such-stream"], "no stream directory 'no-such-stream'"),
         (["train", "--dataset", "yelp", "--block", "9"], "--block 9 is out of range"),
         (["train", "--dataset", "yelp", "--model", "transformer"], "invalid option: kind"),
         (["run", "--resume", "/nonexistent/run"], "no such run directory"),
@@ -60,7 +60,7 @@ def test_user_mistakes_are_one_line_errors(args, message):
 def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
     out = ccdrec(
         "train",
-        "--dataset",
+        "--data",
         str(stream_dir),
         "--model",
         "mf",

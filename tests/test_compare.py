@@ -17,11 +17,12 @@ from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.eval.protocol import harmonic
 from ccdrec.models import MF, LightGCN
 from ccdrec.models.vae import MultVAE
-from ccdrec.pipeline import stages
 from ccdrec.pipeline.compare import ABLATIONS, ablation_config, parse_ablations, parse_methods, run_compare
-from ccdrec.pipeline.competitors import cl_retrain, cl_update, make_lwckd, run_competitor, union_block
+from ccdrec.pipeline.competitors import cl_retrain, cl_update, lwc_weight, run_competitor
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.pipeline.staged import StopRequested, base_signature
+from ccdrec.pipeline.stages.student_update import update_student
+from ccdrec.pipeline.stages.teacher_update import lwckd_towards
 from ccdrec.presets import load_config
 from ccdrec.report import compare as rc
 from ccdrec.train.loop import fit
@@ -86,7 +87,8 @@ def test_lwckd_regulariser_is_nonzero_and_pulls_towards_the_old_model(small, bas
     # the old users' rankings stay closer to the old model's ...
     assert top_overlap(lwc.model, base_mf) > top_overlap(plain.model, base_mf)
     # ... and the exact LWC-KD loss towards the old model is lower
-    exact = make_lwckd(base_mf, small[0], cfg_with("teacher.lwc_candidates=null", "teacher.lwc_entities=null"), False, 0)
+    exact_cfg = cfg_with("teacher.lwc_candidates=null", "teacher.lwc_entities=null")
+    exact = lwckd_towards(base_mf, small[0], exact_cfg, lwc_weight(exact_cfg), 0)
     users, items = np.arange(base_mf.n_users), np.arange(base_mf.n_items)
 
     def probe(m):
@@ -107,8 +109,8 @@ def test_piw_weights_differ_across_users_and_change_the_loss(small, base_mf):
     with torch.no_grad():
         grown.user_emb.add_(0.3 * torch.randn_like(grown.user_emb))
     users, items = b1.train[:200, 0], b1.train[:200, 1]
-    plain = make_lwckd(base_mf, b0, cfg, piw=False, seed=0)
-    piw = make_lwckd(base_mf, b0, cfg, piw=True, seed=0)
+    plain = lwckd_towards(base_mf, b0, cfg, lwc_weight(cfg), seed=0, piw=False)
+    piw = lwckd_towards(base_mf, b0, cfg, lwc_weight(cfg), seed=0, piw=True)
     loss_plain = plain(grown, grown.propagate(), users, items)
     loss_piw = piw(grown, grown.propagate(), users, items)
     w = piw.last_piw[piw.last_piw > 0]
@@ -132,7 +134,7 @@ def test_vae_members_are_fine_tuned_under_lwckd(small):
 
 
 def test_retrain_is_a_fresh_model_on_all_train_pairs_so_far(small):
-    block = union_block(small, 2)
+    block = small.union_block(2)
     want = np.unique(np.concatenate([small[0].train, small[1].train, small[2].train]), axis=0)
     assert np.array_equal(block.train, want)
     train = set(map(tuple, want.tolist()))
@@ -185,9 +187,9 @@ def test_no_replay_samples_nothing(small, base_mf):
     cfg = cfg_with("student.replay.n_stability=3", "student.replay.n_plasticity=2")
     proxy = Proxy.from_model(base_mf)
     b0, b1 = small[0], small[1]
-    _, with_replay = stages.update_student(base_mf, proxy, proxy, None, b1, b0, cfg, seed=0)
+    _, with_replay = update_student(base_mf, proxy, proxy, None, b1, b0, cfg, seed=0)
     assert with_replay.active and sum(with_replay.sizes) > 0
-    _, without = stages.update_student(base_mf, proxy, proxy, None, b1, b0, ablation_config(cfg, "no-replay"), seed=0)
+    _, without = update_student(base_mf, proxy, proxy, None, b1, b0, ablation_config(cfg, "no-replay"), seed=0)
     assert not without.active and without.sizes == [] and len(without.replay) == 0
 
 
@@ -263,7 +265,7 @@ def test_bold_best_marks_the_best_competing_value_per_column(hand_rows):
     assert text.loc["finetune", "teacher H"] == text.loc["lwckd", "teacher H"] == "0.5000"
     assert rc.bold_best(t.loc[["finetune", "lwckd"]]).loc["lwckd", "teacher H"] == "**0.5000**"
     t.loc["lwckd", "student LA"] = float("nan")
-    assert rc.bold_best(t).loc["lwckd", "student LA"] == "–"
+    assert rc.bold_best(t).loc["lwckd", "student LA"] == "—"
 
 
 def test_block_gains_against_the_best_competitor(hand_rows):

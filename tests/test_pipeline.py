@@ -126,18 +126,19 @@ def test_workers_fall_back_to_one_process_for_a_script_read_from_stdin(full_run,
 def test_shared_teacher_replay_candidates_change_nothing(full_run):
     import torch
 
-    from ccdrec.pipeline import stages
     from ccdrec.pipeline.ccd import CCDStream
+    from ccdrec.pipeline.stages.teacher_update import teacher_candidates, update_teacher
 
     _, out = full_run
     run = CCDStream.open_worker(out)
     run.restore()
+    state = run.state
     block, prev = run.stream[2], run.stream[1]
-    cands = stages.teacher_candidates(*run.proxies, run.served, block, prev, run.cfg, "cpu")
+    cands = teacher_candidates(*state.proxies, state.served, block, prev, run.cfg, "cpu")
     assert set(cands) == {"stability", "student"}  # the default budgets: n_S = n_C = 5, n_P = 0
-    for member in run.members:
+    for member in state.members:
         a, b = (
-            stages.update_teacher(member, *run.proxies, run.served, block, prev, run.cfg, 3, candidates=c).model
+            update_teacher(member, *state.proxies, state.served, block, prev, run.cfg, 3, candidates=c).model
             for c in (None, cands)
         )
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
@@ -189,19 +190,21 @@ def test_student_update_negatives_avoid_the_saved_teacher_lists(full_run, stream
     from ccdrec.data.stream import load_stream
     from ccdrec.pipeline.ccd import CCDStream
     from ccdrec.pipeline.rundir import RunDir
-    from ccdrec.pipeline.stages import teacher_lists
+    from ccdrec.pipeline.stages.avoid import avoid_lists
+    from ccdrec.pipeline.stages.generation import teacher_lists
+    from ccdrec.pipeline.stages.student_update import teacher_top
 
     cfg, out = full_run
     stream = load_stream(str(stream_dir))
     run = CCDStream(cfg, RunDir(out), stream, progress=False)
     run.restore()  # the final state: E_2, D_2 and the b2 lists
-    saved = run.teacher_top(2)
-    assert saved is not None and run.teacher_top(1) is None  # only the latest block's lists are pointed to
-    fresh, _ = teacher_lists(run.ensemble(), stream[2], cfg.student.topn)
+    saved = teacher_top(run.ctx, run.state, 2)
+    assert saved is not None and teacher_top(run.ctx, run.state, 1) is None  # only the latest block's lists
+    fresh, _ = teacher_lists(run.state.ensemble(cfg), stream[2], cfg.student.topn)
     np.testing.assert_array_equal(saved, fresh)
     # as block 3's negatives would: every old user's saved top items are avoided
     b = stream[2]
-    avoid = run.avoid([], b, (b.n_users, b.n_items), [saved])
+    avoid = avoid_lists(run.ctx, [], b, (b.n_users, b.n_items), [saved])
     rows, cols = np.nonzero(saved[: b.prev_users] >= 0)
     assert np.all(avoid[rows, saved[rows, cols]] == 1)
     assert avoid[b.prev_users :].nnz == 0  # new users are not old users

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ccdrec.data.prepare as prepare_mod
 from ccdrec.data.prepare import prepare_stream
@@ -109,7 +116,7 @@ def test_csv_gz_matches_csv_and_same_seed_is_identical(tmp_path):
     prepare_stream(tmp_path / "log.csv.gz", tmp_path / "b", **KW)
     prepare_stream(tmp_path / "log.csv", tmp_path / "c", **{**KW, "seed": 1})
     a, b, c = (stream_files(tmp_path / x) for x in "abc")
-    assert set(a) == {"interactions.csv.gz", "universe.csv", "users.csv", "items.csv"}
+    assert set(a) == {"interactions.csv.gz", "universe.csv", "users.json", "items.json"}
     assert a == b
     assert a["interactions.csv.gz"] != c["interactions.csv.gz"] and a["universe.csv"] == c["universe.csv"]
 
@@ -300,3 +307,485 @@ def test_vocab_round_trip_keeps_ids_that_look_like_numbers(tmp_path):
     stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", **KW)
     assert set(stream.user_vocab) == {f"00{u}" for u in range(12)}
     assert "NA" in set(stream.item_vocab)
+
+
+# --- timestamps: one reading per column -----------------------------------------------------
+
+DMY = "%d/%m/%Y %H:%M"
+MDY = "%m/%d/%Y %H:%M"
+
+
+def dated_log(fmt: str = DMY, n: int = 60, step_hours: int = 36) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
+    """``u{i%6},i{i:02d},<date>``: one interaction every ``step_hours`` from 2024-01-01, rows in time order."""
+    times = pd.date_range("2024-01-01", periods=n, freq=f"{step_hours}h")
+    log = pd.DataFrame({"user": [f"u{i % 6}" for i in range(n)], "item": [f"i{i:02d}" for i in range(n)]})
+    return log.assign(timestamp=times.strftime(fmt)), times
+
+
+DATED_KW = dict(min_user=1, min_item=1, base_fraction=0.5, n_blocks=2, seed=0)
+DATED_BLOCK_ITEMS = [[f"i{i:02d}" for i in range(30)], [f"i{i:02d}" for i in range(30, 45)], [f"i{i:02d}" for i in range(45, 60)]]
+
+
+def new_items(stream) -> list[list[str]]:
+    return [list(stream.item_vocab[b.prev_items : b.n_items]) for b in stream]
+
+
+@pytest.mark.parametrize("fmt", [DMY, MDY, "%d.%m.%Y %H:%M", "%Y/%m/%d %H:%M", "%d/%m/%y %I:%M %p", "%m-%d-%Y %H:%M:%S"])
+def test_dates_are_read_with_one_format_decided_by_the_whole_column(tmp_path, fmt):
+    # 02/01/2024 is 2 January here because 13/01/2024 is in the same column (and 01/13/2024 makes it month-first)
+    log, times = dated_log(fmt)
+    keys = prepare_mod._time_keys(log["timestamp"], tmp_path / "log.csv", "timestamp")
+    assert list(pd.to_datetime(keys)) == list(times)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", **DATED_KW)
+    assert list(stream.item_vocab) == [f"i{i:02d}" for i in range(60)]  # first appearance = the true time order
+    assert new_items(stream) == DATED_BLOCK_ITEMS
+
+
+def test_time_format_decides_an_ambiguous_column(tmp_path):
+    log, times = dated_log(DMY, n=40, step_hours=7)  # 01/01/2024 .. 12/01/2024: no field exceeds 12
+    log.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(tmp_path / "log.csv", tmp_path / "out", **DATED_KW)
+    msg = str(exc.value)
+    assert "log.csv" in msg and "ambiguous" in msg and "\n" not in msg
+    assert "--time-format '%m/%d/%Y %H:%M' or '%d/%m/%Y %H:%M'" in msg
+    assert leftovers(tmp_path) == []
+    for fmt, expected in ((DMY, times), (MDY, pd.to_datetime(log["timestamp"], format=MDY))):
+        keys = prepare_mod._time_keys(log["timestamp"], tmp_path / "log.csv", "timestamp", time_format=fmt)
+        assert list(pd.to_datetime(keys)) == list(expected)
+    stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", time_format=DMY, **{**DATED_KW, "n_blocks": 1})
+    assert list(stream.item_vocab) == [f"i{i:02d}" for i in range(40)]
+
+
+def test_iso_8601_timestamps_with_zones_and_offsets(tmp_path):
+    values = ["2024-01-02", "2024-01-02T03:04:05Z", "2024-01-02T03:04:05+02:00", "2024-01-02 00:30", "2024-01-13T00:00"]
+    keys = prepare_mod._time_keys(pd.Series(values), tmp_path / "log.csv", "timestamp")
+    expected = ["2024-01-02 00:00:00", "2024-01-02 03:04:05", "2024-01-02 01:04:05", "2024-01-02 00:30:00", "2024-01-13 00:00:00"]
+    assert list(pd.to_datetime(keys)) == [pd.Timestamp(t) for t in expected]
+
+
+def mixed_dates(d: pd.DataFrame) -> pd.Series:
+    iso = pd.to_datetime(d["timestamp"], format=DMY).dt.strftime("%Y-%m-%dT%H:%M")
+    return d["timestamp"].where(d.index % 2 == 0, iso)
+
+
+BAD_DATES = {
+    # no first or second field above 12: day-first and month-first both read every value
+    "ambiguous": (dated_log(DMY, n=40, step_hours=7)[0], "ambiguous: every value reads as"),
+    # 13/01/2024 and 01/13/2024 in one column: neither order reads them all
+    "both orders": (
+        dated_log(DMY)[0].assign(timestamp=lambda d: d["timestamp"].where(d.index != 59, "01/13/2024 00:00")),
+        "1 unparsable timestamp(s), e.g. '01/13/2024 00:00'",
+    ),
+    "iso and slashed": (dated_log(DMY)[0].assign(timestamp=mixed_dates), "30 unparsable timestamp(s)"),
+    "unix and iso": (
+        make_log().assign(timestamp=lambda d: d["timestamp"].astype(str).where(d.index != 5, "2024-01-02")),
+        "1 unparsable timestamp(s), e.g. '2024-01-02'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATES))
+def test_undecidable_or_mixed_date_columns_are_one_line_errors(tmp_path, case):
+    log, needle = BAD_DATES[case]
+    log.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(tmp_path / "log.csv", tmp_path / "out", **DATED_KW)
+    msg = str(exc.value)
+    assert msg.startswith(f"{tmp_path / 'log.csv'}: column 'timestamp'") and needle in msg and "\n" not in msg
+    assert leftovers(tmp_path) == []
+
+
+NON_FINITE = {
+    "csv inf": ("log.csv", "inf", "'inf'"),
+    "csv -inf": ("log.csv", "-inf", "'-inf'"),
+    "csv 1e300": ("log.csv", "1e300", "'1e300'"),
+    "csv nan": ("log.csv", "nan", "'nan'"),
+    "csv year 9999": ("log.csv", "9999-01-01", None),
+    "csv before 1900": ("log.csv", "1899-12-31", None),
+    "parquet inf": ("log.parquet", np.inf, "inf"),
+    "parquet -inf": ("log.parquet", -np.inf, "-inf"),
+    "parquet 1e300": ("log.parquet", 1e300, "1e+300"),
+    "parquet datetime 2300": ("log.parquet", pd.Timestamp("2300-01-01"), "Timestamp('2300-01-01 00:00:00')"),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_non_finite_and_out_of_range_timestamps_are_unparsable(tmp_path, case):
+    name, value, shown = NON_FINITE[case]
+    log = make_log()
+    if isinstance(value, pd.Timestamp):
+        ts = (T0 + pd.to_timedelta(log["timestamp"], unit="s")).astype("datetime64[us]")
+        ts.iloc[7] = value
+    elif isinstance(value, float):
+        ts = log["timestamp"].astype(float)
+        ts.iloc[7] = value
+    else:
+        ts = (T0 + pd.to_timedelta(log["timestamp"], unit="s")).dt.strftime("%Y-%m-%d %H:%M:%S") if "-" in value[1:] else log[
+            "timestamp"
+        ].astype(str)
+        ts.iloc[7] = value
+    path = _write(tmp_path, name, log.assign(timestamp=ts))
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(path, tmp_path / "out", **KW)
+    msg = str(exc.value)
+    assert f"{path}: column 'timestamp' has 1 unparsable timestamp(s), e.g. {shown or repr(value)}" in msg
+    assert "1900-01-01..2199-12-31" in msg and "\n" not in msg
+    assert leftovers(tmp_path) == []
+
+
+def test_millisecond_and_nanosecond_numbers_are_timestamps(tmp_path):
+    raw = make_log()
+    ms = raw["timestamp"] * 1000 + 1_600_000_000_000  # 13 digits
+    keys = prepare_mod._time_keys(ms.astype(str), tmp_path / "log.csv", "timestamp")
+    assert keys.dtype == np.int64 and list(keys) == list(ms)
+    ns = pd.Series([1_700_000_000_000_000_001, 1_700_000_000_000_000_002, 1_700_000_000_000_000_000])
+    assert list(np.argsort(prepare_mod._time_keys(ns.astype(str), tmp_path / "log.csv", "t"), kind="stable")) == [2, 0, 1]
+    raw.assign(timestamp=ms).to_csv(tmp_path / "log.csv", index=False)
+    prepare_stream(tmp_path / "log.csv", tmp_path / "a", time_unit="ms", **KW)
+    raw.to_csv(tmp_path / "log2.csv", index=False)
+    prepare_stream(tmp_path / "log2.csv", tmp_path / "b", **KW)
+    assert stream_files(tmp_path / "a") == stream_files(tmp_path / "b")  # same order as the seconds
+    with pytest.raises(CcdrecError, match=r"unparsable timestamp\(s\), e\.g\. '16\d{11}' .*counts of 's' since 1970"):
+        prepare_stream(tmp_path / "log.csv", tmp_path / "c", time_unit="s", **KW)
+
+
+# --- IDs round-trip; nothing left behind -----------------------------------------------------
+
+WEIRD_IDS = [
+    "a\rb", "c\nd", "e\r\nf", "\r", "x,y", 'say "hi"', "tab\there", "nul\x00", "trail\x00", "\x00", "ünï😀", " lead",
+    "trail ", "NA", "null", "None", "nan", "N/A", "#", "007", "1e3", "-", "\\", "\u2028", "'", "[1]", '"', "\x1b[0m",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["log.csv", "log.csv.gz", "log.parquet"])
+def test_any_string_id_round_trips(tmp_path, name):
+    import csv
+    import json
+
+    users = WEIRD_IDS[:12]
+    rows = [(u, i, n * 12 + k) for n, u in enumerate(users) for k, i in enumerate(WEIRD_IDS) if (n + k) % 3]
+    log = _chain_log(rows)
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        log.to_parquet(path)
+    else:
+        log.to_csv(path, index=False, quoting=csv.QUOTE_ALL)  # a valid CSV: every field quoted
+    stream = prepare_stream(path, tmp_path / "out", **KW)
+    ref = reference(log, **KW)
+    assert list(stream.user_vocab) == list(pd.unique(ref["user"])) and set(stream.user_vocab) == set(users)
+    assert list(stream.item_vocab) == list(pd.unique(ref["item"])) and set(stream.item_vocab) == set(WEIRD_IDS)
+    again = load_stream(tmp_path / "out")
+    assert list(again.user_vocab) == list(stream.user_vocab) and list(again.item_vocab) == list(stream.item_vocab)
+    assert again.item_vocab.dtype == object and all(type(v) is str for v in again.item_vocab)
+    assert json.loads((tmp_path / "out" / "items.json").read_text()) == list(stream.item_vocab)
+    assert (tmp_path / "out" / "items.json").read_bytes().isascii()
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_vocabularies_of_earlier_versions_are_still_read(tmp_path):
+    make_log().to_csv(tmp_path / "log.csv", index=False)
+    stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", **KW)
+    for kind, vocab in (("users", stream.user_vocab), ("items", stream.item_vocab)):
+        (tmp_path / "out" / f"{kind}.json").unlink()
+        pd.DataFrame({"id": np.arange(len(vocab)), "original": vocab}).to_csv(tmp_path / "out" / f"{kind}.csv", index=False)
+    old = load_stream(tmp_path / "out")
+    assert list(old.user_vocab) == list(stream.user_vocab) and list(old.item_vocab) == list(stream.item_vocab)
+
+
+def _corrupt_users(stream, path):
+    from ccdrec.data.stream import save_stream
+
+    save_stream(stream, path)
+    (path / "users.json").write_text('["only one"]')
+
+
+def _different_users(stream, path):
+    from ccdrec.data.stream import save_stream
+
+    save_stream(stream, path)
+    (path / "users.json").write_text(json.dumps([f"{v}!" for v in stream.user_vocab]))
+
+
+def _bug(stream, path):
+    (path / "interactions.csv.gz").write_text("partial")
+    raise RuntimeError("a bug, not a user mistake")
+
+
+@pytest.mark.parametrize(
+    "save, error, needle",
+    [
+        (_corrupt_users, CcdrecError, "does not read back"),
+        (_different_users, CcdrecError, "does not read back as written (the user vocabulary differs)"),
+        (_bug, RuntimeError, "a bug"),
+    ],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_stream_that_does_not_read_back_leaves_nothing(tmp_path, monkeypatch, save, error, needle, existing):
+    make_log().to_csv(tmp_path / "log.csv", index=False)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(prepare_mod, "save_stream", save)
+    with pytest.raises(error) as exc:
+        prepare_stream(tmp_path / "log.csv", out, force=existing, **KW)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    assert leftovers(tmp_path) == (["out"] if existing else [])
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# --- headerless, tab-separated, gzip, ratings --------------------------------------------------
+
+
+def udata_like(rng_seed: int = 3) -> pd.DataFrame:
+    """A small log shaped like MovieLens u.data: user, item, rating 1..5, unix seconds (with ties)."""
+    rng = np.random.default_rng(rng_seed)
+    rows = [(u, int(i), int(rng.integers(1, 6)), 880_000_000 + int(rng.integers(0, 500)) * 60)
+            for u in range(1, 41) for i in rng.choice(np.arange(1, 31), 12, replace=False)]  # fmt: skip
+    return pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+
+
+@pytest.mark.parametrize("name, sep", [("u.data.gz", "\\t"), ("u.data", "tab"), ("ratings.tsv", None), ("export.bin", "\t")])
+def test_headerless_tab_separated_log(tmp_path, name, sep):
+    log = udata_like()
+    text = log.to_csv(sep="\t", header=False, index=False)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode())) if name.endswith((".gz", ".bin")) else path.write_text(text)
+    kw = {"file_format": "csv"} if name == "export.bin" else {}  # no telling extension: --format; gzip is sniffed
+    columns = "user,item,rating,timestamp"
+    stream = prepare_stream(path, tmp_path / "out", sep=sep, header=False, columns=columns, **kw, **KW)
+    ref = reference(log.astype({"user": str, "item": str}), **KW)
+    assert list(stream.user_vocab) == list(pd.unique(ref["user"])) and list(stream.item_vocab) == list(pd.unique(ref["item"]))
+    pairs = pd.concat([original_pairs(stream, b) for b in stream])
+    assert set(map(tuple, pairs.to_numpy())) <= set(zip(ref["user"], ref["item"], strict=True))
+    assert 0.9 * len(ref) <= len(pairs) <= len(ref)
+
+
+def test_min_rating_keeps_well_rated_interactions(tmp_path):
+    log = udata_like()
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", rating_col="rating", min_rating=4, **KW)
+    ref = reference(log[log["rating"] >= 4].astype({"user": str, "item": str}), **KW)
+    assert list(stream.user_vocab) == list(pd.unique(ref["user"])) and list(stream.item_vocab) == list(pd.unique(ref["item"]))
+    pairs = pd.concat([original_pairs(stream, b) for b in stream])
+    good = set(zip(log["user"].astype(str), log["item"].astype(str), strict=True)) - set(
+        zip(log.loc[log["rating"] < 4, "user"].astype(str), log.loc[log["rating"] < 4, "item"].astype(str), strict=True)
+    )
+    assert set(map(tuple, pairs.to_numpy())) <= good
+
+
+UDATA = udata_like().to_csv(sep="\t", header=False, index=False)
+BAD_OPTIONS = {
+    "no header without columns": ("u.data", UDATA, {"sep": "\t", "header": False}, "--no-header needs --columns"),
+    "columns without no-header": ("u.data", UDATA, {"sep": "\t", "columns": "user,item,rating,timestamp"}, "give --no-header"),
+    "column count": (
+        "u.data",
+        UDATA,
+        {"sep": "\t", "header": False, "columns": "user,item,timestamp"},
+        "--columns names 3 column(s) (user,item,timestamp) but the file has 4",
+    ),
+    "duplicate column name": ("u.data", UDATA, {"header": False, "columns": "user,item,user,timestamp"}, "'user' more than once"),
+    "wrong separator": ("u.data", UDATA, {}, "give --sep"),
+    "header looks like data": ("u.data", UDATA, {"sep": "\t"}, "give --no-header --columns"),
+    "multi-char sep": ("u.data", UDATA, {"sep": "::"}, "--sep must be one character"),
+    "min rating without column": ("log.csv", None, {"min_rating": 4}, "--min-rating needs --rating-col"),
+    "rating column without min": ("log.csv", None, {"rating_col": "rating"}, "--rating-col needs --min-rating"),
+    "rating column missing": ("log.csv", None, {"rating_col": "stars", "min_rating": 4}, "missing column(s) 'stars'"),
+    "rating not numeric": (
+        "log.csv",
+        "user,item,timestamp,rating\n" + "u,i,1,good\n" * 30,
+        {"rating_col": "rating", "min_rating": 4},
+        "column 'rating' has 30 non-numeric rating(s), e.g. 'good'",
+    ),
+    "nothing rated enough": (
+        "log.csv",
+        None,
+        {"rating_col": "rating", "min_rating": 9},
+        "no interaction has a 'rating' of at least 9",
+    ),
+    "unknown format": ("u.data", UDATA, {"file_format": "xlsx"}, "--format must be one of csv, parquet"),
+    "unknown extension": ("u.item", UDATA, {}, "or give --format csv|parquet"),
+    "sep for parquet": ("log.parquet", None, {"sep": ";"}, "apply to text logs, not Parquet"),
+    "time unit": ("log.csv", None, {"time_unit": "days"}, "--time-unit must be one of s, ms, us, ns"),
+    "format and unit": ("log.csv", None, {"time_unit": "s", "time_format": "%Y"}, "not both"),
+    "bad time format": ("log.csv", None, {"time_format": "%Q"}, "invalid time format '%Q'"),
+    "time format for numbers": ("log.parquet", None, {"time_format": "%Y"}, "holds numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_reading_options_are_one_line_errors(tmp_path, case):
+    name, text, kw, needle = BAD_OPTIONS[case]
+    path = _write(tmp_path, name, udata_like(), text)
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(path, tmp_path / "out", **{**KW, **kw})
+    msg = str(exc.value)
+    assert str(path) in msg and needle in msg and "\n" not in msg
+    assert leftovers(tmp_path, keep=("log", "u.")) == []
+
+
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k" / "u.data.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MOVIELENS.exists(), reason=f"MovieLens 100K not found at {MOVIELENS} (shared data, not in the repo)")
+def test_movielens_100k_through_the_cli(tmp_path):
+    columns = ["user", "item", "rating", "timestamp"]
+    raw = pd.read_csv(MOVIELENS, sep="\t", header=None, names=columns, dtype=str)
+    assert (len(raw), raw["user"].nunique(), raw["item"].nunique()) == (100_000, 943, 1_682)
+    args = ["data", "prepare", str(MOVIELENS), "--sep", "\\t", "--no-header", "--columns", ",".join(columns)]
+    for extra, kept in (([], raw), (["--rating-col", "rating", "--min-rating", "4"], raw[raw["rating"].astype(int) >= 4])):
+        out = tmp_path / f"ml{len(extra)}"
+        res = ccdrec(*args, "--out", str(out), *extra)
+        assert res.returncode == 0, res.stderr
+        stream = load_stream(out)
+        ref = reference(kept.assign(timestamp=kept["timestamp"].astype(np.int64)), min_user=10, min_item=10)
+        assert (stream.n_users, stream.n_items) == (ref["user"].nunique(), ref["item"].nunique())
+        assert list(stream.user_vocab) == list(pd.unique(ref["user"])) and list(stream.item_vocab) == list(pd.unique(ref["item"]))
+        pairs = pd.concat([original_pairs(stream, b) for b in stream])
+        assert set(map(tuple, pairs.to_numpy())) <= set(zip(ref["user"], ref["item"], strict=True))
+        assert 0.99 * len(ref) <= len(pairs) <= len(ref)
+        assert f"wrote {out}: 6 blocks, {ref['user'].nunique():,} users, {ref['item'].nunique():,} items" in res.stdout
+    assert (stream.n_users, len(ref)) != (943, 100_000)  # the rating filter did something
+
+
+# --- notes, the CLI --------------------------------------------------------------------------
+
+
+def test_blocks_without_evaluation_users_or_new_users_are_noted(tmp_path):
+    # every item once: no valid/test item is trained on in its block; all 6 users appear in D_0
+    dated_log()[0].to_csv(tmp_path / "log.csv", index=False)
+    with pytest.warns(prepare_mod.PrepareWarning) as caught:
+        prepare_stream(tmp_path / "log.csv", tmp_path / "out", **DATED_KW)
+    notes = [str(w.message) for w in caught if w.category is prepare_mod.PrepareWarning]
+    assert [n.split(" (")[0] for n in notes] == [
+        "block 0 has no valid and no test users",
+        "block 1 has no valid and no test users",
+        "incremental block 1 has no new users",
+        "block 2 has no valid and no test users",
+        "incremental block 2 has no new users",
+    ]
+    growing = make_log(n_users=60)
+    growing["timestamp"] += growing["user"].str.removeprefix("u").replace("lonely", "0").astype(int) * 10**6  # users join in turn
+    growing.to_csv(tmp_path / "log2.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", prepare_mod.PrepareWarning)
+        prepare_stream(tmp_path / "log2.csv", tmp_path / "out2", **{**KW, "n_blocks": 1})  # a healthy stream: no notes
+
+
+def ccdrec(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-c", "from ccdrec.cli import main; main()", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_cli_prints_the_stream_it_wrote_and_notes(tmp_path):
+    dated_log()[0].to_csv(tmp_path / "log.csv", index=False)
+    args = ["--min-user", "1", "--min-item", "1", "--blocks", "2"]
+    res = ccdrec("data", "prepare", "log.csv", "--out", "yelp", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "wrote yelp: 3 blocks, 6 users, 60 items" in res.stdout
+    assert "stream yelp" in res.stdout and "12,248" not in res.stdout  # not the bundled Yelp table
+    table = [line.split("│")[1:-1] for line in res.stdout.splitlines() if line.startswith("│")]
+    assert [[c.strip() for c in row[:5]] for row in table] == [
+        ["0", "6", "30", "6", "30"],
+        ["1", "6", "45", "0", "15"],
+        ["2", "6", "60", "0", "15"],
+    ]
+    assert res.stderr.count("note: block ") == 3 and res.stderr.count("note: incremental block ") == 2
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    dated_log(DMY, n=40, step_hours=7)[0].to_csv(tmp_path / "log.csv", index=False)
+    res = ccdrec("data", "prepare", str(tmp_path / "log.csv"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'log.csv'}: column 'timestamp' is ambiguous")
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert leftovers(tmp_path) == []
+
+
+# --- property: any small log either fails cleanly or maps back to its filtered pairs ----------
+
+ID_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=4)  # any code point but surrogates
+FORMS = {
+    "unix": lambda t: str(1_700_000_000 + t),
+    "iso": lambda t: (T0 + pd.Timedelta(seconds=t)).isoformat() + "Z",
+    "dmy": lambda t: (T0 + pd.Timedelta(seconds=t)).strftime(DMY),
+}
+
+
+@st.composite
+def small_logs(draw):
+    tiny = draw(st.integers(0, 3)) == 3
+    users = draw(st.lists(ID_TEXT, min_size=1 if tiny else 5, max_size=8, unique=True))
+    items = draw(st.lists(ID_TEXT, min_size=1 if tiny else 5, max_size=8, unique=True))
+    pairs = draw(st.permutations([(u, i) for u in users for i in items]))
+    pairs = pairs[: draw(st.integers(0, 4) if tiny else st.integers(24, len(pairs)))]
+    pairs += draw(st.lists(st.sampled_from(pairs), max_size=8)) if pairs else []  # repeated pairs
+    # times in steps of 72 minutes over 20 days from 1 March: a day-first column is decidable only if it reaches the 13th
+    times = draw(st.lists(st.integers(0, 400).map(lambda m: m * 4320), min_size=len(pairs), max_size=len(pairs)))
+    form = st.sampled_from(list(FORMS))
+    forms = draw(st.one_of(st.lists(form, min_size=1, max_size=1), st.lists(form, min_size=2, max_size=2)))
+    which = draw(st.lists(st.integers(0, len(forms) - 1), min_size=len(pairs), max_size=len(pairs)))  # two forms: mixed
+    log = pd.DataFrame(
+        {"user": [u for u, _ in pairs], "item": [i for _, i in pairs], "t": times}, columns=["user", "item", "t"], dtype=object
+    )
+    log["timestamp"] = [FORMS[forms[w]](t) for t, w in zip(times, which, strict=True)]
+    kind = draw(st.sampled_from(["log.csv", "log.csv.gz", "log.parquet"]))
+    kw = dict(min_user=draw(st.sampled_from([1, 1, 2])), min_item=draw(st.sampled_from([1, 1, 2])))
+    return log, kind, {**kw, "base_fraction": 0.5, "n_blocks": draw(st.sampled_from([1, 1, 2]))}
+
+
+def documented_bounds(n: int, base_fraction: float, n_blocks: int) -> list[int]:
+    """The cut of the module docstring: D_0 = the first round(base_fraction * n), then n_blocks equal parts."""
+    n0 = int(round(base_fraction * n))
+    return [0] + [n0 + int(x) for x in np.round(np.linspace(0, n - n0, n_blocks + 1))]
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(small_logs())
+def test_property_prepare_fails_cleanly_or_maps_back_to_the_filtered_log(case):
+    import csv
+    import tempfile
+
+    log, kind, kw = case
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        path = d / kind
+        data = log[["user", "item", "timestamp"]]
+        if kind.endswith(".parquet"):
+            data.astype(str).to_parquet(path)
+        else:
+            data.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
+        try:
+            stream = prepare_stream(path, d / "out", seed=0, **kw)
+        except CcdrecError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            assert sorted(p.name for p in d.iterdir()) == [kind]  # no output, no temporary directory
+            return
+        assert sorted(p.name for p in d.iterdir()) == sorted([kind, "out"])
+        ref = reference(log.rename(columns={"timestamp": "text", "t": "timestamp"}), kw["min_user"], kw["min_item"])
+        assert list(stream.user_vocab) == list(pd.unique(ref["user"]))
+        assert list(stream.item_vocab) == list(pd.unique(ref["item"]))
+        again = load_stream(d / "out")
+        assert list(again.user_vocab) == list(stream.user_vocab) and list(again.item_vocab) == list(stream.item_vocab)
+        bounds = documented_bounds(len(ref), kw["base_fraction"], kw["n_blocks"])
+        for b, lo, hi in zip(stream, bounds[:-1], bounds[1:], strict=True):
+            expected = set(zip(ref["user"].iloc[lo:hi], ref["item"].iloc[lo:hi], strict=True))
+            got = {s: set(map(tuple, original_pairs_of(stream, b, s))) for s in SPLITS}
+            trained = {i for _, i in got["train"]}
+            assert got["train"] | got["valid"] | got["test"] <= expected
+            assert all(i in trained for _, i in got["valid"] | got["test"])
+            # a pair of the block missing from every split is a valid/test pair whose item nobody trains on there
+            assert all(i not in trained for _, i in expected - got["train"] - got["valid"] - got["test"])
+            assert b.n_users == ref["user"].iloc[:hi].nunique() and b.n_items == ref["item"].iloc[:hi].nunique()
+
+
+def original_pairs_of(stream, block, split: str) -> np.ndarray:
+    pairs = block.split(split)
+    return np.stack([stream.user_vocab[pairs[:, 0]], stream.item_vocab[pairs[:, 1]]], axis=1) if len(pairs) else pairs

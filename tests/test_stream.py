@@ -68,7 +68,7 @@ def copy_yelp(tmp_path):
 
 
 def test_errors_name_the_file_and_problem(tmp_path):
-    with pytest.raises(CcdrecError, match="not a bundled dataset"):
+    with pytest.raises(CcdrecError, match="no stream directory"):
         load_stream(tmp_path / "missing")
     d = copy_yelp(tmp_path)
     (d / "universe.csv").unlink()

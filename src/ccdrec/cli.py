@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, StageLost
 
 app = typer.Typer(
     help="Continual Collaborative Distillation for recommenders on a stream.",
@@ -23,13 +25,30 @@ data_app = typer.Typer(help="Inspect bundled streams and prepare your own logs."
 app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+# Options shared by `run` and `compare` (and `train`), defined once.
+DatasetOpt = Annotated[str | None, typer.Option(help="bundled dataset: yelp (default) or gowalla")]
+DataOpt = Annotated[Path | None, typer.Option(help="a stream directory made by `ccdrec data prepare` (instead of --dataset)")]
+PresetOpt = Annotated[
+    str | None, typer.Option(help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)")
+]
+ConfigOpt = Annotated[Path | None, typer.Option(help="YAML or TOML file with configuration fields (over the preset)")]
+SetOpt = Annotated[
+    list[str], typer.Option("--set", help="override one configuration field, e.g. --set student.update.epochs=5 (repeatable)")
+]
+SeedOpt = Annotated[int | None, typer.Option(help="run seed (default 0)")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
+ProgressOpt = Annotated[bool, typer.Option(help="show live progress")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all cores); give concurrent jobs cores/jobs each")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
+    ),
+]
 
-@data_app.command("info")
-def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gowalla) or a stream directory")) -> None:
-    """Print a per-block table: universe, new users/items, train/valid/test counts."""
-    from ccdrec.data import load_stream
 
-    stream = load_stream(source)
+def print_stream_table(stream) -> None:
+    """Print ``stream``'s per-block table: universe, new users/items, active users, split sizes."""
     df = stream.summary()
     table = Table(title=f"stream {stream.name}")
     for col in df.columns:
@@ -39,43 +58,117 @@ def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gow
     console.print(table)
 
 
+def _stream_source(dataset: str | None, data: Path | None) -> str | Path:
+    """The stream of ``--dataset`` (always a bundled name) or ``--data`` (always a directory)."""
+    from ccdrec.data.stream import BUNDLED
+
+    if dataset is not None and data is not None:
+        raise CcdrecError("give --dataset (a bundled dataset) or --data (a stream directory), not both")
+    if data is not None:
+        return data
+    name = dataset or "yelp"
+    if name not in BUNDLED:
+        hint = f"; for the stream directory {name} use --data {name}" if Path(name).is_dir() else ""
+        raise CcdrecError(f"unknown dataset {name!r}: --dataset names a bundled stream ({', '.join(BUNDLED)}){hint}")
+    return name
+
+
+@data_app.command("info")
+def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gowalla) or a stream directory")) -> None:
+    """Print a per-block table: universe, new users/items, train/valid/test counts."""
+    from ccdrec.data import load_stream
+    from ccdrec.data.stream import BUNDLED
+
+    if source in BUNDLED and Path(source).exists():
+        raise CcdrecError(
+            f"{source!r} names both a bundled dataset and ./{source} here: write ./{source} for the directory, "
+            "or run from another directory for the bundled stream"
+        )
+    print_stream_table(load_stream(source if source in BUNDLED else Path(source)))
+
+
 @data_app.command("prepare")
 def data_prepare(
-    log: Path = typer.Argument(..., help="interaction log: CSV (.csv, .csv.gz) or Parquet"),
+    log: Path = typer.Argument(
+        ..., help="interaction log: text (.csv, .tsv, .txt, .dat, .data; any name ending .gz is gzip-compressed text) or Parquet"
+    ),
     out: Path = typer.Option(..., "--out", help="output stream directory"),
     user_col: str = typer.Option("user", help="user ID column"),
     item_col: str = typer.Option("item", help="item ID column"),
-    time_col: str = typer.Option("timestamp", help="timestamp column (unix seconds or date strings)"),
+    time_col: str = typer.Option("timestamp", help="timestamp column (unix time or date strings)"),
     min_user: int = typer.Option(10, help="k-core: minimum interactions per user"),
     min_item: int = typer.Option(10, help="k-core: minimum interactions per item"),
     base_fraction: float = typer.Option(0.5, help="share of interactions in the base block D_0"),
     blocks: int = typer.Option(5, help="number of incremental blocks after D_0"),
     seed: int = typer.Option(0, help="seed of the per-user train/valid/test split"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
+    sep: str | None = typer.Option(
+        None, help="field separator of a text log: one character, or 'tab' / '\\t' (default: ',' or tab for .tsv)"
+    ),
+    header: bool = typer.Option(
+        True, "--header/--no-header", help="whether a text log starts with a header line (--no-header needs --columns)"
+    ),
+    columns: str | None = typer.Option(
+        None, help="names of every column of a headerless text log, comma-separated, e.g. user,item,rating,timestamp"
+    ),
+    rating_col: str | None = typer.Option(None, help="rating column; with --min-rating keeps only well-rated interactions"),
+    min_rating: float | None = typer.Option(
+        None, help="keep interactions rated at least this (as implicit feedback); needs --rating-col"
+    ),
+    time_format: str | None = typer.Option(
+        None, help="strftime format of date strings, e.g. '%d/%m/%Y %H:%M' (default: ISO 8601 or the one format that fits all)"
+    ),
+    time_unit: str | None = typer.Option(
+        None, help="unit of numeric timestamps since 1970: s, ms, us or ns (default: the smallest that fits 1900-2199)"
+    ),
+    file_format: str | None = typer.Option(
+        None, "--format", help="csv (text, gzip-compressed or not) or parquet, when the file name does not tell"
+    ),
 ) -> None:
-    """Cut a timestamped log into a block stream (k-core, time blocks, per-user 80/10/10 split)."""
-    from ccdrec.data.prepare import prepare_stream
+    """Cut a timestamped log into a block stream (k-core, time blocks, per-user 80/10/10 split).
 
-    stream = prepare_stream(
-        log,
-        out,
-        user_col=user_col,
-        item_col=item_col,
-        time_col=time_col,
-        min_user=min_user,
-        min_item=min_item,
-        base_fraction=base_fraction,
-        n_blocks=blocks,
-        seed=seed,
-        force=force,
-    )
+    Notes about the result (e.g. a block without test users) are printed as `note:` lines on stderr.
+    """
+    import warnings
+
+    from ccdrec.data.prepare import PrepareWarning, prepare_stream
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrepareWarning)
+        stream = prepare_stream(
+            log,
+            out,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
+            min_user=min_user,
+            min_item=min_item,
+            base_fraction=base_fraction,
+            n_blocks=blocks,
+            seed=seed,
+            force=force,
+            sep=sep,
+            header=header,
+            columns=columns,
+            rating_col=rating_col,
+            min_rating=min_rating,
+            time_format=time_format,
+            time_unit=time_unit,
+            file_format=file_format,
+        )
     console.print(f"wrote {out}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items")
-    data_info(str(out))
+    print_stream_table(stream)  # the stream just written, whatever its directory is called
+    for w in caught:
+        if issubclass(w.category, PrepareWarning):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @app.command("train")
 def train(
-    dataset: str = typer.Option("yelp", help="bundled dataset or stream directory"),
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
     block: int = typer.Option(0, help="block to train on (its train split)"),
     model: str = typer.Option("lightgcn", help="mf, lightgcn or vae"),
     dim: int = typer.Option(128, help="embedding dimension"),
@@ -90,14 +183,13 @@ def train(
 ) -> None:
     """Train one model on one block with early stopping; print validation and test metrics."""
     from ccdrec.checkpoint import save_model
-    from ccdrec.config import ModelConfig
+    from ccdrec.config import ModelConfig, default_schedule
     from ccdrec.data import load_stream
     from ccdrec.device import resolve_device
     from ccdrec.eval import evaluate_block
     from ccdrec.models import build_model
-    from ccdrec.train.schedules import default_schedule
 
-    stream = load_stream(dataset)
+    stream = load_stream(_stream_source(dataset, data))
     if not 0 <= block < len(stream):
         raise CcdrecError(f"--block {block} is out of range: {stream.name} has blocks 0..{len(stream) - 1}")
     mcfg = ModelConfig(kind=model, dim=dim, layers=layers)
@@ -111,8 +203,11 @@ def train(
     res = fit(m, b, cfg, seed=seed, progress=progress, label=f"{model}-{dim} on {stream.name} D_{block}")
     test = evaluate_block(m, b, "test")
     console.print(f"best epoch {res.best_epoch + 1} of {res.epochs_run}; {time.perf_counter() - start:.1f} s")
-    console.print(f"valid recall@20 {res.best_valid['recall@20']:.4f}  ndcg@20 {res.best_valid['ndcg@20']:.4f}")
-    console.print(f"test  recall@20 {test['recall@20']:.4f}  ndcg@20 {test['ndcg@20']:.4f}")
+    from ccdrec.report.tables import fmt
+
+    for name, got in (("valid", res.best_valid), ("test ", test)):
+        recall, ndcg = fmt(got.get("recall@20")), fmt(got.get("ndcg@20"))
+        console.print(f"{name} recall@20 {recall}  ndcg@20 {ndcg}  ({got.get('users', 0):,} users)")
     if out is not None:
         save_model(m, out, {"dataset": stream.name, "block": block, "seed": seed, "valid": res.best_valid, "test": test})
         console.print(f"saved {out}.pt / {out}.json")
@@ -133,7 +228,7 @@ def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
     """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name."""
     from ccdrec.presets import load_config
 
-    source = str(data) if data is not None else dataset or "yelp"
+    source = _stream_source(dataset, data)
     overrides = list(set_)
     overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
     return load_config(source, preset, config, overrides), Path(source).name
@@ -151,25 +246,21 @@ def _refuse_on_resume(command: str, **given) -> None:
 
 @app.command("run")
 def run(
-    dataset: str | None = typer.Option(None, help="bundled dataset: yelp (default) or gowalla"),
-    data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
-    preset: str | None = typer.Option(
-        None, help="configuration preset: yelp, gowalla, paper-yelp, quick (default: the dataset's)"
-    ),
-    config: Path | None = typer.Option(None, help="YAML or TOML file with configuration fields (over the preset)"),
-    set_: list[str] = typer.Option([], "--set", help="override one field, e.g. --set student.update.epochs=5 (repeatable)"),
-    seed: int | None = typer.Option(None, help="run seed (default 0)"),
-    device: str | None = typer.Option(None, help="auto, cpu or cuda"),
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer reads the default, it is never mutated
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     max_blocks: int | None = typer.Option(
         None, help="stop after this incremental block (with --resume: take a finished run on to this block)"
     ),
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(None, help="continue an interrupted run directory from its last completed stage"),
-    progress: bool = typer.Option(True, help="show live progress"),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
-    workers: int | None = typer.Option(
-        None, help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
-    ),
+    progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
@@ -180,25 +271,33 @@ def run(
             "run", dataset=dataset, data=data, preset=preset, config=config, set_=set_, seed=seed, device=device, out=out
         )
         cfg, run_dir = None, resume
-        if max_blocks is not None:
-            from ccdrec.pipeline.rundir import RunDir
-
-            RunDir.open(resume).set_max_blocks(max_blocks)
     else:
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"run directory: {run_dir}")
     try:
-        rd = run_stream(cfg, run_dir, resume=resume is not None, progress=progress, console=console, workers=workers)
+        rd = run_stream(
+            cfg,
+            run_dir,
+            resume=resume is not None,
+            progress=progress,
+            console=console,
+            workers=workers,
+            max_blocks=max_blocks if resume is not None else None,
+        )
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ccdrec run --resume {run_dir}", file=sys.stderr)
         raise SystemExit(130) from None
+    except StageLost as e:
+        print(f"error: {e}; continue with: ccdrec run --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(1) from None
     console.print(f"report: {rd.path / 'report.md'}")
     from ccdrec.report import tables
 
-    summary = tables.summary(rd.read_metrics())
+    rows = rd.read_metrics()
+    summary = tables.summary(rows, tables.lead_metrics(rows))
     if not summary.empty:
-        console.print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
+        console.print(tables.as_text(summary).to_string())
 
 
 @app.command("recommend")
@@ -217,8 +316,8 @@ def recommend(
 
 @app.command("compare")
 def compare(
-    dataset: str | None = typer.Option(None, help="bundled dataset: yelp (default) or gowalla"),
-    data: Path | None = typer.Option(None, help="a stream directory made by `ccdrec data prepare` (instead of --dataset)"),
+    dataset: DatasetOpt = None,
+    data: DataOpt = None,
     methods: str | None = typer.Option(
         None,
         help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain (default: all; with --resume: "
@@ -231,11 +330,11 @@ def compare(
         help="comma-separated subset of ablations: random-init, one-hop-init, no-stability, no-plasticity, no-replay, "
         "no-student-knowledge, no-redistill",
     ),
-    preset: str | None = typer.Option(None, help="configuration preset (default: the dataset's)"),
-    config: Path | None = typer.Option(None, help="YAML or TOML file with configuration fields (over the preset)"),
-    set_: list[str] = typer.Option([], "--set", help="override one field of every method's configuration (repeatable)"),
-    seed: int | None = typer.Option(None, help="run seed (default 0)"),
-    device: str | None = typer.Option(None, help="auto, cpu or cuda"),
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer reads the default, it is never mutated
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
     max_blocks: int | None = typer.Option(
         None, help="stop after this incremental block (with --resume: take every run of the comparison on to this block)"
     ),
@@ -247,11 +346,9 @@ def compare(
         None, help="use this `ccdrec run` directory as the CCD run (its configuration is the comparison's)"
     ),
     bench: bool = typer.Option(True, help="measure CCD's serving cost (teacher ensemble vs student) for the report"),
-    progress: bool = typer.Option(True, help="show live progress"),
-    threads: int | None = typer.Option(None, help="CPU threads (default: all cores); give concurrent jobs cores/jobs each"),
-    workers: int | None = typer.Option(
-        None, help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
-    ),
+    progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
+    workers: WorkersOpt = None,
 ) -> None:
     """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.
 
@@ -297,6 +394,9 @@ def compare(
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)
         raise SystemExit(130) from None
+    except StageLost as e:
+        print(f"error: {e}; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)
+        raise SystemExit(1) from None
     console.print(f"report: {report}")
 
 
@@ -361,10 +461,31 @@ def main() -> None:
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code)
-    except Exception as e:  # click usage errors
-        import click
+    except TyperException as e:  # usage errors: unknown option, bad value, missing argument
+        show = getattr(e, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+
+@app.command("serve")
+def serve_command(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `ccdrec run` (finished or still running)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on: loopback by default; 0.0.0.0 for every interface"),
+    port: int = typer.Option(8000, help="TCP port"),
+    teacher: bool = typer.Option(False, "--teacher", help="serve the teacher ensemble instead of the student (to compare costs)"),
+    poll: float = typer.Option(0.5, help="seconds between looks at the run directory for a newer student"),
+    threads: int = typer.Option(1, help="CPU threads of torch in the service"),
+    access_log: bool = typer.Option(False, "--access-log", help="log every request"),
+) -> None:
+    """Serve the run's student over HTTP, swapping in each newer student the run completes.
+
+    GET /recommend/{user}?k=20, POST /recommend (a batch of users), POST /recommend/items (cold start),
+    GET /health, GET /model, the page at / and the OpenAPI schema at /docs. Needs `pip install 'ccdrec[serve]'`.
+    """
+    from ccdrec.service.server import serve
+
+    role = "teacher" if teacher else "student"
+    serve(run_dir, host=host, port=port, role=role, poll_seconds=poll, access_log=access_log, threads=threads)

@@ -7,3 +7,11 @@ and keeps its traceback.
 
 class CcdrecError(Exception):
     """A problem the user can fix (a missing column, an unknown dataset, a corrupt run directory)."""
+
+
+class StageLost(Exception):
+    """A stage did not complete because the process running it died (killed, out of memory).
+
+    The completed stages are kept; the run continues with ``--resume``. The CLI prints the message
+    and the resume command on one line and exits with code 1.
+    """

@@ -30,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ccdrec.data.stream import Stream, load_stream
+from ccdrec.data.stream import Stream
 from ccdrec.device import resolve_device
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.errors import CcdrecError
@@ -66,19 +66,15 @@ def seen_matrix(stream: Stream, block: int, shape: tuple[int, int]) -> sp.csr_ma
 
 def load_serving(run_dir: str | Path, device: str = "cpu") -> ServingModels:
     """The final models of a CCD or competitor run directory (pointers ``teacherM`` and ``served`` / ``student``)."""
-    from ccdrec.pipeline.competitors import graph_of
-
     rd = RunDir.open(run_dir)
     cfg = rd.load_config()
     state = rd.read_state()
     ptr = state["pointers"]
     dev = resolve_device(device)
-    stream = load_stream(cfg.dataset)
+    stream = rd.open_stream(cfg)
 
     def load(name: str) -> Recommender:
-        model, meta = rd.load_model(name, dev)
-        model.set_graph(graph_of(stream, meta, (model.n_users, model.n_items)))
-        return model.eval()
+        return rd.load_attached(name, stream, dev).eval()
 
     names = [ptr.get(f"teacher{m}") for m in range(len(cfg.teacher.members))]
     if any(n is None for n in names):
@@ -203,6 +199,13 @@ def format_bench(df: pd.DataFrame) -> pd.DataFrame:
             out.loc[name, "batch (ms)"] = f"{row['batch_ms']:.3f}"
     batch = int(df["batch_users"].dropna().iloc[0]) if df["batch_users"].notna().any() else 0
     return out.rename(columns={"batch (ms)": f"batch of {batch:,} (ms)"})
+
+
+def bench_markdown(df: pd.DataFrame) -> str:
+    """The figures of :func:`bench_serve` as a Markdown table and the student's batch speed-up against its target."""
+    met = "met" if speedup(df) >= TARGET_SPEEDUP else "NOT met"
+    table = format_bench(df).to_markdown()
+    return f"{table}\n\nBatch speed-up of the student: {speedup(df):.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {met}).\n"
 
 
 def bench_records(df: pd.DataFrame) -> list[dict]:

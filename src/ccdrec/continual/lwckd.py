@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccdrec.models.base import EmbeddingModel
+from ccdrec.models.indexing import take_pairs, take_rows
 
 TERMS = ("ui", "iu", "uu", "ii")
 
@@ -245,10 +246,10 @@ def contrastive_rows(
         cs = candidate_set
         if cs.n_rows != a.shape[0]:
             raise ValueError(f"candidate set has {cs.n_rows} rows, anchors {a.shape[0]}")
-        logits = a @ cand[cs.index].T / tau + cs.offset.to(a.dtype)
+        logits = a @ take_rows(cand, cs.index).T / tau + cs.offset.to(a.dtype)
         vals = cs.vals.to(logits.dtype)
         msum = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals)
-        pos = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals * logits[cs.rows, cs.cols])
+        pos = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals * take_pairs(logits, cs.rows, cs.cols))
         weighted = msum * torch.logsumexp(logits, dim=1) - pos
         valid = msum > 0
         losses = torch.where(valid, weighted / msum.clamp_min(torch.finfo(logits.dtype).tiny), torch.zeros_like(weighted))
@@ -266,7 +267,7 @@ def contrastive_rows(
         rows, cols, vals = trip
         vals = vals.to(logits.dtype)
         msum = logits.new_zeros(shape[0]).index_add(0, rows, vals)
-        pos = logits.new_zeros(shape[0]).index_add(0, rows, vals * logits[rows, cols])
+        pos = logits.new_zeros(shape[0]).index_add(0, rows, vals * take_pairs(logits, rows, cols))
         weighted = msum * torch.logsumexp(logits, dim=1) - pos
     valid = msum > 0
     losses = torch.where(valid, weighted / msum.clamp_min(torch.finfo(logits.dtype).tiny), torch.zeros_like(weighted))
@@ -521,7 +522,7 @@ class LWCKD:
         if self._old_final is None or self._old_final.device != dev:
             self._old_final = self.old.final_users().to(dev)
         old_final = self._old_final[users]
-        s = self.piw_net(old_final, current_final_users[users])
+        s = self.piw_net(old_final, take_rows(current_final_users, users))
         return s / s.mean().clamp_min(1e-12)
 
     def _subsample(self, ids: np.ndarray, n_old: int) -> np.ndarray:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ccdrec.config import ReplayLabels
 from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
+from ccdrec.models.indexing import take_rows
 from ccdrec.models.vae import MultVAE, rows_tensor
 
 DEFAULT_EPS = 1e-4
@@ -415,4 +416,4 @@ class PreviousOutputKL:
             x = rows_tensor(self.matrix, kept, self.prev_model.n_items, prev_dev, below=self.n_old_items)
             prev_logits = self.prev_model(x, stochastic=False)[0].to(logits.device)
         rows = torch.from_numpy(np.flatnonzero(keep)).to(logits.device)
-        return self.weight * kl_to_previous(prev_logits, logits[rows], self.n_old_items)
+        return self.weight * kl_to_previous(prev_logits, take_rows(logits, rows), self.n_old_items)

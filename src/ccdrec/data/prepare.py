@@ -2,24 +2,46 @@
 
 The procedure behind ``ccdrec data prepare``:
 
-1. Read the log (CSV, gzipped CSV or Parquet, chosen by extension) and keep the user, item and
-   timestamp columns. IDs may be strings or integers; their originals are kept as strings.
-   Timestamps are numbers (e.g. unix seconds) or date/time strings that :func:`pandas.to_datetime`
-   parses (time zones are converted to UTC; naive times are taken as UTC).
-2. Reject missing values, sort by time (stable: ties keep the original row order) and drop repeated
+1. Read the log and keep the user, item and timestamp columns (and the rating column, if any).
+   The file type comes from the name: text (``.csv``, ``.tsv``, ``.txt``, ``.dat``, ``.data``, or any
+   name ending ``.gz``, which is read as gzip-compressed text) or Parquet (``.parquet``, ``.pq``);
+   ``file_format`` (``--format csv|parquet``) overrides it. Text logs are separated by ``sep``
+   (``--sep``: one character, ``tab`` or ``\\t``; default ``,``, tab for ``.tsv``) and have a header
+   line, unless ``header=False`` (``--no-header``), when ``columns`` (``--columns user,item,...``) names
+   every column of the file. IDs are kept exactly as written (as strings; ``NA``, ``null``, spaces,
+   commas, quotes and line breaks included); only empty cells are missing.
+2. With ``rating_col`` and ``min_rating`` (``--rating-col``, ``--min-rating``) keep only the
+   interactions rated at least ``min_rating``, as implicit feedback. Ratings must be finite numbers.
+3. Timestamps, one reading for the whole column (never one per value):
+
+   * numbers (also as text) count ``time_unit`` units (``--time-unit s|ms|us|ns``) since 1970-01-01
+     UTC. Without a unit the smallest of s, ms, us, ns that puts every value inside the window is
+     taken, so 10-digit seconds and 13-digit milliseconds both work;
+   * date/time strings: ISO 8601 (``2024-01-02``, ``2024-01-02T03:04:05Z``, offsets allowed), or else the
+     one format that fits every value. A day/month order is decided by the whole column: ``13/01/2024``
+     anywhere makes it day-first, ``01/13/2024`` month-first; a column where no field exceeds 12 is
+     ambiguous and an error (give ``time_format``, ``--time-format '%d/%m/%Y %H:%M'``, a strftime format);
+     values in different forms are an error too. Time zones are converted to UTC; naive times are UTC.
+
+   Every timestamp must be finite and lie in the window 1900-01-01 .. 2199-12-31 UTC
+   (:data:`TIME_WINDOW`); anything else, NaN and ``inf`` included, is an unparsable timestamp.
+4. Reject missing values, sort by time (stable: ties keep the original row order) and drop repeated
    (user, item) pairs, keeping the earliest occurrence.
-3. Iterative k-core filter: drop users with fewer than ``min_user`` and items with fewer than
+5. Iterative k-core filter: drop users with fewer than ``min_user`` and items with fewer than
    ``min_item`` interactions, repeatedly, until nothing changes.
-4. Cut the timeline: the first ``base_fraction`` of the interactions form block D_0, the rest
+6. Cut the timeline: the first ``base_fraction`` of the interactions form block D_0, the rest
    ``n_blocks`` incremental blocks D_1..D_K of (about) equal interaction count.
-5. Assign integer IDs in order of first appearance along the timeline (users and items
+7. Assign integer IDs in order of first appearance along the timeline (users and items
    separately), so the universe is cumulative and block k's new users are exactly the IDs
    [U_{k-1}, U_k) (items likewise).
-6. Split every block per user into train/valid/test with :func:`ccdrec.data.split.split_block`,
-   using one ``numpy.random.default_rng(seed)`` for all blocks in order.
-7. Write the stream with :func:`ccdrec.data.stream.save_stream` plus the vocabularies
-   (``users.csv`` / ``items.csv``: ``id -> original``) into a temporary directory next to ``out``
-   and rename it into place, so a failure never leaves partial output behind.
+8. Split every block per user into train/valid/test with :func:`ccdrec.data.split.split_block`,
+   using one ``numpy.random.default_rng(seed)`` for all blocks in order. A block without valid or test
+   users, and an incremental block without new users, is reported as a :class:`PrepareWarning`
+   (the CLI prints it as a ``note:`` line); it is not an error.
+9. Write the stream with :func:`ccdrec.data.stream.save_stream` (vocabularies ``users.json`` /
+   ``items.json``: JSON lists of the original IDs) into a temporary directory next to ``out``, read it
+   back and compare it with what was meant to be written, and only then rename it into place: a
+   failure of any kind never leaves ``out`` or the temporary directory behind.
 
 Every problem the user can fix raises :class:`ccdrec.errors.CcdrecError` with a one-line message that
 names the file.
@@ -27,10 +49,13 @@ names the file.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -38,14 +63,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ccdrec.data.split import split_block
-from ccdrec.data.stream import Block, Stream, load_stream, save_stream
+from ccdrec.data.stream import SPLITS, Block, Stream, load_stream, save_stream
 from ccdrec.errors import CcdrecError
 
-CSV_SUFFIXES = (".csv", ".csv.gz")
+try:
+    from pandas.tseries.api import guess_datetime_format
+except ImportError:  # pandas < 2.2
+    from pandas._libs.tslibs.parsing import guess_datetime_format
+
+TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat", ".data")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+FORMATS = ("csv", "parquet")
 MIN_PER_BLOCK = 10  # fewest interactions a block may have after the k-core filter
+TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}  # per second
+TIME_WINDOW = ("1900-01-01", "2200-01-01")  # every timestamp must lie in [start, end) UTC
+_WINDOW_S = (-2_208_988_800, 7_258_118_400)  # TIME_WINDOW in unix seconds
+_WINDOW_TEXT = "1900-01-01..2199-12-31 UTC"
+_MAX_GUESSES = 20  # distinct values whose guessed formats are tried on the whole column
 
 _READ_ERRORS = (ValueError, OSError, EOFError, pd.errors.ParserError, pa.ArrowException)
+
+
+class PrepareWarning(UserWarning):
+    """Something about a prepared stream worth knowing that is not an error (e.g. a block without test users)."""
 
 
 def prepare_stream(
@@ -61,46 +101,129 @@ def prepare_stream(
     n_blocks: int = 5,
     seed: int = 0,
     force: bool = False,
+    sep: str | None = None,
+    header: bool = True,
+    columns: str | Sequence[str] | None = None,
+    rating_col: str | None = None,
+    min_rating: float | None = None,
+    time_format: str | None = None,
+    time_unit: str | None = None,
+    file_format: str | None = None,
 ) -> Stream:
     """Prepare the interaction ``log`` into the stream directory ``out`` and return it loaded.
 
     The stream has ``n_blocks + 1`` blocks: D_0 with the first ``base_fraction`` of the (k-core
     filtered, deduplicated) interactions in time order, then ``n_blocks`` equal incremental blocks.
-    ``out`` must not exist or be empty unless ``force`` is set, in which case it is replaced.
+    ``out`` must not exist or be empty unless ``force`` is set, in which case it is replaced. The
+    reading options are described in the module docstring. Notes about the result (blocks without
+    valid/test users or new users) are issued as :class:`PrepareWarning` after it is written.
     """
     log, out = Path(log), Path(out)
-    _check_params(log, user_col, item_col, time_col, min_user, min_item, base_fraction, n_blocks)
+    _check_params(log, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks)
+    _check_time_options(log, time_format, time_unit)
+    names = _column_names(log, header, columns)
+    sep = _separator(log, sep)
+    wanted = (user_col, item_col, time_col) + ((rating_col,) if rating_col is not None else ())
+    _check_rating_options(log, rating_col, min_rating)
+    file_format = _file_format(log, file_format)
     _check_out(log, out, force)
-    df = _read_log(log, (user_col, item_col, time_col))
+    df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names)
     df = pd.DataFrame(
         {
             "user": _ids(df[user_col]),
             "item": _ids(df[item_col]),
-            "time": _time_keys(df[time_col], log, time_col),
+            "time": _time_keys(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit),
+            "keep": True if rating_col is None else _rating_mask(df[rating_col], log, rating_col, min_rating),
         }
     )
+    df = df[df.pop("keep")].reset_index(drop=True)
+    if len(df) == 0:
+        raise CcdrecError(f"{log}: no interaction has a {rating_col!r} of at least {min_rating}")
     df = _dedup_in_time_order(df)
     df = _kcore(df, min_user, min_item)
     labels = _block_labels(len(df), base_fraction, n_blocks, log, min_user, min_item)
-    stream = _build_stream(out.name, df, labels, seed, log)
-    _write_atomically(stream, log, out, force)
-    return load_stream(out.resolve())  # resolved: a relative "yelp" must not load the bundled stream
+    stream, notes = _build_stream(out.name, df, labels, seed, log)
+    stream = _write_atomically(stream, log, out, force)
+    for note in notes:
+        warnings.warn(note, PrepareWarning, stacklevel=2)
+    return stream
 
 
 # --- checks -------------------------------------------------------------------------------
 
 
-def _check_params(log: Path, user_col, item_col, time_col, min_user, min_item, base_fraction, n_blocks) -> None:
+def _check_params(log: Path, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks) -> None:
     def bad(msg: str) -> CcdrecError:
         return CcdrecError(f"{log}: {msg}")
 
-    if not (isinstance(base_fraction, (int, float)) and 0 < base_fraction < 1):
+    if isinstance(base_fraction, bool) or not (isinstance(base_fraction, (int, float)) and 0 < base_fraction < 1):
         raise bad(f"base_fraction must be strictly between 0 and 1, got {base_fraction!r}")
     for name, value in (("n_blocks", n_blocks), ("min_user", min_user), ("min_item", min_item)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise bad(f"{name} must be an integer >= 1, got {value!r}")
-    if len({user_col, item_col, time_col}) < 3:
-        raise bad(f"user, item and time columns must differ, got {user_col!r}, {item_col!r}, {time_col!r}")
+    cols = [user_col, item_col, time_col] + ([rating_col] if rating_col is not None else [])
+    if len(set(cols)) < len(cols):
+        raise bad(f"user, item, time (and rating) columns must differ, got {', '.join(map(repr, cols))}")
+
+
+def _check_time_options(log: Path, time_format: str | None, time_unit: str | None) -> None:
+    if time_format is not None and time_unit is not None:
+        raise CcdrecError(f"{log}: give either --time-format (date strings) or --time-unit (numbers), not both")
+    if time_format is not None and (not isinstance(time_format, str) or "%" not in time_format):
+        raise CcdrecError(f"{log}: --time-format must be a strftime format such as '%d/%m/%Y %H:%M', got {time_format!r}")
+    if time_unit is not None and time_unit not in TIME_UNITS:
+        raise CcdrecError(f"{log}: --time-unit must be one of {', '.join(TIME_UNITS)}, got {time_unit!r}")
+
+
+def _check_rating_options(log: Path, rating_col: str | None, min_rating: float | None) -> None:
+    if min_rating is not None and rating_col is None:
+        raise CcdrecError(f"{log}: --min-rating needs --rating-col (the column that holds the ratings)")
+    if rating_col is not None and min_rating is None:
+        raise CcdrecError(f"{log}: --rating-col needs --min-rating (keep interactions rated at least this)")
+    if min_rating is not None and (
+        isinstance(min_rating, bool) or not isinstance(min_rating, (int, float, np.number)) or not math.isfinite(min_rating)
+    ):
+        raise CcdrecError(f"{log}: --min-rating must be a finite number, got {min_rating!r}")
+
+
+def _column_names(log: Path, header: bool, columns: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The names of a headerless file's columns (None for a file with a header line)."""
+    if columns is None:
+        if not header:
+            raise CcdrecError(
+                f"{log}: --no-header needs --columns naming every column of the file, e.g. user,item,rating,timestamp"
+            )
+        return None
+    if header:
+        raise CcdrecError(
+            f"{log}: --columns names the columns of a file without a header line; give --no-header as well "
+            "(pick the columns of a file with a header with --user-col, --item-col and --time-col)"
+        )
+    names = tuple(c.strip() for c in (columns.split(",") if isinstance(columns, str) else columns))
+    if not names or any(not c for c in names):
+        raise CcdrecError(f"{log}: --columns must be comma-separated non-empty names, got {columns!r}")
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise CcdrecError(f"{log}: --columns names {', '.join(map(repr, dup))} more than once")
+    return names
+
+
+def _separator(log: Path, sep: str | None) -> str | None:
+    """The one-character field separator of a text log (None: the default for its kind)."""
+    if sep is None:
+        return None
+    resolved = {"tab": "\t", "\\t": "\t"}.get(sep.lower() if isinstance(sep, str) else sep, sep)
+    if not isinstance(resolved, str) or len(resolved) != 1 or resolved in '"\r\n':
+        raise CcdrecError(f"{log}: --sep must be one character (or 'tab' / '\\t'), not a quote or line break; got {sep!r}")
+    return resolved
+
+
+def _file_format(log: Path, file_format: str | None) -> str | None:
+    if file_format is None:
+        return None
+    if not isinstance(file_format, str) or file_format.lower() not in FORMATS:
+        raise CcdrecError(f"{log}: --format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    return file_format.lower()
 
 
 def _check_out(log: Path, out: Path, force: bool) -> None:
@@ -119,31 +242,48 @@ def _check_out(log: Path, out: Path, force: bool) -> None:
 
 
 def _kind(log: Path) -> str:
+    """``csv`` (any text log, also gzip-compressed) or ``parquet``, from the file name."""
     name = log.name.lower()
-    if name.endswith(CSV_SUFFIXES):
+    if name.endswith(".gz") or name.endswith(TEXT_SUFFIXES):
         return "csv"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    supported = ", ".join(CSV_SUFFIXES + PARQUET_SUFFIXES)
-    raise CcdrecError(f"{log}: unknown file type; expected one of {supported}")
+    supported = ", ".join(TEXT_SUFFIXES + PARQUET_SUFFIXES)
+    raise CcdrecError(
+        f"{log}: unknown file type; expected one of {supported}, any name ending .gz (gzip-compressed text), "
+        "or give --format csv|parquet"
+    )
 
 
 # --- reading ------------------------------------------------------------------------------
 
 
-def _read_log(log: Path, columns: tuple[str, str, str]) -> pd.DataFrame:
-    """The three ``columns`` of the log, as read (IDs of a CSV stay strings); checks missing values."""
+def _read_log(
+    log: Path,
+    columns: tuple[str, ...],
+    *,
+    file_format: str | None = None,
+    sep: str | None = None,
+    names: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
+    """The ``columns`` of the log, as read (IDs of a text log stay strings); checks missing values."""
     if not log.exists():
         raise CcdrecError(f"{log}: file is missing")
     if not log.is_file():
         raise CcdrecError(f"{log}: not a file")
-    kind = _kind(log)
+    kind = file_format or _kind(log)
+    if kind == "parquet" and (sep is not None or names is not None):
+        raise CcdrecError(f"{log}: --sep, --no-header and --columns apply to text logs, not Parquet")
     if log.stat().st_size == 0:
         raise CcdrecError(f"{log}: file is empty")
+    text = {}
+    if kind == "csv":
+        default = "\t" if log.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+        text = {"sep": sep or default, "compression": "gzip" if _is_gzip(log) else None}
     try:
-        available = _columns(log, kind)
-        _require_columns(log, columns, available)
-        df = _read_columns(log, kind, list(columns))
+        available = _columns(log, kind, text, names)
+        _require_columns(log, columns, available, text)
+        df = _read_columns(log, kind, list(columns), text, names)
     except pd.errors.EmptyDataError:
         raise CcdrecError(f"{log}: file is empty") from None
     except _READ_ERRORS as e:
@@ -158,67 +298,253 @@ def _read_log(log: Path, columns: tuple[str, str, str]) -> pd.DataFrame:
     return df
 
 
-def _columns(log: Path, kind: str) -> list[str]:
-    if kind == "csv":
-        return [str(c) for c in pd.read_csv(log, nrows=0).columns]
-    return [str(c) for c in pq.read_schema(log).names]
+def _is_gzip(log: Path) -> bool:
+    """A name ending ``.gz`` is gzip (a corrupt one fails reading); other names are sniffed."""
+    if log.name.lower().endswith(".gz"):
+        return True
+    with open(log, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
-def _require_columns(log: Path, wanted: tuple[str, ...], available: list[str]) -> None:
-    missing = [c for c in wanted if c not in available]
-    if missing:
+def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) -> list[str]:
+    if kind == "parquet":
+        return [str(c) for c in pq.read_schema(log).names]
+    if names is None:
+        return [str(c) for c in pd.read_csv(log, nrows=0, **text).columns]
+    first = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **text)
+    if first.shape[1] != len(names):
+        hint = "; is --sep right?" if first.shape[1] == 1 else ""
         raise CcdrecError(
-            f"{log}: missing column(s) {', '.join(map(repr, missing))}; available: {', '.join(map(repr, available)) or 'none'}"
+            f"{log}: --columns names {len(names)} column(s) ({','.join(names)}) but the file has {first.shape[1]} "
+            f"(separated by {text['sep']!r}){hint}"
         )
+    return list(names)
 
 
-def _read_columns(log: Path, kind: str, columns: list[str]) -> pd.DataFrame:
-    if kind == "csv":
-        # strings throughout, and only empty cells are missing: IDs such as "007" or "NA" stay as written
-        return pd.read_csv(log, usecols=columns, dtype=str, keep_default_na=False, na_values=[""])
-    return pd.read_parquet(log, columns=columns)
+def _require_columns(log: Path, wanted: tuple[str, ...], available: list[str], text: dict) -> None:
+    missing = [c for c in wanted if c not in available]
+    if not missing:
+        return
+    hint = ""
+    if text and len(available) == 1:
+        hint = f" (the header has one column: is the file separated by something other than {text['sep']!r}? give --sep)"
+    elif text and available and all(_is_number(c) for c in available):
+        hint = " (the first line looks like data: for a file without a header line give --no-header --columns)"
+    raise CcdrecError(
+        f"{log}: missing column(s) {', '.join(map(repr, missing))}; available: {', '.join(map(repr, available)) or 'none'}{hint}"
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: tuple[str, ...] | None) -> pd.DataFrame:
+    if kind == "parquet":
+        return pd.read_parquet(log, columns=columns)
+    # strings throughout, and only empty cells are missing: IDs such as "007" or "NA" stay as written
+    if names is not None:
+        text = {**text, "header": None, "names": list(names)}
+    return pd.read_csv(log, usecols=columns, dtype=str, keep_default_na=False, na_values=[""], **text)
 
 
 def _ids(col: pd.Series) -> np.ndarray:
     """Original IDs as strings (integral floats, e.g. from a Parquet column, lose their ``.0``)."""
-    if pd.api.types.is_float_dtype(col) and np.all(np.mod(col.to_numpy(), 1) == 0):
-        col = col.astype(np.int64)
-    return col.astype(str).to_numpy(dtype=object)
+    if pd.api.types.is_float_dtype(col):
+        values = col.to_numpy(dtype=np.float64)
+        if np.all((np.mod(values, 1) == 0) & (np.abs(values) < 2**53)):
+            col = col.astype(np.int64)
+    return np.array([str(v) for v in col.to_numpy(dtype=object)], dtype=object)
 
 
-def _time_keys(col: pd.Series, log: Path, name: str) -> np.ndarray:
-    """A sortable key per row: the number itself (float64), or the UTC datetime as an int64 count."""
+def _rating_mask(col: pd.Series, log: Path, name: str, min_rating: float) -> np.ndarray:
+    """Which rows are rated at least ``min_rating``; every rating must be a finite number."""
     if pd.api.types.is_bool_dtype(col):
-        raise CcdrecError(f"{log}: column {name!r} holds booleans, not timestamps")
-    if pd.api.types.is_numeric_dtype(col):
-        return col.to_numpy(dtype=np.float64)
+        raise CcdrecError(f"{log}: column {name!r} holds booleans, not ratings")
+    ratings = col if pd.api.types.is_numeric_dtype(col) else pd.to_numeric(col, errors="coerce")
+    values = ratings.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise CcdrecError(
+            f"{log}: column {name!r} has {int(bad.sum())} non-numeric rating(s), e.g. {_plain(col[bad].iloc[0])!r} "
+            "(ratings must be finite numbers)"
+        )
+    return values >= min_rating
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds, for messages (``inf``, not ``np.float64(inf)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# --- timestamps ---------------------------------------------------------------------------
+
+
+class _Reading(NamedTuple):
+    """One way to read a whole timestamp column: sortable keys, and which values it cannot read."""
+
+    label: str  # "numbers" or a strftime format (or "ISO8601")
+    keys: np.ndarray  # int64 nanoseconds for datetimes, int64/float64 numbers otherwise; junk where bad
+    bad: np.ndarray  # bool per value: unparsable or outside TIME_WINDOW
+
+
+def _time_keys(
+    col: pd.Series, log: Path, name: str, *, time_format: str | None = None, time_unit: str | None = None
+) -> np.ndarray:
+    """A sortable key per row from ONE reading of the whole column (see the module docstring)."""
+    where = f"{log}: column {name!r}"
+    if pd.api.types.is_bool_dtype(col):
+        raise CcdrecError(f"{where} holds booleans, not timestamps")
     if pd.api.types.is_datetime64_any_dtype(col):
-        return _datetime_keys(col)
-    numbers = pd.to_numeric(col, errors="coerce")
-    if not numbers.isna().any():
-        return numbers.to_numpy(dtype=np.float64)
-    parsed = _parse_datetimes(col.astype(str))
-    if parsed.isna().any():  # report against whichever reading fits more of the values
-        bad = numbers.isna() if numbers.isna().sum() < parsed.isna().sum() else parsed.isna()
-        example = col[bad].iloc[0]
-        raise CcdrecError(f"{log}: column {name!r} has {int(bad.sum())} unparsable timestamp(s), e.g. {example!r}")
-    return _datetime_keys(parsed)
+        if time_format is not None or time_unit is not None:
+            raise CcdrecError(f"{where} holds datetimes: --time-format and --time-unit apply to text and numeric timestamps")
+        readings = [_datetime_reading("datetimes", col)]
+    elif pd.api.types.is_numeric_dtype(col):
+        if time_format is not None:
+            raise CcdrecError(f"{where} holds numbers: --time-format applies to date strings (see --time-unit)")
+        readings = [_numeric_reading(col, time_unit)]
+    elif time_format is not None:
+        readings = [_format_reading(col.astype(str).str.strip(), time_format, log)]
+    else:
+        values = col.astype(str).str.strip()
+        texts = values
+        readings = []
+        if time_unit is not None or pd.to_numeric(_sample(values), errors="coerce").notna().any():
+            numbers = pd.to_numeric(values, errors="coerce")
+            readings.append(_numeric_reading(numbers, time_unit))
+            texts = values[numbers.isna()]
+        if not readings or (readings[0].bad.any() and time_unit is None):
+            readings += _datetime_readings(texts, values, log)
+    return _choose(readings, col, where, time_format, time_unit)
 
 
-def _parse_datetimes(col: pd.Series) -> pd.Series:
-    """UTC datetimes, NaT where a value does not parse."""
+def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, time_unit) -> np.ndarray:
+    fits = [r for r in readings if not r.bad.any()]
+    if fits:
+        first = fits[0]
+        for other in fits[1:]:
+            differ = first.keys != other.keys
+            if differ.any():
+                example = _plain(col[differ].iloc[0])
+                raise CcdrecError(
+                    f"{where} is ambiguous: every value reads as {first.label!r} and as {other.label!r}, e.g. {example!r} "
+                    f"(no field exceeds 12 to tell day from month); give --time-format {first.label!r} or {other.label!r}"
+                )
+        return first.keys
+    best = min(readings, key=lambda r: int(r.bad.sum()))  # the first of the best: numbers before dates
+    if best.label == "numbers":
+        unit = repr(time_unit) if time_unit else "s, ms, us or ns (--time-unit)"
+        hint = f"numeric timestamps must be finite counts of {unit} since 1970 within {_WINDOW_TEXT}"
+    elif best.label == "datetimes":
+        hint = f"timestamps must lie within {_WINDOW_TEXT}"
+    elif time_format is not None:
+        hint = f"format {time_format!r}, within {_WINDOW_TEXT}"
+    else:
+        hint = (
+            f"timestamps must be numbers, or dates in one format for the whole column, within {_WINDOW_TEXT}; "
+            f"the closest reading is {best.label!r}; give --time-format"
+        )
+    example = _plain(col[best.bad].iloc[0])
+    raise CcdrecError(f"{where} has {int(best.bad.sum())} unparsable timestamp(s), e.g. {example!r} ({hint})")
+
+
+def _numeric_reading(numbers: pd.Series, time_unit: str | None) -> _Reading:
+    """Numbers in ``time_unit`` (or the smallest unit that fits them all); NaN, inf and out-of-window are bad."""
+    values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = np.isfinite(values)
+    bad = None
+    for unit in [time_unit] if time_unit else list(TIME_UNITS):
+        lo, hi = (bound * TIME_UNITS[unit] for bound in _WINDOW_S)
+        unit_bad = ~(finite & (values >= lo) & (values < hi))
+        if bad is None or unit_bad.sum() < bad.sum():
+            bad = unit_bad
+        if not bad.any():
+            break
+    if pd.api.types.is_integer_dtype(numbers) and not bad.any():
+        return _Reading("numbers", numbers.to_numpy(dtype=np.int64), bad)  # exact, even for 19-digit nanoseconds
+    return _Reading("numbers", values, bad)
+
+
+def _to_utc(values: pd.Series, fmt: str, log: Path) -> pd.Series:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        parsed = pd.to_datetime(col, errors="coerce", utc=True)
-        if parsed.isna().any():  # the format inferred from the first value may not fit them all
-            parsed = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
-    return parsed
+        try:
+            return pd.to_datetime(values, format=fmt, utc=True, errors="coerce")
+        except ValueError as e:  # a bad directive in a user's format
+            raise CcdrecError(f"{log}: invalid time format {fmt!r} ({str(e).splitlines()[0]})") from None
 
 
-def _datetime_keys(col: pd.Series) -> np.ndarray:
-    if isinstance(col.dtype, pd.DatetimeTZDtype):
-        col = col.dt.tz_convert("UTC").dt.tz_localize(None)
-    return col.to_numpy().astype(np.int64)  # in the column's own unit, which is all ordering needs
+def _format_reading(values: pd.Series, fmt: str, log: Path) -> _Reading:
+    return _datetime_reading(fmt, _to_utc(values, fmt, log))
+
+
+def _datetime_reading(label: str, parsed: pd.Series) -> _Reading:
+    """Keys as int64 UTC nanoseconds; NaT and values outside :data:`TIME_WINDOW` are bad."""
+    parsed = parsed.dt.tz_localize("UTC") if parsed.dt.tz is None else parsed.dt.tz_convert("UTC")
+    lo, hi = (pd.Timestamp(t, tz="UTC") for t in TIME_WINDOW)
+    bad = (parsed.isna() | (parsed < lo) | (parsed >= hi)).to_numpy(dtype=bool)
+    keys = np.zeros(len(parsed), dtype=np.int64)
+    keys[~bad] = parsed[~bad].dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view(np.int64)
+    return _Reading(label, keys, bad)
+
+
+def _sample(values: pd.Series) -> pd.Series:
+    """Up to :data:`_MAX_GUESSES` distinct ``values``, spread over their order of appearance."""
+    unique = pd.unique(values.to_numpy(dtype=object))
+    picks = np.unique(np.linspace(0, len(unique) - 1, min(len(unique), _MAX_GUESSES)).astype(int))
+    return pd.Series(unique[picks], dtype=object)
+
+
+def _parses(sample: pd.Series, fmt: str) -> pd.Series:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pd.to_datetime(sample, format=fmt, errors="coerce", utc=True).notna()
+
+
+def _datetime_readings(texts: pd.Series, values: pd.Series, log: Path) -> list[_Reading]:
+    """Readings of the whole column ``values`` with the formats that fit a sample of ``texts`` (the values
+    that are not numbers): ISO 8601 alone if it reads every value, else every format that reads the whole
+    sample, else (for the error message) the one that reads most of it."""
+    sample = _sample(texts)
+    if _parses(sample, "ISO8601").all():
+        iso = _format_reading(values, "ISO8601", log)
+        if not iso.bad.any():
+            return [iso]
+    formats = ["ISO8601", *_guess_formats(sample)]
+    counts = {fmt: int(_parses(sample, fmt).sum()) for fmt in formats}
+    full = [fmt for fmt in formats if counts[fmt] == len(sample)] or [max(formats, key=counts.__getitem__)]
+    return [_format_reading(values, fmt, log) for fmt in full]
+
+
+def _guess_formats(sample: pd.Series) -> list[str]:
+    """Candidate formats: pandas' guesses (month-first and day-first) for the ``sample`` values, then the
+    common numeric forms pandas does not guess (2-digit years, 12-hour clocks); each reads some of it."""
+    candidates: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for text in sample:
+            for dayfirst in (False, True):
+                fmt = guess_datetime_format(str(text), dayfirst=dayfirst)
+                if fmt and fmt not in candidates and not _year_day_month(fmt):
+                    candidates.append(fmt)
+    candidates += [fmt for fmt in _common_formats() if fmt not in candidates]
+    return [fmt for fmt in candidates if _parses(sample, fmt).any()]
+
+
+def _common_formats() -> list[str]:
+    """Day/month/year forms with ``/``, ``.`` or ``-``, 4- or 2-digit years, 24- or 12-hour times."""
+    dates = [f"%{a}{sep}%{b}{sep}%{y}" for sep in "/.-" for a, b in (("d", "m"), ("m", "d")) for y in "Yy"]
+    return [d + t for d in dates for t in ("", " %H:%M", " %H:%M:%S", " %I:%M %p", " %I:%M:%S %p")]
+
+
+def _year_day_month(fmt: str) -> bool:
+    """Year-first dates are year-month-day; a guessed year-day-month reading is never meant."""
+    y, d, m = fmt.find("%Y"), fmt.find("%d"), fmt.find("%m")
+    return 0 <= y < d < m
 
 
 # --- filtering and cutting ----------------------------------------------------------------
@@ -261,12 +587,16 @@ def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_us
     return np.repeat(np.arange(n_blocks + 1), sizes)
 
 
-def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, log: Path) -> Stream:
-    """IDs by first appearance, cumulative universes and per-block splits (one generator, blocks in order)."""
+def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, log: Path) -> tuple[Stream, list[str]]:
+    """IDs by first appearance, cumulative universes and per-block splits (one generator, blocks in order).
+
+    Also returns notes for the user: blocks without valid or test users, incremental blocks without new users.
+    """
     users, user_vocab = pd.factorize(df["user"])
     items, item_vocab = pd.factorize(df["item"])
     rng = np.random.default_rng(seed)
     blocks: list[Block] = []
+    notes: list[str] = []
     prev_u = prev_i = 0
     for k in range(int(labels.max()) + 1):
         mask = labels == k
@@ -275,29 +605,69 @@ def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, lo
         splits = split_block(np.stack([users[mask], items[mask]], axis=1), rng)
         if len(splits["train"]) == 0:
             raise CcdrecError(f"{log}: block {k} has no train interactions")
+        empty = [s for s in ("valid", "test") if len(splits[s]) == 0]
+        if empty:
+            notes.append(
+                f"block {k} has no {' and no '.join(empty)} users (a user needs 3 or more interactions in a block, "
+                "with items trained on there, to be evaluated on it); its evaluation will be empty"
+            )
+        if k > 0 and n_u == prev_u:
+            notes.append(f"incremental block {k} has no new users (every user in it appeared in an earlier block)")
         blocks.append(Block(k, n_u, n_i, prev_u, prev_i, **splits))
         prev_u, prev_i = n_u, n_i
-    as_str = lambda v: np.asarray(v, dtype=object).astype(str)  # noqa: E731
-    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab))
+    as_str = lambda v: np.array([str(x) for x in v], dtype=object)  # noqa: E731  (object: NULs and widths kept)
+    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab)), notes
 
 
 # --- writing ------------------------------------------------------------------------------
 
 
-def _write_atomically(stream: Stream, log: Path, out: Path, force: bool) -> None:
-    """Write into a temporary sibling of ``out``, then rename it into place (replacing ``out`` if allowed)."""
+def _write_atomically(stream: Stream, log: Path, out: Path, force: bool) -> Stream:
+    """Write into a temporary sibling of ``out``, read it back and check it, then rename it into place
+    (replacing ``out`` if allowed). Returns the stream as read back, named and sourced as ``out``.
+    Whatever goes wrong, the temporary directory is removed and ``out`` is left as it was."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)).resolve()
     except OSError as e:
         raise CcdrecError(f"{out}: cannot create the output directory ({e})") from None
     try:
         save_stream(stream, tmp)
+        try:
+            loaded = load_stream(tmp)  # an absolute path: never a bundled name
+        except CcdrecError as e:
+            raise CcdrecError(f"cannot prepare {log}: the stream written for {out} does not read back ({e})") from None
+        _check_read_back(stream, loaded, log, out)
         _replace(tmp, log, out, force)
     except OSError as e:
         raise CcdrecError(f"{out}: cannot write the stream ({e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    loaded.name, loaded.source = out.name, out.resolve()
+    return loaded
+
+
+def _check_read_back(written: Stream, loaded: Stream, log: Path, out: Path) -> None:
+    """The stream read back from disk must equal the one written, vocabularies included."""
+
+    def same_vocab(a, b) -> bool:
+        return (a is None) == (b is None) and (a is None or list(map(str, a)) == list(map(str, b)))
+
+    problem = None
+    if len(loaded) != len(written):
+        problem = f"{len(loaded)} blocks instead of {len(written)}"
+    else:
+        for a, b in zip(written, loaded, strict=True):
+            sizes = (a.n_users, a.n_items, a.prev_users, a.prev_items) != (b.n_users, b.n_items, b.prev_users, b.prev_items)
+            if sizes or not all(np.array_equal(a.split(s), b.split(s)) for s in SPLITS):
+                problem = f"block {a.index} differs"
+                break
+    if problem is None and not same_vocab(written.user_vocab, loaded.user_vocab):
+        problem = "the user vocabulary differs"
+    if problem is None and not same_vocab(written.item_vocab, loaded.item_vocab):
+        problem = "the item vocabulary differs"
+    if problem is not None:
+        raise CcdrecError(f"cannot prepare {log}: the stream written for {out} does not read back as written ({problem})")
 
 
 def _replace(tmp: Path, log: Path, out: Path, force: bool) -> None:
@@ -310,7 +680,7 @@ def _replace(tmp: Path, log: Path, out: Path, force: bool) -> None:
     out.rename(old)
     try:
         tmp.rename(out)
-    except OSError:
+    except BaseException:  # also Ctrl-C: put the old stream back
         old.rename(out)
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -2,13 +2,16 @@
 
 A stream directory holds ``interactions.csv.gz`` (``block,split,user,item``) and ``universe.csv``
 (``block,users,items`` = the cumulative universe U_k, I_k after block k), and, for streams made by
-``ccdrec data prepare``, the vocabularies ``users.csv`` / ``items.csv`` (row ``id`` -> ``original``).
-IDs are assigned in order of first appearance, so block k's new users are ``[U_{k-1}, U_k)``.
+``ccdrec data prepare``, the vocabularies ``users.json`` / ``items.json``: a JSON list (ASCII, escaped)
+of the original IDs as strings, entry ``id`` -> original, so any string survives, line breaks included.
+Streams written by earlier versions have ``users.csv`` / ``items.csv`` (row ``id`` -> ``original``),
+which are still read. IDs are assigned in order of first appearance, so block k's new users are ``[U_{k-1}, U_k)``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -137,10 +140,36 @@ class Stream:
             )
         return pd.DataFrame(rows)
 
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the stream's content (every block's universe and splits, the vocabularies): a run
+        records it and refuses to continue on a stream that has changed since."""
+        h = hashlib.sha256()
+        for b in self.blocks:
+            h.update(np.asarray([b.index, b.n_users, b.n_items, b.prev_users, b.prev_items], dtype=np.int64).tobytes())
+            for s in SPLITS:
+                pairs = np.ascontiguousarray(b.split(s), dtype=np.int64)
+                h.update(np.int64(len(pairs)).tobytes() + pairs.tobytes())
+        for vocab in (self.user_vocab, self.item_vocab):
+            h.update(b"-" if vocab is None else json.dumps([str(v) for v in vocab]).encode())
+        return h.hexdigest()
+
     def train_until(self, k: int) -> np.ndarray:
         """All deduplicated train pairs of blocks 0..k (for the full-retraining reference)."""
         pairs = np.concatenate([b.train for b in self.blocks[: k + 1]])
         return np.unique(pairs, axis=0)
+
+    def union_block(self, k: int) -> Block:
+        """Block k with Tr = the deduplicated train pairs of blocks 0..k (for full retraining).
+
+        Valid and test are block k's; validation pairs that are train pairs of an earlier block are
+        dropped (they are masked as observed and could never be hit).
+        """
+        b = self.blocks[k]
+        train = self.train_until(k)
+        seen = set(map(tuple, train.tolist()))
+        valid = b.valid[[tuple(p) not in seen for p in b.valid.tolist()]] if len(b.valid) else b.valid
+        return Block(k, b.n_users, b.n_items, b.prev_users, b.prev_items, train, valid.reshape(-1, 2), b.test)
 
 
 def bundled_path(name: str) -> Path:
@@ -156,12 +185,14 @@ def _sha256(path: Path) -> str:
 
 
 def load_stream(source: str | Path) -> Stream:
-    """Load a bundled stream by name (``yelp``, ``gowalla``) or a stream directory.
+    """Load a bundled stream by name (the string ``"yelp"`` or ``"gowalla"``) or a stream directory.
 
+    A :class:`~pathlib.Path` is always a directory, never a bundled name (``Path("yelp")`` is the
+    directory ``./yelp``); a string is a bundled name when it is one, else a directory.
     Raises :class:`CcdrecError` with a one-line message for anything wrong with the input.
     """
     name = str(source)
-    if name in BUNDLED:
+    if isinstance(source, str) and name in BUNDLED:
         path = bundled_path(name)
         digest = _sha256(path / INTERACTIONS)
         if digest != BUNDLED_SHA256[name]:
@@ -169,9 +200,17 @@ def load_stream(source: str | Path) -> Stream:
     else:
         path = Path(source)
         if not path.is_dir():
-            raise CcdrecError(f"no stream {name!r}: not a bundled dataset ({', '.join(BUNDLED)}) nor a directory")
+            raise CcdrecError(f"no stream directory {name!r} (bundled datasets: {', '.join(BUNDLED)})")
         name = path.name
     return _read_stream_dir(path, name)
+
+
+def resolve_source(source: str | Path) -> str:
+    """How a run records its stream: a bundled name as it is, a directory as an absolute path, so that
+    the run works from any working directory (``str`` names follow :func:`load_stream`)."""
+    if isinstance(source, str) and source in BUNDLED:
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def _read_csv(path: Path, columns: tuple[str, ...], **kwargs) -> pd.DataFrame:
@@ -217,18 +256,32 @@ def _read_stream_dir(path: Path, name: str) -> Stream:
         prev_u, prev_i = int(n_u), int(n_i)
     if df["block"].max() >= n_blocks or df["block"].min() < 0:
         raise CcdrecError(f"{path / INTERACTIONS}: block numbers outside 0..{n_blocks - 1}")
-    user_vocab = _read_vocab(path / "users.csv", prev_u)
-    item_vocab = _read_vocab(path / "items.csv", prev_i)
+    user_vocab = _read_vocab(path, "users", prev_u)
+    item_vocab = _read_vocab(path, "items", prev_i)
     return Stream(name, blocks, user_vocab, item_vocab, source=path)
 
 
-def _read_vocab(path: Path, size: int) -> np.ndarray | None:
+def _read_vocab(directory: Path, kind: str, size: int) -> np.ndarray | None:
+    """The original IDs of ``kind`` (users, items) as an object array of str, or None without a vocabulary.
+
+    ``KIND.json`` (a JSON list of strings) is read if present, else the ``KIND.csv`` of earlier versions.
+    """
+    path = directory / f"{kind}.json"
+    if path.exists():
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise CcdrecError(f"{path}: cannot be read as JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(vocab, list) or len(vocab) != size or not all(isinstance(v, str) for v in vocab):
+            raise CcdrecError(f"{path}: vocabulary must be a JSON list of {size} strings (the IDs 0..{size - 1} in order)")
+        return np.array(vocab, dtype=object)  # object, never fixed-width str: trailing NULs are kept
+    path = directory / f"{kind}.csv"
     if not path.exists():
         return None
     df = _read_csv(path, ("id", "original"), dtype={"original": str}, keep_default_na=False)
     if len(df) != size or not (df["id"].to_numpy() == np.arange(size)).all():
         raise CcdrecError(f"{path}: vocabulary must list IDs 0..{size - 1} in order")
-    return df["original"].astype(str).to_numpy()
+    return df["original"].astype(str).to_numpy(dtype=object)
 
 
 def save_stream(stream: Stream, path: Path) -> None:
@@ -248,6 +301,7 @@ def save_stream(stream: Stream, path: Path) -> None:
             "items": [b.n_items for b in stream.blocks],
         }
     ).to_csv(path / UNIVERSE, index=False)
-    for name, vocab in (("users.csv", stream.user_vocab), ("items.csv", stream.item_vocab)):
-        if vocab is not None:
-            pd.DataFrame({"id": np.arange(len(vocab)), "original": vocab}).to_csv(path / name, index=False)
+    for kind, vocab in (("users", stream.user_vocab), ("items", stream.item_vocab)):
+        if vocab is not None:  # JSON, ASCII-escaped: no ID can break a line or a field
+            text = json.dumps([str(v) for v in vocab], ensure_ascii=True)
+            (path / f"{kind}.json").write_text(text + "\n", encoding="ascii")

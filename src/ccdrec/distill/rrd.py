@@ -26,6 +26,7 @@ from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.ensemble import top_matrix
 from ccdrec.models.base import EmbeddingModel, Recommender
+from ccdrec.models.indexing import take_rows
 from ccdrec.train.loop import FitResult, fit
 
 DEFAULT_USER_SAMPLES = 1000
@@ -110,10 +111,10 @@ class _Side:
     def loss(self, row_rep: torch.Tensor, col_rep: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         top = self.top[rows]
         mask = top >= 0
-        r = row_rep[rows]
-        a = (r.unsqueeze(1) * col_rep[top.clamp_min(0)]).sum(-1)
+        r = take_rows(row_rep, rows)
+        a = (r.unsqueeze(1) * take_rows(col_rep, top.clamp_min(0))).sum(-1)
         sampled = torch.randint(0, self.n_cols, (self.samples,), generator=gen, device=gen.device)
-        b = r @ col_rep[sampled.to(r.device)].T
+        b = r @ take_rows(col_rep, sampled.to(r.device)).T
         return rrd_loss(a, b, mask, ~self._excluded(rows, sampled).to(r.device))
 
     def _excluded(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

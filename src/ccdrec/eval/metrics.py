@@ -50,7 +50,8 @@ def rank_metrics(
     chunk: int = 1024,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Mean Recall@K / NDCG@K over ``users`` (default: every user with a target item).
+    """Mean Recall@K / NDCG@K over ``users`` (default: every user with a target item), and ``users``
+    (how many were evaluated). Over no users every metric is ``None`` (missing, not 0).
 
     ``target`` and ``exclude`` are binary CSR matrices whose rows are user IDs; their column count may
     be smaller than ``n_items`` (an earlier block's universe).
@@ -102,7 +103,8 @@ class _Tally:
             self.per_user[f"ndcg@{k}"][lo:hi] = dcg / ideal
 
     def result(self) -> dict[str, float]:
-        res = {name: float(v.mean()) if len(v) else 0.0 for name, v in self.per_user.items()}
+        # a metric over no users is missing (None in metrics.jsonl), not 0
+        res = {name: float(v.mean()) if len(v) else None for name, v in self.per_user.items()}
         res["users"] = int(len(self.users))
         return res
 

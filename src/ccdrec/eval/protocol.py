@@ -3,10 +3,15 @@
 After block k a model is evaluated on the test split of every block j <= k: r_{k,j}. Per block k >= 1:
 LA_k = r_{k,k} (learning), RA_k = mean_{j<k} r_{k,j} (retention), H_k = 2·LA_k·RA_k/(LA_k+RA_k).
 Over the stream: LA = mean_k LA_k, RA = mean_k RA_k, H-mean = harmonic(LA, RA), k = 1..K.
+
+A metric over no users (a block without test users; block k's new users when it has none) is
+*missing*, not 0: it is stored as nothing, left out of every mean, and every summary that depends
+only on missing values is NaN (shown as "—" in reports).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -20,30 +25,39 @@ class StreamScores:
 
     r: dict[tuple[int, int], float] = field(default_factory=dict)
 
-    def add(self, k: int, j: int, value: float) -> None:
+    def add(self, k: int, j: int, value: float | None) -> None:
+        """Record r_(k,j); ``None`` or NaN (a metric over no users) is missing and not recorded."""
         if j > k:
             raise ValueError(f"r_(k,j) needs j <= k, got k={k}, j={j}")
-        self.r[(k, j)] = value
+        if value is not None and not math.isnan(value):
+            self.r[(k, j)] = value
 
     @property
     def blocks(self) -> list[int]:
         return sorted({k for k, _ in self.r})
 
     def la(self, k: int) -> float:
-        return self.r[(k, k)]
+        """LA_k = r_(k,k); NaN when missing."""
+        return self.r.get((k, k), math.nan)
 
     def ra(self, k: int) -> float:
+        """RA_k: the mean of the r_(k,j), j < k, that are not missing; NaN when none is."""
         past = [self.r[(k, j)] for j in range(k) if (k, j) in self.r]
-        return sum(past) / len(past) if past else float("nan")
+        return sum(past) / len(past) if past else math.nan
 
     def h(self, k: int) -> float:
-        return harmonic(self.la(k), self.ra(k))
+        la, ra = self.la(k), self.ra(k)
+        return math.nan if math.isnan(la) or math.isnan(ra) else harmonic(la, ra)
 
     def summary(self) -> dict[str, float]:
-        """Stream LA, RA and H-mean over the incremental blocks k >= 1."""
+        """Stream LA, RA and H-mean over the incremental blocks k >= 1 (missing values left out)."""
         ks = [k for k in self.blocks if k >= 1]
-        if not ks:
-            return {"LA": float("nan"), "RA": float("nan"), "H": float("nan")}
-        la = sum(self.la(k) for k in ks) / len(ks)
-        ra = sum(self.ra(k) for k in ks) / len(ks)
-        return {"LA": la, "RA": ra, "H": harmonic(la, ra)}
+        la = _mean([self.la(k) for k in ks])
+        ra = _mean([self.ra(k) for k in ks])
+        return {"LA": la, "RA": ra, "H": math.nan if math.isnan(la) or math.isnan(ra) else harmonic(la, ra)}
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN when there are none."""
+    present = [v for v in values if not math.isnan(v)]
+    return sum(present) / len(present) if present else math.nan

@@ -15,6 +15,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ccdrec.models.indexing import take_rows
+
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 """Maps a 1-D tensor of user IDs to a (len(users), n_items) score tensor."""
 
@@ -96,4 +98,4 @@ class EmbeddingModel(Recommender):
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, reps=None) -> torch.Tensor:
         u, i = reps if reps is not None else self.propagate()
-        return (u[users] * i[items]).sum(-1)
+        return (take_rows(u, users) * take_rows(i, items)).sum(-1)

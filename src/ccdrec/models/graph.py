@@ -42,17 +42,41 @@ def to_torch_sparse(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch
         )
 
 
+def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Â x for a sparse CSR Â, bit-reproducible on the CPU (for a fixed thread count) and on CUDA.
+
+    On the CPU, torch's CSR product (MKL) computes each output row in one thread, in column order.
+    On CUDA, cuSPARSE's product is not reproducible from run to run (its last bits vary, even under
+    ``torch.use_deterministic_algorithms``), so the rows are summed as segments instead: the
+    ``nnz x d`` products ``Â_rc · x_c`` are gathered and each row's segment is reduced in order
+    (``torch.segment_reduce``), which involves no atomic adds.
+    """
+    if x.device.type == "cpu":
+        return torch.sparse.mm(adj, x)
+    return segment_spmm(adj, x)
+
+
+def segment_spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Â x for a sparse CSR Â by gathering the non-zeros' products and reducing each row's segment."""
+    products = x.index_select(0, adj.col_indices()) * adj.values().unsqueeze(1).to(x.dtype)
+    return torch.segment_reduce(products, "sum", offsets=adj.crow_indices(), axis=0, unsafe=True, initial=0.0)
+
+
 class _SymmetricSpMM(torch.autograd.Function):
-    """y = Â x for a *symmetric* sparse Â; the backward pass reuses Â (Âᵀ = Â) instead of transposing."""
+    """y = Â x for a *symmetric* sparse Â; the backward pass reuses Â (Âᵀ = Â) instead of transposing.
+
+    Both directions are the product :func:`spmm`: no scatter or atomic add is involved, so the
+    gradient is as reproducible as the forward pass.
+    """
 
     @staticmethod
     def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.adj = adj
-        return torch.sparse.mm(adj, x)
+        return spmm(adj, x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, torch.sparse.mm(ctx.adj, grad)
+        return None, spmm(ctx.adj, grad)
 
 
 def propagate_symmetric(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ccdrec.models.base import InitStrategy, Recommender, Scorer
 from ccdrec.models.growth import entity_rows
+from ccdrec.models.indexing import take_rows
 
 
 def rows_tensor(matrix: sp.csr_matrix, users: torch.Tensor, n_items: int, device, below: int | None = None) -> torch.Tensor:
@@ -83,7 +84,7 @@ class MultVAE(Recommender):
         (rows, cols), vals = x.indices(), x.values()
         norm = torch.zeros(x.shape[0], device=vals.device).index_add_(0, rows, vals * vals).sqrt().clamp_min(1e-12)
         vals = F.dropout(vals / norm[rows], self.dropout, training=stochastic)
-        contrib = self.encoder.weight.t()[cols] * vals[:, None]
+        contrib = take_rows(self.encoder.weight.t(), cols) * vals[:, None]
         return torch.zeros(x.shape[0], self.dim, device=vals.device).index_add(0, rows, contrib) + self.encoder.bias
 
     def forward(self, x: torch.Tensor, stochastic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

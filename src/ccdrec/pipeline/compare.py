@@ -28,11 +28,13 @@ from rich.console import Console
 
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
+from ccdrec.data.stream import load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
-from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import check_shareable, link_file, share_stages
+from ccdrec.pipeline.rundir import STREAM_FILE, RunDir
+from ccdrec.pipeline.staged import link_file, share_block0
+from ccdrec.serve_bench import bench_markdown, bench_records, bench_serve, read_bench
 
 METHODS = ("ccd", *CL_METHODS)
 COMPARE_FILE = "compare.json"
@@ -145,17 +147,6 @@ def _check_fresh(d: Path) -> None:
         raise CcdrecError(f"{d}: exists without state.json (an interrupted start); remove it and resume")
 
 
-def share_ccd_base(source: RunDir, target: RunDir, n_members: int) -> None:
-    """Seed a fresh CCD run (an ablation) with block 0 of CCD run ``source``: members, D_0, proxies, b0 metrics."""
-    check_shareable(source.load_config(), target.load_config(), source.path)
-    stages = [f"b0/teacher{m}" for m in range(n_members)] + ["b0/student", "b0/eval"]
-    checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)}
-    checkpoints |= {"student": "b0_student", "proxies": "b0_proxies"}
-    if source.ckpt("b0_teacher_top.pt").exists():
-        checkpoints["teacher_top"] = "b0_teacher_top"  # E_0's top lists: block 1's student update reuses them
-    share_stages(source, target, stages, checkpoints)
-
-
 def adopt_run(source: Path, target: Path) -> RunConfig:
     """Make the CCD run directory ``source`` the comparison's ``target`` (OUT/ccd); returns its config.
 
@@ -170,7 +161,7 @@ def adopt_run(source: Path, target: Path) -> RunConfig:
         rel = f.relative_to(src.path)
         if rel.parts[0] == "checkpoints":
             link_file(f, target / rel)
-        elif rel.parts[0] in (CONFIG_FILE, src.state_path.name, src.metrics_path.name):
+        elif rel.parts[0] in (CONFIG_FILE, STREAM_FILE, src.state_path.name, src.metrics_path.name):
             target.mkdir(parents=True, exist_ok=True)
             (target / rel).write_bytes(f.read_bytes())
     return cfg
@@ -211,8 +202,10 @@ def run_compare(
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
+    top = RunDir(out)
     if resume:
         cfg, plan = read_plan(out)
+        stream = top.open_stream(cfg)  # every check before anything changes
         merged = _merge_plan(cfg, plan, methods or [], ablations or [], console)
         if merged != plan:
             plan = merged
@@ -223,16 +216,23 @@ def run_compare(
         if out.exists() and any(out.iterdir()):
             raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
         if from_run is not None:
-            cfg = adopt_run(from_run, out / "ccd")
-        if cfg is None:
+            source = RunDir.open(from_run)
+            cfg = source.load_config()
+            stream = source.open_stream(cfg)
+        elif cfg is None:
             raise CcdrecError("a configuration is needed to start a comparison")
+        else:
+            stream = load_stream(cfg.dataset)
         methods = list(methods or METHODS)
         if from_run is not None and "ccd" not in methods:
             methods.insert(0, "ccd")
         plan = _merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
         out.mkdir(parents=True, exist_ok=True)
-        RunDir(out).save_config(cfg)
+        top.save_config(cfg)
+        top.record_stream(cfg, stream)
         atomic_write_json(out / COMPARE_FILE, plan)
+        if from_run is not None:
+            adopt_run(from_run, out / "ccd")
     methods, ablations = plan["methods"], plan["ablations"]
     n = len(cfg.teacher.members)
     base: Path | None = None
@@ -257,13 +257,11 @@ def run_compare(
         console.print(f"[bold]== ablation {a}[/bold] ({d}): {ABLATIONS[a][0]}")
         if not _started(d):
             rd = RunDir(d)
-            rd.create(ablation_config(cfg, a))
-            share_ccd_base(RunDir(out / "ccd"), rd, n)
+            rd.create(ablation_config(cfg, a), stream)
+            share_block0(RunDir(out / "ccd"), rd, n)
         run_stream(None, d, resume=True, progress=progress, console=console, workers=workers)
     bench_rows = None
     if "ccd" in methods:
-        from ccdrec.serve_bench import bench_records, bench_serve, read_bench
-
         if bench:
             bench_rows = bench_serve(out / "ccd", repeats=bench_repeats, device=cfg.device)
             atomic_write_json(out / BENCH_FILE, bench_records(bench_rows))
@@ -271,7 +269,9 @@ def run_compare(
             bench_rows = read_bench(out / BENCH_FILE)  # measured by an earlier pass
     from ccdrec.report.compare import write_compare_report
 
-    return write_compare_report(out, comparison_runs(out, methods, ablations), bench_rows)
+    notes = {a: ABLATIONS[a][0] for a in ablations}
+    serving = bench_markdown(bench_rows) if bench_rows is not None else None
+    return write_compare_report(out, comparison_runs(out, methods, ablations), serving, notes)
 
 
 def _merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:

@@ -3,13 +3,15 @@
 Layout::
 
     RUN/config.yaml        the resolved configuration (what ran)
+    RUN/stream.json        the stream it runs on: its source and content hash (checked on every reopening)
     RUN/state.json         completed stages and the checkpoint each role currently points to
     RUN/metrics.jsonl      one JSON line per evaluation, tagged with its stage
     RUN/checkpoints/       NAME.pt (tensors) + NAME.json (architecture) per stage output
     RUN/report.md, plots/  written at the end
 
 Every file is written atomically; ``state.json`` is written last in a stage, so a stage counts as
-done only when all its outputs are on disk. On resume, metric lines of unfinished stages are dropped.
+done only when all its outputs are on disk. On resume, metric lines of unfinished stages are dropped
+and the temporary files of writes a kill cut short are removed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ import yaml
 
 from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, load_model, load_tensors, read_json, save_model, save_tensors
 from ccdrec.config import RunConfig
+from ccdrec.data.stream import Stream, load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 
 STATE_VERSION = 1
+STREAM_FILE = "stream.json"
+UNION_GRAPH = "union"  # checkpoint meta "graph": trained on the union of blocks 0..k (full retraining)
 
 
 class RunDir:
@@ -55,13 +60,45 @@ class RunDir:
         return rd
 
     # --- creation and validation -------------------------------------------------------------
-    def create(self, cfg: RunConfig) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
+    def check_creatable(self) -> None:
+        """Raise unless a new run can be created here (nothing is created)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CcdrecError(f"{self.path}: exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
             raise CcdrecError(f"{self.path}: run directory exists and is not empty (use --resume to continue it)")
+
+    def create(self, cfg: RunConfig, stream: Stream) -> None:
+        """A new run of ``cfg`` on ``stream`` (its content hash is recorded, :meth:`open_stream`)."""
+        self.check_creatable()
         self.path.mkdir(parents=True, exist_ok=True)
         self.save_config(cfg)
+        self.record_stream(cfg, stream)
         self.write_state({"version": STATE_VERSION, "completed": [], "pointers": {}, "seconds": {}})
         atomic_write_bytes(self.metrics_path, lambda f: None)
+
+    def record_stream(self, cfg: RunConfig, stream: Stream) -> None:
+        """Write ``stream.json``: the source of ``cfg`` and the content hash of ``stream``."""
+        atomic_write_json(self.path / STREAM_FILE, {"source": cfg.dataset, "sha256": stream.digest})
+
+    def open_stream(self, cfg: RunConfig) -> Stream:
+        """The stream of this run, checked against the content hash recorded when it started: a run never
+        goes on (resume, compare, recommend, serve) on a stream that has changed under it."""
+        stream = load_stream(cfg.dataset)
+        recorded = self.path / STREAM_FILE
+        if recorded.exists():  # runs started before the hash was recorded have none
+            expected = read_json(recorded).get("sha256")
+            if expected != stream.digest:
+                raise CcdrecError(
+                    f"{self.path}: its stream {cfg.dataset} has changed since the run started (content hash "
+                    f"{str(expected)[:12]} recorded, {stream.digest[:12]} now); restore the stream or start a new run"
+                )
+        return stream
+
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of atomic writes that a kill cut short (``.NAME.*.tmp``)."""
+        for tmp in self.path.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
     def load_config(self) -> RunConfig:
         if not self.config_path.exists():
@@ -113,6 +150,16 @@ class RunDir:
     def load_model(self, name: str, device) -> tuple[Recommender, dict]:
         """(model, meta); ``meta["block"]`` is the block whose train graph the model was trained on."""
         return load_model(self.ckpt(name), device)
+
+    def load_attached(self, name: str, stream: Stream, device) -> Recommender:
+        """A checkpointed model attached to the train graph it was trained on: block ``meta["block"]``'s,
+        or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k. The one
+        place that re-attaches a checkpoint (runs, resume, workers, serving)."""
+        model, meta = self.load_model(name, device)
+        k = int(meta.get("block", 0))
+        block = stream.union_block(k) if meta.get("graph") == UNION_GRAPH else stream[k]
+        model.set_graph(block.matrix("train", model.n_users, model.n_items))
+        return model
 
     def save_tensors(self, name: str, tensors: dict) -> str:
         save_tensors(self.ckpt(name).with_suffix(".pt"), tensors)

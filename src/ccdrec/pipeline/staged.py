@@ -1,10 +1,10 @@
 """Staged runs backed by a run directory: the stage-completion + pointers pattern, and shared stages.
 
-A staged run is a list of named stages (``b0/teacher2``, ``b3/eval``, ...). Each stage returns the
-checkpoints it wrote (``pointers``: role -> checkpoint name) and its metric rows; the stage counts as
-done only when :meth:`StagedRun.complete` has appended the rows and then written ``state.json``, so an
-interrupted run resumes after its last completed stage (the same protocol as
-:class:`ccdrec.pipeline.ccd.CCDStream`).
+A staged run is a list of named stages (``b0/teacher2``, ``b3/eval``, ...). Each stage returns a
+:class:`~ccdrec.pipeline.context.StageOutput`: the checkpoints it wrote (``pointers``: role -> checkpoint
+name) and its metric rows; the stage counts as done only when :meth:`StagedRun.complete` has appended
+the rows and then written ``state.json`` (which also records every stage's own pointers under
+``outputs``), so an interrupted run resumes after its last completed stage.
 
 :func:`share_stages` seeds a fresh run directory with completed stages of another run (block 0 of
 the comparison: the teacher members and D_0 are trained once and shared by every method). The
@@ -23,20 +23,21 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
+from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream
-from ccdrec.distill.ensemble import RankEnsemble
-from ccdrec.errors import CcdrecError
-from ccdrec.eval.metrics import evaluate_many
+from ccdrec.determinism import deterministic_kernels
+from ccdrec.errors import CcdrecError, StageLost
 from ccdrec.memory import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
+from ccdrec.pipeline.context import RunContext, RunState, StageOutput
 from ccdrec.pipeline.rundir import RunDir
 
-Stage = tuple[str, Callable[[], dict]]
+Stage = tuple[str, Callable[[], StageOutput]]
 
 
 class StopRequested(Exception):
@@ -65,7 +66,7 @@ class StagedRun:
         self.rd = run_dir
         self.progress = progress
         self.console = console or Console(quiet=not progress)
-        self.state = run_dir.read_state()
+        self.record = run_dir.read_state()  # the contents of state.json
 
     def stage_list(self) -> list[Stage]:
         raise NotImplementedError
@@ -82,23 +83,23 @@ class StagedRun:
         """This run, rebuilt in a worker process from its directory (without progress display)."""
         raise NotImplementedError
 
-    def complete(
-        self, name: str, pointers: dict[str, str], rows: list[dict], seconds: float, block: int, peak_mb: float | None = None
-    ) -> None:
-        for row in rows:
+    def complete(self, name: str, out: StageOutput, seconds: float, peak_mb: float | None = None) -> None:
+        """Record stage ``name`` as done: its metric rows, then ``state.json`` with its pointers."""
+        for row in out.rows:
             row.setdefault("stage", name)
-        self.rd.append_metrics(rows)
-        self.state["pointers"].update(pointers)
-        self.state["completed"].append(name)
-        self.state["seconds"][name] = round(seconds, 3)
+        self.rd.append_metrics(out.rows)
+        self.record["pointers"].update(out.pointers)
+        self.record.setdefault("outputs", {})[name] = dict(out.pointers)
+        self.record["completed"].append(name)
+        self.record["seconds"][name] = round(seconds, 3)
         if peak_mb is not None:
-            self.state.setdefault("peak_rss_mb", {})[name] = round(peak_mb)
-        self.state["block"] = block
-        self.rd.write_state(self.state)
+            self.record.setdefault("peak_rss_mb", {})[name] = round(peak_mb)
+        self.record["block"] = stage_block(name)
+        self.rd.write_state(self.record)
 
     def run(self, stop_after: str | None = None) -> None:
         keep_freed_memory()
-        done = set(self.state["completed"])
+        done = set(self.record["completed"])
         todo = self.stage_list()
         known = {name for name, _ in todo}
         if done - known:
@@ -125,10 +126,15 @@ class StagedRun:
                     continue
             self.console.print(f"[bold]{name}[/bold]")
             out, seconds, peak = run_measured(fn)
-            self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name), peak)
+            self.complete(name, out, seconds, peak)
             i += 1
             if stop_after == name:
                 raise StopRequested(name)
+
+    def _complete_worker_stage(self, name: str, result: tuple[StageOutput, float, float | None]) -> None:
+        out, seconds, peak = result
+        self.complete(name, out, seconds, peak)
+        self.console.print(f"  {name} done ({seconds:.1f} s)")
 
     def run_parallel(self, names: list[str]) -> None:
         """Run the stages ``names`` in ``workers`` spawned processes, completing each as it finishes,
@@ -144,11 +150,22 @@ class StagedRun:
         )
         try:
             futures = {pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads): n for n in names}
-            for fut in as_completed(futures):
-                name = futures[fut]
-                out, seconds, peak = fut.result()
-                self.complete(name, out["pointers"], out["rows"], seconds, stage_block(name), peak)
-                self.console.print(f"  {name} done ({seconds:.1f} s)")
+            done: set[str] = set()
+            try:
+                for fut in as_completed(futures):
+                    self._complete_worker_stage(futures[fut], fut.result())
+                    done.add(futures[fut])
+            except BrokenProcessPool:
+                # a worker died: keep what the others finished, name what was lost
+                for fut, name in futures.items():
+                    if name not in done and fut.done() and not fut.cancelled() and fut.exception() is None:
+                        self._complete_worker_stage(name, fut.result())
+                        done.add(name)
+                lost = [n for n in names if n not in done]
+                what = f"stage {lost[0]} was" if len(lost) == 1 else f"stages {', '.join(lost)} were"
+                raise StageLost(
+                    f"{what} lost: a worker process died (killed or out of memory); the completed stages are kept"
+                ) from None
         except BaseException:
             # interrupted, or a stage failed: stop the other workers now instead of waiting for them
             processes = list(getattr(pool, "_processes", {}).values())
@@ -161,46 +178,56 @@ class StagedRun:
 
 
 class TeacherStudentRun(StagedRun):
-    """A staged run holding teacher members (``self.members``) and a student (``self.student``).
+    """A staged run of teacher members and a student over a stream: its :class:`RunContext` (``ctx``)
+    and the :class:`RunState` (``state``) its stages carry; subclasses give the order of the stages.
 
-    Subclasses set ``cfg`` and implement ``load(name)`` (a checkpoint attached to its graph).
+    ``prefix`` names the run's models in metric rows; ``meta`` is stored with every checkpoint.
     """
 
-    cfg = None
-    members: list
-    student = None
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: RunDir,
+        stream: Stream,
+        progress: bool = True,
+        console: Console | None = None,
+        prefix: str = "",
+        meta: dict | None = None,
+    ):
+        super().__init__(run_dir, progress, console)
+        self.ctx = RunContext(cfg, stream, run_dir, progress, self.console, prefix, meta or {})
+        self.state = RunState([None] * len(cfg.teacher.members), pointers=self.record["pointers"])
+        self.workers = cfg.workers
+        last = len(stream) - 1
+        self.last_block = last if cfg.max_blocks is None else min(cfg.max_blocks, last)
 
-    def load(self, name: str):
-        raise NotImplementedError
+    @property
+    def cfg(self) -> RunConfig:
+        return self.ctx.cfg
+
+    @property
+    def stream(self) -> Stream:
+        return self.ctx.stream
+
+    @classmethod
+    def worker_kwargs(cls, rd: RunDir) -> dict:
+        """Constructor arguments beyond the configuration that a worker reads from the run directory."""
+        return {}
+
+    @classmethod
+    def open_worker(cls, path: Path) -> TeacherStudentRun:
+        rd = RunDir.open(path)
+        cfg = rd.load_config()
+        return cls(cfg, rd, rd.open_stream(cfg), progress=False, **cls.worker_kwargs(rd))
 
     def restore(self) -> None:
-        """Load the teacher members and the student that the pointers of ``state.json`` name (resume)."""
-        ptr = self.state["pointers"]
-        for m in range(len(self.members)):
-            if f"teacher{m}" in ptr:
-                self.members[m] = self.load(ptr[f"teacher{m}"])
-        if "student" in ptr:
-            self.student = self.load(ptr["student"])
+        """Load the models that the pointers of ``state.json`` name (resume, and after worker stages)."""
+        self.state = RunState.restore(self.ctx, self.record["pointers"])
 
     def parallel_group(self, name: str) -> str | None:
         """A block's teacher member stages (``bK/teacherM``) may run side by side."""
         block, _, role = name.partition("/")
         return f"{block}/teachers" if role.startswith("teacher") else None
-
-    def ensemble(self) -> RankEnsemble:
-        """The rank ensemble of the current teacher members (method.md 6)."""
-        return RankEnsemble([m for m in self.members if m is not None], exact_top=self.cfg.teacher.ensemble_exact_top)
-
-    def evaluate_and_show(self, models: dict, k: int) -> dict:
-        """The stage result of block k's evaluation of ``models``; prints each model's r_(k,k)."""
-        rows = evaluate_models(models, self.stream, k, tuple(self.cfg.ks))
-        width = max(len(name) for name in models)
-        for r in rows:
-            if r["kind"] == "test" and r["j"] == k:
-                self.console.print(
-                    f"  block {k}  {r['model']:<{width}} test recall@20 {r['recall@20']:.4f}  ndcg@20 {r['ndcg@20']:.4f}"
-                )
-        return {"pointers": {}, "rows": rows}
 
 
 def _main_can_be_spawned() -> bool:
@@ -226,7 +253,8 @@ def run_measured(fn: Callable[[], dict]) -> tuple[dict, float, float | None]:
     the heap's free pages go back to the system after it (:mod:`ccdrec.memory`)."""
     measurable = reset_peak_rss()  # else VmHWM would be the whole process's peak
     start = time.perf_counter()
-    out = fn()
+    with deterministic_kernels():  # same seed and thread count, same bits (ccdrec.determinism)
+        out = fn()
     seconds = time.perf_counter() - start
     peak = peak_rss_mb() if measurable else None
     release_freed_memory()
@@ -240,21 +268,6 @@ def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) ->
     runner = kind.open_worker(Path(path))
     runner.restore()
     return run_measured(dict(runner.stage_list())[name])
-
-
-def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
-    """r_{k,j} rows (test split of every block j <= k), block k's new-user rows and its validation row
-    (``kind: valid``; the teacher ensemble's own validation quality), per named model (method.md 8)."""
-    rows = []
-    block = stream[k]
-    requests = [("valid", k, block, "valid", None)] + [("test", j, stream[j], "test", None) for j in range(k + 1)]
-    if k > 0:
-        requests.append(("new_users", k, block, "test", np.arange(block.prev_users, block.n_users)))
-    for name, model in models.items():
-        results = evaluate_many(model, [(b, split, users) for _, _, b, split, users in requests], ks=ks)
-        for (kind, j, *_), out in zip(requests, results, strict=True):
-            rows.append({"kind": kind, "model": name, "k": k, "j": j, **out})
-    return rows
 
 
 def link_file(src: Path, dst: Path) -> None:
@@ -306,6 +319,10 @@ def share_stages(
         rows.append(r)
     target.append_metrics(rows)
     state["pointers"].update(checkpoints)
+    src_outputs = src_state.get("outputs", {})
+    state.setdefault("outputs", {}).update(
+        {s: {r: c for r, c in src_outputs[s].items() if checkpoints.get(r) == c} for s in stages if s in src_outputs}
+    )
     state["completed"].extend(stages)
     state["seconds"].update(dict.fromkeys(stages, 0.0))
     state["shared"] = {**state.get("shared", {}), **dict.fromkeys(stages, str(source.path))}
@@ -313,13 +330,34 @@ def share_stages(
     target.write_state(state)
 
 
-def fit_row(model: str, res, k: int, **extra) -> dict:
-    """A ``kind: fit`` metric row from a :class:`ccdrec.train.loop.FitResult` (None: no training)."""
-    row = {"kind": "fit", "model": model, "k": k, **extra}
-    if res is not None:
-        row.update({"best_epoch": res.best_epoch + 1, "epochs": res.epochs_run, "train_seconds": round(res.seconds, 3)})
-        row.update({f"valid_{m}": v for m, v in res.best_valid.items() if m != "users"})
-    return row
+def model_prefix(rd: RunDir) -> str:
+    """The prefix of a run's model names: ``""`` for a CCD run, ``"<method>:"`` for a CL run."""
+    for r in rd.read_metrics():
+        if r.get("kind") == "test" and str(r.get("model", "")).endswith("teacher"):
+            return r["model"][: -len("teacher")]
+    return ""
+
+
+def share_block0(source: RunDir, target: RunDir, n_members: int, prefix: str | None = None) -> None:
+    """Seed ``target``, a fresh run, with block 0 of ``source`` (a CCD or CL run of the same block 0):
+    the teacher members, D_0 and the block-0 metric rows.
+
+    ``prefix``: the model-name prefix of a competitor ``target`` (``"finetune:"``; the rows are renamed
+    to it); None for a CCD ``target`` (an ablation), which also takes D_0's proxies and E_0's top lists.
+    """
+    check_shareable(source.load_config(), target.load_config(), source.path)
+    stages = [f"b0/teacher{m}" for m in range(n_members)] + ["b0/student", "b0/eval"]
+    checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)} | {"student": "b0_student"}
+    rename = None
+    if prefix is None:
+        checkpoints["proxies"] = "b0_proxies"
+        if source.ckpt("b0_teacher_top.pt").exists():
+            checkpoints["teacher_top"] = "b0_teacher_top"  # E_0's top lists: block 1's student update reuses them
+    else:
+        src = model_prefix(source)
+        roles = ["teacher", "student"] + [f"teacher{m}" for m in range(n_members)]
+        rename = {f"{src}{r}": f"{prefix}{r}" for r in roles}
+    share_stages(source, target, stages, checkpoints, rename)
 
 
 def base_signature(cfg) -> dict:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from ccdrec.config import RunConfig, validation_message
+from ccdrec.data.stream import resolve_source
 from ccdrec.errors import CcdrecError
 
 DATASET_PRESET = {"yelp": "yelp", "gowalla": "gowalla"}
@@ -70,17 +71,24 @@ def apply_override(data: dict, item: str) -> dict:
 
 
 def load_config(
-    dataset: str | None = None, preset: str | None = None, file: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    dataset: str | Path | None = None,
+    preset: str | None = None,
+    file: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> RunConfig:
-    """Resolve a run configuration: the preset (default: the dataset's), then ``file``, then overrides."""
+    """Resolve a run configuration: the preset (default: the dataset's), then ``file``, then overrides.
+
+    ``dataset``: a bundled name, or a stream directory (a :class:`~pathlib.Path` always is one), stored
+    as an absolute path (:func:`ccdrec.data.stream.resolve_source`)."""
     # start from every default, so that a partial section (``base: {epochs: 60}``) overrides one field
     data: dict = RunConfig().model_dump()
-    name = preset or DATASET_PRESET.get(dataset or "yelp", "yelp")
+    bundled = dataset if isinstance(dataset, str) else None  # a Path is a directory, never a bundled name
+    name = preset or DATASET_PRESET.get(bundled or "yelp", "yelp")
     data = merge(data, read_preset(name))
     if file is not None:
         data = merge(data, read_file(file))
     if dataset is not None:
-        data["dataset"] = dataset
+        data["dataset"] = resolve_source(dataset)  # a directory as an absolute path: the run works from anywhere
     for item in overrides:
         data = apply_override(data, item)
     try:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from ccdrec.eval.protocol import StreamScores
 from ccdrec.report import tables
+from ccdrec.report.markdown import integer_blocks, markdown_table
 
 ROLES = ("student", "teacher")
 CCD_ROLES = {"served": "student", "teacher": "teacher", "student": "distilled"}
@@ -64,7 +65,7 @@ def comparison_table(rows: list[dict], methods: list[str], metric: str = "recall
 def bold_best(df: pd.DataFrame, exclude=(), fmt: str = "{:.4f}") -> pd.DataFrame:
     """``df`` as text, the highest value of each column in **bold** (ties at display precision all bold).
 
-    Rows in ``exclude`` (a reference such as full retraining) are shown but never compete; NaN is "–".
+    Rows in ``exclude`` (a reference such as full retraining) are shown but never compete; NaN is "—".
     """
     out = pd.DataFrame(index=df.index, columns=df.columns, dtype=object)
     for col in df.columns:
@@ -73,7 +74,7 @@ def bold_best(df: pd.DataFrame, exclude=(), fmt: str = "{:.4f}") -> pd.DataFrame
         for i in df.index:
             v = df.at[i, col]
             if pd.isna(v):
-                out.at[i, col] = "–"
+                out.at[i, col] = tables.MISSING
                 continue
             text = fmt.format(v)
             out.at[i, col] = f"**{text}**" if text == best and i not in exclude else text
@@ -121,7 +122,7 @@ def new_user_table(rows: list[dict], methods: list[str], role: str = "student", 
     data = {}
     for m in methods:
         sel = [r for r in rows if r.get("kind") == "new_users" and r.get("model") == f"{m}:{role}"]
-        data[m] = {f"D_{r['k']}": r[metric] for r in sorted(sel, key=lambda r: r["k"])}
+        data[m] = {f"D_{r['k']}": r.get(metric) for r in sorted(sel, key=lambda r: r["k"])}
     df = pd.DataFrame.from_dict(data, orient="index")
     df.index.name = "method"
     return df
@@ -176,7 +177,7 @@ def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall
         xs = [ks.index(k) + (n - (len(roles) - 1) / 2) * width for k in g.index]
         ax.bar(xs, g["gain"].fillna(0.0), width=width, label=ROLE_NAMES.get(role, role))
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(ks)), [f"D_{k}" for k in ks])
+    ax.set_xticks(range(len(ks)), [f"D_{k}" for k in ks])  # one labelled tick per block
     ax.set(title=f"CCD's H_k gain over the best CL competitor ({metric})", xlabel="block", ylabel="gain")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -192,11 +193,12 @@ def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "reca
     for ax, role in zip(axes, ROLES, strict=True):
         for m in methods:
             s = _scores(rows, m, role, metric)
-            ks = [k for k in s.blocks if k >= 1]
+            ks = sorted({r["k"] for r in tables.test_rows(rows, f"{m}:{role}") if r["k"] >= 1})
             if ks:
                 ax.plot(ks, [s.h(k) for k in ks], marker="o", label=m)
         ax.set(title=f"{ROLE_NAMES[role]}: H_k ({metric})", xlabel="block k")
         ax.grid(alpha=0.3)
+        integer_blocks(ax)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -206,10 +208,6 @@ def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "reca
 # --------------------------------------------------------------------------------------------- report
 
 
-def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    if df.empty:
-        return "_(none)_\n"
-    return df.to_markdown(floatfmt=floatfmt) + "\n"
 
 
 def comparison_rows(runs: dict) -> list[dict]:
@@ -223,10 +221,14 @@ def comparison_rows(runs: dict) -> list[dict]:
     return rows
 
 
-def write_compare_report(out: Path, runs: dict, bench: pd.DataFrame | None = None) -> Path:
-    """Write ``OUT/report.md`` and ``OUT/plots/*.png`` of a comparison (see :mod:`ccdrec.pipeline.compare`)."""
-    from ccdrec.pipeline.compare import ABLATIONS
+def write_compare_report(
+    out: Path, runs: dict, serving: str | None = None, ablation_notes: dict[str, str] | None = None
+) -> Path:
+    """Write ``OUT/report.md`` and ``OUT/plots/*.png`` of a comparison (see :mod:`ccdrec.pipeline.compare`).
 
+    ``serving``: the Markdown of CCD's serving cost (:func:`ccdrec.serve_bench.bench_markdown`);
+    ``ablation_notes``: what each ablation (by name, without the ``ccd/`` of its label) switches off."""
+    notes = ablation_notes or {}
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -248,51 +250,48 @@ def write_compare_report(out: Path, runs: dict, bench: pd.DataFrame | None = Non
         + ".\n"
     )
     lines.append("Runs: " + ", ".join(f"[{m}]({rd.path.name}/report.md)" for m, (rd, _) in runs.items()) + "\n")
-    for metric in ("recall@20", "ndcg@20"):
+    lead, lead_ndcg = tables.lead_metrics(rows)
+    for metric in (lead, lead_ndcg):
         lines.append(f"## LA / RA / H-mean ({metric})\n")
-        lines.append(_md(bold_best(comparison_table(rows, methods, metric), exclude=REFERENCE)))
+        lines.append(markdown_table(bold_best(comparison_table(rows, methods, metric), exclude=REFERENCE)))
     if ablations:
-        for metric in ("recall@20", "ndcg@20"):
+        for metric in (lead, lead_ndcg):
             lines.append(f"## Ablations of CCD: LA / RA / H-mean ({metric})\n")
-            lines.append(_md(bold_best(comparison_table(rows, ["ccd", *ablations], metric))))
+            lines.append(markdown_table(bold_best(comparison_table(rows, ["ccd", *ablations], metric))))
         for m in ablations:
-            lines.append(f"- `{m}`: {ABLATIONS[m.split('/', 1)[1]][0]}")
+            lines.append(f"- `{m}`: {notes.get(m.split('/', 1)[1], '')}")
         lines.append("")
     if "ccd" in runs and competitors:
         lines.append(f"## CCD's gain over the best CL competitor ({', '.join(competitors)})\n")
         gains = {}
-        for metric in ("recall@20", "ndcg@20"):
+        for metric in (lead, lead_ndcg):
             for role in ROLES:
                 g = block_gains(rows, competitors, role=role, metric=metric)
-                if metric == "recall@20":
+                if metric == lead:
                     gains[role] = g
                 sg = stream_gain(rows, competitors, role=role, metric=metric)
                 lines.append(f"### {ROLE_NAMES[role]}, H_k per block ({metric})\n")
-                lines.append(_md(g))
+                lines.append(markdown_table(g))
                 lines.append(
-                    f"Stream H-mean: ccd {sg['ccd']:.4f}, best competitor {sg['best competitor']} "
-                    f"{sg['competitor']:.4f}, gain {sg['gain']:+.4f}\n"
+                    f"Stream H-mean: ccd {tables.fmt(sg['ccd'])}, best competitor {sg['best competitor']} "
+                    f"{tables.fmt(sg['competitor'])}, gain {tables.fmt(sg['gain'], '+.4f')}\n"
                 )
         if any(not g.empty for g in gains.values()):
-            plot_gains(gains, plots / "gains.png")
+            plot_gains(gains, plots / "gains.png", lead)
             lines.append("![CCD's H_k gain per block](plots/gains.png)\n")
     if rows:
-        plot_h(rows, labels, plots / "h_per_block.png")
+        plot_h(rows, labels, plots / "h_per_block.png", lead)
         lines.append("## H_k per block\n")
         lines.append("![H_k per block](plots/h_per_block.png)\n")
     for role in ROLES:
-        lines.append(f"## New users of block k, {ROLE_NAMES[role]} (test recall@20)\n")
-        lines.append(_md(new_user_table(rows, labels, role)))
+        lines.append(f"## New users of block k, {ROLE_NAMES[role]} (test {lead})\n")
+        lines.append(markdown_table(new_user_table(rows, labels, role, lead)))
     lines.append("## Training time\n")
     states = {m: rd.read_state() for m, (rd, _) in runs.items() if rd.state_path.exists()}
-    lines.append(_md(time_table(states), ".1f"))
-    if bench is not None:
+    lines.append(markdown_table(time_table(states), ".1f"))
+    if serving is not None:
         lines.append("## Serving cost: CCD's final teacher ensemble vs served student\n")
-        from ccdrec.serve_bench import TARGET_SPEEDUP, format_bench, speedup
-
-        lines.append(format_bench(bench).to_markdown() + "\n")
-        met = "met" if speedup(bench) >= TARGET_SPEEDUP else "NOT met"
-        lines.append(f"Batch speed-up of the student: {speedup(bench):.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {met}).\n")
+        lines.append(serving)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

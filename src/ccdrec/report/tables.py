@@ -1,14 +1,43 @@
 """Tables computed from the rows of ``metrics.jsonl`` (method.md 8): r_{k,j}, LA/RA/H, new users.
 
 Pure functions over lists of metric rows, so that every number in a report is reproducible from the
-run directory alone.
+run directory alone. A metric over no users is missing (``None`` in the rows, NaN in the tables) and
+shown as "—" (:func:`as_text`); an r_(k,j) with j > k does not exist and is shown empty.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
+
 import pandas as pd
 
 from ccdrec.eval.protocol import StreamScores
+
+MISSING = "—"
+_METRIC = re.compile(r"^(recall|ndcg)@(\d+)$")
+
+
+def lead_metrics(rows: list[dict]) -> tuple[str, str]:
+    """(Recall@K, NDCG@K) at the smallest cut-off K the rows' evaluations were computed with."""
+    ks = {int(m.group(2)) for r in rows if r.get("kind") == "test" for key in r if (m := _METRIC.match(key))}
+    k = min(ks) if ks else 20
+    return f"recall@{k}", f"ndcg@{k}"
+
+
+def fmt(value, spec: str = ".4f") -> str:
+    """A number as text; a missing one (None, NaN) as "—"."""
+    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, numbers.Integral):
+        return str(value)
+    return format(value, spec) if isinstance(value, numbers.Real) else str(value)
+
+
+def as_text(df: pd.DataFrame, spec: str = ".4f") -> pd.DataFrame:
+    """``df`` with every number formatted by :func:`fmt` (missing values "—", empty strings kept)."""
+    return df.astype(object).map(lambda v: v if isinstance(v, str) else fmt(v, spec))
 
 
 def test_rows(rows: list[dict], model: str) -> list[dict]:
@@ -26,23 +55,25 @@ def models_in(rows: list[dict]) -> list[str]:
 def stream_scores(rows: list[dict], model: str, metric: str = "recall@20") -> StreamScores:
     s = StreamScores()
     for r in test_rows(rows, model):
-        s.add(r["k"], r["j"], r[metric])
+        s.add(r["k"], r["j"], r.get(metric))
     return s
 
 
 def rkj_table(rows: list[dict], model: str, metric: str = "recall@20") -> pd.DataFrame:
-    """The r_{k,j} matrix: one row per block k the model was evaluated after, one column per test block j."""
+    """The r_{k,j} matrix: one row per block k the model was evaluated after, one column per test block j;
+    NaN where r_(k,j) is missing (no test users), an empty string where j > k (not seen yet)."""
+    sel = test_rows(rows, model)
+    ks = sorted({r["k"] for r in sel})
+    js = sorted({r["j"] for r in sel})
     s = stream_scores(rows, model, metric)
-    ks = s.blocks
-    js = sorted({j for _, j in s.r})
-    data = {f"D_{j}": [s.r.get((k, j)) for k in ks] for j in js}
-    return pd.DataFrame(data, index=[f"after D_{k}" for k in ks])
+    data = {f"D_{j}": [s.r.get((k, j), math.nan) if j <= k else "" for k in ks] for j in js}
+    return pd.DataFrame(data, index=[f"after D_{k}" for k in ks], dtype=object)
 
 
 def per_block(rows: list[dict], model: str, metric: str = "recall@20") -> pd.DataFrame:
-    """LA_k, RA_k and H_k for each incremental block k >= 1."""
+    """LA_k, RA_k and H_k for each incremental block k >= 1 the model was evaluated after (NaN: missing)."""
     s = stream_scores(rows, model, metric)
-    ks = [k for k in s.blocks if k >= 1]
+    ks = sorted({r["k"] for r in test_rows(rows, model) if r["k"] >= 1})
     return pd.DataFrame(
         {"LA": [s.la(k) for k in ks], "RA": [s.ra(k) for k in ks], "H": [s.h(k) for k in ks]}, index=pd.Index(ks, name="k")
     )
@@ -69,10 +100,10 @@ def new_users(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
     return df.pivot_table(index="k", columns="model", values=metric, aggfunc="first")
 
 
-def fit_table(rows: list[dict]) -> pd.DataFrame:
+def fit_table(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
     sel = [r for r in rows if r.get("kind") == "fit"]
     if not sel:
         return pd.DataFrame()
-    cols = ["stage", "model", "best_epoch", "epochs", "valid_recall@20", "train_seconds"]
+    cols = ["stage", "model", "best_epoch", "epochs", f"valid_{metric}", "train_seconds"]
     df = pd.DataFrame(sel)
     return df[[c for c in cols if c in df.columns]]

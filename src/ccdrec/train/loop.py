@@ -20,8 +20,9 @@ import torch
 
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block, pad_to
-from ccdrec.eval.metrics import evaluate_block
+from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block
 from ccdrec.models.base import EmbeddingModel, Recommender
+from ccdrec.models.indexing import take_rows
 from ccdrec.models.vae import MultVAE, rows_tensor
 from ccdrec.train.losses import bpr_loss, vae_loss
 from ccdrec.train.sampling import NegativeSampler
@@ -55,7 +56,7 @@ def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimize
 
 def embedding_l2(model: EmbeddingModel, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """LightGCN-style L2 on the batch's ego embeddings: (‖e_u‖² + ‖e_i‖² + mean_n ‖e_j‖²) / 2, batch mean."""
-    u, i, j = model.user_emb[users], model.item_emb[pos], model.item_emb[neg]
+    u, i, j = take_rows(model.user_emb, users), take_rows(model.item_emb, pos), take_rows(model.item_emb, neg)
     return 0.5 * (u.pow(2).sum(-1) + i.pow(2).sum(-1) + j.pow(2).sum(-1).mean(-1)).mean()
 
 
@@ -82,8 +83,8 @@ def bpr_epoch(
         neg = torch.from_numpy(negs[start : start + len(idx)]).to(dev)
         reps = model.propagate()
         u_rep, i_rep = reps
-        eu = u_rep[users]
-        loss = bpr_loss((eu * i_rep[pos]).sum(-1), torch.einsum("bd,bnd->bn", eu, i_rep[neg]))
+        eu = take_rows(u_rep, users)
+        loss = bpr_loss((eu * take_rows(i_rep, pos)).sum(-1), torch.einsum("bd,bnd->bn", eu, take_rows(i_rep, neg)))
         if cfg.l2 > 0:
             loss = loss + cfg.l2 * embedding_l2(model, users, pos, neg)
         if extra_loss is not None:
@@ -123,6 +124,13 @@ def vae_epoch(
         step[0] += 1
         total += loss.item() * len(batch)
     return total / max(len(users), 1)
+
+
+def selection_ks(select_metric: str) -> tuple[int, ...]:
+    """The cut-offs a validation computes: the default ones and the one of ``select_metric``
+    (``recall@K`` / ``ndcg@K``, checked by :class:`ccdrec.config.TrainConfig`)."""
+    k = int(select_metric.split("@")[1])
+    return DEFAULT_KS if k in DEFAULT_KS else (*DEFAULT_KS, k)
 
 
 def fit(
@@ -174,10 +182,12 @@ def fit(
             row = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - start}
             last = epoch == cfg.epochs - 1
             if (epoch + 1) % cfg.eval_every == 0 or last:
-                valid = evaluate_block(model, block, "valid", chunk=cfg.eval_chunk)
+                valid = evaluate_block(model, block, "valid", ks=selection_ks(cfg.select_metric), chunk=cfg.eval_chunk)
                 row.update({f"valid_{k}": v for k, v in valid.items()})
                 score = valid[cfg.select_metric]
-                if score > best_score:
+                if score is None:  # no validation users: nothing to select on, the last epoch is kept
+                    best_epoch, result.best_valid = epoch, valid
+                elif score > best_score:
                     best_score, best_epoch, bad = score, epoch, 0
                     best_state = copy.deepcopy(model.state_dict())
                     result.best_valid = valid
@@ -223,7 +233,7 @@ class _progress:
         if self.bar is None:
             return
         info = f"loss {row['loss']:.4f}"
-        if "valid_recall@20" in row:
+        if row.get("valid_recall@20") is not None:
             info += f"  valid R@20 {row['valid_recall@20']:.4f}"
         self.bar.update(self.task, advance=1, info=info)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ccdrec.models.indexing import take_pairs
+
 
 def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Mean BPR loss; ``neg`` may carry extra trailing negatives per positive (shape (B, n))."""
@@ -23,7 +25,7 @@ def vae_loss(logits: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logva
     if target.is_sparse:
         target = target.coalesce()
         (rows, cols), vals = target.indices(), target.values()
-        nll = -(log_p[rows, cols] * vals).sum() / logits.shape[0]
+        nll = -(take_pairs(log_p, rows, cols) * vals).sum() / logits.shape[0]
     else:
         nll = -(log_p * target).sum(1).mean()
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1).mean()

@@ -1,0 +1,38 @@
+"""Evaluation after block k (method.md 8): every reported model on the test split of every block
+j <= k (r_(k,j)), on block k's new users, and on block k's validation split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ccdrec.data.stream import Stream
+from ccdrec.eval.metrics import evaluate_many
+from ccdrec.pipeline.context import RunContext, StageOutput
+from ccdrec.report.tables import fmt
+
+
+def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
+    """r_{k,j} rows (test split of every block j <= k), block k's new-user rows and its validation row
+    (``kind: valid``; the teacher ensemble's own validation quality), per named model (method.md 8)."""
+    rows = []
+    block = stream[k]
+    requests = [("valid", k, block, "valid", None)] + [("test", j, stream[j], "test", None) for j in range(k + 1)]
+    if k > 0:
+        requests.append(("new_users", k, block, "test", np.arange(block.prev_users, block.n_users)))
+    for name, model in models.items():
+        results = evaluate_many(model, [(b, split, users) for _, _, b, split, users in requests], ks=ks)
+        for (kind, j, *_), out in zip(requests, results, strict=True):
+            rows.append({"kind": kind, "model": name, "k": k, "j": j, **out})
+    return rows
+
+
+def evaluate(ctx: RunContext, models: dict, k: int) -> StageOutput:
+    """Stage ``bK/eval`` of ``models`` (name -> model); prints each model's r_(k,k)."""
+    rows = evaluate_models(models, ctx.stream, k, tuple(ctx.cfg.ks))
+    width = max(len(name) for name in models)
+    recall, ndcg = ctx.cfg.metrics
+    for r in rows:
+        if r["kind"] == "test" and r["j"] == k:
+            scores = f"test {recall} {fmt(r[recall])}  {ndcg} {fmt(r[ndcg])}"
+            ctx.console.print(f"  block {k}  {r['model']:<{width}} {scores}  ({r['users']:,} users)")
+    return StageOutput(rows=rows)

@@ -1,0 +1,194 @@
+"""Stage 3, teacher update (method.md 5.3, 5.4): every member is grown to block k's universe and
+trained on Tr_k by its own loss plus λ_LWC·LWC-KD towards its previous version, with the student
+side's knowledge (SP, PP and the served student CL_k) replayed into it. Mult-VAE members take the
+replayed pairs into their input/target rows and a KL term towards their previous outputs instead.
+
+The replay candidates of SP, PP and CL_k are the same for every member, so stage
+``bK/replay_candidates`` computes them once per block and the member stages read them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ccdrec.config import RunConfig
+from ccdrec.continual.lwckd import LWCKD, OldEmbeddings
+from ccdrec.continual.proxy import Proxy
+from ccdrec.continual.replay import Candidates, PreviousOutputKL, impute_replay, replay_candidates
+from ccdrec.continual.replayer import Replayer, old_active_users, past_train
+from ccdrec.data.stream import Block, pad_to
+from ccdrec.models.base import EmbeddingModel, Recommender, Scorer
+from ccdrec.models.vae import MultVAE
+from ccdrec.pipeline.context import RunContext, RunState, StageOutput, Trained, fit_row, seed_everything
+from ccdrec.train.loop import fit
+
+TEACHER_SOURCES = ("stability", "plasticity", "student")
+
+
+def lwckd_towards(
+    old_model: EmbeddingModel, prev: Block, cfg: RunConfig, weight: float, seed: int, piw: bool = False, knn_graphs=None
+) -> LWCKD:
+    """LWC-KD (method.md 5.4) with weight ``weight`` towards ``old_model`` (the model of block k-1) over
+    R_{k-1}; ``piw``: with personalised imitation weights; ``knn_graphs``: R_{k-1}'s UU / II graphs to reuse."""
+    r_prev = pad_to(prev.train_matrix, (old_model.n_users, old_model.n_items))
+    t = cfg.teacher
+    return LWCKD(
+        OldEmbeddings.from_model(old_model, r_prev),
+        r_prev,
+        tau=t.tau,
+        weight=weight,
+        knn=t.knn,
+        piw=piw,
+        piw_hidden=cfg.competitors.piw_hidden,
+        piw_lr=cfg.competitors.piw_lr,
+        knn_graphs=knn_graphs,
+        candidates=t.lwc_candidates,
+        seed=seed,
+        max_entities=t.lwc_entities,
+    )
+
+
+def teacher_replay_sources(
+    sp_proxy: Proxy | None,
+    pp_proxy: Proxy | None,
+    served: Recommender | None,
+    rc,
+    n_items: int,
+    candidates: dict[str, Candidates] | None = None,
+) -> dict[str, tuple[Scorer | Candidates, int]]:
+    """The replay sources of a teacher update with a budget (5.3): SP, PP and CL_k by name, each as its
+    precomputed ``candidates`` when given, else as a scorer of the block's universe."""
+    given = candidates or {}
+    scorers = {
+        "stability": (lambda: sp_proxy.scorer(n_items=n_items), sp_proxy, rc.n_stability),
+        "plasticity": (lambda: pp_proxy.scorer(n_items=n_items), pp_proxy, rc.n_plasticity),
+        "student": (lambda: served.scorer(), served, rc.n_student),
+    }
+    return {
+        name: (given[name] if name in given else make(), n)
+        for name, (make, source, n) in scorers.items()
+        if source is not None and n > 0
+    }
+
+
+def teacher_candidates(
+    sp_proxy: Proxy | None, pp_proxy: Proxy | None, served: Recommender | None, block: Block, prev: Block, cfg: RunConfig, device
+) -> dict[str, Candidates]:
+    """Block k's replay candidates of SP, PP and CL_k for the teacher update (5.3), by source name."""
+    rc = cfg.teacher_replay(block.index)
+    users, observed = old_active_users(block), past_train(block, prev)
+    sources = teacher_replay_sources(sp_proxy, pp_proxy, served, rc, block.n_items)
+    return {
+        name: replay_candidates(scorer, users, block.n_items, observed, rc.top_a, device=device)
+        for name, (scorer, _) in sources.items()
+    }
+
+
+def _update_vae_member(
+    member: MultVAE, sources, block: Block, prev: Block, cfg: RunConfig, seed: int, progress: bool, label: str
+) -> Trained:
+    """A Mult-VAE member: replayed pairs imputed into its input/target rows (value ``vae_replay_value``)
+    and ``vae_kl_weight``·KL(previous output ‖ current) on the users of both blocks (5.3)."""
+    t = cfg.teacher
+    model = member.clone()
+    model.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
+    rc = cfg.teacher_replay(block.index)
+    users, observed = old_active_users(block), past_train(block, prev)
+    replayer = Replayer(sources, users, observed, rc, seed + 1, block.n_items, context=block.train_matrix)
+    replay = replayer.sample(model)
+    vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
+    persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))
+    member.eval()
+    kl = PreviousOutputKL(member, persisting, prev.n_items, vae_input, t.vae_kl_weight) if t.vae_kl_weight > 0 else None
+    res = fit(model, block, t.update_vae, seed=seed, progress=progress, label=label, vae_input=vae_input, extra_loss=kl)
+    return Trained(model, res)
+
+
+def update_teacher(
+    member: Recommender,
+    sp_proxy: Proxy | None,
+    pp_proxy: Proxy | None,
+    served: Recommender | None,
+    block: Block,
+    prev: Block,
+    cfg: RunConfig,
+    seed: int,
+    progress=False,
+    label: str = "",
+    candidates: dict[str, Candidates] | None = None,
+) -> Trained:
+    """One member's update (5.3): grow it, then BPR + λ_LWC·LWC-KD + replay from SP, PP and CL_k.
+
+    Replay ranks against the teacher's own current ranking. Pass ``None`` proxies / student for a teacher
+    update without student-side knowledge; ``candidates``: the sources' :func:`teacher_candidates` of
+    this block, if already computed.
+    """
+    seed_everything(seed)
+    t = cfg.teacher
+    rc = cfg.teacher_replay(block.index)
+    sources = list(teacher_replay_sources(sp_proxy, pp_proxy, served, rc, block.n_items, candidates).values())
+    if isinstance(member, MultVAE):
+        return _update_vae_member(member, sources, block, prev, cfg, seed, progress, label)
+    lwc = lwckd_towards(member, prev, cfg, t.lwc_weight, seed) if t.lwc_weight > 0 else None
+    model = member.clone()
+    model.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
+    replayer = Replayer(sources, old_active_users(block), past_train(block, prev), rc, seed + 1, block.n_items)
+    res = fit(
+        model,
+        block,
+        t.update,
+        seed=seed,
+        progress=progress,
+        label=label,
+        extra_loss=lwc,
+        before_epoch=replayer.before_epoch if replayer.active else None,
+        after_epoch_pass=replayer.after_epoch_pass if replayer.active else None,
+    )
+    return Trained(model, res)
+
+
+def replay_candidates_stage(ctx: RunContext, state: RunState, k: int) -> StageOutput:
+    """Stage ``bK/replay_candidates``: the candidates of SP, PP and CL_k, shared by every member (5.3)."""
+    block, prev = ctx.stream[k], ctx.stream[k - 1]
+    found = teacher_candidates(*state.proxies, state.served, block, prev, ctx.cfg, ctx.device)
+    tensors = {"users": torch.from_numpy(old_active_users(block))}
+    for name, c in found.items():
+        tensors[f"{name}_items"], tensors[f"{name}_scores"] = c.items, c.scores
+    return StageOutput({"replay_candidates": ctx.rd.save_tensors(f"b{k}_replay_candidates", tensors)})
+
+
+def load_candidates(ctx: RunContext, state: RunState, k: int) -> dict[str, Candidates] | None:
+    """Block k's saved teacher-side replay candidates (None when this run has not computed them)."""
+    name = state.pointer("replay_candidates", f"b{k}_replay_candidates")
+    if name is None:
+        return None
+    t = ctx.rd.load_tensors(name)
+    users = t["users"].numpy()
+    return {
+        source: Candidates(users, t[f"{source}_items"].to(ctx.device), t[f"{source}_scores"].to(ctx.device))
+        for source in TEACHER_SOURCES
+        if f"{source}_items" in t
+    }
+
+
+def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOutput:
+    """Stage ``bK/teacher{m}``: member m on block k, with the student side's knowledge when enabled."""
+    know = ctx.cfg.teacher.student_knowledge
+    sp_, pp_ = state.proxies if know else (None, None)
+    res = update_teacher(
+        state.members[m],
+        sp_,
+        pp_,
+        state.served if know else None,
+        ctx.stream[k],
+        ctx.stream[k - 1],
+        ctx.cfg,
+        ctx.seed(f"b{k}/teacher{m}", base=ctx.cfg.teacher.members[m].seed),
+        ctx.progress,
+        label=f"D_{k} teacher {m} update",
+        candidates=load_candidates(ctx, state, k) if know else None,
+    )
+    state.members[m] = res.model
+    ptr = ctx.save(f"b{k}_teacher{m}", res.model, k)
+    return StageOutput({f"teacher{m}": ptr}, [fit_row(ctx.name(f"teacher{m}"), res.fit, k)])

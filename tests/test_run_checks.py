@@ -1,0 +1,280 @@
+"""Faults users meet around runs: empty evaluation targets, configured cut-offs, run directories that
+depend on the working directory, a local directory named like a bundled dataset, a stream changed
+under a run, a dead worker process, and failed starts or kills that leave files behind."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ccdrec import CcdrecError, load_run
+from ccdrec.data.stream import Block, Stream, load_stream, save_stream
+from ccdrec.data.synthetic import synthetic_stream
+from ccdrec.eval.metrics import rank_metrics
+from ccdrec.eval.protocol import StreamScores
+from ccdrec.pipeline.ccd import run_stream
+from ccdrec.presets import load_config
+from ccdrec.report import tables
+
+MEMBERS = "teacher.members=[{kind: lightgcn, dim: 16, seed: 0}, {kind: mf, dim: 16, seed: 1}]"
+SMALL = ["student.topn=10", "student.user_samples=50", "student.item_samples=50", MEMBERS]
+
+
+def ccdrec(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "ccdrec", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
+
+
+def one_error_line(res, code=2):
+    assert res.returncode == code, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def files_of(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+# --- empty evaluation targets are missing, not 0 ----------------------------------------------
+
+
+def test_a_metric_over_no_users_is_missing():
+    import scipy.sparse as sp
+
+    empty = sp.csr_matrix((3, 4), dtype=np.float32)
+    res = rank_metrics(lambda users: np.zeros((len(users), 4)), empty, None, 4)
+    assert res["users"] == 0 and res["recall@20"] is None and res["ndcg@50"] is None
+
+
+def test_missing_values_are_left_out_of_every_mean():
+    s = StreamScores()
+    for (k, j), v in {(0, 0): 0.4, (1, 0): 0.2, (1, 1): 0.3, (2, 0): 0.1, (2, 1): None, (2, 2): float("nan")}.items():
+        s.add(k, j, v)
+    assert math.isnan(s.la(2)) and s.ra(2) == pytest.approx(0.1) and math.isnan(s.h(2))
+    summ = s.summary()
+    assert summ["LA"] == pytest.approx(0.3)  # LA_2 is missing: the mean of LA_1 alone
+    assert summ["RA"] == pytest.approx((0.2 + 0.1) / 2)
+    assert summ["H"] == pytest.approx(2 * 0.3 * 0.15 / 0.45)
+
+
+def no_targets_in_last_block(seed: int = 1) -> Stream:
+    """A 3-block synthetic stream whose last block has no valid or test pairs and no new users."""
+    s = synthetic_stream(n_blocks=3, seed=seed)
+    last, prev = s.blocks[2], s.blocks[1]
+    old = last.train[(last.train[:, 0] < prev.n_users) & (last.train[:, 1] < prev.n_items)]
+    empty = np.zeros((0, 2), dtype=np.int64)
+    s.blocks[2] = Block(2, prev.n_users, prev.n_items, prev.n_users, prev.n_items, old, empty, empty)
+    return s
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tmp_path_factory):
+    """A run with cut-off 10 only, on a stream whose last block has nothing to evaluate."""
+    d = tmp_path_factory.mktemp("empty")
+    save_stream(no_targets_in_last_block(), d / "stream")
+    tens = [f"{s}.select_metric=recall@10" for s in ("teacher.base", "teacher.update", "student.distill", "student.update")]
+    cfg = load_config(d / "stream", preset="quick", overrides=[*SMALL, "ks=[10]", *tens])
+    run_stream(cfg, d / "run", progress=False)
+    return d / "run"
+
+
+def test_empty_targets_are_missing_in_metrics_and_reports(sparse_run):
+    rows = [json.loads(x) for x in (sparse_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["kind"] in ("test", "new_users", "valid") and r["k"] == 2 and r.get("j", 2) == 2]
+    assert last and all(r["users"] == 0 and r["recall@10"] is None and r["ndcg@10"] is None for r in last)
+    for model in ("teacher", "served"):
+        s = tables.stream_scores(rows, model, "recall@10")
+        la1 = s.la(1)
+        assert tables.summary(rows, ("recall@10",)).loc[model, "LA recall@10"] == pytest.approx(la1)  # LA_2 left out
+        assert s.ra(2) == pytest.approx((s.r[(2, 0)] + s.r[(2, 1)]) / 2)
+    # the distillation of block 2 had no validation users: it keeps its last epoch instead of failing
+    fit = [r for r in rows if r["kind"] == "fit" and r["stage"] == "b2/student"]
+    assert fit[0]["best_epoch"] == fit[0]["epochs"]
+    report = (sparse_run / "report.md").read_text()
+    assert "—" in report and "recall@10" in report and "recall@20" not in report and "nan" not in report.lower()
+
+
+def test_blocks_not_yet_seen_are_blank_in_tables():
+    rows = [
+        {"kind": "test", "model": "m", "k": 0, "j": 0, "recall@20": 0.5, "users": 3},
+        {"kind": "test", "model": "m", "k": 1, "j": 0, "recall@20": 0.4, "users": 3},
+        {"kind": "test", "model": "m", "k": 1, "j": 1, "recall@20": None, "users": 0},
+    ]
+    text = tables.as_text(tables.rkj_table(rows, "m"))
+    assert text.loc["after D_0"].tolist() == ["0.5000", ""]
+    assert text.loc["after D_1"].tolist() == ["0.4000", "—"]
+
+
+def test_plots_label_blocks_with_integers(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ccdrec.report.markdown import integer_blocks
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [0.1, 0.2, 0.3])
+    integer_blocks(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    plt.close(fig)
+
+
+# --- cut-offs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ks=[10]", "teacher.base.select_metric, teacher.update.select_metric (recall@20) not among the cut-offs ks=[10]"),
+        ("ks=[0]", "every cut-off must be at least 1"),
+        ("ks=[]", "at least 1 item"),
+        ("ks=[20, 20]", "cut-offs must differ"),
+        ("student.update.select_metric=precision@5", "student.update.select_metric"),
+    ],
+)
+def test_cut_offs_are_checked_before_any_work(override, message, tmp_path):
+    with pytest.raises(CcdrecError, match="invalid configuration"):
+        load_config("yelp", overrides=[override])
+    res = ccdrec("run", "--dataset", "yelp", "--set", override, "--out", str(tmp_path / "r"))
+    assert message in one_error_line(res)
+    assert not (tmp_path / "r").exists()
+
+
+# --- run directories: any working directory, the stream's identity, failed starts ----------------
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A CLI run to block 0 on a stream given by a relative path, started in ``root/a``."""
+    root = tmp_path_factory.mktemp("cwd")
+    (root / "a" / "streams").mkdir(parents=True)
+    (root / "b").mkdir()
+    save_stream(synthetic_stream(n_blocks=3, seed=2), root / "a" / "streams" / "base")
+    args = ["run", "--data", "streams/base", "--out", "runs/x", "--preset", "quick", "--max-blocks", "0", "--no-progress"]
+    for item in SMALL:
+        args += ["--set", item]
+    res = ccdrec(*args, cwd=root / "a")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return root
+
+
+def test_a_run_works_from_any_working_directory(cli_run):
+    run = cli_run / "a" / "runs" / "x"
+    rec = ccdrec("recommend", str(run), "--user", "0", "-k", "5", cwd=cli_run / "b")
+    assert rec.returncode == 0, rec.stderr
+    assert len(rec.stdout.strip().splitlines()) == 5
+    assert json.loads((run / "stream.json").read_text())["source"] == str(cli_run / "a" / "streams" / "base")
+
+
+def test_a_changed_stream_is_refused_and_nothing_changes(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    stream = cli_run / "a" / "streams" / "base"
+    before = files_of(run)
+    original = {p.name: p.read_bytes() for p in stream.iterdir()}
+    try:
+        save_stream(synthetic_stream(n_blocks=3, seed=5), stream)  # re-prepared with another seed
+        for args in (["run", "--resume", str(run), "--max-blocks", "2"], ["recommend", str(run), "--user", "0"]):
+            assert "has changed since the run started" in one_error_line(ccdrec(*args, cwd=cli_run / "b"))
+        with pytest.raises(CcdrecError, match="has changed since the run started"):
+            load_run(run)
+        assert files_of(run) == before  # no file of the run changed (config.yaml keeps its max_blocks)
+    finally:
+        for name, data in original.items():
+            (stream / name).write_bytes(data)
+
+
+def test_resume_from_elsewhere_removes_files_of_interrupted_writes(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    torn = [run / "checkpoints" / ".b1_served.pt.abc123.tmp", run / ".state.json.xyz.tmp"]
+    for f in torn:
+        f.write_bytes(b"half a write")
+    res = ccdrec("run", "--resume", str(run), "--no-progress", cwd=cli_run / "b")  # max_blocks 0: nothing left to run
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not any(f.exists() for f in torn)
+
+
+def test_a_local_directory_named_like_a_bundled_dataset(tmp_path, monkeypatch):
+    save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "yelp")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Path("yelp")).dataset == str(tmp_path / "yelp")
+    assert load_stream(Path("yelp")).n_users == 240  # the directory, not the bundled Yelp
+    info = ccdrec("data", "info", "./yelp", cwd=tmp_path)
+    assert info.returncode == 0 and "240" in info.stdout and "12,248" not in info.stdout
+    assert "names both a bundled dataset and ./yelp" in one_error_line(ccdrec("data", "info", "yelp", cwd=tmp_path))
+    assert "use --data" in one_error_line(ccdrec("run", "--dataset", str(tmp_path / "yelp"), cwd=tmp_path))
+    assert "not both" in one_error_line(ccdrec("run", "--dataset", "yelp", "--data", "yelp", cwd=tmp_path))
+
+
+def test_a_failed_start_creates_nothing(tmp_path):
+    res = ccdrec("run", "--data", "missing_dir", "--out", "runs/y", cwd=tmp_path)
+    assert "no stream directory" in one_error_line(res)
+    assert not (tmp_path / "runs").exists()
+    res = ccdrec("compare", "--data", "missing_dir", "--out", "cmp", cwd=tmp_path)
+    assert "no stream directory" in one_error_line(res)
+    assert not (tmp_path / "cmp").exists()
+
+
+# --- a dead worker process ----------------------------------------------------------------------
+
+
+def _spawned_workers(parent: int) -> list[int]:
+    """PIDs of the multiprocessing workers (not the resource tracker) started by ``parent``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=4), tmp_path / "s")
+    args = [sys.executable, "-m", "ccdrec", "run", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r")]
+    args += ["--preset", "quick", "--workers", "2", "--no-progress", "--set", MEMBERS]
+    args += ["--set", "teacher.base.epochs=400", "--set", "teacher.base.patience=400"]  # long enough to be killed
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        workers: list[int] = []
+        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+            workers = _spawned_workers(proc.pid)
+        assert workers, "no worker process started"
+        time.sleep(3.0)  # inside their stages
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: stage") and "b0/teacher" in line and "lost" in line
+    assert f"continue with: ccdrec run --resume {tmp_path / 'r'}" in line
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["completed"] == []

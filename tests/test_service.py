@@ -1,0 +1,462 @@
+"""The HTTP service (``ccdrec serve``): answers equal ``ccdrec recommend``'s, hot swap under load loses no
+request and every answer names the model that computed it, a corrupt checkpoint is refused, malformed
+input gets the right status, and the page shows the run in a real headless browser."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'ccdrec[serve]'")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from ccdrec.data.stream import save_stream  # noqa: E402
+from ccdrec.data.synthetic import synthetic_stream  # noqa: E402
+from ccdrec.errors import CcdrecError  # noqa: E402
+from ccdrec.pipeline.ccd import run_stream  # noqa: E402
+from ccdrec.pipeline.rundir import RunDir  # noqa: E402
+from ccdrec.presets import load_config  # noqa: E402
+from ccdrec.serve import load_run  # noqa: E402
+from ccdrec.service.app import create_app  # noqa: E402
+from ccdrec.service.server import listen  # noqa: E402
+from ccdrec.service.swap import ModelSlot, RunWatcher, point, publish  # noqa: E402
+from ccdrec.service.version import load_version  # noqa: E402
+
+OVERRIDES = ["student.topn=10", "teacher.members=[{kind: mf, dim: 8, seed: 0}, {kind: lightgcn, dim: 8, seed: 1}]"]
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "ccdrec", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished two-block CCD run on a synthetic stream (a few seconds)."""
+    root = tmp_path_factory.mktemp("service")
+    save_stream(synthetic_stream(n_blocks=2, seed=4), root / "stream")
+    cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
+    run_stream(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the run that a test may publish new students into."""
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+class Serving:
+    """The application on a free loopback port, served by uvicorn in a thread."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "the service did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def perturbed_student(rd: RunDir, seed: int):
+    """The run's served student CL_1 with noise on its weights (another ranking, the same universe)."""
+    model, meta = rd.load_model("b1_served", "cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.std())
+    return model, meta
+
+
+def expected(rd: RunDir, users, k):
+    """{user: items} of the version ``state.json`` points to now, by the service's own loader."""
+    cfg = rd.load_config()
+    v = load_version(rd, rd.open_stream(cfg), rd.read_state())
+    return v.id, {u: json.loads(json.dumps(v.recommend(v.user_index(u), k))) for u in users}
+
+
+# --- answers -------------------------------------------------------------------------------------
+def test_answers_equal_ccdrec_recommend(run_dir):
+    """The real command on a free port; its answers are the lists `ccdrec recommend` prints."""
+    printing = subprocess.Popen(  # side by side with the service's start
+        [sys.executable, "-m", "ccdrec", "recommend", str(run_dir), "--user", "3", "-k", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with socket_port() as port:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ccdrec", "serve", str(run_dir), "--port", str(port)], stderr=subprocess.PIPE, text=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        with httpx.Client(base_url=url) as client:
+            info = client.get("/model").json()
+            state = json.loads((run_dir / "state.json").read_text())
+            pt = run_dir / "checkpoints" / f"{state['pointers']['served']}.pt"
+            assert info["checkpoint"] == state["pointers"]["served"] and info["block"] == 1
+            assert info["sha256"] == hashlib.sha256(pt.read_bytes()).hexdigest()
+            assert info["stage"] == "b1/student_update" and info["loaded_at"] and info["run"] == run_dir.name
+            r = client.get("/recommend/3", params={"k": 7})
+            assert r.status_code == 200
+            body = r.json()
+            assert body["model"] == info["id"] and body["user"] == "3" and body["k"] == 7
+            out, err = printing.communicate(timeout=120)
+            assert printing.returncode == 0, err
+            rows = [line.split("\t") for line in out.strip().splitlines()]
+            assert [r[1] for r in rows] == [x["item"] for x in body["items"]]
+            assert [r[2] for r in rows] == [f"{x['score']:.4f}" for x in body["items"]]
+            # the same lists as the library's ServedRun (what `ccdrec recommend` prints), for more users
+            served = load_run(run_dir)
+            users = [str(u) for u in served.user_ids[::37]]
+            for user in users:
+                got = client.get(f"/recommend/{user}", params={"k": 10}).json()["items"]
+                assert [(x["item"], x["score"]) for x in got] == [(r.item, r.score) for r in served.recommend(user, 10)]
+            batch = client.post("/recommend", json={"users": users, "k": 10}).json()
+            assert batch["model"] == info["id"] and [x["user"] for x in batch["results"]] == users
+            for user, result in zip(users, batch["results"], strict=True):
+                assert [(x["item"], x["score"]) for x in result["items"]] == [
+                    (r.item, r.score) for r in served.recommend(user, 10)
+                ]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+class socket_port:
+    """A free loopback port number (the socket is closed on exit, for a subprocess to bind)."""
+
+    def __enter__(self):
+        self.sock = listen("127.0.0.1", 0)
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def wait_healthy(url, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the service did not answer /health")
+
+
+def test_malformed_inputs_get_the_right_status(run_dir):
+    import socket
+
+    with Serving(create_app(run_dir, max_batch=50, max_body=4096)) as s, httpx.Client(base_url=s.url) as client:
+        n_users = s.app.state.slot.current.n_users
+        assert client.get("/recommend/3", params={"k": "abc"}).status_code == 422
+        assert client.get("/recommend/3", params={"k": "2.5"}).status_code == 422
+        assert client.get("/recommend/3", params={"k": 0}).status_code == 422
+        assert client.get("/recommend/3", params={"k": 10**30}).status_code == 422
+        assert client.get("/recommend/3", params={"k": 1001}).status_code == 422
+        assert client.get("/recommend/3", params={"k": "020"}).status_code == 200  # FastAPI's reading of the number
+        r = client.get("/recommend/no-such-user")
+        assert r.status_code == 404 and r.json()["users"] == n_users and f"{n_users:,} users" in r.json()["detail"]
+        long = client.get("/recommend/" + "x" * 5000)
+        assert long.status_code == 404 and len(long.text) < 400
+        for path in ("..%2F..%2Fconfig.yaml", "..%2Fstate.json", "%2Fetc%2Fpasswd", "%2E%2E", "%00", "..%5C..%5Cstate.json"):
+            r = client.get("/recommend/" + path)
+            assert r.status_code == 404, path
+            assert "dataset" not in r.text and "pointers" not in r.text and "root:" not in r.text
+        # paths as a raw client sends them, without URL normalisation
+        for raw in (b"/recommend/../../etc/passwd", b"/recommend/..%2f..%2fstate.json", b"/../state.json", b"/recommend/3?k=-1"):
+            with socket.create_connection(("127.0.0.1", s.port)) as conn:
+                conn.sendall(b"GET " + raw + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b"".join(iter(lambda: conn.recv(65536), b""))
+            status = int(reply.split(b" ", 2)[1])
+            assert status in (404, 422), (raw, reply[:200])
+            assert b"pointers" not in reply and b"root:" not in reply
+        ok = client.post("/recommend", json={"users": ["3"], "k": 3})
+        assert ok.status_code == 200
+        assert client.post("/recommend", json={"users": [str(u) for u in range(51)]}).status_code == 422  # oversize batch
+        assert client.post("/recommend", json={"users": []}).status_code == 422
+        assert client.post("/recommend", json={"users": ["3"], "k": 0}).status_code == 422
+        assert client.post("/recommend", json={"users": "3"}).status_code == 422
+        assert client.post("/recommend", json={"users": [["3"]]}).status_code == 422
+        assert client.post("/recommend", json={"users": ["3"], "extra": 1}).status_code == 422
+        assert client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        r = client.post("/recommend", json={"users": ["3", "nobody", "nobody-else"]})
+        assert r.status_code == 404 and "2 unknown users" in r.json()["detail"]
+        big = json.dumps({"users": ["3"] * 10_000}).encode()
+        assert client.post("/recommend", content=big, headers={"content-type": "application/json"}).status_code == 413
+
+        def chunks():
+            yield b'{"users": ['
+            for _ in range(2000):
+                yield b'"3", '
+            yield b'"3"]}'
+
+        chunked = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert client.post("/recommend/items", json={"items": []}).status_code == 422
+        assert client.post("/recommend/items", json={"items": ["no-such-item"]}).status_code == 404
+        assert client.get("/health").json()["status"] == "ok"  # still serving after all of it
+
+
+def test_cold_start_from_items(run_dir):
+    with Serving(create_app(run_dir)) as s, httpx.Client(base_url=s.url) as client:
+        v = s.app.state.slot.current
+        given = v.item_names[:3]
+        r = client.post("/recommend/items", json={"items": given, "k": 10})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["model"] == v.id and len(body["items"]) == 10
+        assert not set(given) & {x["item"] for x in body["items"]}
+        scores = [x["score"] for x in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_openapi_schema_documents_the_endpoints(run_dir):
+    app = create_app(run_dir, watch=False)
+    schema = app.openapi()
+    assert {"/recommend/{user}", "/recommend", "/recommend/items", "/health", "/model", "/"} <= set(schema["paths"])
+    k = next(p for p in schema["paths"]["/recommend/{user}"]["get"]["parameters"] if p["name"] == "k")
+    assert k["schema"]["minimum"] == 1 and k["schema"]["maximum"] == 1000
+    assert "404" in schema["paths"]["/recommend/{user}"]["get"]["responses"]
+
+
+def test_teacher_ensemble_is_served_the_same_way(run_dir):
+    with Serving(create_app(run_dir, role="teacher", watch=False)) as s, httpx.Client(base_url=s.url) as client:
+        body = client.get("/recommend/3", params={"k": 5}).json()
+        assert body["model"].startswith("b1_teacher0+b1_teacher1@") and len(body["items"]) == 5
+        assert client.get("/model").json()["role"] == "teacher"
+        assert client.post("/recommend/items", json={"items": ["1"]}).status_code == 501
+
+
+# --- hot swap ------------------------------------------------------------------------------------
+def test_hot_swap_under_load_fails_no_request(run_copy, caplog):
+    """Clients query without pause while three new students and one truncated checkpoint are published:
+    no request fails, every answer names a published version and equals that version's answer."""
+    rd = RunDir(run_copy)
+    users = ["0", "3", "17", "101", "217"]
+    versions = dict([expected(rd, users, 10)])
+    app = create_app(run_copy, poll_seconds=0.05)
+    stop, answers, failures = threading.Event(), [], []
+
+    def client_loop():
+        with httpx.Client(base_url=s.url, timeout=10) as client:
+            i = 0
+            while not stop.is_set():
+                user = users[i % len(users)]
+                i += 1
+                try:
+                    r = client.get(f"/recommend/{user}", params={"k": 10})
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                    else:
+                        answers.append((user, r.json()))
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+
+    with Serving(app) as s:
+        clients = [threading.Thread(target=client_loop) for _ in range(4)]
+        for t in clients:
+            t.start()
+        slot = app.state.slot
+        try:
+            for n in range(1, 4):
+                time.sleep(0.3)
+                model, meta = perturbed_student(rd, n)
+                publish(rd, model, f"b1_served_v{n}", block=meta["block"])
+                vid, exp = expected(rd, users, 10)
+                versions[vid] = exp
+                wait_for(lambda vid=vid: slot.current.id == vid)
+            # a checkpoint cut short: refused, the last version keeps serving
+            model, meta = perturbed_student(rd, 99)
+            rd.save_model("b1_served_torn", model, meta)
+            pt = rd.ckpt("b1_served_torn").with_suffix(".pt")
+            pt.write_bytes(pt.read_bytes()[:100])
+            with caplog.at_level("WARNING", logger="ccdrec.service"):
+                point(rd, {"served": "b1_served_torn"})
+                wait_for(lambda: len(slot.refused) == 1)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(10)
+        info = httpx.get(s.url + "/model").json()
+    assert not failures, failures[:5]
+    seen_models = {body["model"] for _, body in answers}
+    assert seen_models <= set(versions) and len(seen_models) == 4, seen_models
+    for user, body in answers:
+        assert body["items"] == versions[body["model"]][user], body["model"]
+    assert info["swaps"] == 3 and [h["id"] for h in info["history"]] == list(versions)
+    assert info["id"] == list(versions)[-1] and "b1_served_torn" in info["refused"][0]["target"]
+    assert any("refused b1_served_torn" in r.getMessage() and "still serving" in r.getMessage() for r in caplog.records)
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_watcher_refuses_what_may_not_serve(run_copy, caplog):
+    rd = RunDir(run_copy)
+    cfg = rd.load_config()
+    stream = rd.open_stream(cfg)
+    slot = ModelSlot(load_version(rd, stream, rd.read_state()))
+    watcher = RunWatcher(slot, rd, stream)
+    first, orig = slot.current.id, rd.read_state()
+    assert not watcher.check()  # nothing new
+    caplog.set_level("WARNING", logger="ccdrec.service")
+
+    model, meta = perturbed_student(rd, 1)
+    with torch.no_grad():
+        model.user_emb[0, 0] = float("nan")
+    publish(rd, model, "b1_nan", block=1)
+    assert not watcher.check() and slot.current.id == first
+    assert "non-finite" in slot.refused[-1]["reason"]
+
+    model, meta = perturbed_student(rd, 2)
+    publish(rd, model, "b1_block0_universe", block=0)  # the universe of block 1 claimed for block 0
+    assert not watcher.check() and "universe" in slot.refused[-1]["reason"]
+
+    point(rd, {"served": "b1_missing"})
+    assert not watcher.check() and slot.current.id == first
+    n_refused = len(slot.refused)
+    assert not watcher.check() and len(slot.refused) == n_refused  # the same target is not tried again
+
+    (run_copy / "state.json").write_text("{torn")
+    assert not watcher.check() and slot.current.id == first
+
+    model, meta = perturbed_student(rd, 3)
+    rd.save_model("b1_good", model, meta)
+    rd.write_state({**orig, "pointers": {**orig["pointers"], "served": "b1_good"}})
+    assert watcher.check() and slot.current.id.startswith("b1_good@") and slot.swaps == 1
+    assert any("refused b1_nan" in r.getMessage() for r in caplog.records)
+
+
+# --- startup errors ------------------------------------------------------------------------------
+def test_startup_mistakes_are_one_line_errors(run_dir, tmp_path):
+    missing = cli("serve", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "no such run directory" in missing.stderr and "Traceback" not in missing.stderr
+    with socket_port() as port:
+        busy = listen("127.0.0.1", port)
+        busy.listen()
+        try:
+            taken = cli("serve", str(run_dir), "--port", str(port))
+        finally:
+            busy.close()
+    assert taken.returncode == 2 and "already in use" in taken.stderr and taken.stderr.strip().count("\n") == 0
+
+    changed = tmp_path / "changed"
+    shutil.copytree(run_dir, changed)
+    record = json.loads((changed / "stream.json").read_text())
+    (changed / "stream.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
+    with pytest.raises(CcdrecError, match="has changed since the run started"):
+        create_app(changed)
+
+    empty = tmp_path / "empty"
+    shutil.copytree(run_dir, empty)
+    state = json.loads((empty / "state.json").read_text())
+    (empty / "state.json").write_text(json.dumps({**state, "pointers": {}}))
+    with pytest.raises(CcdrecError, match="no student yet"):
+        create_app(empty)
+
+
+def test_the_service_package_needs_no_extra_to_import():
+    code = (
+        "import sys, ccdrec.service, ccdrec.service.app, ccdrec.service.server, ccdrec.service.swap, ccdrec.service.page;"
+        "bad = [m for m in ('fastapi', 'uvicorn', 'orjson', 'starlette') if m in sys.modules]; assert not bad, bad"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# --- the page in a real browser ------------------------------------------------------------------
+def chromium_paths():
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    return browser, shutil.which("chromedriver")
+
+
+def test_page_in_a_headless_browser(run_copy):
+    browser, driver_path = chromium_paths()
+    if browser is None or driver_path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Chromium and chromedriver (.ci/run installs Debian's chromium, chromium-driver)")
+        pytest.skip("no chromium / chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,1600"):
+        options.add_argument(arg)
+    rd = RunDir(run_copy)
+    app = create_app(run_copy, poll_seconds=0.1)
+    with Serving(app) as s:
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+        try:
+            wait = WebDriverWait(driver, 20)
+            driver.get(s.url + "/")
+            v = app.state.slot.current
+            assert driver.find_element(By.ID, "run").text == run_copy.name
+            assert driver.find_element(By.ID, "model-id").text == v.id
+            assert driver.find_element(By.ID, "model-stage").text == "b1/student_update"
+            summary = driver.find_element(By.ID, "summary-table").text
+            for name in ("teacher ensemble E_k", "served student CL_k", "distilled student D_k", "H recall@20"):
+                assert name in summary
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#block-plot polyline.series")) == 3
+
+            driver.find_element(By.ID, "user").send_keys("3")
+            k = driver.find_element(By.ID, "k")
+            k.clear()
+            k.send_keys("5")
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results tbody tr")) == 5)
+            shown = [
+                row.find_elements(By.TAG_NAME, "td")[1].text for row in driver.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+            ]
+            assert shown == [x["item"] for x in httpx.get(s.url + "/recommend/3", params={"k": 5}).json()["items"]]
+            assert v.id in driver.find_element(By.ID, "answered-by").text
+
+            user = driver.find_element(By.ID, "user")
+            user.clear()
+            user.send_keys("nobody")
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+            assert (
+                "404" in driver.find_element(By.ID, "error").text and "unknown user" in driver.find_element(By.ID, "error").text
+            )
+            assert not driver.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+
+            model, meta = perturbed_student(rd, 7)
+            publish(rd, model, "b1_served_page", block=meta["block"])
+            wait.until(lambda d: d.find_element(By.ID, "model-id").text.startswith("b1_served_page@"))
+            assert driver.find_element(By.ID, "model-swaps").text == "1"
+        finally:
+            driver.quit()

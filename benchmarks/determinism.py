@@ -91,7 +91,9 @@ def compare_checkpoints(a: Path, b: Path, final: bool, out) -> tuple[int, int]:
             elif not torch.equal(x, y):
                 if x.is_floating_point():
                     diff = (x.double() - y.double()).abs()
-                    lines.append(f"  {key}: max |diff| {diff.max().item():.3g}, {int((x != y).sum())} of {x.numel()} entries differ")
+                    lines.append(
+                        f"  {key}: max |diff| {diff.max().item():.3g}, {int((x != y).sum())} of {x.numel()} entries differ"
+                    )
                 else:
                     lines.append(f"  {key}: {int((x != y).sum())} of {x.numel()} entries differ")
         if lines:
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_a", type=Path)
     ap.add_argument("run_b", type=Path)
-    ap.add_argument("--checkpoints", choices=("all", "final"), default="all", help="all *.pt files, or those state.json points to")
+    ap.add_argument(
+        "--checkpoints", choices=("all", "final"), default="all", help="all *.pt files, or those state.json points to"
+    )
     args = ap.parse_args(argv)
     out = sys.stdout
     rows_a, rows_b = read_rows(args.run_a), read_rows(args.run_b)

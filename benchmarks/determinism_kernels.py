@@ -78,6 +78,11 @@ def epochs(repeats: int) -> None:
 
     import ccdrec.models.base as base_mod
     import ccdrec.train.loop as loop
+
+    try:  # where the BPR epoch lives
+        import ccdrec.train.objectives as bpr_mod
+    except ImportError:
+        bpr_mod = loop
     from ccdrec.models.lightgcn import MF, LightGCN
     from ccdrec.presets import load_config
     from ccdrec.train.sampling import NegativeSampler
@@ -99,12 +104,12 @@ def epochs(repeats: int) -> None:
         times: dict[str, list[float]] = {name: [] for name in variants}
         for rep in range(repeats):
             for name, (gather, ctx) in variants.items():
-                loop.take_rows = base_mod.take_rows = gather
+                bpr_mod.take_rows = base_mod.take_rows = gather
                 with ctx():
                     start = time.perf_counter()
-                    loop.bpr_epoch(model, opt, block.train, sampler, cfg, np.random.default_rng(rep), rep)
+                    bpr_mod.bpr_epoch(model, opt, block.train, sampler, cfg, np.random.default_rng(rep), rep)
                     times[name].append(time.perf_counter() - start)
-        loop.take_rows = base_mod.take_rows = take_rows
+        bpr_mod.take_rows = base_mod.take_rows = take_rows
         for name, t in times.items():
             print(f"{kind.__name__}-32 BPR epoch, {name:<44} median {np.median(t):6.2f} s  min {min(t):6.2f} s")
     # a validation pass of the last model (scoring, masking, top-k), with and without the mode
@@ -167,7 +172,9 @@ def main() -> None:
     check("BPR gather w[idx] fwd+bwd (index_put_ acc)", grad_of(bpr_index, x), args.repeats)
     check("BPR gather take_rows fwd+bwd (index_select)", grad_of(bpr_take, x), args.repeats)
     check("VAE encoder W.t()[cols] fwd+bwd", grad_of(lambda w: (w.t()[cols] * g_c).sum(), enc), args.repeats)
-    check("VAE encoder take_rows(W.t(), cols) fwd+bwd", grad_of(lambda w: (take_rows(w.t(), cols) * g_c).sum(), enc), args.repeats)
+    check(
+        "VAE encoder take_rows(W.t(), cols) fwd+bwd", grad_of(lambda w: (take_rows(w.t(), cols) * g_c).sum(), enc), args.repeats
+    )
     check("pairs s[r, c] fwd+bwd", grad_of(lambda w: w[r, c].sum(), scores), args.repeats)
     check("pairs take_pairs(s, r, c) fwd+bwd", grad_of(lambda w: take_pairs(w, r, c).sum(), scores), args.repeats)
 
@@ -197,7 +204,11 @@ def main() -> None:
         check("index_add_ 200K rows into 1024", lambda: torch.zeros(1024).index_add_(0, r_rows, v_rows), args.repeats)
         check("BPR gather w[idx] fwd+bwd (sorting index_put_)", grad_of(bpr_index, x), args.repeats)
         check("BPR gather take_rows fwd+bwd", grad_of(bpr_take, x), args.repeats)
-        check("VAE encoder take_rows(W.t(), cols) fwd+bwd", grad_of(lambda w: (take_rows(w.t(), cols) * g_c).sum(), enc), args.repeats)
+        check(
+            "VAE encoder take_rows(W.t(), cols) fwd+bwd",
+            grad_of(lambda w: (take_rows(w.t(), cols) * g_c).sum(), enc),
+            args.repeats,
+        )
         check("pairs take_pairs(s, r, c) fwd+bwd", grad_of(lambda w: take_pairs(w, r, c).sum(), scores), args.repeats)
         check("mask s[r, c] = -inf (evaluation)", mask, args.repeats)
 

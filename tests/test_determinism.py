@@ -23,11 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
+from ccdrec.determinism import deterministic_kernels
+from ccdrec.models.graph import normalized_adjacency, segment_spmm, spmm, to_torch_sparse
+from ccdrec.models.indexing import take_pairs, take_rows
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.presets import load_config
 
@@ -87,6 +92,39 @@ def test_same_seed_gives_bit_identical_runs_on_two_threads(tmp_path, two_threads
     assert report.rstrip().endswith("identical: yes"), report
 
 
+def test_deterministic_gathers_equal_indexing_in_values_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 4, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 50, (30, 3), generator=gen)  # repeated rows
+    weights = torch.randn(30, 3, 4, generator=gen)
+    (take_rows(table, idx) * weights).sum().backward()
+    got = table.grad.clone()
+    table.grad = None
+    (table[idx] * weights).sum().backward()
+    assert torch.equal(take_rows(table, idx), table[idx])
+    torch.testing.assert_close(got, table.grad)
+    rows, cols = torch.randint(0, 50, (40,), generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    assert torch.equal(take_pairs(table, rows, cols), table[rows, cols])
+
+
+def test_segment_product_equals_the_sparse_product():
+    r = sp.random(30, 20, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    r.data[:] = 1.0
+    adj = to_torch_sparse(normalized_adjacency(sp.vstack([r, sp.csr_matrix((3, 20))]).tocsr()))  # 3 users without items
+    x = torch.randn(adj.shape[0], 5)
+    torch.testing.assert_close(segment_spmm(adj, x), torch.sparse.mm(adj, x))
+    assert torch.equal(spmm(adj, x), torch.sparse.mm(adj, x))  # the CPU keeps torch's own product
+
+
+def test_deterministic_kernels_restores_the_previous_settings():
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels():
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    assert torch.are_deterministic_algorithms_enabled() == before
+    assert torch.utils.deterministic.fill_uninitialized_memory
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
@@ -101,6 +139,7 @@ def test_yelp_quick_runs_and_a_killed_resumed_run_are_bit_identical(tmp_path):
     for name in ("a", "b"):
         subprocess.run(_ccdrec(*quick, "--out", str(tmp_path / name)), check=True, capture_output=True, timeout=1800)
     report = compare_runs(tmp_path / "a", tmp_path / "b")
+    print(f"== {tmp_path / 'a'} vs {tmp_path / 'b'}\n{report}")
     assert report.rstrip().endswith("identical: yes"), report
 
     # a third run, killed with SIGKILL once block 1's student update is complete, then resumed
@@ -120,5 +159,6 @@ def test_yelp_quick_runs_and_a_killed_resumed_run_are_bit_identical(tmp_path):
     assert "b1/student_update" in state["completed"] and "b5/eval" not in state["completed"], "the run was not killed mid-run"
     subprocess.run(_ccdrec("--resume", str(killed)), check=True, capture_output=True, timeout=1800)
     report = compare_runs(tmp_path / "a", killed)
+    print(f"== {tmp_path / 'a'} vs {killed} (killed after {len(state['completed'])} stages, resumed)\n{report}")
     assert report.rstrip().endswith("identical: yes"), report
     assert len(_rows(killed)) == len(_rows(tmp_path / "a"))

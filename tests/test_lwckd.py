@@ -330,10 +330,10 @@ def test_lwckd_in_fit_keeps_old_users_closer_to_the_old_model():
     # eval_every > epochs: fit keeps the last epoch, so both runs are compared after the same training
     cfg = TrainConfig(epochs=5, batch_size=256, lr=0.02, eval_every=100, weight_decay=1e-4, l2=0.0)
 
-    def similarity_to_old(extra_loss) -> float:
+    def similarity_to_old(lwc) -> float:
         m = MF(b1.n_users, b1.n_items, dim=16)
         m.load_state_dict(start)
-        fit(m, b1, cfg, seed=1, extra_loss=extra_loss)
+        fit(m, b1, cfg, seed=1, callbacks=[lwc] if lwc else [])
         cur = m.propagate()[0][: old.n_users].detach()
         return torch.nn.functional.cosine_similarity(cur, old.final_users()).mean().item()
 

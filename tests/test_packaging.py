@@ -25,6 +25,7 @@ COMMANDS = [
     ["recommend"],
     ["compare"],
     ["bench-serve"],
+    ["serve"],
 ]
 
 

@@ -249,3 +249,17 @@ def test_sigterm_stops_a_run_that_resumes_to_the_same_metrics(full_run, stream_d
     assert 2 <= len(done) < len(json.loads((out / "state.json").read_text())["completed"])
     run_stream(None, part, resume=True, progress=False)
     assert metric_lines(part) == metric_lines(out)
+
+
+def test_the_stages_see_the_pointers_of_stages_completed_after_a_restore(full_run, tmp_path):
+    """A stage reads what earlier stages of the same process wrote (E_k's saved top lists, the shared
+    replay candidates): the run state's pointers are the executor's live ones, not a copy."""
+    from ccdrec.pipeline.ccd import CCDStream
+    from ccdrec.pipeline.context import StageOutput
+
+    _, out = full_run
+    shutil.copytree(out, tmp_path / "run")
+    run = CCDStream.open_worker(tmp_path / "run")
+    run.restore()
+    run.complete("b2/later", StageOutput({"teacher_top": "b3_teacher_top"}), 0.0)
+    assert run.state.pointer("teacher_top", "b3_teacher_top") == "b3_teacher_top"

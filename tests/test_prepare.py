@@ -53,8 +53,11 @@ def original_pairs(stream, block) -> pd.DataFrame:
 
 
 def stream_files(path) -> dict[str, str]:
+    """The stream's files (not ``prepare.json``, which records how the log was read)."""
     out = {}
     for f in sorted(path.iterdir()):
+        if f.name == "prepare.json":
+            continue
         data = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()  # gzip headers hold a mtime
         out[f.name] = data.decode()
     return out

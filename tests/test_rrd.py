@@ -151,10 +151,10 @@ def test_distill_student_negatives_avoid_the_teachers_lists_and_extra_pairs(monk
     seen = {}
     monkeypatch.setattr(rrd, "fit", lambda model, blk, cfg, **kw: seen.update(kw))
     distill_student(MF(block.n_users, block.n_items, dim=4), block, user_top, item_top, TrainConfig(epochs=1), exclude=extra)
-    excl = seen["exclude"].tocoo()
-    assert seen["exclude"].shape == (block.n_users, block.n_items)
+    excl = seen["avoid"].tocoo()
+    assert seen["avoid"].shape == (block.n_users, block.n_items)
     assert set(zip(excl.row.tolist(), excl.col.tolist(), strict=True)) == {(0, 5), (0, 7), (2, 9)}
-    assert isinstance(seen["extra_loss"], RRDObjective)
+    assert [type(cb) for cb in seen["callbacks"]] == [RRDObjective]
 
 
 def test_uninteresting_mask_marks_interesting_and_observed_sampled_columns():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -99,7 +101,12 @@ def data_prepare(
     min_user: int = typer.Option(10, help="k-core: minimum interactions per user"),
     min_item: int = typer.Option(10, help="k-core: minimum interactions per item"),
     base_fraction: float = typer.Option(0.5, help="share of interactions in the base block D_0"),
-    blocks: int = typer.Option(5, help="number of incremental blocks after D_0"),
+    blocks: int | None = typer.Option(None, help="number of incremental blocks of equal size after D_0 (default 5)"),
+    window: str | None = typer.Option(
+        None,
+        help="instead of --blocks: one incremental block per calendar window after D_0, e.g. 7d, 1d, 12h, 90m, 2w "
+        "(empty windows skipped, windows under 10 interactions merged into the next)",
+    ),
     seed: int = typer.Option(0, help="seed of the per-user train/valid/test split"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     sep: str | None = typer.Option(
@@ -129,12 +136,9 @@ def data_prepare(
 
     Notes about the result (e.g. a block without test users) are printed as `note:` lines on stderr.
     """
-    import warnings
+    from ccdrec.data.prepare import prepare_stream
 
-    from ccdrec.data.prepare import PrepareWarning, prepare_stream
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PrepareWarning)
+    with _prepare_notes():
         stream = prepare_stream(
             log,
             out,
@@ -155,14 +159,59 @@ def data_prepare(
             time_format=time_format,
             time_unit=time_unit,
             file_format=file_format,
+            window=window,
         )
-    console.print(f"wrote {out}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items")
-    print_stream_table(stream)  # the stream just written, whatever its directory is called
+        console.print(f"wrote {out}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items")
+        print_stream_table(stream)  # the stream just written, whatever its directory is called
+
+
+@contextmanager
+def _prepare_notes() -> Iterator[None]:
+    """Print the :class:`PrepareWarning` notes of the block as `note:` lines on stderr (after its output)."""
+    import warnings
+
+    from ccdrec.data.prepare import PrepareWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrepareWarning)
+        yield
     for w in caught:
         if issubclass(w.category, PrepareWarning):
             print(f"note: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+@data_app.command("append")
+def data_append(
+    stream_dir: Path = typer.Argument(..., help="a stream directory made by `ccdrec data prepare` (it holds prepare.json)"),
+    log: Path = typer.Argument(..., help="the new interactions: a log in the format of the one the stream was prepared from"),
+    blocks: int | None = typer.Option(None, help="cut the new interactions into this many blocks of equal size"),
+    window: str | None = typer.Option(
+        None, help="cut them by calendar window instead, e.g. 7d, 12h (default: the stream's window, else one block)"
+    ),
+) -> None:
+    """Append new interactions to a stream as its next block(s); `ccdrec run --resume RUN --max-blocks K` goes on to them.
+
+    The log is read and filtered with the options the stream was prepared with (prepare.json); pairs already in the stream are dropped, new IDs are appended to the vocabularies, the existing blocks are unchanged. Notes are printed as `note:` lines on stderr.
+    """  # noqa: E501
+    from ccdrec.data.append import append_stream
+
+    with _prepare_notes():
+        before = len(load_stream_dir(stream_dir))
+        stream = append_stream(stream_dir, log, n_blocks=blocks, window=window)
+        console.print(
+            f"appended blocks {before}..{len(stream) - 1} to {stream_dir}: {len(stream)} blocks, "
+            f"{stream.n_users:,} users, {stream.n_items:,} items"
+        )
+        print_stream_table(stream)
+
+
+def load_stream_dir(path: Path):
+    """The stream in directory ``path`` (never a bundled name)."""
+    from ccdrec.data import load_stream
+
+    return load_stream(Path(path))
 
 
 @app.command("train")
@@ -234,6 +283,20 @@ def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
     return load_config(source, preset, config, overrides), Path(source).name
 
 
+@contextmanager
+def _resumable(command: str, path: Path) -> Iterator[None]:
+    """An interruption (Ctrl-C, SIGTERM) or a lost worker stage ends ``command`` with the line that resumes it."""
+    hint = f"continue with: ccdrec {command} --resume {path}"
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted; {hint}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except StageLost as e:
+        print(f"error: {e}; {hint}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def _refuse_on_resume(command: str, **given) -> None:
     """``--resume`` continues with the stored configuration: options that would change it are errors."""
     named = [f"--{k.rstrip('_').replace('_', '-')}" for k, v in given.items() if v not in (None, [], False)]
@@ -275,7 +338,7 @@ def run(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"run directory: {run_dir}")
-    try:
+    with _resumable("run", run_dir):
         rd = run_stream(
             cfg,
             run_dir,
@@ -285,12 +348,6 @@ def run(
             workers=workers,
             max_blocks=max_blocks if resume is not None else None,
         )
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: ccdrec run --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except StageLost as e:
-        print(f"error: {e}; continue with: ccdrec run --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(1) from None
     console.print(f"report: {rd.path / 'report.md'}")
     from ccdrec.report import tables
 
@@ -303,14 +360,37 @@ def run(
 @app.command("recommend")
 def recommend(
     run_dir: Path = typer.Argument(..., help="a run directory written by `ccdrec run`"),
-    user: str = typer.Option(..., "--user", help="user ID, as in the original log"),
+    user: str | None = typer.Option(None, "--user", help="user ID, as in the original log"),
+    items: str | None = typer.Option(
+        None,
+        "--items",
+        help="instead of --user: a new user's items, comma-separated original item IDs (cold start, no retraining)",
+    ),
     k: int = typer.Option(20, "-k", help="number of items"),
 ) -> None:
-    """Print the served student's top-K unseen items for one user, in the original IDs."""
+    """Print the served student's top-K unseen items for one user, in the original IDs.
+
+    With --items, for a user the student has never seen: the row entity initialisation gives a new user
+    with these items (method.md 5.2), those items excluded. Unknown items are listed in a `note:` line.
+    """
     from ccdrec.serve import load_run
 
+    if (user is None) == (items is None):
+        raise CcdrecError("give --user (a known user) or --items (a new user's items), one of them")
+    if items is not None:
+        given = [x.strip() for x in items.split(",") if x.strip()]
+        if not given:
+            raise CcdrecError(f"--items must name at least one item ID, comma-separated; got {items!r}")
     served = load_run(run_dir)
-    for rank, rec in enumerate(served.recommend(user, k), 1):
+    if items is None:
+        recs = served.recommend(user, k)
+    else:
+        got = served.recommend_for_items(given, k)
+        if got.unknown:
+            shown = ", ".join(repr(x) for x in got.unknown[:10]) + (" ..." if len(got.unknown) > 10 else "")
+            print(f"note: {len(got.unknown)} unknown item(s) left out: {shown}", file=sys.stderr)
+        recs = got.items
+    for rank, rec in enumerate(recs, 1):
         print(f"{rank}\t{rec.item}\t{rec.score:.4f}")
 
 
@@ -377,7 +457,7 @@ def compare(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"comparison directory: {out_dir}")
-    try:
+    with _resumable("compare", out_dir):
         report = run_compare(
             cfg,
             out_dir,
@@ -391,12 +471,6 @@ def compare(
             workers=workers,
             max_blocks=max_blocks if resume is not None else None,
         )
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)
-        raise SystemExit(130) from None
-    except StageLost as e:
-        print(f"error: {e}; continue with: ccdrec compare --resume {out_dir}", file=sys.stderr)
-        raise SystemExit(1) from None
     console.print(f"report: {report}")
 
 
@@ -480,11 +554,10 @@ def serve_command(
     threads: int = typer.Option(1, help="CPU threads of torch in the service"),
     access_log: bool = typer.Option(False, "--access-log", help="log every request"),
 ) -> None:
-    """Serve the run's student over HTTP, swapping in each newer student the run completes.
+    r"""Serve the run's student over HTTP, swapping in each newer student the run completes.
 
-    GET /recommend/{user}?k=20, POST /recommend (a batch of users), POST /recommend/items (cold start),
-    GET /health, GET /model, the page at / and the OpenAPI schema at /docs. Needs `pip install 'ccdrec[serve]'`.
-    """
+    GET /recommend/{user}?k=20, POST /recommend (a batch of users), POST /recommend/items (cold start), GET /health, GET /model, the page at / and the OpenAPI schema at /docs. Needs `pip install 'ccdrec\[serve]'`.
+    """  # noqa: E501
     from ccdrec.service.server import serve
 
     role = "teacher" if teacher else "student"

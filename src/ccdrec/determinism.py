@@ -1,20 +1,25 @@
 """Bit-identical runs: the same seed and thread count give the same metrics and checkpoints.
 
-Every stage seeds its own generators (:func:`ccdrec.pipeline.stages.stage_seed`), so what remains is
-the kernels. On the CPU the training code avoids the one torch kernel whose floating-point sums
-depend on thread timing, ``index_put_(accumulate=True)`` (autograd's backward of ``table[index]``):
-its gathers go through :mod:`ccdrec.models.indexing`. The other kernels a run uses are deterministic
-for a fixed thread count (measured: CSR ``sparse.mm``, MKL matrix products, ``index_add_``,
-``scatter_add_``, reductions, the fused Adam step, NumPy sorts in threads over disjoint rows).
+Every stage seeds its own generators (:func:`ccdrec.pipeline.context.stage_seed`), so what remains is
+the kernels (``benchmarks/determinism_kernels.py`` checks each one the training uses):
 
-:func:`deterministic_kernels` additionally switches torch to its deterministic implementations while
-a stage runs, as a safety net on the CPU (a differentiable ``table[index]`` added later takes torch's
-sorting kernel instead of the atomic one) and for CUDA (``index_add_``, ``scatter_add_`` and the
-backward passes of gathers use atomics there; cuBLAS needs a fixed workspace). Ops that have no
-deterministic implementation only warn (``warn_only``). Uninitialised memory is not filled with NaN
-(torch's default in this mode): nothing here reads it, and filling every ``empty`` costs time.
-Results still depend on the thread count and the hardware; runs are comparable bit for bit only
-with the same ``--threads`` on the same kind of machine.
+* CPU: ``index_put_(accumulate=True)``, autograd's backward of ``table[index]``, adds repeated rows
+  with atomics in thread order; the training code's gathers go through :mod:`ccdrec.models.indexing`
+  instead (``index_select``, whose backward ``index_add_`` is reproducible and faster). The CSR
+  product, dense products, ``index_add_``, ``scatter_add_``, reductions, the Adam step and the NumPy
+  sorts of :mod:`ccdrec.eval.ranking` are reproducible for a fixed thread count.
+* CUDA: ``index_add_``, ``scatter_add_`` and the gathers' backward passes use atomics unless torch's
+  deterministic mode is on (:func:`deterministic_kernels`); cuSPARSE's product is not reproducible
+  even then, so LightGCN's propagation sums segments there (:func:`ccdrec.models.graph.spmm`).
+
+:func:`deterministic_kernels` switches torch to its deterministic implementations while a stage runs
+(:func:`ccdrec.pipeline.staged.run_measured`): needed on CUDA, a safety net on the CPU (a
+differentiable ``table[index]`` added later takes torch's sorting kernel instead of the atomic one).
+cuBLAS gets a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``). Ops without a deterministic
+implementation only warn (``warn_only``). Uninitialised memory is not filled with NaN (torch's
+default in this mode): nothing here reads it, and filling every ``empty`` costs time.
+Results still depend on the thread count and the hardware: runs are comparable bit for bit with the
+same ``--threads`` on the same kind of machine.
 """
 
 from __future__ import annotations

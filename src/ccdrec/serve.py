@@ -8,26 +8,47 @@ user and item representations are computed once at load time (numpy, float32), t
 (a CSR-like index built once) are masked with -inf, and the top ``k`` are taken with a partial sort.
 The HTTP service (:mod:`ccdrec.service`) serves through the same :meth:`ServedRun.top`, so its lists
 equal ``ccdrec recommend``'s.
+
+Cold start (:meth:`ServedRun.recommend_for_items`, ``ccdrec recommend RUN --items``, ``POST
+/recommend/items``): a user the student has never seen, known by the items they just interacted with,
+gets the row entity initialisation gives a new user at growth (method.md 5.2), computed by the model's
+own :meth:`~ccdrec.models.base.Recommender.grow`, without any training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel
-from ccdrec.pipeline.rundir import RunDir
+from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
 
 
 @dataclass
 class Recommendation:
     item: str
     score: float
+
+
+@dataclass
+class ColdStart:
+    """The answer of :meth:`ServedRun.recommend_for_items`.
+
+    ``items``: the top-k recommendations, best first, the given items excluded; ``used``: the given item
+    IDs that are in the served universe (duplicates removed, in the order given), which made the new
+    user's row; ``unknown``: the given IDs that are not (reported, never silently dropped).
+    """
+
+    items: list[Recommendation]
+    used: list[str]
+    unknown: list[str]
 
 
 def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,12 +80,11 @@ class ServedRun:
         name = ptr.get("served") or ptr.get("student")
         if name is None:
             raise CcdrecError(f"{rd.path}: the run has no student yet (it stopped before distilling D_0)")
-        self.model, meta = rd.load_model(name, device)
-        self.checkpoint, self.meta = str(name), meta
         self.block = int(state.get("block", 0))
         self.stream: Stream = rd.open_stream(cfg) if stream is None else stream
-        trained_on = self.stream[int(meta.get("block", self.block))]
-        self.model.set_graph(trained_on.matrix("train", self.model.n_users, self.model.n_items))
+        self.model, self.meta = rd.load_attached(name, self.stream, device, with_meta=True)
+        self.checkpoint = str(name)
+        self.init = cfg.student.init if cfg.student.init != "random" else "entity"  # cold start (recommend_for_items)
         self.model.eval()
         self._reps: tuple[np.ndarray, np.ndarray] | None = None  # (users (n_u, d), items transposed (d, n_i))
         if isinstance(self.model, EmbeddingModel):  # propagate once (LightGCN), score with numpy
@@ -80,6 +100,8 @@ class ServedRun:
         self.user_ids = self.stream.user_vocab[:n_u] if self.stream.user_vocab is not None else np.arange(n_u).astype(str)
         self.item_ids = self.stream.item_vocab[:n_i] if self.stream.item_vocab is not None else np.arange(n_i).astype(str)
         self._user_index = {str(u): i for i, u in enumerate(self.user_ids)}
+        self._item_index: dict[str, int] | None = None
+        self._train: sp.csr_matrix | None = None
         seen = [b.split(s) for b in self.stream.blocks[: self.block + 1] for s in ("train", "valid", "test")]
         pairs = np.concatenate(seen)
         order = np.argsort(pairs[:, 0], kind="stable")
@@ -115,7 +137,82 @@ class ServedRun:
         items, scores = self.top(self.user_index(user), k)
         return [Recommendation(str(self.item_ids[i]), float(s)) for i, s in zip(items.tolist(), scores.tolist(), strict=True)]
 
+    def item_index(self, item: str | int) -> int | None:
+        """The index of original item ID ``item`` in the served universe, or None when it is not in it."""
+        if self._item_index is None:
+            self._item_index = {str(x): i for i, x in enumerate(self.item_ids)}
+        return self._item_index.get(str(item))
+
+    def _train_graph(self) -> sp.csr_matrix:
+        """The train matrix the served model is attached to (its block's, or the union of blocks 0..k)."""
+        if self._train is None:
+            k = int(self.meta.get("block", self.block))
+            block = self.stream.union_block(k) if self.meta.get("graph") == UNION_GRAPH else self.stream[k]
+            self._train = block.matrix("train", self.model.n_users, self.model.n_items)
+        return self._train
+
+    def cold_start_scores(self, item_idx: Sequence[int]) -> np.ndarray:
+        """(n_items,) float32 scores for a new user whose interactions are the item indices ``item_idx``.
+
+        MF and LightGCN students: the model is copied and grown by one user with its own
+        :meth:`~ccdrec.models.base.Recommender.grow`, the train matrix being the served block's with
+        the new user's row appended, so the row is exactly what a new user with these block items gets
+        at growth (method.md 5.2: (e¹ + e²) / 2, e¹ the mean of the items' ego embeddings, e² the mean
+        of the K = 20 most active users sharing one of them; ``one_hop`` runs: e¹ alone; ``random``
+        runs use the entity initialisation, a random row being no answer). The scores are then the
+        grown model's own: for LightGCN the propagated representations over the grown graph, in which
+        the new user is linked to its items (its layers are the normalised sums over those items, and
+        the items' representations include the new user), as a model grown at the next block would
+        score before training. An approximation that keeps the served item representations would
+        skip the propagation (O(nnz · d · layers) per call: a few ms on the bundled streams) but
+        rank differently from the grown model; the exact scores were preferred. MF needs no
+        propagation (its scores are the grown ego row against the item table).
+        Mult-VAE students encode the items as the user's input row (the VAE has no user rows to grow).
+        Raises :class:`CcdrecError` for a model without a cold-start path (the teacher ensemble).
+        """
+        from ccdrec.models.vae import MultVAE
+
+        idx = np.unique(np.asarray(item_idx, dtype=np.int64))
+        n_u, n_i = self.model.n_users, self.model.n_items
+        row = sp.csr_matrix((np.ones(len(idx), dtype=np.float32), (np.zeros(len(idx), dtype=np.int64), idx)), shape=(1, n_i))
+        with torch.no_grad():
+            if isinstance(self.model, EmbeddingModel):
+                grown = sp.vstack([self._train_graph(), row], format="csr")
+                twin = self.model.clone()
+                twin.grow(n_u + 1, n_i, grown, self.init)
+                users, items = twin.propagate()
+                return (users[n_u] @ items.T).float().cpu().numpy()
+            if isinstance(self.model, MultVAE):
+                scores = self.model.scorer(row)(torch.zeros(1, dtype=torch.long, device=self.model.device))
+                return scores[0].float().cpu().numpy()
+        raise CcdrecError(f"{self.checkpoint}: no cold-start path for a {type(self.model).__name__}; serve the student")
+
+    def recommend_for_items(self, items: Sequence[str | int], k: int = 20) -> ColdStart:
+        """Top-``k`` items for a user the student has never seen, from the original IDs of the ``items`` they
+        just interacted with (cold start without retraining; :meth:`cold_start_scores`, method.md 5.2).
+
+        The given items are excluded. Unknown IDs are left out of the row and returned in ``.unknown``;
+        none known, no item given, or ``k < 1`` is a :class:`CcdrecError`.
+        """
+        if k < 1:
+            raise CcdrecError("k must be at least 1")
+        names = list(dict.fromkeys(str(x) for x in items))
+        if not names:
+            raise CcdrecError("give at least one item the user interacted with")
+        pos = [self.item_index(n) for n in names]
+        unknown = [n for n, i in zip(names, pos, strict=True) if i is None]
+        used = [n for n, i in zip(names, pos, strict=True) if i is not None]
+        if not used:
+            shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise CcdrecError(
+                f"none of the {len(names)} item(s) is in the served student's universe ({len(self.item_ids):,} items): {shown}"
+            )
+        idx = np.array([i for i in pos if i is not None], dtype=np.int64)
+        top, scores = top_k(self.cold_start_scores(idx), idx, k)
+        recs = [Recommendation(str(self.item_ids[i]), float(s)) for i, s in zip(top.tolist(), scores.tolist(), strict=True)]
+        return ColdStart(recs, used, unknown)
+
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> ServedRun:
-    """Open a run directory for serving: ``load_run(RUN).recommend(user, k=20)``."""
+    """Open a run directory for serving: ``load_run(RUN).recommend(user, k=20)``, ``load_run(RUN).recommend_for_items([...])``."""
     return ServedRun(Path(run_dir), device)

@@ -59,6 +59,7 @@ from torch import nn
 
 from ccdrec.models.base import EmbeddingModel
 from ccdrec.models.indexing import take_pairs, take_rows
+from ccdrec.train.callbacks import Callback
 
 TERMS = ("ui", "iu", "uu", "ii")
 
@@ -389,8 +390,8 @@ class PIWNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class LWCKD:
-    """LWC-KD regulariser for :func:`ccdrec.train.loop.fit`'s ``extra_loss`` (method.md 5.3-5.4).
+class LWCKD(Callback):
+    """LWC-KD regulariser, a training-loop callback whose batch loss this is (method.md 5.3-5.4).
 
     ``old``: the block k-1 snapshot; ``old_matrix``: R_{k-1}, the block k-1 train matrix
     (U_{k-1} x I_{k-1}); ``tau``: temperature τ; ``weight``: λ_LWC; ``knn``: neighbours per node of the
@@ -504,6 +505,9 @@ class LWCKD:
             layers = model.layer_embeddings()
         final_users = reps[0] if reps is not None else None
         return self.loss_from_layers(layers, users, pos_items, final_users)
+
+
+    batch_loss = __call__
 
     def step_piw(self) -> None:
         """Apply the PIW gradients left by the last backward pass (no-op without PIW or gradients)."""

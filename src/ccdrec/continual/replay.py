@@ -48,6 +48,7 @@ from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
 from ccdrec.models.indexing import take_rows
 from ccdrec.models.vae import MultVAE, rows_tensor
+from ccdrec.train.callbacks import Callback
 
 DEFAULT_EPS = 1e-4
 VAE_REPLAY_VALUE = 0.1
@@ -343,7 +344,7 @@ def impute_replay(matrix: sp.spmatrix, replay: ReplaySet, value: float = VAE_REP
     """``matrix`` with the replayed pairs written as ``value`` where the entry is 0 (method.md 5.3).
 
     Existing non-zero entries (the block's observed 1s) are kept; the result is the VAE's input and
-    target rows (pass it to ``fit(..., vae_input=...)``).
+    target rows (pass it to ``fit(..., inputs=...)``).
     """
     m = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
     m.sum_duplicates()
@@ -373,15 +374,16 @@ def kl_to_previous(prev_logits: torch.Tensor, logits: torch.Tensor, n_old_items:
     return (log_p.exp() * (log_p - log_q)).sum(1).mean()
 
 
-class PreviousOutputKL:
-    """fit()'s VAE ``extra_loss``: weight · KL(previous model's output ‖ current) for persisting users.
+class PreviousOutputKL(Callback):
+    """A Mult-VAE training callback whose batch loss is weight · KL(previous model's output ‖ current)
+    for persisting users.
 
     method.md 5.3: a Mult-VAE member is regularised towards the output distribution of its block-(k-1)
     self on the items that existed before (the first ``n_old_items`` columns, renormalised), for the
     batch rows whose users persist from block k-1 (``persisting_users``). The previous outputs are
     recomputed without gradient from ``prev_model`` (deterministic: no dropout, z = μ) on the same input
     rows, i.e. the rows of ``matrix`` — the VAE input given to ``fit`` (e.g. :func:`impute_replay`'s
-    output) — cut to the first ``n_old_items`` columns. ``extra_loss`` receives only the logits and the
+    output) — cut to the first ``n_old_items`` columns. The batch loss receives only the logits and the
     batch's user IDs, so the object holds ``matrix`` to rebuild those rows.
     """
 
@@ -417,3 +419,5 @@ class PreviousOutputKL:
             prev_logits = self.prev_model(x, stochastic=False)[0].to(logits.device)
         rows = torch.from_numpy(np.flatnonzero(keep)).to(logits.device)
         return self.weight * kl_to_previous(prev_logits, take_rows(logits, rows), self.n_old_items)
+
+    batch_loss = __call__

@@ -14,6 +14,7 @@ from ccdrec.config import ReplayConfig
 from ccdrec.continual.replay import Candidates, ReplaySet, replay_candidates, replay_pass, replay_weight, sample_replay
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.models.base import Recommender, Scorer
+from ccdrec.train.callbacks import Callback
 
 
 def old_active_users(block: Block) -> np.ndarray:
@@ -28,9 +29,9 @@ def past_train(block: Block, prev: Block | None) -> sp.csr_matrix:
     return r if prev is None else (r + pad_to(prev.train_matrix, r.shape)).tocsr()
 
 
-class Replayer:
-    """fit() hooks for proxy-guided replay: re-sample before every ``resample_every``-th epoch, a BCE pass
-    with weight λ_e = scale · exp(-e / decay) after every epoch's own pass.
+class Replayer(Callback):
+    """The training-loop callback of proxy-guided replay: re-sample before every ``resample_every``-th
+    epoch, a BCE pass with weight λ_e = scale · exp(-e / decay) after every epoch's own pass.
 
     ``sources``: (scorer or precomputed :class:`Candidates`, items drawn per user) per source;
     ``users``: the replayed users; ``exclude``: their (user, item) pairs never replayed;
@@ -85,10 +86,10 @@ class Replayer:
         self.sizes.append(len(self.replay))
         return self.replay
 
-    def before_epoch(self, model, opt, epoch: int) -> None:
+    def on_epoch_start(self, model, opt, epoch: int) -> None:
         if epoch % self.rc.resample_every == 0:
             self.sample(model)
 
-    def after_epoch_pass(self, model, opt, epoch: int) -> None:
+    def on_epoch_end(self, model, opt, epoch: int) -> None:
         weight = replay_weight(epoch, self.rc.scale, self.rc.decay)
         replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng)

@@ -30,18 +30,34 @@ The procedure behind ``ccdrec data prepare``:
 5. Iterative k-core filter: drop users with fewer than ``min_user`` and items with fewer than
    ``min_item`` interactions, repeatedly, until nothing changes.
 6. Cut the timeline: the first ``base_fraction`` of the interactions form block D_0, the rest
-   ``n_blocks`` incremental blocks D_1..D_K of (about) equal interaction count.
+   ``n_blocks`` incremental blocks D_1..D_K of (about) equal interaction count, or, with ``window``
+   (``--window 7d``; ``N`` + ``s``/``m``/``h``/``d``/``w``), one block per calendar window: window m
+   holds the timestamps in ``[t0 + m·W, t0 + (m+1)·W)``, t0 the last timestamp of D_0 (ties with it
+   after the cut fall into window 0). Windows are measured on the timestamps as read in step 3:
+   dates in UTC, numbers in their unit (given by ``--time-unit`` or inferred; an inferred unit is
+   named in a note, so that e.g. day counts read as seconds are noticed). A window without
+   interactions (after the k-core filter) is skipped with a note; a window with fewer than
+   :data:`MIN_PER_BLOCK` interactions is merged into the next one (the block spans both, with a
+   note) and a short last window into the block before it, so blocks follow the same minimum as
+   with ``n_blocks`` without failing on a quiet week. Fewer than :data:`MIN_PER_BLOCK` interactions
+   after D_0 in all is an error.
 7. Assign integer IDs in order of first appearance along the timeline (users and items
    separately), so the universe is cumulative and block k's new users are exactly the IDs
    [U_{k-1}, U_k) (items likewise).
 8. Split every block per user into train/valid/test with :func:`ccdrec.data.split.split_block`,
-   using one ``numpy.random.default_rng(seed)`` for all blocks in order. A block without valid or test
+   block k with its own generator ``numpy.random.default_rng([seed, k])`` (:func:`split_rng`), so a block
+   is split the same way whether it was prepared with the others or appended later (earlier versions
+   used one generator for all blocks in order: a re-prepared log gets other splits). A block without valid or test
    users, and an incremental block without new users, is reported as a :class:`PrepareWarning`
    (the CLI prints it as a ``note:`` line); it is not an error.
 9. Write the stream with :func:`ccdrec.data.stream.save_stream` (vocabularies ``users.json`` /
    ``items.json``: JSON lists of the original IDs) into a temporary directory next to ``out``, read it
    back and compare it with what was meant to be written, and only then rename it into place: a
-   failure of any kind never leaves ``out`` or the temporary directory behind.
+   failure of any kind never leaves ``out`` or the temporary directory behind. ``prepare.json``
+   (:data:`PREPARE_FILE`) records the reading options, the resolved timestamp reading (numbers and
+   their unit, or the date format), the k-core minimums, seed, base fraction, ``blocks`` or
+   ``window`` (with its anchor t0) and the last timestamp: ``ccdrec data append``
+   (:mod:`ccdrec.data.append`) reads it to treat new rows the same way.
 
 Every problem the user can fix raises :class:`ccdrec.errors.CcdrecError` with a one-line message that
 names the file.
@@ -49,7 +65,9 @@ names the file.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shutil
 import tempfile
 import warnings
@@ -75,6 +93,9 @@ TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".dat", ".data")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 FORMATS = ("csv", "parquet")
 MIN_PER_BLOCK = 10  # fewest interactions a block may have after the k-core filter
+DEFAULT_BLOCKS = 5
+PREPARE_FILE = "prepare.json"  # how the stream was prepared (options, timestamp reading, last time): data append reads it
+PREPARE_VERSION = 1
 TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}  # per second
 TIME_WINDOW = ("1900-01-01", "2200-01-01")  # every timestamp must lie in [start, end) UTC
 _WINDOW_S = (-2_208_988_800, 7_258_118_400)  # TIME_WINDOW in unix seconds
@@ -98,7 +119,7 @@ def prepare_stream(
     min_user: int = 10,
     min_item: int = 10,
     base_fraction: float = 0.5,
-    n_blocks: int = 5,
+    n_blocks: int | None = None,
     seed: int = 0,
     force: bool = False,
     sep: str | None = None,
@@ -109,16 +130,26 @@ def prepare_stream(
     time_format: str | None = None,
     time_unit: str | None = None,
     file_format: str | None = None,
+    window: str | None = None,
 ) -> Stream:
     """Prepare the interaction ``log`` into the stream directory ``out`` and return it loaded.
 
-    The stream has ``n_blocks + 1`` blocks: D_0 with the first ``base_fraction`` of the (k-core
-    filtered, deduplicated) interactions in time order, then ``n_blocks`` equal incremental blocks.
-    ``out`` must not exist or be empty unless ``force`` is set, in which case it is replaced. The
-    reading options are described in the module docstring. Notes about the result (blocks without
-    valid/test users or new users) are issued as :class:`PrepareWarning` after it is written.
+    D_0 holds the first ``base_fraction`` of the (k-core filtered, deduplicated) interactions in time
+    order; then either ``n_blocks`` (default 5) incremental blocks of equal interaction count, or, with
+    ``window`` (``"7d"``, ``"12h"``, ...; :func:`parse_window`), one block per calendar window measured
+    from the last timestamp of D_0 (:func:`window_labels`: empty windows skipped, windows with fewer
+    than :data:`MIN_PER_BLOCK` interactions merged into the next). ``n_blocks`` and ``window`` together
+    are an error. ``out`` must not exist or be empty unless ``force`` is set, in which case it is
+    replaced. The reading options are described in the module docstring; they are recorded with the
+    resolved timestamp reading in ``out/prepare.json`` (:data:`PREPARE_FILE`) for ``ccdrec data append``.
+    Notes about the result (blocks without valid/test users or new users, skipped or merged windows)
+    are issued as :class:`PrepareWarning` after it is written.
     """
     log, out = Path(log), Path(out)
+    if window is not None and n_blocks is not None:
+        raise CcdrecError(f"{log}: give either --blocks (equal-count blocks) or --window (calendar windows), not both")
+    window_s = parse_window(window) if window is not None else None
+    n_blocks = DEFAULT_BLOCKS if n_blocks is None else n_blocks
     _check_params(log, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks)
     _check_time_options(log, time_format, time_unit)
     names = _column_names(log, header, columns)
@@ -128,25 +159,165 @@ def prepare_stream(
     file_format = _file_format(log, file_format)
     _check_out(log, out, force)
     df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names)
+    reading = _time_reading(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit)
+    df = _interactions(df, user_col, item_col, reading.keys, rating_col, min_rating, log)
+    df = _dedup_in_time_order(df)
+    df = _kcore(df, min_user, min_item)
+    notes: list[str] = []
+    if window_s is None:
+        labels = _block_labels(len(df), base_fraction, n_blocks, log, min_user, min_item)
+        anchor = None
+    else:
+        n0 = _base_size(len(df), base_fraction, log, min_user, min_item)
+        anchor = df["time"].iloc[n0 - 1].item()
+        inc = window_labels(df["time"].to_numpy()[n0:], anchor, window_s * reading.per_second, window, reading.per_second, log)
+        labels = np.concatenate([np.zeros(n0, dtype=np.int64), inc.labels + 1])
+        notes += inc.notes
+        if reading.label == "numbers" and time_unit is None:
+            first, last = (_utc(df["time"].iloc[i].item(), reading.per_second) for i in (0, -1))
+            notes.append(
+                f"--window {window}: numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({first} .. {last}); "
+                "give --time-unit if they count something else"
+            )
+    stream, block_notes = _build_stream(out.name, df, labels, seed, log)
+    record = {
+        "version": PREPARE_VERSION,
+        "read": {
+            "user_col": user_col,
+            "item_col": item_col,
+            "time_col": time_col,
+            "sep": sep,
+            "header": header,
+            "columns": list(names) if names is not None else None,
+            "rating_col": rating_col,
+            "min_rating": min_rating,
+            "file_format": file_format,
+        },
+        "time": reading.describe(),
+        "min_user": min_user,
+        "min_item": min_item,
+        "seed": seed,
+        "base_fraction": base_fraction,
+        "blocks": None if window is not None else n_blocks,
+        "window": window.strip().lower() if window is not None else None,
+        "window_seconds": window_s,
+        "window_anchor": anchor,
+        "last_time": df["time"].iloc[-1].item(),
+        "last_time_utc": _utc(df["time"].iloc[-1].item(), reading.per_second),
+        "appends": [],
+    }
+    stream = _write_atomically(stream, log, out, force, extra={PREPARE_FILE: record})
+    for note in notes + block_notes:
+        warnings.warn(note, PrepareWarning, stacklevel=2)
+    return stream
+
+
+def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, rating_col, min_rating, log: Path) -> pd.DataFrame:
+    """(user, item, time) rows as strings and time keys, rows rated below ``min_rating`` dropped."""
     df = pd.DataFrame(
         {
             "user": _ids(df[user_col]),
             "item": _ids(df[item_col]),
-            "time": _time_keys(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit),
+            "time": times,
             "keep": True if rating_col is None else _rating_mask(df[rating_col], log, rating_col, min_rating),
         }
     )
     df = df[df.pop("keep")].reset_index(drop=True)
     if len(df) == 0:
         raise CcdrecError(f"{log}: no interaction has a {rating_col!r} of at least {min_rating}")
-    df = _dedup_in_time_order(df)
-    df = _kcore(df, min_user, min_item)
-    labels = _block_labels(len(df), base_fraction, n_blocks, log, min_user, min_item)
-    stream, notes = _build_stream(out.name, df, labels, seed, log)
-    stream = _write_atomically(stream, log, out, force)
-    for note in notes:
-        warnings.warn(note, PrepareWarning, stacklevel=2)
-    return stream
+    return df
+
+
+# --- calendar windows ---------------------------------------------------------------------
+
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_WINDOW_RE = re.compile(r"([1-9][0-9]{0,8})([smhdw])")
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+
+
+def parse_window(text: str) -> int:
+    """The length in seconds of a calendar window written ``N`` + unit: ``s`` (seconds), ``m`` (minutes),
+    ``h`` (hours), ``d`` (days) or ``w`` (weeks), e.g. ``7d``, ``12h``, ``90m``; anything else is a
+    :class:`CcdrecError`."""
+    m = _WINDOW_RE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if m is None:
+        raise CcdrecError(
+            f"--window must be a whole positive number followed by s, m, h, d or w (e.g. 7d, 12h, 90m), got {text!r}"
+        )
+    return int(m.group(1)) * _WINDOW_UNITS[m.group(2)]
+
+
+def _utc(key, per_second: int) -> str:
+    """A time key as a UTC date and time (``2021-03-01 12:00:00``)."""
+    return pd.Timestamp(int(round(key * 10**9 / per_second)) if per_second != 10**9 else int(key), unit="ns").strftime(
+        "%Y-%m-%d %H:%M:%S"
+    )
+
+
+class WindowCut(NamedTuple):
+    labels: np.ndarray  # 0-based incremental block of each interaction
+    notes: list[str]
+
+
+def window_labels(times: np.ndarray, anchor, width: int, window: str, per_second: int, log: Path, *, start: int = 0) -> WindowCut:
+    """Cut time-ordered incremental interactions into blocks by calendar window.
+
+    ``times``: time keys (``per_second`` units per second), sorted; ``anchor``: the key windows are
+    measured from (the last timestamp of D_0); ``width``: the window in key units. Window ``m`` holds
+    the keys in ``[anchor + m·width, anchor + (m+1)·width)``; keys before the first window ``start``
+    (late rows of an append) count as window ``start``. Windows without interactions are skipped (one
+    note lists them); a window with fewer than :data:`MIN_PER_BLOCK` interactions is merged into the
+    next one (a note says so), and a short remainder at the end into the block before it. Fewer than
+    :data:`MIN_PER_BLOCK` interactions in all is a :class:`CcdrecError`.
+    """
+    n = len(times)
+    if n < MIN_PER_BLOCK:
+        raise CcdrecError(
+            f"{log}: only {n} interactions after the base block, too few for one {window} block (at least {MIN_PER_BLOCK} needed)"
+        )
+    offsets = np.asarray(times) - anchor
+    if np.issubdtype(offsets.dtype, np.integer):
+        win = offsets // width
+    else:
+        win = np.floor(offsets / width).astype(np.int64)
+    win = np.maximum(win, start)
+    present, counts = np.unique(win, return_counts=True)
+    notes = []
+    empty = np.setdiff1d(np.arange(present[0], present[-1] + 1), present)
+    if len(empty):
+        shown = ", ".join(_window_text(anchor, width, per_second, int(m)) for m in empty[:3])
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        notes.append(f"{len(empty)} {window} window(s) without interactions skipped: {shown}{more}")
+    groups: list[list[int]] = []  # windows per block
+    size = 0
+    for m, c in zip(present.tolist(), counts.tolist(), strict=True):
+        if groups and size < MIN_PER_BLOCK:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+            size = 0
+        size += c
+    if size < MIN_PER_BLOCK and len(groups) > 1:
+        groups[-2] += groups.pop()
+    merged = [g for g in groups if len(g) > 1]
+    if merged:
+        shown = "; ".join(
+            f"{_window_text(anchor, width, per_second, g[0])} .. {_window_text(anchor, width, per_second, g[-1], end=True)}"
+            for g in merged[:3]
+        )
+        more = f" and {len(merged) - 3} more" if len(merged) > 3 else ""
+        notes.append(
+            f"{len(merged)} block(s) span several {window} windows because a window had fewer than {MIN_PER_BLOCK} "
+            f"interactions: {shown}{more}"
+        )
+    block_of = {m: b for b, g in enumerate(groups) for m in g}
+    labels = np.array([block_of[m] for m in present.tolist()], dtype=np.int64)[np.searchsorted(present, win)]
+    return WindowCut(labels, notes)
+
+
+def _window_text(anchor, width: int, per_second: int, m: int, end: bool = False) -> str:
+    t = anchor + (m + int(end)) * width
+    return _utc(t, per_second)
 
 
 # --- checks -------------------------------------------------------------------------------
@@ -390,12 +561,34 @@ class _Reading(NamedTuple):
     label: str  # "numbers" or a strftime format (or "ISO8601")
     keys: np.ndarray  # int64 nanoseconds for datetimes, int64/float64 numbers otherwise; junk where bad
     bad: np.ndarray  # bool per value: unparsable or outside TIME_WINDOW
+    unit: str | None = None  # numbers: the unit they count (a key of TIME_UNITS); None for datetimes
+
+    @property
+    def per_second(self) -> int:
+        """Key units per second (10**9 for datetimes, whose keys are nanoseconds)."""
+        return TIME_UNITS[self.unit] if self.unit is not None else 10**9
+
+    def describe(self) -> dict:
+        """How the column was read, so that :mod:`ccdrec.data.append` reads new rows the same way."""
+        if self.label == "numbers":
+            return {"kind": "numbers", "unit": self.unit, "per_second": self.per_second}
+        if self.label == "datetimes":
+            return {"kind": "datetimes", "per_second": self.per_second}
+        return {"kind": "dates", "format": self.label, "per_second": self.per_second}
 
 
 def _time_keys(
     col: pd.Series, log: Path, name: str, *, time_format: str | None = None, time_unit: str | None = None
 ) -> np.ndarray:
     """A sortable key per row from ONE reading of the whole column (see the module docstring)."""
+    return _time_reading(col, log, name, time_format=time_format, time_unit=time_unit).keys
+
+
+def _time_reading(
+    col: pd.Series, log: Path, name: str, *, time_format: str | None = None, time_unit: str | None = None
+) -> _Reading:
+    """The one reading of the whole column that :func:`_time_keys` takes: ``.keys``, and ``.per_second``
+    and ``.describe()`` (to measure windows, and to read more rows the same way)."""
     where = f"{log}: column {name!r}"
     if pd.api.types.is_bool_dtype(col):
         raise CcdrecError(f"{where} holds booleans, not timestamps")
@@ -422,7 +615,7 @@ def _time_keys(
     return _choose(readings, col, where, time_format, time_unit)
 
 
-def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, time_unit) -> np.ndarray:
+def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, time_unit) -> _Reading:
     fits = [r for r in readings if not r.bad.any()]
     if fits:
         first = fits[0]
@@ -434,7 +627,7 @@ def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, t
                     f"{where} is ambiguous: every value reads as {first.label!r} and as {other.label!r}, e.g. {example!r} "
                     f"(no field exceeds 12 to tell day from month); give --time-format {first.label!r} or {other.label!r}"
                 )
-        return first.keys
+        return first
     best = min(readings, key=lambda r: int(r.bad.sum()))  # the first of the best: numbers before dates
     if best.label == "numbers":
         unit = repr(time_unit) if time_unit else "s, ms, us or ns (--time-unit)"
@@ -456,17 +649,17 @@ def _numeric_reading(numbers: pd.Series, time_unit: str | None) -> _Reading:
     """Numbers in ``time_unit`` (or the smallest unit that fits them all); NaN, inf and out-of-window are bad."""
     values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     finite = np.isfinite(values)
-    bad = None
+    bad, chosen = None, None
     for unit in [time_unit] if time_unit else list(TIME_UNITS):
         lo, hi = (bound * TIME_UNITS[unit] for bound in _WINDOW_S)
         unit_bad = ~(finite & (values >= lo) & (values < hi))
         if bad is None or unit_bad.sum() < bad.sum():
-            bad = unit_bad
+            bad, chosen = unit_bad, unit
         if not bad.any():
             break
     if pd.api.types.is_integer_dtype(numbers) and not bad.any():
-        return _Reading("numbers", numbers.to_numpy(dtype=np.int64), bad)  # exact, even for 19-digit nanoseconds
-    return _Reading("numbers", values, bad)
+        return _Reading("numbers", numbers.to_numpy(dtype=np.int64), bad, chosen)  # exact, even for 19-digit nanoseconds
+    return _Reading("numbers", values, bad, chosen)
 
 
 def _to_utc(values: pd.Series, fmt: str, log: Path) -> pd.Series:
@@ -571,6 +764,19 @@ def _kcore(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
         keep = new_keep
 
 
+def _base_size(n: int, base_fraction: float, log: Path, min_user: int, min_item: int) -> int:
+    """How many of ``n`` time-ordered interactions form D_0 (at least :data:`MIN_PER_BLOCK`)."""
+    if n == 0:
+        raise CcdrecError(f"{log}: no interactions left after the k-core filter (min_user={min_user}, min_item={min_item})")
+    n0 = int(round(base_fraction * n))
+    if n0 < MIN_PER_BLOCK:
+        raise CcdrecError(
+            f"{log}: only {n} interactions left after the k-core filter (min_user={min_user}, min_item={min_item}): "
+            f"block 0 would get {n0} with base_fraction={base_fraction} (at least {MIN_PER_BLOCK} needed)"
+        )
+    return n0
+
+
 def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_user: int, min_item: int) -> np.ndarray:
     """Block index of each of ``n`` time-ordered interactions: D_0 takes ``base_fraction``, the rest equal parts."""
     if n == 0:
@@ -588,21 +794,45 @@ def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_us
 
 
 def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, log: Path) -> tuple[Stream, list[str]]:
-    """IDs by first appearance, cumulative universes and per-block splits (one generator, blocks in order).
+    """IDs by first appearance, cumulative universes and per-block splits (:func:`build_blocks`).
 
     Also returns notes for the user: blocks without valid or test users, incremental blocks without new users.
     """
     users, user_vocab = pd.factorize(df["user"])
     items, item_vocab = pd.factorize(df["item"])
-    rng = np.random.default_rng(seed)
+    blocks, notes = build_blocks(users, items, labels, seed, log)
+    as_str = lambda v: np.array([str(x) for x in v], dtype=object)  # noqa: E731  (object: NULs and widths kept)
+    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab)), notes
+
+
+def split_rng(seed: int, block: int) -> np.random.Generator:
+    """The generator of block ``block``'s per-user split: derived from (``seed``, ``block``) alone, so a
+    block is split the same way whether the stream was prepared at once or grown by ``data append``."""
+    return np.random.default_rng([int(seed), int(block)])
+
+
+def build_blocks(
+    users: np.ndarray,
+    items: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    log: Path,
+    *,
+    first: int = 0,
+    prev: tuple[int, int] = (0, 0),
+) -> tuple[list[Block], list[str]]:
+    """Blocks ``first``, ``first + 1``, ... from integer (user, item) IDs of time-ordered interactions and
+    their 0-based block ``labels``; the universe grows from ``prev`` = (U, I) before block ``first``.
+    Each block is split per user by :func:`split_block` with :func:`split_rng`; notes as in ``_build_stream``."""
     blocks: list[Block] = []
     notes: list[str] = []
-    prev_u = prev_i = 0
-    for k in range(int(labels.max()) + 1):
-        mask = labels == k
+    prev_u, prev_i = prev
+    for j in range(int(labels.max()) + 1):
+        k = first + j
+        mask = labels == j
         n_u = max(prev_u, int(users[mask].max()) + 1)
         n_i = max(prev_i, int(items[mask].max()) + 1)
-        splits = split_block(np.stack([users[mask], items[mask]], axis=1), rng)
+        splits = split_block(np.stack([users[mask], items[mask]], axis=1), split_rng(seed, k))
         if len(splits["train"]) == 0:
             raise CcdrecError(f"{log}: block {k} has no train interactions")
         empty = [s for s in ("valid", "test") if len(splits[s]) == 0]
@@ -615,16 +845,19 @@ def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, lo
             notes.append(f"incremental block {k} has no new users (every user in it appeared in an earlier block)")
         blocks.append(Block(k, n_u, n_i, prev_u, prev_i, **splits))
         prev_u, prev_i = n_u, n_i
-    as_str = lambda v: np.array([str(x) for x in v], dtype=object)  # noqa: E731  (object: NULs and widths kept)
-    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab)), notes
+    return blocks, notes
 
 
 # --- writing ------------------------------------------------------------------------------
 
 
-def _write_atomically(stream: Stream, log: Path, out: Path, force: bool) -> Stream:
+def _write_atomically(
+    stream: Stream, log: Path, out: Path, force: bool, extra: dict[str, dict] | None = None, check=None
+) -> Stream:
     """Write into a temporary sibling of ``out``, read it back and check it, then rename it into place
-    (replacing ``out`` if allowed). Returns the stream as read back, named and sourced as ``out``.
+    (replacing ``out`` if allowed). ``extra``: JSON files written beside the stream (``prepare.json``);
+    ``check``: called with the stream read back, may raise to refuse it.
+    Returns the stream as read back, named and sourced as ``out``.
     Whatever goes wrong, the temporary directory is removed and ``out`` is left as it was."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -633,11 +866,15 @@ def _write_atomically(stream: Stream, log: Path, out: Path, force: bool) -> Stre
         raise CcdrecError(f"{out}: cannot create the output directory ({e})") from None
     try:
         save_stream(stream, tmp)
+        for fname, content in (extra or {}).items():
+            (tmp / fname).write_text(json.dumps(content, indent=1) + "\n", encoding="ascii")
         try:
             loaded = load_stream(tmp)  # an absolute path: never a bundled name
         except CcdrecError as e:
             raise CcdrecError(f"cannot prepare {log}: the stream written for {out} does not read back ({e})") from None
         _check_read_back(stream, loaded, log, out)
+        if check is not None:
+            check(loaded)
         _replace(tmp, log, out, force)
     except OSError as e:
         raise CcdrecError(f"{out}: cannot write the stream ({e})") from None

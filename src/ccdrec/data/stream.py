@@ -154,6 +154,26 @@ class Stream:
             h.update(b"-" if vocab is None else json.dumps([str(v) for v in vocab]).encode())
         return h.hexdigest()
 
+    def prefix_digest(self, n_blocks: int) -> str:
+        """SHA-256 of blocks ``0..n_blocks-1`` as :attr:`digest` hashes a stream of only those blocks: their
+        universes and splits, and the vocabularies cut to their universe (U, I after block ``n_blocks-1``).
+
+        ``prefix_digest(len(stream)) == digest`` when the vocabularies cover exactly the universe (every
+        loaded stream), so a digest recorded by a run is also the prefix digest of the blocks it knew;
+        ``ccdrec data append`` only adds blocks, and leaves every prefix digest of the old stream as it was.
+        Raises :class:`CcdrecError` unless ``1 <= n_blocks <= len(self)``.
+        """
+        if not 1 <= n_blocks <= len(self.blocks):
+            raise CcdrecError(f"stream {self.name}: no prefix of {n_blocks} blocks (it has {len(self.blocks)})")
+        last = self.blocks[n_blocks - 1]
+        part = Stream(
+            self.name,
+            self.blocks[:n_blocks],
+            None if self.user_vocab is None else self.user_vocab[: last.n_users],
+            None if self.item_vocab is None else self.item_vocab[: last.n_items],
+        )
+        return part.digest
+
     def train_until(self, k: int) -> np.ndarray:
         """All deduplicated train pairs of blocks 0..k (for the full-retraining reference)."""
         pairs = np.concatenate([b.train for b in self.blocks[: k + 1]])
@@ -176,7 +196,8 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("ccdrec.data") / "bundled" / name))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -194,7 +215,7 @@ def load_stream(source: str | Path) -> Stream:
     name = str(source)
     if isinstance(source, str) and name in BUNDLED:
         path = bundled_path(name)
-        digest = _sha256(path / INTERACTIONS)
+        digest = file_sha256(path / INTERACTIONS)
         if digest != BUNDLED_SHA256[name]:
             raise CcdrecError(f"bundled stream {name!r} is corrupt: SHA-256 {digest} does not match the release")
     else:

@@ -27,6 +27,7 @@ from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.ensemble import top_matrix
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.indexing import take_rows
+from ccdrec.train.callbacks import Callback
 from ccdrec.train.loop import FitResult, fit
 
 DEFAULT_USER_SAMPLES = 1000
@@ -123,8 +124,9 @@ class _Side:
         return torch.from_numpy(sub.toarray() > 0)
 
 
-class RRDObjective:
-    """weight_user · RRD + weight_item · IR-RRD beside a BPR minibatch, as a ``fit(extra_loss=...)`` (method.md 7).
+class RRDObjective(Callback):
+    """weight_user · RRD + weight_item · IR-RRD beside a BPR minibatch, as a training-loop callback whose
+    batch loss this is (method.md 7).
 
     Called as ``(model, reps, users_np, pos_np, epoch)`` with ``reps = model.propagate()`` of the step.
     Each step distils as many users (items) as the minibatch has distinct users (positive items), drawn
@@ -190,6 +192,8 @@ class RRDObjective:
             loss = loss + self.weight_item * self.item_side.loss(item_rep, user_rep, items, gen)
         return loss
 
+    batch_loss = __call__
+
 
 def distill_student(
     student: Recommender,
@@ -233,4 +237,4 @@ def distill_student(
     negatives_avoid = top_matrix(np.asarray(user_top), n_i)
     if exclude is not None:
         negatives_avoid = (negatives_avoid + pad_to(exclude, (n_u, n_i))).tocsr()
-    return fit(student, block, cfg, seed=seed, progress=progress, label=label, exclude=negatives_avoid, extra_loss=objective)
+    return fit(student, block, cfg, seed=seed, progress=progress, label=label, callbacks=[objective], avoid=negatives_avoid)

@@ -28,6 +28,7 @@ class Recommender(nn.Module, ABC):
     """A model over a universe of ``n_users`` x ``n_items`` that scores by user-item affinity."""
 
     kind: str = "model"
+    objective: str = "bpr"  # the training objective of the family (ccdrec.train.objectives): bpr or vae
 
     @property
     @abstractmethod

@@ -45,7 +45,8 @@ def to_torch_sparse(m: sp.spmatrix, device: torch.device | str = "cpu") -> torch
 def spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Â x for a sparse CSR Â, bit-reproducible on the CPU (for a fixed thread count) and on CUDA.
 
-    On the CPU, torch's CSR product (MKL) computes each output row in one thread, in column order.
+    On the CPU, torch's CSR product splits the *rows* over the threads and sums each row in one
+    thread, so it is reproducible for a fixed thread count (``benchmarks/determinism_kernels.py``).
     On CUDA, cuSPARSE's product is not reproducible from run to run (its last bits vary, even under
     ``torch.use_deterministic_algorithms``), so the rows are summed as segments instead: the
     ``nnz x d`` products ``Â_rc · x_c`` are gathered and each row's segment is reduced in order

@@ -42,6 +42,7 @@ def rows_tensor(matrix: sp.csr_matrix, users: torch.Tensor, n_items: int, device
 
 class MultVAE(Recommender):
     kind = "vae"
+    objective = "vae"
     _graph_attrs = ("_context",)
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, dropout: float = 0.5):

@@ -99,7 +99,7 @@ def cl_update(
         lwc = lwckd_towards(model, prev, cfg, lwc_weight(cfg), seed, piw=method == "lwckd-piw", knn_graphs=knn_graphs)
     new = model.clone()
     new.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
-    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, extra_loss=lwc)
+    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=[lwc] if lwc else [])
     return CLResult(new, res, lwc)
 
 

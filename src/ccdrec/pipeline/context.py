@@ -127,7 +127,7 @@ class RunState:
     def restore(cls, ctx: RunContext, pointers: dict[str, str]) -> RunState:
         """The state that ``pointers`` name, loaded from the run directory (an empty one for a new run)."""
         n = len(ctx.cfg.teacher.members)
-        state = cls([None] * n, pointers=dict(pointers))
+        state = cls([None] * n, pointers=pointers)  # the live dict: stages completed later update it
         for m in range(n):
             if f"teacher{m}" in pointers:
                 state.members[m] = ctx.load(pointers[f"teacher{m}"])

@@ -77,21 +77,36 @@ class RunDir:
         atomic_write_bytes(self.metrics_path, lambda f: None)
 
     def record_stream(self, cfg: RunConfig, stream: Stream) -> None:
-        """Write ``stream.json``: the source of ``cfg`` and the content hash of ``stream``."""
-        atomic_write_json(self.path / STREAM_FILE, {"source": cfg.dataset, "sha256": stream.digest})
+        """Write ``stream.json``: the source of ``cfg``, the content hash of ``stream`` and its number of
+        blocks (the hash is also the prefix digest of those blocks, :meth:`Stream.prefix_digest`)."""
+        atomic_write_json(self.path / STREAM_FILE, {"source": cfg.dataset, "sha256": stream.digest, "blocks": len(stream)})
 
     def open_stream(self, cfg: RunConfig) -> Stream:
         """The stream of this run, checked against the content hash recorded when it started: a run never
-        goes on (resume, compare, recommend, serve) on a stream that has changed under it."""
+        goes on (resume, compare, recommend, serve) on a stream that has changed under it.
+
+        A stream that only gained blocks (``ccdrec data append``) is the same stream: it is accepted when
+        the prefix digest of its first ``blocks`` blocks (``stream.json``; runs recorded before the
+        count was written: any prefix) equals the recorded hash. The record is then moved on to the
+        longer stream (best effort: a read-only run directory keeps its old record), so that the
+        appended blocks, which the run may go on to use, are protected from then on too.
+        """
         stream = load_stream(cfg.dataset)
         recorded = self.path / STREAM_FILE
         if recorded.exists():  # runs started before the hash was recorded have none
-            expected = read_json(recorded).get("sha256")
+            record = read_json(recorded)
+            expected = record.get("sha256")
             if expected != stream.digest:
-                raise CcdrecError(
-                    f"{self.path}: its stream {cfg.dataset} has changed since the run started (content hash "
-                    f"{str(expected)[:12]} recorded, {stream.digest[:12]} now); restore the stream or start a new run"
-                )
+                if not _is_prefix(stream, expected, record.get("blocks")):
+                    raise CcdrecError(
+                        f"{self.path}: its stream {cfg.dataset} has changed since the run started (content hash "
+                        f"{str(expected)[:12]} recorded, {stream.digest[:12]} now; appending blocks is the only "
+                        "change a run follows); restore the stream or start a new run"
+                    )
+                try:
+                    atomic_write_json(recorded, {**record, "sha256": stream.digest, "blocks": len(stream)})
+                except OSError:
+                    pass
         return stream
 
     def remove_partial_writes(self) -> None:
@@ -151,15 +166,16 @@ class RunDir:
         """(model, meta); ``meta["block"]`` is the block whose train graph the model was trained on."""
         return load_model(self.ckpt(name), device)
 
-    def load_attached(self, name: str, stream: Stream, device) -> Recommender:
+    def load_attached(self, name: str, stream: Stream, device, with_meta: bool = False):
         """A checkpointed model attached to the train graph it was trained on: block ``meta["block"]``'s,
-        or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k. The one
-        place that re-attaches a checkpoint (runs, resume, workers, serving)."""
+        or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k; with
+        ``with_meta``, (model, meta). The one place that re-attaches a checkpoint (runs, resume, workers,
+        serving)."""
         model, meta = self.load_model(name, device)
         k = int(meta.get("block", 0))
         block = stream.union_block(k) if meta.get("graph") == UNION_GRAPH else stream[k]
         model.set_graph(block.matrix("train", model.n_users, model.n_items))
-        return model
+        return (model, meta) if with_meta else model
 
     def save_tensors(self, name: str, tensors: dict) -> str:
         save_tensors(self.ckpt(name).with_suffix(".pt"), tensors)
@@ -199,3 +215,13 @@ class RunDir:
             except json.JSONDecodeError:
                 continue  # a line torn by a kill
         atomic_write_bytes(self.metrics_path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+
+
+def _is_prefix(stream: Stream, expected, n_blocks) -> bool:
+    """Whether ``stream`` starts with the blocks whose digest is ``expected`` and has more after them
+    (``n_blocks`` of them, or any number when the record does not say)."""
+    if not isinstance(expected, str):
+        return False
+    if isinstance(n_blocks, int) and not isinstance(n_blocks, bool):
+        return 1 <= n_blocks < len(stream) and stream.prefix_digest(n_blocks) == expected
+    return any(stream.prefix_digest(n) == expected for n in range(len(stream) - 1, 0, -1))

@@ -9,16 +9,19 @@ Endpoints (JSON unless said; every recommendation answer names the model version
 * ``POST /recommend`` with ``{"users": [...], "k": 20}`` (1..``max_batch`` user IDs) ->
   ``{"k", "model", "results": [{"user", "items"}, ...]}``, the whole batch from one version;
 * ``POST /recommend/items`` with ``{"items": [...], "k": 20}`` (1..``max_items`` original item IDs) ->
-  ``{"k", "model", "items"}``: a user known only by the items they just interacted with (cold start,
-  :meth:`~ccdrec.service.version.ModelVersion.cold_start`), those items excluded;
+  ``{"k", "model", "items", "unknown"}``: a user known only by the items they just interacted with (cold
+  start by entity initialisation, :meth:`ccdrec.serve.ServedRun.recommend_for_items`, the same list as
+  ``ccdrec recommend RUN --items``), those items excluded; ``unknown`` lists the given IDs that are not in
+  the universe (404 when none is);
 * ``GET /health`` -> ``{"status": "ok", "model"}``; ``GET /model`` -> the serving version (``id``,
   ``role``, ``run``, ``checkpoint``, ``sha256``, ``block``, ``stage``, ``loaded_at``, universe size),
   ``swaps`` (count), ``history`` (the last versions, oldest first) and ``refused`` (the last refusals);
 * ``GET /``: the HTML page (:mod:`ccdrec.service.page`); ``/openapi.json`` and ``/docs`` as FastAPI makes them.
 
 Errors are JSON ``{"detail": ...}``: 404 for an unknown user (with ``users``, the universe size) or
-unknown items (with ``unknown``, the first 10, and ``items``, the universe size); 422 when k is not an
-integer in 1..``max_k``, a list is empty or too long, or a body is not the documented JSON (FastAPI's
+unknown items, none of them known (with ``unknown``, the first 10, and ``items``, the universe size); 422 when k is not an
+integer in 1..``max_k``, a list is empty or too long, a batch asks for more than ``max_batch_items``
+(users x k), or a body is not the documented JSON (FastAPI's
 list of validation errors); 413 when a body exceeds ``max_body`` bytes (counted as it arrives, never
 buffered past the limit); 501 for cold start on the teacher ensemble; 500 ``{"detail": "internal
 error"}``, logged with its traceback, for anything else. IDs are only ever looked up in in-memory
@@ -49,6 +52,7 @@ MAX_K = 1000
 MAX_BATCH = 1000
 MAX_ITEMS = 1000
 MAX_BODY = 1 << 20
+MAX_BATCH_ITEMS = 100_000  # users x k of one batch answer (about 5 MB of JSON)
 SHOWN_ID = 64  # characters of an unknown ID echoed in an error
 
 
@@ -146,6 +150,7 @@ def create_app(
     max_batch: int = MAX_BATCH,
     max_items: int = MAX_ITEMS,
     max_body: int = MAX_BODY,
+    max_batch_items: int = MAX_BATCH_ITEMS,
 ):
     """The application serving ``role`` ("student" or "teacher") of ``run_dir`` (module docstring).
 
@@ -159,7 +164,7 @@ def create_app(
     from fastapi import Query
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     rd = RunDir.open(Path(run_dir))
     cfg = rd.load_config()
@@ -209,7 +214,15 @@ def create_app(
     class BatchRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         users: list[str | int] = Field(min_length=1, max_length=max_batch, description=f"original user IDs (1 to {max_batch})")
-        k: int = Field(20, ge=1, le=max_k)
+        k: int = Field(20, ge=1, le=max_k, description=f"items per user; users x k at most {max_batch_items:,}")
+
+        @model_validator(mode="after")
+        def bounded_answer(self):
+            if len(self.users) * self.k > max_batch_items:
+                raise ValueError(
+                    f"{len(self.users):,} users x k={self.k:,} asks for more than {max_batch_items:,} items in one answer"
+                )
+            return self
 
     class BatchResult(BaseModel):
         user: str
@@ -232,7 +245,8 @@ def create_app(
     class ItemsRecommendations(BaseModel):
         k: int
         model: str
-        items: list[Recommendation]
+        items: list[Recommendation] = Field(description="best first; the given items excluded")
+        unknown: list[str] = Field(description="given item IDs not in the served universe (left out of the user's row)")
 
     class Health(BaseModel):
         status: str
@@ -293,7 +307,7 @@ def create_app(
         response_model=None,
         responses={
             200: {"model": ItemsRecommendations},
-            404: {"model": Unknown, "description": "unknown items"},
+            404: {"model": Unknown, "description": "none of the items is known"},
             501: {"model": Message, "description": "no cold-start path (teacher ensemble)"},
         },
         summary="Top-k items for a user known only by the items they just interacted with (cold start)",
@@ -303,9 +317,8 @@ def create_app(
         if not v.has_cold_start:
             return json({"detail": f"the served {v.role} has no cold-start path; serve the student"}, 501)
         names = [str(i) for i in request.items]
-        idx = [v.item_pos.get(n) for n in names]
-        missing = [n for n, i in zip(names, idx, strict=True) if i is None]
-        if missing:
+        missing = [n for n in names if v.item_pos.get(n) is None]
+        if len(missing) == len(names):
             return json(
                 {
                     "detail": f"{len(missing):,} unknown item(s), e.g. {shown(missing[0])!r}: not in the served {v.role}'s "
@@ -315,7 +328,9 @@ def create_app(
                 },
                 404,
             )
-        return json({"k": request.k, "model": v.id, "items": v.cold_start(idx, request.k)})
+        got = await run_in_threadpool(v.run.recommend_for_items, names, request.k)  # a copy of the model is grown
+        items = [{"item": r.item, "score": r.score} for r in got.items]
+        return json({"k": request.k, "model": v.id, "items": items, "unknown": got.unknown})
 
     @app.get("/health", response_model=Health, summary="Liveness, and the serving model version")
     async def health() -> Response:

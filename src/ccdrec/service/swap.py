@@ -34,7 +34,7 @@ from collections.abc import Callable
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.service.version import ModelVersion, RefusedVersion, load_version, role_pointers
+from ccdrec.service.version import ModelVersion, RefusedVersion, iso_time, load_version, role_pointers
 
 log = logging.getLogger("ccdrec.service")
 HISTORY = 20
@@ -60,15 +60,11 @@ class ModelSlot:
 
     def refuse(self, target: str, reason: str) -> None:
         with self._lock:
-            self.refused.append({"target": target, "reason": reason, "at": _iso(time.time())})
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+            self.refused.append({"target": target, "reason": reason, "at": iso_time(time.time())})
 
 
 def _event(v: ModelVersion) -> dict:
-    return {"id": v.id, "block": v.block, "stage": v.stage, "loaded_at": _iso(v.loaded_at)}
+    return {"id": v.id, "block": v.block, "stage": v.stage, "loaded_at": iso_time(v.loaded_at)}
 
 
 def _stat_key(path) -> tuple | None:

@@ -13,7 +13,7 @@ the service swaps one reference to it, so a request that took a version at its s
   ``stage``: the completed stage that wrote the checkpoint (``b3/student_update`` for ``b3_served``,
   ``b3/student`` for ``b3_student``, ``b3/teacher1`` for ``b3_teacher1``), else the run's last
   completed stage;
-* ``loaded_at``: Unix seconds at which the version was ready.
+* ``loaded_at``: when the version was ready (Unix seconds; ISO 8601 with milliseconds in ``GET /model``).
 
 Verification before a version may serve (otherwise :class:`RefusedVersion` with the reason): the
 checkpoint files exist and load (tensors + JSON) and did not change while they were read (SHA-256
@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccdrec.data.stream import Stream
+from ccdrec.data.stream import Stream, file_sha256
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.serve import ServedRun, top_k
@@ -52,6 +52,12 @@ class RefusedVersion(CcdrecError):
     """A newer model version that may not serve (corrupt, half-written, inconsistent); the reason says why."""
 
 
+def iso_time(t: float) -> str:
+    """Unix seconds as local ISO 8601 time with milliseconds and the UTC offset."""
+    lt = time.localtime(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f".{int(t * 1000) % 1000:03d}" + time.strftime("%z", lt)
+
+
 def role_pointers(state: dict, role: str, n_members: int) -> tuple[str, ...]:
     """The checkpoint names ``state.json`` points to for ``role`` (one name for the student)."""
     ptr = state.get("pointers") or {}
@@ -60,14 +66,6 @@ def role_pointers(state: dict, role: str, n_members: int) -> tuple[str, ...]:
         return (str(name),) if name else ()
     names = tuple(ptr.get(f"teacher{m}") for m in range(n_members))
     return names if all(names) else ()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_digest(rd: RunDir, names: tuple[str, ...]) -> str:
@@ -227,8 +225,7 @@ class ModelVersion:
             "sha256": self.sha256,
             "block": self.block,
             "stage": self.stage,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.loaded_at))
-            + f".{int(self.loaded_at * 1000) % 1000:03d}",
+            "loaded_at": iso_time(self.loaded_at),
             "users": self.n_users,
             "items": self.n_items,
             "kind": getattr(self.run.model, "kind", type(self.run.model).__name__),

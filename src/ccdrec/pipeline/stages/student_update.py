@@ -80,9 +80,8 @@ def update_student(
         seed=seed,
         progress=progress,
         label=f"update CL_{k}",
-        exclude=avoid,
-        before_epoch=replayer.before_epoch if replayer.active else None,
-        after_epoch_pass=replayer.after_epoch_pass if replayer.active else None,
+        callbacks=[replayer] if replayer.active else [],
+        avoid=avoid,
     )
     return Trained(model, res), replayer
 

@@ -101,7 +101,8 @@ def _update_vae_member(
     persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))
     member.eval()
     kl = PreviousOutputKL(member, persisting, prev.n_items, vae_input, t.vae_kl_weight) if t.vae_kl_weight > 0 else None
-    res = fit(model, block, t.update_vae, seed=seed, progress=progress, label=label, vae_input=vae_input, extra_loss=kl)
+    callbacks = [kl] if kl is not None else []
+    res = fit(model, block, t.update_vae, seed=seed, progress=progress, label=label, callbacks=callbacks, inputs=vae_input)
     return Trained(model, res)
 
 
@@ -141,9 +142,7 @@ def update_teacher(
         seed=seed,
         progress=progress,
         label=label,
-        extra_loss=lwc,
-        before_epoch=replayer.before_epoch if replayer.active else None,
-        after_epoch_pass=replayer.after_epoch_pass if replayer.active else None,
+        callbacks=([lwc] if lwc else []) + ([replayer] if replayer.active else []),
     )
     return Trained(model, res)
 

@@ -1,0 +1,36 @@
+"""The hooks through which a stage adds to the training loop (:func:`ccdrec.train.loop.fit`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ccdrec.models.base import Recommender
+
+
+class Callback:
+    """A hook into :func:`ccdrec.train.loop.fit`; override what you need (the defaults do nothing).
+
+    ``batch_loss(model, out, users, items, epoch)`` is added to every minibatch's loss: ``out`` is the
+    objective's forward output (an embedding model's ``propagate()``, a Mult-VAE's logits), ``users`` /
+    ``items`` the minibatch's users and positive items (numpy; no items for a Mult-VAE batch).
+    """
+
+    def on_epoch_start(self, model: Recommender, opt: torch.optim.Optimizer, epoch: int) -> None:
+        """Before the epoch's pass (e.g. re-draw a replay set against the current ranking)."""
+
+    def batch_loss(self, model: Recommender, out, users: np.ndarray, items: np.ndarray, epoch: int) -> torch.Tensor | None:
+        """An extra loss term for this minibatch, or None."""
+        return None
+
+    def on_epoch_end(self, model: Recommender, opt: torch.optim.Optimizer, epoch: int) -> None:
+        """After the epoch's own pass, before validation (e.g. a replay pass)."""
+
+
+def add_batch_losses(loss: torch.Tensor, callbacks, model, out, users: np.ndarray, items: np.ndarray, epoch: int) -> torch.Tensor:
+    """``loss`` plus every callback's :meth:`Callback.batch_loss` for the minibatch, in order."""
+    for cb in callbacks:
+        extra = cb.batch_loss(model, out, users, items, epoch)
+        if extra is not None:
+            loss = loss + extra
+    return loss

@@ -449,3 +449,18 @@ def test_compare_resume_adds_methods_and_takes_every_run_on_to_later_blocks(comp
         assert RunDir(got / m).load_config().max_blocks == 1
     with pytest.raises(CcdrecError, match="must be at least 1"):
         run_compare(None, got, resume=True, progress=False, bench=False, max_blocks=0)
+
+
+def test_competitors_update_their_teachers_every_teacher_cycle(tmp_path):
+    """teacher.update_every = 2: a competitor's members are updated at block 2 on blocks 1-2, its
+    student at every block; its stale ensemble is still evaluated after block 1."""
+    save_stream(synthetic_stream(n_blocks=3, seed=1), tmp_path / "s")
+    cfg = load_config(tmp_path / "s", preset="quick", overrides=[*OVERRIDES, "teacher.update_every=2"])
+    rd = run_competitor(cfg, tmp_path / "ft", "finetune", progress=False)
+    state = rd.read_state()
+    assert "b1/teacher0" not in state["completed"] and "b2/teacher0" in state["completed"]
+    assert {"b1/student", "b2/student", "b1/eval"} <= set(state["completed"])
+    meta = json.loads((rd.path / "checkpoints" / "b2_teacher0.json").read_text())["meta"]
+    assert meta["first"] == 1 and meta["method"] == "finetune"
+    rows = rd.read_metrics()
+    assert {r["model"] for r in rows if r["kind"] == "test" and r["k"] == 1} == {"finetune:teacher", "finetune:student"}

@@ -263,3 +263,41 @@ def test_the_stages_see_the_pointers_of_stages_completed_after_a_restore(full_ru
     run.restore()
     run.complete("b2/later", StageOutput({"teacher_top": "b3_teacher_top"}), 0.0)
     assert run.state.pointer("teacher_top", "b3_teacher_top") == "b3_teacher_top"
+
+
+def test_student_cycles_between_teacher_cycles(stream_dir, tmp_path):
+    """teacher.update_every = 2 on blocks 1..2 of a 3-block stream: block 1 is a student cycle (CL_1 is
+    served and handed on, the ensemble is E_0's), block 2 a teacher cycle whose members learn blocks 1-2."""
+    from ccdrec.data.stream import load_stream
+    from ccdrec.pipeline.ccd import CCDStream
+
+    cfg = load_config(str(stream_dir), preset="quick", overrides=[*OVERRIDES, "teacher.update_every=2"])
+    out = tmp_path / "m2"
+    run_stream(cfg, out, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert [s for s in state["completed"] if s.startswith("b1/")] == ["b1/student_update", "b1/eval"]
+    assert {"b2/teacher0", "b2/teacher1", "b2/replay_candidates", "b2/student"} <= set(state["completed"])
+    assert state["outputs"]["b1/student_update"]["student"] == "b1_served"  # CL_1 starts block 2
+    rows = metric_lines(out)
+    models_1 = {r["model"] for r in rows if r["kind"] == "test" and r["k"] == 1}
+    assert models_1 == {"teacher", "served"}  # no new D_1 between teacher cycles
+    # the ensemble evaluated after block 1 is E_0's members, grown to block 1's universe untrained
+    from ccdrec.pipeline.context import RunState
+    from ccdrec.pipeline.stages.evaluation import evaluate_models
+
+    stream = load_stream(str(stream_dir))
+    run = CCDStream.open_worker(out)
+    e0 = RunState([run.ctx.load(f"b0_teacher{m}") for m in range(2)])
+    again = evaluate_models({"teacher": e0.ensemble(cfg, stream[1])}, stream, 1, tuple(cfg.ks))
+    logged = [r for r in rows if r["stage"] == "b1/eval" and r["model"] == "teacher"]
+    assert [{k: v for k, v in r.items() if k != "stage"} for r in logged] == again
+    meta = json.loads((out / "checkpoints" / "b2_teacher0.json").read_text())["meta"]
+    assert meta["first"] == 1  # trained on the span of blocks 1-2
+    span = stream.span(1, 2)
+    assert len(span.train) > len(stream[2].train) and span.prev_users == stream[0].n_users
+    # resumed after the student cycle: the same metrics
+    part = tmp_path / "part"
+    with pytest.raises(StopRequested):
+        run_stream(cfg, part, progress=False, stop_after="b1/eval")
+    run_stream(None, part, resume=True, progress=False)
+    assert metric_lines(part) == metric_lines(out)

@@ -155,6 +155,22 @@ class TeacherConfig(Strict):
     vae_replay_value: float = Field(0.1, ge=0, le=1, description="Mult-VAE: input/target value of replayed pairs")
     vae_kl_weight: float = Field(1.0, ge=0, description="Mult-VAE: weight of KL(previous output ‖ current)")
     student_knowledge: bool = Field(True, description="replay student-side knowledge (SP, PP, CL_k) into the teacher")
+    update_every: int = Field(
+        1,
+        ge=1,
+        description=(
+            "teacher update cycle CT in student cycles (blocks): the teacher system is updated at blocks m, 2m, ... on "
+            "the train pairs of every block since its last update; the student at every block (1: every block)"
+        ),
+    )
+
+    def is_teacher_cycle(self, k: int) -> bool:
+        """Whether block k >= 1 updates the teacher system (block 0 trains it)."""
+        return k % self.update_every == 0
+
+    def span_start(self, k: int) -> int:
+        """The first block of the train pairs the teacher update of teacher cycle k learns from."""
+        return k - self.update_every + 1
 
 
 class StudentConfig(Strict):

@@ -179,6 +179,22 @@ class Stream:
         pairs = np.concatenate([b.train for b in self.blocks[: k + 1]])
         return np.unique(pairs, axis=0)
 
+    def span(self, first: int, last: int) -> Block:
+        """Blocks ``first..last`` as one block, what a teacher updated every few cycles trains on
+        (method.md 5, teacher update cycle): Tr = the deduplicated train pairs of those blocks; valid and
+        test are block ``last``'s (its validation pairs that are train pairs of the span dropped); the
+        universe is block ``last``'s and the previous universe block ``first - 1``'s. A span of one
+        block is that block itself.
+        """
+        if first == last:
+            return self.blocks[last]
+        b, before = self.blocks[last], self.blocks[first - 1] if first > 0 else None
+        train = np.unique(np.concatenate([x.train for x in self.blocks[first : last + 1]]), axis=0)
+        seen = set(map(tuple, train.tolist()))
+        valid = b.valid[[tuple(p) not in seen for p in b.valid.tolist()]] if len(b.valid) else b.valid
+        prev_u, prev_i = (before.n_users, before.n_items) if before is not None else (0, 0)
+        return Block(last, b.n_users, b.n_items, prev_u, prev_i, train, valid.reshape(-1, 2), b.test)
+
     def union_block(self, k: int) -> Block:
         """Block k with Tr = the deduplicated train pairs of blocks 0..k (for full retraining).
 

@@ -6,6 +6,12 @@ CL_k (computed once, shared by the members), teacher update of every member, ens
 generation (D_k). After each block, E_k, CL_k and D_k are evaluated on the test split of every
 block j <= k (the r_{k,j} protocol, method.md 8) and on block k's new users.
 
+With ``teacher.update_every`` = m > 1 (teacher update cycle CT = m student cycles, method.md 5), only
+blocks m, 2m, ... are teacher cycles with all of these stages; every other block is a student cycle:
+the student update alone (CL_k from CL_{k-1}; the proxies step from it), then the evaluation, where
+the ensemble is the last one, grown untrained to the block's universe. A teacher cycle's members learn
+the train pairs of every block since their last update (:meth:`ccdrec.data.stream.Stream.span`).
+
 Each stage is named (``b0/teacher2``, ``b3/student_update``, ...), seeded from the run seed and its
 name, and marks itself complete in ``state.json`` only after its outputs are on disk, so
 :func:`run_stream` with ``resume=True`` continues after any interruption with identical results.
@@ -42,19 +48,23 @@ class CCDStream(TeacherStudentRun):
         out.append(("b0/eval", lambda: self.evaluate(0)))
         for k in range(1, self.last_block + 1):
             out.append((f"b{k}/student_update", lambda k=k: student_update.student_update(self.ctx, self.state, k)))
-            if self.cfg.teacher.student_knowledge:
-                out.append(
-                    (f"b{k}/replay_candidates", lambda k=k: teacher_update.replay_candidates_stage(self.ctx, self.state, k))
-                )
-            for m in range(n):
-                out.append((f"b{k}/teacher{m}", lambda k=k, m=m: teacher_update.teacher_update(self.ctx, self.state, k, m)))
-            out.append((f"b{k}/student", lambda k=k: generation.distil(self.ctx, self.state, k)))
+            if self.cfg.teacher.is_teacher_cycle(k):
+                if self.cfg.teacher.student_knowledge:
+                    out.append(
+                        (f"b{k}/replay_candidates", lambda k=k: teacher_update.replay_candidates_stage(self.ctx, self.state, k))
+                    )
+                for m in range(n):
+                    out.append((f"b{k}/teacher{m}", lambda k=k, m=m: teacher_update.teacher_update(self.ctx, self.state, k, m)))
+                out.append((f"b{k}/student", lambda k=k: generation.distil(self.ctx, self.state, k)))
             out.append((f"b{k}/eval", lambda k=k: self.evaluate(k)))
         return out
 
     def evaluate(self, k: int) -> StageOutput:
-        """r_{k,j} for j <= k of E_k, CL_k and D_k, plus block k's new users (method.md 8)."""
-        models = {"teacher": self.state.ensemble(self.cfg), "student": self.state.student}
+        """r_{k,j} for j <= k of E_k, CL_k and D_k, plus block k's new users (method.md 8). Between teacher
+        cycles the ensemble is the last one (its staleness is measured) and there is no new D_k."""
+        models = {"teacher": self.state.ensemble(self.cfg, self.stream[k])}
+        if k == 0 or self.cfg.teacher.is_teacher_cycle(k):
+            models["student"] = self.state.student
         if k > 0:
             models["served"] = self.state.served
         return evaluation.evaluate(self.ctx, models, k)

@@ -48,7 +48,7 @@ from ccdrec.pipeline.context import StageOutput, fit_row, seed_everything
 from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
 from ccdrec.pipeline.staged import TeacherStudentRun, share_block0
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation
-from ccdrec.pipeline.stages.teacher_update import lwckd_towards
+from ccdrec.pipeline.stages.teacher_update import lwckd_towards, span_meta, teacher_blocks
 from ccdrec.train.loop import FitResult, fit
 
 CL_METHODS = ("finetune", "lwckd", "lwckd-piw", "retrain")
@@ -137,39 +137,36 @@ class CLStream(TeacherStudentRun):
         out.append(("b0/eval", lambda: self.evaluate(0)))
         for k in range(1, self.last_block + 1):
             out.append((f"b{k}/student", lambda k=k: self.update_student(k)))
-            for m in range(n):
-                out.append((f"b{k}/teacher{m}", lambda k=k, m=m: self.update_teacher(k, m)))
+            if self.cfg.teacher.is_teacher_cycle(k):  # the members every teacher.update_every blocks
+                for m in range(n):
+                    out.append((f"b{k}/teacher{m}", lambda k=k, m=m: self.update_teacher(k, m)))
             out.append((f"b{k}/eval", lambda k=k: self.evaluate(k)))
         return out
 
-    def save(self, name: str, model: Recommender, k: int) -> str:
+    def save(self, name: str, model: Recommender, k: int, **meta) -> str:
         union = {"graph": UNION_GRAPH} if self.method == "retrain" and k > 0 else {}
-        return self.ctx.save(name, model, k, **union)
+        return self.ctx.save(name, model, k, **union, **meta)
 
     # --- block k >= 1 ------------------------------------------------------------------------
-    def _update(self, model: Recommender, spec: ModelConfig, k: int, schedule: TrainConfig, base: TrainConfig, seed: int, label):
+    def _update(
+        self, model: Recommender, spec: ModelConfig, k: int, schedule: TrainConfig, base: TrainConfig, seed: int, label, blocks
+    ):
+        """``model`` updated on ``blocks`` = (what it learns now, what it learned last time)."""
         if self.method == "retrain":
             return cl_retrain(spec, self.stream, k, base, seed, self.ctx.device, self.progress, label)
-        res = cl_update(
-            model,
-            self.method,
-            self.stream[k],
-            self.stream[k - 1],
-            self.cfg,
-            schedule,
-            seed,
-            self._knn.get(k),
-            self.progress,
-            label,
-        )
-        if res.lwc is not None and k not in self._knn:
-            self._knn[k] = (res.lwc.user_knn, res.lwc.item_knn)  # R_{k-1}'s graphs, shared by every model
+        block, prev = blocks
+        key = (prev.index, prev.prev_users, len(prev.train))  # the R_{k-1} whose kNN graphs LWC-KD needs
+        res = cl_update(model, self.method, block, prev, self.cfg, schedule, seed, self._knn.get(key), self.progress, label)
+        if res.lwc is not None and key not in self._knn:
+            self._knn[key] = (res.lwc.user_knn, res.lwc.item_knn)  # shared by every model updated from R_{k-1}
         return res
 
     def update_student(self, k: int) -> StageOutput:
         s = self.cfg.student
         seed = self.ctx.seed(f"b{k}/student_update")
-        res = self._update(self.state.student, s.model, k, s.update, self.cfg.teacher.base, seed, f"{self.method} student D_{k}")
+        blocks = (self.stream[k], self.stream[k - 1])
+        label = f"{self.method} student D_{k}"
+        res = self._update(self.state.student, s.model, k, s.update, self.cfg.teacher.base, seed, label, blocks)
         self.state.student = res.model
         ptr = self.save(f"b{k}_student", res.model, k)
         return StageOutput({"student": ptr}, [fit_row(self.ctx.name("student"), res.fit, k)])
@@ -180,14 +177,16 @@ class CLStream(TeacherStudentRun):
         vae = member.kind == "vae"
         seed = self.ctx.seed(f"b{k}/teacher{m}", base=member.seed)
         schedule, base = (t.update_vae, t.base_vae) if vae else (t.update, t.base)
-        res = self._update(self.state.members[m], member, k, schedule, base, seed, f"{self.method} teacher {m} D_{k}")
+        blocks = teacher_blocks(self.ctx, k)  # the blocks since the members' last update
+        res = self._update(self.state.members[m], member, k, schedule, base, seed, f"{self.method} teacher {m} D_{k}", blocks)
         self.state.members[m] = res.model
-        ptr = self.save(f"b{k}_teacher{m}", res.model, k)
+        ptr = self.save(f"b{k}_teacher{m}", res.model, k, **({} if self.method == "retrain" else span_meta(self.ctx, k)))
         return StageOutput({f"teacher{m}": ptr}, [fit_row(self.ctx.name(f"teacher{m}"), res.fit, k)])
 
     def evaluate(self, k: int) -> StageOutput:
         """r_{k,j} for j <= k of the ensemble and the student-size model, plus block k's new users (method.md 8)."""
-        models = {self.ctx.name("teacher"): self.state.ensemble(self.cfg), self.ctx.name("student"): self.state.student}
+        teacher = self.state.ensemble(self.cfg, self.stream[k])  # grown to block k between teacher cycles
+        models = {self.ctx.name("teacher"): teacher, self.ctx.name("student"): self.state.student}
         return evaluation.evaluate(self.ctx, models, k)
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ccdrec.config import RunConfig
 from ccdrec.continual.proxy import Proxy
-from ccdrec.data.stream import Stream
+from ccdrec.data.stream import Block, Stream
 from ccdrec.device import resolve_device
 from ccdrec.distill.ensemble import RankEnsemble
 from ccdrec.models.base import Recommender
@@ -30,6 +30,16 @@ from ccdrec.train.loop import FitResult
 def stage_seed(base: int, name: str) -> int:
     """A stable per-stage seed derived from a base seed (the run's or a member's) and the stage's name."""
     return (base * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def grown(model: Recommender, block: Block, cfg: RunConfig) -> Recommender:
+    """A copy of ``model`` grown to ``block``'s universe with ``student.init`` over its train matrix (any
+    random rows drawn from a generator of their own: the global one is left as it was)."""
+    copy = model.clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(stage_seed(block.index, "grown"))
+        copy.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
+    return copy.eval()
 
 
 def seed_everything(seed: int) -> None:
@@ -139,9 +149,18 @@ class RunState:
             state.proxies = ctx.load_proxies(pointers["proxies"])
         return state
 
-    def ensemble(self, cfg: RunConfig) -> RankEnsemble:
-        """The rank ensemble E of the current teacher members (method.md 6)."""
-        return RankEnsemble([m for m in self.members if m is not None], exact_top=cfg.teacher.ensemble_exact_top)
+    def ensemble(self, cfg: RunConfig, block: Block | None = None) -> RankEnsemble:
+        """The rank ensemble E of the current teacher members (method.md 6).
+
+        With ``block``: members from an earlier universe (a teacher not updated since,
+        ``teacher.update_every`` > 1) are grown to ``block``'s universe by entity initialisation over its
+        train interactions (method.md 5.2) without training, so that the stale ensemble ranks every user
+        and item of the block; the members themselves are not changed.
+        """
+        members = [m for m in self.members if m is not None]
+        if block is not None:
+            members = [m if (m.n_users, m.n_items) == (block.n_users, block.n_items) else grown(m, block, cfg) for m in members]
+        return RankEnsemble(members, exact_top=cfg.teacher.ensemble_exact_top)
 
     def pointer(self, role: str, name: str) -> str | None:
         """``name`` if ``role`` points to that checkpoint, else None (e.g. E_k's top lists of block k)."""

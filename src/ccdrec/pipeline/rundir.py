@@ -168,12 +168,16 @@ class RunDir:
 
     def load_attached(self, name: str, stream: Stream, device, with_meta: bool = False):
         """A checkpointed model attached to the train graph it was trained on: block ``meta["block"]``'s,
-        or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k; with
+        or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k, or with
+        ``meta["first"]`` the span of blocks first..k (a teacher updated every few cycles); with
         ``with_meta``, (model, meta). The one place that re-attaches a checkpoint (runs, resume, workers,
         serving)."""
         model, meta = self.load_model(name, device)
         k = int(meta.get("block", 0))
-        block = stream.union_block(k) if meta.get("graph") == UNION_GRAPH else stream[k]
+        if meta.get("graph") == UNION_GRAPH:
+            block = stream.union_block(k)
+        else:  # a teacher updated every few cycles trained on the span of blocks since its last update
+            block = stream.span(int(meta.get("first", k)), k)
         model.set_graph(block.matrix("train", model.n_users, model.n_items))
         return (model, meta) if with_meta else model
 

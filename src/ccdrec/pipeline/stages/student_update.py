@@ -39,7 +39,7 @@ def student_avoid(ctx: RunContext, state: RunState, k: int, top: np.ndarray | No
     if top is not None and top.shape[1] >= ctx.cfg.student.avoid_top:
         lists.append(top)  # E_{k-1}'s top items, as distilled into D_{k-1}
     else:
-        scorers.insert(0, state.ensemble(ctx.cfg).scorer(context=prev.train_matrix))
+        scorers.insert(0, state.ensemble(ctx.cfg, prev).scorer(context=prev.train_matrix))
     return avoid_lists(ctx, scorers, block, (prev.n_users, prev.n_items), lists)
 
 
@@ -87,7 +87,10 @@ def update_student(
 
 
 def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
-    """Stage ``bK/student_update``: the proxies' EMA step (k >= 2), the avoid lists, then CL_k."""
+    """Stage ``bK/student_update``: the proxies' EMA step (k >= 2), the avoid lists, then CL_k.
+
+    ``state.student`` is the student this cycle starts from: D_{k-1} after a teacher cycle, else
+    CL_{k-1} (a cycle that is not a teacher cycle hands on CL_k, ``teacher.update_every``)."""
     out = StageOutput()
     if k >= 2:
         w_s, w_p = ctx.cfg.proxy_weights(k)
@@ -100,6 +103,10 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     )
     state.served = res.model
     out.pointers["served"] = ctx.save(f"b{k}_served", state.served, k)
+    if not ctx.cfg.teacher.is_teacher_cycle(k):
+        # a student cycle between teacher cycles: the next cycle (and the proxies' step) starts from CL_k
+        state.student = state.served
+        out.pointers["student"] = out.pointers["served"]
     replayed = int(np.mean(replayer.sizes)) if replayer.sizes else 0
     out.rows.append(fit_row(ctx.name("served"), res.fit, k, replay_pairs=replayed))
     return out

@@ -147,9 +147,26 @@ def update_teacher(
     return Trained(model, res)
 
 
+def teacher_blocks(ctx: RunContext, k: int) -> tuple[Block, Block]:
+    """What the teacher update of teacher cycle k trains on and what it had trained on before: the
+    blocks since its last update as one block (:meth:`ccdrec.data.stream.Stream.span`) and the span of
+    its previous update (block 0 for the first). With ``teacher.update_every`` = 1: blocks k and k-1."""
+    t = ctx.cfg.teacher
+    first = t.span_start(k)
+    prev_last = first - 1
+    prev_first = max(prev_last - t.update_every + 1, 0) if prev_last > 0 else 0
+    return ctx.stream.span(first, k), ctx.stream.span(prev_first, prev_last)
+
+
+def span_meta(ctx: RunContext, k: int) -> dict:
+    """Checkpoint metadata of a member trained on a span of several blocks (its graph's first block)."""
+    first = ctx.cfg.teacher.span_start(k)
+    return {"first": first} if first != k else {}
+
+
 def replay_candidates_stage(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     """Stage ``bK/replay_candidates``: the candidates of SP, PP and CL_k, shared by every member (5.3)."""
-    block, prev = ctx.stream[k], ctx.stream[k - 1]
+    block, prev = teacher_blocks(ctx, k)
     found = teacher_candidates(*state.proxies, state.served, block, prev, ctx.cfg, ctx.device)
     tensors = {"users": torch.from_numpy(old_active_users(block))}
     for name, c in found.items():
@@ -172,16 +189,18 @@ def load_candidates(ctx: RunContext, state: RunState, k: int) -> dict[str, Candi
 
 
 def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOutput:
-    """Stage ``bK/teacher{m}``: member m on block k, with the student side's knowledge when enabled."""
+    """Stage ``bK/teacher{m}``: member m on the blocks since its last update (:func:`teacher_blocks`),
+    with the student side's knowledge when enabled."""
     know = ctx.cfg.teacher.student_knowledge
     sp_, pp_ = state.proxies if know else (None, None)
+    block, prev = teacher_blocks(ctx, k)
     res = update_teacher(
         state.members[m],
         sp_,
         pp_,
         state.served if know else None,
-        ctx.stream[k],
-        ctx.stream[k - 1],
+        block,
+        prev,
         ctx.cfg,
         ctx.seed(f"b{k}/teacher{m}", base=ctx.cfg.teacher.members[m].seed),
         ctx.progress,
@@ -189,5 +208,5 @@ def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOut
         candidates=load_candidates(ctx, state, k) if know else None,
     )
     state.members[m] = res.model
-    ptr = ctx.save(f"b{k}_teacher{m}", res.model, k)
+    ptr = ctx.save(f"b{k}_teacher{m}", res.model, k, **span_meta(ctx, k))
     return StageOutput({f"teacher{m}": ptr}, [fit_row(ctx.name(f"teacher{m}"), res.fit, k)])

@@ -278,3 +278,90 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
     assert line.startswith("error: stage") and "b0/teacher" in line and "lost" in line
     assert f"continue with: ccdrec run --resume {tmp_path / 'r'}" in line
     assert json.loads((tmp_path / "r" / "state.json").read_text())["completed"] == []
+
+
+# --- more members of the same kinds (found by trying the tool as a new user) -------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--lr", "nan", "--epochs", "1"], "lr: Input should be a finite number"),
+        (["train", "--batch-size", "0", "--epochs", "1"], "batch_size"),
+        (["run", "--set", "student.update.lr=.inf"], "student.update.lr: Input should be a finite number"),
+        (["run", "--set", "teacher.members=[]"], "teacher.members: List should have at least 1 item"),
+        (["run", "--set", "blocks={-1: {}}"], "incremental blocks k >= 1"),
+        (["run", "--threads", "100000"], "--threads must be between 1 and"),
+        (["run", "--preset", ""], "unknown preset ''"),
+        (["compare", "--ablation", ""], "--ablation names no ablation"),
+        (["compare", "--from-run", "somewhere", "--preset", "quick"], "stored configuration; --preset cannot"),
+    ],
+)
+def test_more_bad_options_are_one_line_errors_that_create_nothing(args, message, tmp_path):
+    res = ccdrec(*args, "--out", str(tmp_path / "o"), cwd=tmp_path) if args[0] != "train" else ccdrec(*args, cwd=tmp_path)
+    assert message in one_error_line(res)
+    assert not (tmp_path / "o").exists()
+
+
+def test_usage_limits_of_numbers(tmp_path):
+    for args in (["data", "prepare", "log.csv", "--out", "x", "--seed", "-5"], ["bench-serve", "run", "-k", "0"]):
+        res = ccdrec(*args, cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "Invalid value" in res.stderr
+
+
+def test_paths_the_system_refuses_are_one_line_errors(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
+    (tmp_path / "afile").write_text("not a directory")
+    res = ccdrec("train", "--data", str(tmp_path / "s"), "--model", "mf", "--dim", "4", "--epochs", "1",
+                 "--no-progress", "--out", str(tmp_path / "afile" / "m"))  # fmt: skip
+    assert "afile" in one_error_line(res)
+    res = ccdrec("compare", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "afile"))
+    assert "Not a directory" in one_error_line(res)
+
+
+def test_broken_run_and_stream_files_are_one_line_errors(cli_run, tmp_path):
+    import gzip
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    (run / "state.json").write_text("[]")
+    assert "not a run state" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
+    assert "not a run state" in one_error_line(ccdrec("run", "--resume", str(run)))
+    stream = tmp_path / "cut"
+    shutil.copytree(cli_run / "a" / "streams" / "base", stream)
+    data = (stream / "interactions.csv.gz").read_bytes()
+    (stream / "interactions.csv.gz").write_bytes(data[:500])  # a truncated gzip file
+    assert gzip.decompress(data)  # the original is whole
+    assert "cannot be read as CSV" in one_error_line(ccdrec("data", "info", str(stream)))
+
+
+def test_prepare_force_replaces_only_a_stream(tmp_path):
+    rows = "\n".join(f"u{i % 12},i{i % 9},{1600000000 + 3600 * i}" for i in range(400))
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + rows + "\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "important.doc").write_text("keep me")
+    res = ccdrec("data", "prepare", "log.csv", "--out", "docs", "--force", "--min-user", "2", "--min-item", "2", cwd=tmp_path)
+    assert "is not a stream directory" in one_error_line(res)
+    assert (tmp_path / "docs" / "important.doc").read_text() == "keep me"
+    small = ("--min-user", "2", "--min-item", "2")
+    res = ccdrec("data", "prepare", "log.csv", "--out", "s", "--blocks", "100000000000", *small, cwd=tmp_path)
+    assert "too few for 100000000000 blocks" in one_error_line(res)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=6), tmp_path / "s")
+    cfg = load_config(tmp_path / "s", preset="quick", overrides=[*SMALL, "max_blocks=0"])
+    run_stream(cfg, tmp_path / "r", progress=False)  # this process holds the run directory from now on
+    res = ccdrec("run", "--resume", str(tmp_path / "r"), "--no-progress")
+    assert "in use by another ccdrec process" in one_error_line(res)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_or_bad_workers_create_nothing(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
+    for args in (["run", "--device", "cuda"], ["compare", "--device", "cuda"], ["compare", "--workers", "0"]):
+        res = ccdrec(*args, "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "o").exists(), args

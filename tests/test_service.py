@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import quote
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +47,38 @@ def run_dir(tmp_path_factory):
     cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
     run_stream(cfg, root / "run", progress=False)
     return root / "run"
+
+
+ODD_USERS = [
+    "a/b",
+    "../../etc/passwd",
+    "<script>alert(1)</script>",
+    ".",
+    "..",
+    " padded ",
+    "x?y#z&k=1%2F+",
+    "/",
+    "./state.json",
+    "ü/ß é",
+]
+
+
+@pytest.fixture(scope="module")
+def odd_run_dir(tmp_path_factory):
+    """A finished run whose first users have IDs with "/", dots, spaces at either end, "<", "?", "#", "%"."""
+    root = tmp_path_factory.mktemp("odd")
+    stream = synthetic_stream(n_blocks=2, seed=5)
+    stream.user_vocab = np.array([*ODD_USERS, *(f"u{i}" for i in range(len(ODD_USERS), stream.n_users))], dtype=object)
+    save_stream(stream, root / "stream")
+    cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
+    run_stream(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+def encoded(user: str) -> str:
+    """``user`` as one path segment, as the page's script sends it (encodeURIComponent; "." and ".." as %2E)."""
+    seg = quote(user, safe="")
+    return "%2E" * len(seg) if seg in (".", "..") else seg
 
 
 @pytest.fixture
@@ -226,6 +260,110 @@ def test_malformed_inputs_get_the_right_status(run_dir):
         assert client.get("/health").json()["status"] == "ok"  # still serving after all of it
 
 
+def raw_requests(port: int, *requests: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each request sent in turn on one keep-alive connection, as a raw client sends it."""
+    import socket
+
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        reader = conn.makefile("rb")
+        for req in requests:
+            conn.sendall(req)
+            status = int(reader.readline().split(b" ", 2)[1])
+            headers = {}
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            out.append((status, reader.read(int(headers[b"content-length"]))))
+    return out
+
+
+def post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def test_non_finite_numbers_in_a_body_get_422(run_dir):
+    """NaN, Infinity, -Infinity and 1e400 (what Python's JSON reader makes of them) anywhere in a body: a 422
+    naming the field, the number echoed as a string, and the keep-alive connection still serves."""
+    with Serving(create_app(run_dir, watch=False)) as s, httpx.Client(base_url=s.url) as client:
+        cases = [
+            ("/recommend", b'{"users":["u5"],"k":1e400}', ["body", "k"], "Infinity"),
+            ("/recommend", b'{"users":["u5"],"k":NaN}', ["body", "k"], "NaN"),
+            ("/recommend", b'{"users":["u5"],"k":Infinity}', ["body", "k"], "Infinity"),
+            ("/recommend", b'{"users":["u5"],"k":-Infinity}', ["body", "k"], "-Infinity"),
+            ("/recommend", b'{"users":["u5"],"k":-1e999}', ["body", "k"], "-Infinity"),
+            ("/recommend", b'{"users":[NaN],"k":3}', ["body", "users", 0], "NaN"),
+            ("/recommend", b'{"users":["u5"],"k":3,"x":NaN}', ["body", "x"], "NaN"),
+            ("/recommend", b'{"users":["3"],"k":3,"x":{"y":[1,Infinity]}}', ["body", "x"], {"y": [1, "Infinity"]}),
+            ("/recommend/items", b'{"items":["i1"],"k":NaN}', ["body", "k"], "NaN"),
+            ("/recommend/items", b'{"items":[Infinity],"k":3}', ["body", "items", 0], "Infinity"),
+            ("/recommend/items", b'{"items":["0"],"k":3,"more":-Infinity}', ["body", "more"], "-Infinity"),
+        ]
+        for path, body, loc, shown in cases:
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422, (body, r.status_code, r.text)
+            assert r.headers["content-type"] == "application/json"
+            detail = json.loads(r.text, parse_constant=lambda c, b=body: pytest.fail(f"{c} in the answer to {b}"))["detail"]
+            errors = [e for e in detail if e["loc"][: len(loc)] == loc]
+            assert errors, (body, detail)
+            assert all(e["input"] == shown and e["msg"] for e in errors), (body, errors)
+            assert client.get("/health").status_code == 200  # the same keep-alive connection
+        # several on one raw keep-alive connection: every answer comes, none resets the connection
+        answers = raw_requests(
+            s.port,
+            post("/recommend", b'{"users":["3"],"k":NaN}'),
+            post("/recommend/items", b'{"items":[Infinity],"k":3}'),
+            post("/recommend", b'{"users":["3"],"k":1e400}'),
+            post("/recommend", b'{"users":["3"],"k":2}'),
+            b"GET /recommend/3?k=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        assert [status for status, _ in answers] == [422, 422, 422, 200, 200]
+        assert json.loads(answers[0][1])["detail"][0]["loc"] == ["body", "k"]
+        assert json.loads(answers[3][1])["results"][0]["items"] == json.loads(answers[4][1])["items"]
+
+
+def test_every_user_id_is_reachable_by_get(odd_run_dir):
+    """IDs with "/", dots, spaces at either end, "?", "#", "%": GET with the percent-encoded ID answers what POST
+    /recommend and `ccdrec recommend` do (by the fast path and by the route); unknown ones get the service's 404."""
+    served = load_run(odd_run_dir)
+    assert [str(u) for u in served.user_ids[: len(ODD_USERS)]] == ODD_USERS
+    with Serving(create_app(odd_run_dir, watch=False)) as s, httpx.Client(base_url=s.url) as client:
+        n_users = s.app.state.slot.current.n_users
+        for user in [*ODD_USERS, "u20"]:
+            want = [(r.item, r.score) for r in served.recommend(user, 5)]
+            batch = client.post("/recommend", json={"users": [user], "k": 5}).json()["results"][0]
+            assert batch["user"] == user and [(x["item"], x["score"]) for x in batch["items"]] == want
+            for query in ("k=5", "k=05"):  # plain digits: the fast path; "05": FastAPI's route
+                r = client.get(f"/recommend/{encoded(user)}?{query}")
+                assert r.status_code == 200, (user, query, r.text)
+                body = r.json()
+                assert body["user"] == user and body["k"] == 5, (user, query)
+                assert [(x["item"], x["score"]) for x in body["items"]] == want, (user, query)
+        default = client.get("/recommend/" + encoded(" padded "))
+        assert default.status_code == 200 and default.json()["k"] == 20
+        # unknown IDs, some of them near a known one or naming a file of the run: the service's own 404
+        for user in ("padded", " padded", "a/b/", "a", "a%2Fb", "../state.json", "../../config.yaml", "...", "/etc/passwd", ""):
+            for query in ("", "?k=5", "?k=05"):
+                r = client.get("/recommend/" + encoded(user) + query)
+                assert r.status_code == 404, (user, query, r.text)
+                assert r.json()["users"] == n_users and "unknown user" in r.json()["detail"], (user, r.text)
+                assert "pointers" not in r.text and "root:" not in r.text and "dataset" not in r.text
+        # as a raw client sends them: %2E and %2e for "." and "..", and a literal "/" of the ID
+        answers = raw_requests(
+            s.port,
+            *(
+                b"GET /recommend/" + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+                for path in (b"%2E?k=3", b"%2e%2E?k=3", b"a/b?k=3", b"a%2fb?k=3", b"..%2F..%2Fetc%2Fpasswd", b"..%2Fstate.json")
+            ),
+        )
+        users = [json.loads(body).get("user") for _, body in answers]
+        assert [status for status, _ in answers] == [200, 200, 200, 200, 200, 404]
+        assert users == [".", "..", "a/b", "a/b", "../../etc/passwd", None]
+        assert b"pointers" not in answers[-1][1] and json.loads(answers[-1][1])["users"] == n_users
+        assert client.get("/health").status_code == 200
+
+
 def test_cold_start_from_items(run_dir):
     with Serving(create_app(run_dir)) as s, httpx.Client(base_url=s.url) as client:
         v = s.app.state.slot.current
@@ -389,6 +527,37 @@ def test_the_watcher_refuses_what_may_not_serve(run_copy, caplog):
 
 
 # --- startup errors ------------------------------------------------------------------------------
+def test_numeric_options_of_serve_are_checked(run_dir):
+    """NaN, infinities, 0, negatives and values out of range: a one-line error, exit 2, nothing served."""
+    bad = [
+        ("--poll", "nan", "--poll"),
+        ("--poll", "NaN", "--poll"),
+        ("--poll", "inf", "--poll"),
+        ("--poll", "-inf", "--poll"),
+        ("--poll", "1e400", "--poll"),
+        ("--poll", "0", "--poll"),
+        ("--poll", "-1", "--poll"),
+        ("--poll", "1e12", "--poll"),
+        ("--threads", "0", "--threads"),
+        ("--threads", "-3", "--threads"),
+        ("--threads", "100000", "--threads"),
+        ("--port", "70000", "--port"),
+        ("--port", "-1", "--port"),
+    ]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "ccdrec", "serve", str(run_dir), opt, value], stderr=subprocess.PIPE, text=True)
+        for opt, value, _ in bad
+    ]
+    for (opt, value, named), proc in zip(bad, procs, strict=True):
+        try:
+            code, err = proc.wait(120), proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert code == 2, (opt, value, code, err)
+        assert err.startswith("error: ") and err.strip().count("\n") == 0 and named in err and "Traceback" not in err, err
+
+
 def test_startup_mistakes_are_one_line_errors(run_dir, tmp_path):
     def start(*args):
         return subprocess.Popen([sys.executable, "-m", "ccdrec", *args], stderr=subprocess.PIPE, text=True)
@@ -482,5 +651,49 @@ def test_page_in_a_headless_browser(run_copy):
             publish(rd, model, "b1_served_page", block=meta["block"])
             wait.until(lambda d: d.find_element(By.ID, "model-id").text.startswith("b1_served_page@"))
             assert driver.find_element(By.ID, "model-swaps").text == "1"
+        finally:
+            driver.quit()
+
+
+def test_page_form_asks_for_the_id_as_typed(odd_run_dir):
+    """The form sends the ID untrimmed and encoded: "/", ".", "..", spaces at either end, markup all reach their
+    user; "padded" without its spaces is another, unknown user."""
+    browser, driver_path = chromium_paths()
+    if browser is None or driver_path is None:
+        pytest.skip("no chromium / chromedriver here (Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    served = load_run(odd_run_dir)
+    with Serving(create_app(odd_run_dir, watch=False)) as s:
+        driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+        try:
+            wait = WebDriverWait(driver, 20)
+            driver.get(s.url + "/")
+            for user in (" padded ", "a/b", ".", "..", "../../etc/passwd", "<script>alert(1)</script>", "x?y#z&k=1%2F+"):
+                field = driver.find_element(By.ID, "user")
+                field.clear()
+                field.send_keys(user)
+                k = driver.find_element(By.ID, "k")
+                k.clear()
+                k.send_keys("4")
+                driver.find_element(By.ID, "submit").click()
+                answered = f"user {user}, top 4, answered by"
+                wait.until(lambda d, a=answered: d.find_element(By.ID, "answered-by").get_attribute("textContent").startswith(a))
+                rows = driver.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+                shown = [row.find_elements(By.TAG_NAME, "td")[1].text for row in rows]
+                assert shown == [r.item for r in served.recommend(user, 4)], user
+                assert driver.find_element(By.ID, "error").is_displayed() is False
+            field = driver.find_element(By.ID, "user")
+            field.clear()
+            field.send_keys("padded")
+            driver.find_element(By.ID, "submit").click()
+            wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+            assert "404" in driver.find_element(By.ID, "error").text and "'padded'" in driver.find_element(By.ID, "error").text
         finally:
             driver.quit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="YAML or TOML file with con
 SetOpt = Annotated[
     list[str], typer.Option("--set", help="override one configuration field, e.g. --set student.update.epochs=5 (repeatable)")
 ]
-SeedOpt = Annotated[int | None, typer.Option(help="run seed (default 0)")]
+SeedOpt = Annotated[int | None, typer.Option(min=0, help="run seed (default 0)")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
 ProgressOpt = Annotated[bool, typer.Option(help="show live progress")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all cores); give concurrent jobs cores/jobs each")]
@@ -107,7 +108,7 @@ def data_prepare(
         help="instead of --blocks: one incremental block per calendar window after D_0, e.g. 7d, 1d, 12h, 90m, 2w "
         "(empty windows skipped, windows under 10 interactions merged into the next)",
     ),
-    seed: int = typer.Option(0, help="seed of the per-user train/valid/test split"),
+    seed: int = typer.Option(0, min=0, help="seed of the per-user train/valid/test split"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     sep: str | None = typer.Option(
         None, help="field separator of a text log: one character, or 'tab' / '\\t' (default: ',' or tab for .tsv)"
@@ -222,7 +223,7 @@ def train(
     model: str = typer.Option("lightgcn", help="mf, lightgcn or vae"),
     dim: int = typer.Option(128, help="embedding dimension"),
     layers: int = typer.Option(2, help="LightGCN layers"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: int = typer.Option(0, min=0, help="random seed"),
     epochs: int | None = typer.Option(None, help="maximum epochs (default: the model's schedule)"),
     lr: float | None = typer.Option(None, help="learning rate"),
     batch_size: int | None = typer.Option(None, help="batch size"),
@@ -232,7 +233,7 @@ def train(
 ) -> None:
     """Train one model on one block with early stopping; print validation and test metrics."""
     from ccdrec.checkpoint import save_model
-    from ccdrec.config import ModelConfig, default_schedule
+    from ccdrec.config import ModelConfig, TrainConfig, default_schedule
     from ccdrec.data import load_stream
     from ccdrec.device import resolve_device
     from ccdrec.eval import evaluate_block
@@ -243,7 +244,7 @@ def train(
         raise CcdrecError(f"--block {block} is out of range: {stream.name} has blocks 0..{len(stream) - 1}")
     mcfg = ModelConfig(kind=model, dim=dim, layers=layers)
     overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
-    cfg = default_schedule(mcfg.kind).model_copy(update=overrides)
+    cfg = TrainConfig.model_validate({**default_schedule(mcfg.kind).model_dump(), **overrides})  # checked, unlike a copy
     b = stream[block]
     m = build_model(mcfg.kind, b.n_users, b.n_items, **mcfg.kwargs()).to(resolve_device(device))
     from ccdrec.train import fit
@@ -266,8 +267,9 @@ def _set_threads(threads: int | None) -> None:
     """Cap torch's CPU threads. Concurrent jobs whose OpenMP threads outnumber the cores spin against
     each other (with two 2-thread runs on 2 cores, a Yelp teacher update took 267 s instead of 34 s)."""
     if threads is not None:
-        if threads < 1:
-            raise CcdrecError(f"--threads must be at least 1, got {threads}")
+        most = 4 * (os.cpu_count() or 1)
+        if not 1 <= threads <= most:
+            raise CcdrecError(f"--threads must be between 1 and {most} (4 x the {os.cpu_count()} cores), got {threads}")
         import torch
 
         torch.set_num_threads(threads)
@@ -453,6 +455,13 @@ def compare(
             from_run=from_run,
         )
         cfg, out_dir = None, resume
+    elif from_run is not None:  # the run's stored configuration is the comparison's
+        given = {"--dataset": dataset, "--data": data, "--preset": preset, "--config": config, "--set": set_}
+        given |= {"--seed": seed, "--device": device, "--max-blocks": max_blocks}
+        named = [option for option, value in given.items() if value not in (None, [])]
+        if named:
+            raise CcdrecError(f"--from-run compares with the run's stored configuration; {', '.join(named)} cannot change it")
+        cfg, out_dir = None, out or Path("runs") / f"compare-{Path(from_run).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -479,7 +488,7 @@ def bench_serve_command(
     run_dir: Path = typer.Argument(..., help="a run directory of `ccdrec run` (or a competitor run of `ccdrec compare`)"),
     batch: int = typer.Option(1024, help="users in the batch measurement"),
     repeats: int = typer.Option(10, help="timed repetitions per measurement (the median is reported)"),
-    k: int = typer.Option(20, "-k", help="recommendation list length"),
+    k: int = typer.Option(20, "-k", min=1, help="recommendation list length"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the figures to this JSON file"),
 ) -> None:
@@ -542,6 +551,16 @@ def main() -> None:
         else:
             print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
+    except typer.Abort:  # what click makes of an end of input it did not expect
+        print("error: aborted (unexpected end of input)", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a path the user gave that cannot be written or read (a file for a directory, ...)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:
+        print("error: out of memory (try fewer --threads or a smaller configuration)", file=sys.stderr)
+        sys.exit(1)
 
 
 @app.command("serve")
@@ -558,7 +577,8 @@ def serve_command(
 
     GET /recommend/{user}?k=20, POST /recommend (a batch of users), POST /recommend/items (cold start), GET /health, GET /model, the page at / and the OpenAPI schema at /docs. Needs `pip install 'ccdrec\[serve]'`.
     """  # noqa: E501
-    from ccdrec.service.server import serve
+    from ccdrec.service.server import check_options, serve
 
+    check_options(port, poll, threads)  # finite and in range: `--poll nan` is a one-line error, exit 2
     role = "teacher" if teacher else "student"
     serve(run_dir, host=host, port=port, role=role, poll_seconds=poll, access_log=access_log, threads=threads)

@@ -23,7 +23,8 @@ on Yelp, validation H of a teacher member's update at block 2 is 0.0780 with ran
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # unknown keys are errors; so are infinite and NaN numbers (a learning rate of inf trains to NaN weights)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Strict):
@@ -92,7 +93,7 @@ def default_schedule(kind: str) -> TrainConfig:
 class MemberConfig(ModelConfig):
     """One teacher member: an architecture and its own seed."""
 
-    seed: int = Field(0, description="member seed (initialisation and sampling)")
+    seed: int = Field(0, ge=0, description="member seed (initialisation and sampling)")
 
 
 class ReplayConfig(Strict):
@@ -117,6 +118,7 @@ class TeacherConfig(Strict):
 
     members: list[MemberConfig] = Field(
         default_factory=lambda: [MemberConfig(kind="lightgcn", dim=128, seed=s) for s in range(5)],
+        min_length=1,
         description="ensemble members",
     )
     base: TrainConfig = Field(default_factory=lambda: default_schedule("lightgcn"), description="block-0 schedule of BPR members")
@@ -215,7 +217,7 @@ class RunConfig(Strict):
     """A whole CCD run over a stream."""
 
     dataset: str = Field("yelp", description="bundled dataset (yelp, gowalla) or a stream directory")
-    seed: int = Field(0, description="base seed; every stage derives its own seed from it")
+    seed: int = Field(0, ge=0, description="base seed; every stage derives its own seed from it")
     device: DevicePref = Field("auto", description="auto, cpu or cuda")
     max_blocks: int | None = Field(None, ge=0, description="stop after this incremental block (default: all)")
     workers: int = Field(
@@ -238,6 +240,14 @@ class RunConfig(Strict):
     competitors: CompetitorConfig = Field(
         default_factory=lambda: CompetitorConfig(), description="the continual-learning competitors (ccdrec compare)"
     )
+
+    @field_validator("blocks")
+    @classmethod
+    def _incremental_blocks(cls, blocks: dict) -> dict:
+        bad = sorted(k for k in blocks if k < 1)
+        if bad:
+            raise ValueError(f"per-block overrides are for incremental blocks k >= 1, got {bad}")
+        return blocks
 
     @field_validator("ks")
     @classmethod

@@ -81,7 +81,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ccdrec.data.split import split_block
-from ccdrec.data.stream import SPLITS, Block, Stream, load_stream, save_stream
+from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
 from ccdrec.errors import CcdrecError
 
 try:
@@ -150,7 +150,7 @@ def prepare_stream(
         raise CcdrecError(f"{log}: give either --blocks (equal-count blocks) or --window (calendar windows), not both")
     window_s = parse_window(window) if window is not None else None
     n_blocks = DEFAULT_BLOCKS if n_blocks is None else n_blocks
-    _check_params(log, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks)
+    _check_params(log, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks, seed)
     _check_time_options(log, time_format, time_unit)
     names = _column_names(log, header, columns)
     sep = _separator(log, sep)
@@ -323,7 +323,9 @@ def _window_text(anchor, width: int, per_second: int, m: int, end: bool = False)
 # --- checks -------------------------------------------------------------------------------
 
 
-def _check_params(log: Path, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks) -> None:
+def _check_params(
+    log: Path, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks, seed=0
+) -> None:
     def bad(msg: str) -> CcdrecError:
         return CcdrecError(f"{log}: {msg}")
 
@@ -332,6 +334,8 @@ def _check_params(log: Path, user_col, item_col, time_col, rating_col, min_user,
     for name, value in (("n_blocks", n_blocks), ("min_user", min_user), ("min_item", min_item)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise bad(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise bad(f"seed must be an integer >= 0, got {seed!r}")
     cols = [user_col, item_col, time_col] + ([rating_col] if rating_col is not None else [])
     if len(set(cols)) < len(cols):
         raise bad(f"user, item, time (and rating) columns must differ, got {', '.join(map(repr, cols))}")
@@ -406,10 +410,12 @@ def _check_out(log: Path, out: Path, force: bool) -> None:
         return
     if not force:
         raise CcdrecError(
-            f"cannot prepare {log}: output directory {out} already exists and is not empty (use force to replace it)"
+            f"cannot prepare {log}: output directory {out} already exists and is not empty (use --force to replace it)"
         )
+    if not (out / UNIVERSE).exists():  # --force replaces a stream, never another directory
+        raise CcdrecError(f"cannot prepare {log}: {out} is not a stream directory (no {UNIVERSE}); --force replaces only streams")
     if log.resolve().is_relative_to(out.resolve()):
-        raise CcdrecError(f"cannot prepare {log}: it lies inside the output directory {out}, which force would delete")
+        raise CcdrecError(f"cannot prepare {log}: it lies inside the output directory {out}, which --force would delete")
 
 
 def _kind(log: Path) -> str:
@@ -782,6 +788,11 @@ def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_us
     if n == 0:
         raise CcdrecError(f"{log}: no interactions left after the k-core filter (min_user={min_user}, min_item={min_item})")
     n0 = int(round(base_fraction * n))
+    if (n_blocks + 1) * MIN_PER_BLOCK > n:  # checked before any array of n_blocks is made
+        raise CcdrecError(
+            f"{log}: only {n} interactions left after the k-core filter (min_user={min_user}, min_item={min_item}), "
+            f"too few for {n_blocks} blocks of at least {MIN_PER_BLOCK} each"
+        )
     bounds = np.concatenate([[0], n0 + np.round(np.linspace(0, n - n0, n_blocks + 1)).astype(np.int64)])
     sizes = np.diff(bounds)
     if sizes.min() < MIN_PER_BLOCK:

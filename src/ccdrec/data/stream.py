@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -255,8 +256,8 @@ def _read_csv(path: Path, columns: tuple[str, ...], **kwargs) -> pd.DataFrame:
         raise CcdrecError(f"{path}: file is missing")
     try:
         df = pd.read_csv(path, **kwargs)
-    except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise CcdrecError(f"{path}: cannot be read as CSV ({e})") from None
+    except (ValueError, OSError, EOFError, zlib.error, pd.errors.ParserError) as e:  # EOFError: a truncated gzip file
+        raise CcdrecError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CcdrecError(f"{path}: missing column(s) {', '.join(missing)}")

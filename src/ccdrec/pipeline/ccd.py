@@ -26,6 +26,7 @@ from rich.console import Console
 
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
+from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.context import StageOutput
 from ccdrec.pipeline.rundir import RunDir
@@ -85,13 +86,18 @@ def prepare_run(
     """
     if workers is not None and workers < 1:
         raise CcdrecError(f"workers must be at least 1, got {workers}")
+    if cfg is not None:
+        resolve_device(cfg.device)  # a device that is not there is refused before anything is created
     if resume:
         rd = RunDir.open(run_dir)
         cfg = rd.load_config()
+        resolve_device(cfg.device)
         completed = set(rd.read_state()["completed"])
         stream = rd.open_stream(cfg)
         if max_blocks is not None:
             rd.check_max_blocks(max_blocks)
+        rd.hold()  # every check has passed: from here on the directory changes
+        if max_blocks is not None:
             cfg = cfg.model_copy(update={"max_blocks": max_blocks})
             rd.save_config(cfg)
         rd.remove_partial_writes()
@@ -103,6 +109,7 @@ def prepare_run(
         rd.check_creatable()
         stream = load_stream(cfg.dataset)
         rd.create(cfg, stream)
+        rd.hold()
     if workers is not None:
         cfg = cfg.model_copy(update={"workers": workers})
     return cfg, rd, stream

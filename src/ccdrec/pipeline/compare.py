@@ -29,6 +29,7 @@ from rich.console import Console
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import load_stream
+from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
@@ -127,7 +128,9 @@ def parse_ablations(text: str | None, enabled: bool) -> list[str]:
     """All ablations when ``enabled`` and ``text`` is None, else the comma-separated names in ``text``."""
     if text is None:
         return list(ABLATIONS) if enabled else []
-    names = [x.strip() for x in text.split(",") if x.strip()]
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not names:
+        raise CcdrecError("--ablation names no ablation")
     for n in names:
         if n not in ABLATIONS:
             raise CcdrecError(f"unknown ablation {n!r}; expected some of {', '.join(ABLATIONS)}")
@@ -203,6 +206,8 @@ def run_compare(
     out = Path(out)
     console = console or Console(quiet=not progress)
     top = RunDir(out)
+    if workers is not None and workers < 1:
+        raise CcdrecError(f"workers must be at least 1, got {workers}")
     if resume:
         cfg, plan = read_plan(out)
         stream = top.open_stream(cfg)  # every check before anything changes
@@ -227,6 +232,8 @@ def run_compare(
         if from_run is not None and "ccd" not in methods:
             methods.insert(0, "ccd")
         plan = _merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
+        resolve_device(cfg.device)  # refused before anything is created
+        top.check_creatable()
         out.mkdir(parents=True, exist_ok=True)
         top.save_config(cfg)
         top.record_stream(cfg, stream)

@@ -17,6 +17,7 @@ and the temporary files of writes a kill cut short are removed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,8 @@ from ccdrec.models.base import Recommender
 
 STATE_VERSION = 1
 STREAM_FILE = "stream.json"
+LOCK_FILE = ".lock"
+_HELD: dict[Path, int] = {}  # run directories this process holds (RunDir.hold)
 UNION_GRAPH = "union"  # checkpoint meta "graph": trained on the union of blocks 0..k (full retraining)
 
 
@@ -109,6 +112,23 @@ class RunDir:
                     pass
         return stream
 
+    def hold(self) -> None:
+        """Take the run directory for this process until it exits (an exclusive ``flock`` on ``.lock``);
+        a second ``run`` / ``--resume`` of the same directory is a one-line error instead of two
+        processes writing one state."""
+        key = self.path.resolve()
+        if key in _HELD:
+            return
+        import fcntl
+
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CcdrecError(f"{self.path}: the run directory is in use by another ccdrec process") from None
+        _HELD[key] = fd  # released when the process exits
+
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of atomic writes that a kill cut short (``.NAME.*.tmp``)."""
         for tmp in self.path.rglob(".*.tmp"):
@@ -150,6 +170,8 @@ class RunDir:
 
     def read_state(self) -> dict:
         state = read_json(self.state_path)
+        if not isinstance(state, dict) or not isinstance(state.get("pointers"), dict):
+            raise CcdrecError(f"{self.state_path}: not a run state (expected a JSON object with completed stages and pointers)")
         if state.get("version") != STATE_VERSION or not isinstance(state.get("completed"), list):
             raise CcdrecError(f"{self.state_path}: incompatible run state (version {state.get('version')!r})")
         return state

@@ -83,7 +83,7 @@ def load_config(
     # start from every default, so that a partial section (``base: {epochs: 60}``) overrides one field
     data: dict = RunConfig().model_dump()
     bundled = dataset if isinstance(dataset, str) else None  # a Path is a directory, never a bundled name
-    name = preset or DATASET_PRESET.get(bundled or "yelp", "yelp")
+    name = DATASET_PRESET.get(bundled or "yelp", "yelp") if preset is None else preset
     data = merge(data, read_preset(name))
     if file is not None:
         data = merge(data, read_file(file))

@@ -199,7 +199,8 @@ def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "reca
         ax.set(title=f"{ROLE_NAMES[role]}: H_k ({metric})", xlabel="block k")
         ax.grid(alpha=0.3)
         integer_blocks(ax)
-    axes[-1].legend(fontsize=7)
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

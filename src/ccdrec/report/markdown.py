@@ -45,7 +45,8 @@ def plot_h(rows: list[dict], path: Path, metric: str = "recall@20") -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         integer_blocks(ax)
-    axes[1].legend(fontsize=8)
+    if axes[1].get_legend_handles_labels()[0]:  # nothing to label before the first incremental block
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,7 +5,9 @@ Endpoints (JSON unless said; every recommendation answer names the model version
 
 * ``GET /recommend/{user}?k=20`` -> ``{"user", "k", "model", "items": [{"item", "score"}, ...]}``: the
   top-k items of an original user ID, best first, the user's seen items excluded: the list
-  ``ccdrec recommend RUN --user USER -k K`` prints;
+  ``ccdrec recommend RUN --user USER -k K`` prints; ``user`` is the ID percent-encoded as one path
+  segment (``encodeURIComponent``: ``/`` as ``%2F``; an ID ``.`` or ``..`` as ``%2E``, ``%2E%2E``) and is
+  looked up exactly, spaces included;
 * ``POST /recommend`` with ``{"users": [...], "k": 20}`` (1..``max_batch`` user IDs) ->
   ``{"k", "model", "results": [{"user", "items"}, ...]}``, the whole batch from one version;
 * ``POST /recommend/items`` with ``{"items": [...], "k": 20}`` (1..``max_items`` original item IDs) ->
@@ -22,7 +24,8 @@ Errors are JSON ``{"detail": ...}``: 404 for an unknown user (with ``users``, th
 unknown items, none of them known (with ``unknown``, the first 10, and ``items``, the universe size); 422 when k is not an
 integer in 1..``max_k``, a list is empty or too long, a batch asks for more than ``max_batch_items``
 (users x k), or a body is not the documented JSON (FastAPI's
-list of validation errors); 413 when a body exceeds ``max_body`` bytes (counted as it arrives, never
+list of validation errors, a non-finite number in the body such as ``NaN`` or ``1e400`` echoed as the
+string ``"NaN"`` / ``"Infinity"``); 413 when a body exceeds ``max_body`` bytes (counted as it arrives, never
 buffered past the limit); 501 for cold start on the teacher ensemble; 500 ``{"detail": "internal
 error"}``, logged with its traceback, for anything else. IDs are only ever looked up in in-memory
 vocabularies: no request names a file.
@@ -37,6 +40,7 @@ hot path, a valid
 included, goes to the FastAPI route, whose answers (422, 404) are the documented ones.
 """
 
+import math
 import re
 import time
 from contextlib import asynccontextmanager
@@ -112,10 +116,11 @@ PREFIX = "/recommend/"
 class FastRecommend:
     """ASGI middleware: answers a valid ``GET /recommend/{user}?k=K`` of a known user directly.
 
-    Valid: the query string is empty or exactly ``k=`` plain digits within 1..``max_k``, the user has no
-    ``/`` and is in the serving version's universe. Anything else goes on to the application unchanged.
-    The answer is the one the FastAPI route gives (``answer``, a coroutine function), from one version
-    read once.
+    Valid: the query string is empty or exactly ``k=`` plain digits within 1..``max_k`` and the user is
+    in the serving version's universe. The user is everything after ``/recommend/`` in the decoded
+    path (``scope["path"]``: ``%2F`` is a ``/`` of the ID, ``%2E`` a ``.``, nothing is trimmed), as the
+    route's ``{user:path}`` reads it. Anything else goes on to the application unchanged. The answer is
+    the one the FastAPI route gives (``answer``, a coroutine function), from one version read once.
     """
 
     def __init__(self, app, slot: ModelSlot, max_k: int, answer):
@@ -124,7 +129,7 @@ class FastRecommend:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
-            if path.startswith(PREFIX) and len(path) > len(PREFIX) and "/" not in path[len(PREFIX) :]:
+            if path.startswith(PREFIX) and len(path) > len(PREFIX):
                 qs = scope["query_string"]
                 k = 20 if not qs else (int(m.group(1)) if (m := _PLAIN_K.fullmatch(qs)) else 0)
                 if 1 <= k <= self.max_k:
@@ -138,6 +143,32 @@ class FastRecommend:
                         await send({"type": "http.response.body", "body": body})
                         return
         await self.app(scope, receive, send)
+
+
+def json_safe(value):
+    """``value`` (JSON-like) with every non-finite float as the string JSON cannot carry it as
+    (``"NaN"``, ``"Infinity"``, ``"-Infinity"``): what a request body may hold (Python's JSON reader
+    accepts those tokens, and ``1e400`` is infinity) and a validation error echoes back."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def validation_errors(errors) -> list:
+    """FastAPI's list of validation errors as JSON-safe data (non-finite inputs as strings)."""
+    from fastapi.encoders import jsonable_encoder
+
+    try:
+        return json_safe(jsonable_encoder(errors))
+    except Exception:  # an input or context JSON cannot carry: keep where and what
+        return [
+            {"type": str(e.get("type", "")), "loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in errors
+        ]
 
 
 def create_app(
@@ -163,6 +194,7 @@ def create_app(
     fastapi, orjson = import_serve_extra()
     from fastapi import Query
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -273,7 +305,7 @@ def create_app(
     app.add_middleware(FastRecommend, slot=slot, max_k=max_k, answer=user_answer)
 
     @app.get(
-        "/recommend/{user}",
+        "/recommend/{user:path}",  # an ID may hold "/" (sent as %2F); "." and ".." are sent as %2E, %2E%2E
         response_model=None,
         responses={200: {"model": UserRecommendations}, **not_found},
         summary="Top-k unseen items for one user",
@@ -360,5 +392,10 @@ def create_app(
         log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
+    async def invalid_request(request, exc):
+        # FastAPI's own 422 fails to render (500) when an input is NaN or infinite: render it JSON-safe
+        return JSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, internal_error)
     return app

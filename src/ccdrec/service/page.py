@@ -6,7 +6,8 @@
 * the per-block plot: H_k of the lead Recall@K for every incremental block k >= 1 (before the first
   incremental block: LA_0 = r_(0,0)), as inline SVG (no image files, nothing read from a client's path);
 * the serving model (``GET /model``, refreshed every 2 s, so a hot swap shows);
-* a form that asks ``GET /recommend/{user}?k=`` and shows the answer as a table (the version that
+* a form that asks ``GET /recommend/{user}?k=`` (the ID as typed, untrimmed, ``encodeURIComponent``-ed;
+  ``.`` and ``..``, which a browser drops from a path, by ``POST /recommend``) and shows the answer as a table (the version that
   answered, or the error the service gave).
 
 Everything from the run is HTML-escaped; what a client types is only ever set as text by the script.
@@ -137,13 +138,23 @@ function detail(body) {
 }
 $("recommend-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
-  const user = $("user").value.trim(), k = $("k").value;
+  const user = $("user").value, k = $("k").value;  // exactly as typed: IDs may have spaces at either end
   const tbody = $("results").querySelector("tbody");
   tbody.replaceChildren(); $("error").hidden = true; $("answered-by").textContent = "";
   let r, body;
   try {
-    r = await fetch("/recommend/" + encodeURIComponent(user) + "?k=" + encodeURIComponent(k));
-    body = await r.json();
+    if (user === "." || user === "..") {
+      // a browser drops a "." or ".." path segment, %2E-encoded too: ask the batch endpoint for this one
+      const ask = { users: [user] };
+      if (k !== "") ask.k = Number(k);
+      const headers = { "content-type": "application/json" };
+      r = await fetch("/recommend", { method: "POST", headers: headers, body: JSON.stringify(ask) });
+      body = await r.json();
+      if (r.ok) body = { user: user, k: body.k, model: body.model, items: body.results[0].items };
+    } else {
+      r = await fetch("/recommend/" + encodeURIComponent(user) + "?k=" + encodeURIComponent(k));
+      body = await r.json();
+    }
   } catch (e) { $("error").textContent = "no answer: " + e; $("error").hidden = false; return; }
   if (!r.ok) { $("error").textContent = r.status + ": " + detail(body); $("error").hidden = false; return; }
   body.items.forEach((rec, i) => {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
+import os
 import socket
 import sys
 from pathlib import Path
@@ -54,6 +56,20 @@ def _log_to_stderr() -> None:
     log.propagate = False
 
 
+MAX_POLL = 86400.0  # seconds: a day between looks at the run directory
+
+
+def check_options(port: int, poll_seconds: float, threads: int) -> None:
+    """A one-line :class:`CcdrecError` for a numeric option out of range (NaN and infinities included)."""
+    if not 0 <= port <= 65535:
+        raise CcdrecError(f"--port {port} is out of range (0..65535)")
+    if not (math.isfinite(poll_seconds) and 0 < poll_seconds <= MAX_POLL):
+        raise CcdrecError(f"--poll must be a number of seconds in (0, {MAX_POLL:g}], got {poll_seconds}")
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= threads <= most:
+        raise CcdrecError(f"--threads must be between 1 and {most} (4 x the {os.cpu_count()} cores), got {threads}")
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -64,6 +80,7 @@ def serve(
     threads: int = 1,
 ) -> None:
     """Serve ``role`` of ``run_dir`` on ``host:port`` until interrupted (see :mod:`ccdrec.service.app`)."""
+    check_options(port, poll_seconds, threads)
     from ccdrec.service.app import create_app, import_serve_extra
 
     import_serve_extra()
@@ -75,10 +92,6 @@ def serve(
         ) from None
     import torch
 
-    if poll_seconds <= 0:
-        raise CcdrecError(f"--poll must be positive, got {poll_seconds}")
-    if threads < 1:
-        raise CcdrecError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)  # one answer is a (n_items,) score vector: more threads only spin
     RunDir.open(Path(run_dir))
     sock = listen(host, port)

@@ -22,6 +22,7 @@ from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.serve import load_run
+from test_prepare import reference as kcore_reference  # dedup + iterative k-core, in plain pandas
 
 T0 = 1_600_000_000  # unix seconds
 DAY = 86_400
@@ -63,17 +64,6 @@ def weekly_log(seed: int = 3, n_blocks: int = 4) -> pd.DataFrame:
         times = T0 + b.index * 7 * DAY + rng.integers(0, 7 * DAY, len(pairs))
         rows += [(f"u{u}", f"i{i}", int(t)) for (u, i), t in zip(pairs.tolist(), times.tolist(), strict=True)]
     return pd.DataFrame(rows, columns=["user", "item", "timestamp"]).sample(frac=1, random_state=seed).reset_index(drop=True)
-
-
-def kcore_reference(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
-    df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user", "item"])
-    while True:
-        ok = (df.groupby("user")["item"].transform("size") >= min_user) & (
-            df.groupby("item")["user"].transform("size") >= min_item
-        )
-        if ok.all():
-            return df.reset_index(drop=True)
-        df = df[ok]
 
 
 def predicted_blocks(df: pd.DataFrame, base_fraction: float, seconds: int) -> pd.Series:

@@ -43,7 +43,7 @@ def test_data_info_bundled_table():
         (["run", "--resume", "/nonexistent/run"], "no such run directory"),
         (["run", "--dataset", "yelp", "--set", "student.model.dim=-3"], "invalid configuration: student.model.dim"),
         (["run", "--dataset", "yelp", "--preset", "nope"], "unknown preset"),
-        (["run", "--dataset", "yelp", "--threads", "0"], "--threads must be at least 1"),
+        (["run", "--dataset", "yelp", "--threads", "0"], "--threads must be between 1 and"),
         (["recommend", "/nonexistent/run", "--user", "1"], "no such run directory"),
         (["run", "--resume", "/nonexistent/run", "--preset", "quick"], "--preset cannot change it"),
         (["compare", "--resume", "/nonexistent/cmp", "--set", "seed=1", "--seed", "2"], "--set, --seed cannot change it"),

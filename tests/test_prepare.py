@@ -198,6 +198,7 @@ def test_force_replaces_existing_output(tmp_path):
     make_log().to_csv(tmp_path / "log.csv", index=False)
     out = tmp_path / "out"
     out.mkdir()
+    (out / "universe.csv").write_text("block,users,items\n")  # --force replaces a stream directory
     (out / "stale.txt").write_text("old")
     stream = prepare_stream(tmp_path / "log.csv", out, force=True, **KW)
     assert not (out / "stale.txt").exists() and len(stream) == 4
@@ -285,6 +286,7 @@ def test_non_empty_output_without_force_is_refused(tmp_path):
 def test_force_refuses_to_delete_the_log_itself(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "universe.csv").write_text("block,users,items\n")
     make_log().to_csv(out / "log.csv", index=False)
     with pytest.raises(CcdrecError, match="log.csv.*inside the output"):
         prepare_stream(out / "log.csv", out, force=True, **KW)
@@ -530,6 +532,7 @@ def test_a_stream_that_does_not_read_back_leaves_nothing(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     if existing:
         out.mkdir()
+        (out / "universe.csv").write_text("block,users,items\n")  # a stream --force may replace
         (out / "keep.txt").write_text("mine")
     monkeypatch.setattr(prepare_mod, "save_stream", save)
     with pytest.raises(error) as exc:
@@ -537,7 +540,7 @@ def test_a_stream_that_does_not_read_back_leaves_nothing(tmp_path, monkeypatch, 
     assert needle in str(exc.value) and "\n" not in str(exc.value)
     assert leftovers(tmp_path) == (["out"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "universe.csv"]
 
 
 # --- headerless, tab-separated, gzip, ratings --------------------------------------------------

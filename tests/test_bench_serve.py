@@ -10,12 +10,9 @@ import pytest
 import torch
 
 from ccdrec import CcdrecError
-from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.models import MF, LightGCN
 from ccdrec.models.vae import MultVAE
-from ccdrec.pipeline.ccd import run_stream
-from ccdrec.presets import load_config
 from ccdrec.serve_bench import (
     bench_records,
     bench_serve,
@@ -37,12 +34,8 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    save_stream(synthetic_stream(n_blocks=2, seed=2), root / "stream")
-    cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
-    run_stream(cfg, root / "run", progress=False)
-    return root / "run"
+def run_dir(tmp_path_factory, finished_run):
+    return finished_run(tmp_path_factory.mktemp("bench"), synthetic_stream(n_blocks=2, seed=2), OVERRIDES)
 
 
 def test_bench_serve_returns_sane_positive_numbers(run_dir, tmp_path):

@@ -40,13 +40,9 @@ def cli(*args, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, finished_run):
     """A finished two-block CCD run on a synthetic stream (a few seconds)."""
-    root = tmp_path_factory.mktemp("service")
-    save_stream(synthetic_stream(n_blocks=2, seed=4), root / "stream")
-    cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
-    run_stream(cfg, root / "run", progress=False)
-    return root / "run"
+    return finished_run(tmp_path_factory.mktemp("service"), synthetic_stream(n_blocks=2, seed=4), OVERRIDES)
 
 
 ODD_USERS = [
@@ -64,15 +60,11 @@ ODD_USERS = [
 
 
 @pytest.fixture(scope="module")
-def odd_run_dir(tmp_path_factory):
+def odd_run_dir(tmp_path_factory, finished_run):
     """A finished run whose first users have IDs with "/", dots, spaces at either end, "<", "?", "#", "%"."""
-    root = tmp_path_factory.mktemp("odd")
     stream = synthetic_stream(n_blocks=2, seed=5)
     stream.user_vocab = np.array([*ODD_USERS, *(f"u{i}" for i in range(len(ODD_USERS), stream.n_users))], dtype=object)
-    save_stream(stream, root / "stream")
-    cfg = load_config(str(root / "stream"), preset="quick", overrides=OVERRIDES)
-    run_stream(cfg, root / "run", progress=False)
-    return root / "run"
+    return finished_run(tmp_path_factory.mktemp("odd"), stream, OVERRIDES)
 
 
 def encoded(user: str) -> str:

@@ -28,7 +28,7 @@ import torch
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel
-from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
+from ccdrec.pipeline.rundir import RunDir, trained_on
 
 
 @dataclass
@@ -146,9 +146,7 @@ class ServedRun:
     def _train_graph(self) -> sp.csr_matrix:
         """The train matrix the served model is attached to (its block's, or the union of blocks 0..k)."""
         if self._train is None:
-            k = int(self.meta.get("block", self.block))
-            block = self.stream.union_block(k) if self.meta.get("graph") == UNION_GRAPH else self.stream[k]
-            self._train = block.matrix("train", self.model.n_users, self.model.n_items)
+            self._train = trained_on(self.stream, self.meta).matrix("train", self.model.n_users, self.model.n_items)
         return self._train
 
     def cold_start_scores(self, item_idx: Sequence[int]) -> np.ndarray:

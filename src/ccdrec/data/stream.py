@@ -189,12 +189,9 @@ class Stream:
         """
         if first == last:
             return self.blocks[last]
-        b, before = self.blocks[last], self.blocks[first - 1] if first > 0 else None
-        train = np.unique(np.concatenate([x.train for x in self.blocks[first : last + 1]]), axis=0)
-        seen = set(map(tuple, train.tolist()))
-        valid = b.valid[[tuple(p) not in seen for p in b.valid.tolist()]] if len(b.valid) else b.valid
-        prev_u, prev_i = (before.n_users, before.n_items) if before is not None else (0, 0)
-        return Block(last, b.n_users, b.n_items, prev_u, prev_i, train, valid.reshape(-1, 2), b.test)
+        before = self.blocks[first - 1] if first > 0 else None
+        prev = (before.n_users, before.n_items) if before is not None else (0, 0)
+        return self._merged(first, last, *prev)
 
     def union_block(self, k: int) -> Block:
         """Block k with Tr = the deduplicated train pairs of blocks 0..k (for full retraining).
@@ -203,10 +200,16 @@ class Stream:
         dropped (they are masked as observed and could never be hit).
         """
         b = self.blocks[k]
-        train = self.train_until(k)
+        return self._merged(0, k, b.prev_users, b.prev_items)
+
+    def _merged(self, first: int, last: int, prev_users: int, prev_items: int) -> Block:
+        """Block ``last`` with the deduplicated train pairs of blocks ``first..last`` and its validation
+        pairs that are among them dropped; the previous universe is given."""
+        b = self.blocks[last]
+        train = np.unique(np.concatenate([x.train for x in self.blocks[first : last + 1]]), axis=0)
         seen = set(map(tuple, train.tolist()))
         valid = b.valid[[tuple(p) not in seen for p in b.valid.tolist()]] if len(b.valid) else b.valid
-        return Block(k, b.n_users, b.n_items, b.prev_users, b.prev_items, train, valid.reshape(-1, 2), b.test)
+        return Block(last, b.n_users, b.n_items, prev_users, prev_items, train, valid.reshape(-1, 2), b.test)
 
 
 def bundled_path(name: str) -> Path:

@@ -150,16 +150,13 @@ def _check_fresh(d: Path) -> None:
         raise CcdrecError(f"{d}: exists without state.json (an interrupted start); remove it and resume")
 
 
-def adopt_run(source: Path, target: Path) -> RunConfig:
-    """Make the CCD run directory ``source`` the comparison's ``target`` (OUT/ccd); returns its config.
+def adopt_run(source: Path, target: Path) -> None:
+    """Make the CCD run directory ``source`` (already checked) the comparison's ``target`` (OUT/ccd).
 
     Checkpoints are hard-linked (never rewritten in place); the config, state and metrics are copied, so
     that finishing an incomplete run inside the comparison leaves ``source`` as it was.
     """
     src = RunDir.open(source)
-    if not src.state_path.exists():
-        raise CcdrecError(f"{source}: not a run directory (no state.json)")
-    cfg = src.load_config()
     for f in sorted(p for p in src.path.rglob("*") if p.is_file()):
         rel = f.relative_to(src.path)
         if rel.parts[0] == "checkpoints":
@@ -167,7 +164,6 @@ def adopt_run(source: Path, target: Path) -> RunConfig:
         elif rel.parts[0] in (CONFIG_FILE, STREAM_FILE, src.state_path.name, src.metrics_path.name):
             target.mkdir(parents=True, exist_ok=True)
             (target / rel).write_bytes(f.read_bytes())
-    return cfg
 
 
 def read_plan(out: Path) -> tuple[RunConfig, dict]:
@@ -223,6 +219,7 @@ def run_compare(
         if from_run is not None:
             source = RunDir.open(from_run)
             cfg = source.load_config()
+            source.read_state()  # a run directory, checked before anything is created
             stream = source.open_stream(cfg)
         elif cfg is None:
             raise CcdrecError("a configuration is needed to start a comparison")

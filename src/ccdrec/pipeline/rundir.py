@@ -24,7 +24,7 @@ import yaml
 
 from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, load_model, load_tensors, read_json, save_model, save_tensors
 from ccdrec.config import RunConfig
-from ccdrec.data.stream import Stream, load_stream
+from ccdrec.data.stream import Block, Stream, load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 
@@ -33,6 +33,16 @@ STREAM_FILE = "stream.json"
 LOCK_FILE = ".lock"
 _HELD: dict[Path, int] = {}  # run directories this process holds (RunDir.hold)
 UNION_GRAPH = "union"  # checkpoint meta "graph": trained on the union of blocks 0..k (full retraining)
+
+
+def trained_on(stream: Stream, meta: dict) -> Block:
+    """The block whose train split a checkpoint (its ``meta``) was trained on: block ``meta["block"]``,
+    the union of blocks 0..k (``meta["graph"] == "union"``, full retraining), or the span of blocks
+    ``meta["first"]``..k (a teacher updated every few cycles)."""
+    k = int(meta.get("block", 0))
+    if meta.get("graph") == UNION_GRAPH:
+        return stream.union_block(k)
+    return stream.span(int(meta.get("first", k)), k)
 
 
 class RunDir:
@@ -195,12 +205,7 @@ class RunDir:
         ``with_meta``, (model, meta). The one place that re-attaches a checkpoint (runs, resume, workers,
         serving)."""
         model, meta = self.load_model(name, device)
-        k = int(meta.get("block", 0))
-        if meta.get("graph") == UNION_GRAPH:
-            block = stream.union_block(k)
-        else:  # a teacher updated every few cycles trained on the span of blocks since its last update
-            block = stream.span(int(meta.get("first", k)), k)
-        model.set_graph(block.matrix("train", model.n_users, model.n_items))
+        model.set_graph(trained_on(stream, meta).matrix("train", model.n_users, model.n_items))
         return (model, meta) if with_meta else model
 
     def save_tensors(self, name: str, tensors: dict) -> str:

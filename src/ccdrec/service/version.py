@@ -21,10 +21,10 @@ before and after the load); every parameter is finite; the universe (n_users, n_
 block the checkpoint was trained on and within the stream's vocabularies; the propagated
 representations of an embedding model are finite, and the scores of a probe user are finite.
 
-Cold start (:meth:`ModelVersion.cold_start`): a user described only by the items they just interacted
-with is scored with the 1-hop fold-in of method.md 5.2 applied to the served representations: the mean
-of those items' final representations (MF, LightGCN); a Mult-VAE student encodes the items as its
-input row. The teacher ensemble has no cold-start path.
+Cold start (``POST /recommend/items``): a user described only by the items they just interacted with is
+scored by :meth:`ccdrec.serve.ServedRun.recommend_for_items` (the entity initialisation a new user gets
+at growth, method.md 5.2), as ``ccdrec recommend --items`` does. The teacher ensemble has no cold-start
+path (:attr:`ModelVersion.has_cold_start`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ccdrec.data.stream import Stream, file_sha256
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.serve import ServedRun, top_k
+from ccdrec.serve import ServedRun
 
 ROLES = ("student", "teacher")
 _STAGE_OF = {"served": "student_update", "student": "student"}
@@ -195,25 +194,6 @@ class ModelVersion:
         from ccdrec.models.vae import MultVAE
 
         return self.run._reps is not None or isinstance(self.run.model, MultVAE)
-
-    def cold_start(self, item_idx: list[int], k: int) -> list[dict]:
-        """The top-``k`` items for a user known only by ``item_idx`` (item indices), those items excluded."""
-        idx = np.asarray(item_idx, dtype=np.int64)
-        if self.run._reps is not None:
-            items_t = self.run._reps[1]
-            scores = items_t[:, idx].mean(axis=1) @ items_t
-        elif self.has_cold_start:
-            row = sp.csr_matrix(
-                (np.ones(len(idx), dtype=np.float32), (np.zeros(len(idx), dtype=np.int64), idx)), (1, self.n_items)
-            )
-            row.sum_duplicates()
-            row.data[:] = 1.0
-            with torch.no_grad():
-                scores = self.run.model.scorer(row)(torch.zeros(1, dtype=torch.long, device=self.run.model.device))
-            scores = scores[0].float().cpu().numpy()
-        else:
-            raise CcdrecError(f"the {self.role} has no cold-start path")
-        return self.items(*top_k(scores, idx, k))
 
     def describe(self) -> dict:
         """What ``GET /model`` shows of this version."""

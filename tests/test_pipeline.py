@@ -85,7 +85,7 @@ def test_a_finished_run_goes_on_to_later_blocks(full_run, tmp_path):
     short = tmp_path / "short"
     run_stream(cfg.model_copy(update={"max_blocks": 1}), short, progress=False)
     assert max(r["k"] for r in metric_lines(short)) == 1
-    with pytest.raises(CcdrecError, match="must be at least 1"):
+    with pytest.raises(CcdrecError, match="has run through block 1; --max-blocks must be at least 1"):
         RunDir(short).set_max_blocks(0)
     assert RunDir(short).set_max_blocks(2).max_blocks == RunDir(short).load_config().max_blocks == 2
     run_stream(None, short, resume=True, progress=False)
@@ -174,6 +174,7 @@ def test_recommend_serves_unseen_items_in_original_ids(full_run, stream_dir):
     assert not seen & {int(r.item) for r in recs}
     with pytest.raises(CcdrecError, match="unknown user"):
         served.recommend("no-such-user")
+    assert served.recommend(" 3 ", k=10) == recs  # spaces around an ID that is not itself spaced are ignored
 
 
 def test_same_seed_same_metrics(full_run, tmp_path):
@@ -221,7 +222,7 @@ def test_stage_replay_benchmark_reproduces_the_runs_validation_recall(full_run, 
     assert res.returncode == 0, res.stderr[-2000:]
     printed = dict(line.split(": ") for line in res.stdout.splitlines())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    (want,) = [r["recall@20"] for r in rows if r["kind"] == "valid" and r["model"] == model and r["k"] == 1]
+    (want,) = [r["recall@20"] for r in rows if r["kind"] == "valid" and r["model"] == model and r["k"] == r["j"] == 1]
     assert float(printed["valid_recall@20[b1]"]) == pytest.approx(want, abs=1e-4)
     assert float(printed["LA"]) == pytest.approx(want, abs=1e-4) and 0 < float(printed["RA"]) <= 1
 

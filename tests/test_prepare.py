@@ -258,6 +258,13 @@ BAD_LOGS = {
     "min_item": ("log_p.csv", make_log(), None, {"min_item": 0}, "min_item"),
     "same columns": ("log_p.csv", make_log(), None, {"item_col": "user"}, "must differ"),
     "corrupt gzip": ("log_bad.csv.gz", None, "not gzip at all", {}, "cannot be read"),
+    "row with an extra field": (
+        "log_rag.csv",
+        None,
+        "user,item,timestamp\n1,2,3\n4,5,6,7\n",
+        {},
+        "Expected 3 fields in line 3, saw 4",
+    ),
     "corrupt parquet": ("log_bad.parquet", None, "not parquet", {}, "cannot be read"),
 }
 
@@ -427,9 +434,11 @@ def test_non_finite_and_out_of_range_timestamps_are_unparsable(tmp_path, case):
         ts = log["timestamp"].astype(float)
         ts.iloc[7] = value
     else:
-        ts = (T0 + pd.to_timedelta(log["timestamp"], unit="s")).dt.strftime("%Y-%m-%d %H:%M:%S") if "-" in value[1:] else log[
-            "timestamp"
-        ].astype(str)
+        ts = (
+            (T0 + pd.to_timedelta(log["timestamp"], unit="s")).dt.strftime("%Y-%m-%d %H:%M:%S")
+            if "-" in value[1:]
+            else log["timestamp"].astype(str)
+        )
         ts.iloc[7] = value
     path = _write(tmp_path, name, log.assign(timestamp=ts))
     with pytest.raises(CcdrecError) as exc:

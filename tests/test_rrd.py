@@ -172,3 +172,72 @@ def test_uninteresting_mask_marks_interesting_and_observed_sampled_columns():
         dense[r, top[r][top[r] >= 0]] = True
     expected = dense[rows.numpy()][:, cols.numpy()]
     np.testing.assert_array_equal(side._excluded(rows, cols).numpy(), expected)
+
+
+# --------------------------------------------------------------------------------------------- retention-aware selection
+
+
+def test_teacher_agreement_is_recall_of_the_teachers_lists_and_weighs_into_selection():
+    from ccdrec.distill.agreement import TeacherAgreement, old_users_sample
+    from ccdrec.eval.protocol import harmonic
+
+    block = synthetic_stream(n_blocks=1)[0]
+    torch.manual_seed(0)
+    teacher = LightGCN(block.n_users, block.n_items, dim=16)
+    teacher.set_graph(block.train_matrix)
+    user_top, _ = top_lists(teacher.scorer(), block.n_users, block.n_items, block.train_matrix, n=10, item_side=False)
+    users = np.arange(0, block.n_users, 2)
+    agree = TeacherAgreement(user_top, users, block.train_matrix, "recall@5")
+    valid = {"recall@5": 0.2}
+    agree.on_validate(teacher, 0, valid)
+    assert valid["teacher_recall@5"] == pytest.approx(1.0)  # the teacher agrees with its own top-5
+    assert valid["retention_h@5"] == pytest.approx(harmonic(0.2, 1.0))
+    other = LightGCN(block.n_users, block.n_items, dim=16)
+    other.set_graph(block.train_matrix)
+    valid = {"recall@5": None}
+    agree.on_validate(other, 0, valid)
+    assert 0 <= valid["teacher_recall@5"] < 0.5 and valid["retention_h@5"] == valid["teacher_recall@5"]
+    listed = np.array([True, False, True, True, True])
+    assert old_users_sample(4, listed, 10, 0).tolist() == [0, 2, 3]
+    assert len(old_users_sample(4, listed, 2, 0)) == 2
+
+
+def test_fit_selects_on_a_figure_a_callback_adds():
+    """``fit(select=...)`` keeps the epoch a callback's figure prefers, not the best validation recall."""
+    from ccdrec.train.callbacks import Callback
+
+    class Decreasing(Callback):
+        def on_validate(self, model, epoch, valid):
+            valid["x"] = -float(epoch)
+
+    block = synthetic_stream(n_blocks=1)[0]
+    cfg = TrainConfig(epochs=4, batch_size=256, lr=0.02, eval_every=1, patience=10)
+    torch.manual_seed(0)
+    res = fit(MF(block.n_users, block.n_items, dim=8), block, cfg, seed=0, callbacks=[Decreasing()], select="x")
+    assert res.best_epoch == 0 and res.epochs_run == 4 and res.best_valid["x"] == 0.0
+    torch.manual_seed(0)
+    plain = fit(MF(block.n_users, block.n_items, dim=8), block, cfg, seed=0)
+    assert plain.best_epoch > 0  # on recall alone a later epoch wins
+
+
+def test_covering_epochs_distil_every_listed_row_once():
+    """``steps_per_epoch``: the rows of an epoch's steps partition every user (item) with a list."""
+    block = synthetic_stream(n_blocks=1)[0]
+    rng = np.random.default_rng(0)
+    user_top = rng.integers(0, block.n_items, size=(block.n_users, 4))
+    user_top[::7] = -1  # users without a list are never drawn
+    item_top = rng.integers(0, block.n_users, size=(block.n_items, 4))
+    steps = 3
+    obj = RRDObjective(user_top, item_top, block.n_items, block.n_users, 20, 20, seed=0, steps_per_epoch=steps)
+    model = MF(block.n_users, block.n_items, dim=4)
+    seen = []
+    for epoch in range(2):
+        obj.on_epoch_start(model, None, epoch)
+        rows = [obj._rows(obj.user_side, np.arange(2), obj._generator(model.device)).tolist() for _ in range(steps)]
+        flat = sorted(x for r in rows for x in r)
+        assert flat == [u for u in range(block.n_users) if u % 7]  # each listed user exactly once
+        assert all(r == sorted(r) for r in rows)
+        seen.append(rows)
+    assert seen[0] != seen[1]  # a fresh order every epoch
+    plain = RRDObjective(user_top, item_top, block.n_items, block.n_users, 20, 20, seed=0)
+    assert len(plain._rows(plain.user_side, np.array([1, 1, 2]), plain._generator(model.device))) == 2

@@ -28,9 +28,7 @@ SMALL = ["student.topn=10", "student.user_samples=50", "student.item_samples=50"
 
 
 def ccdrec(*args, cwd=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "ccdrec", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "ccdrec", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
 def one_error_line(res, code=2):

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -50,8 +51,32 @@ WorkersOpt = Annotated[
 ]
 
 
+class Executor(StrEnum):
+    """``--executor``: where a block's teacher members train (:mod:`ccdrec.pipeline.cluster`)."""
+
+    local = "local"
+    ray = "ray"
+
+
+ExecutorOpt = Annotated[
+    Executor | None,
+    typer.Option(
+        help="where a block's teacher members train: local (here, in --workers processes) or ray (Ray tasks on the "
+        "cluster of --ray-address, the run directory on storage every node reaches; pip install 'ccdrec\\[ray]') "
+        "(default: the configuration's, local)"
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="the Ray cluster of --executor ray: HOST:PORT of its head or auto (default: RAY_ADDRESS, else a local Ray instance)"
+    ),
+]
+
+
 def print_stream_table(stream) -> None:
-    """Print ``stream``'s per-block table: universe, new users/items, active users, split sizes."""
+    """Print ``stream``'s per-block table: universe, new users/items, active users, split sizes, and the
+    held-out pairs dropped because their block trains on them (a note)."""
     df = stream.summary()
     table = Table(title=f"stream {stream.name}")
     for col in df.columns:
@@ -59,6 +84,8 @@ def print_stream_table(stream) -> None:
     for row in df.itertuples(index=False):
         table.add_row(*[f"{v:,}" for v in row])
     console.print(table)
+    if note := stream.dropped_note():
+        console.print(f"note: {note}")
 
 
 def _stream_source(dataset: str | None, data: Path | None) -> str | Path:
@@ -299,6 +326,19 @@ def _resumable(command: str, path: Path) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+@contextmanager
+def _executor(executor: Executor | None, ray_address: str | None, cfg) -> Iterator[None]:
+    """The staged runs inside use ``--executor`` / ``--ray-address`` when given (else their configuration's,
+    ``cfg`` for a new run); with Ray, it is imported and the cluster joined first, before anything is created."""
+    from ccdrec.pipeline.cluster import connect, use_executor
+
+    kind = executor.value if executor is not None else None
+    with use_executor(kind, ray_address):
+        if kind == "ray" or (kind is None and cfg is not None and cfg.executor == "ray"):
+            connect(ray_address or (cfg.ray_address if cfg is not None else None))
+        yield
+
+
 def _refuse_on_resume(command: str, **given) -> None:
     """``--resume`` continues with the stored configuration: options that would change it are errors."""
     named = [f"--{k.rstrip('_').replace('_', '-')}" for k, v in given.items() if v not in (None, [], False)]
@@ -326,6 +366,8 @@ def run(
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
     workers: WorkersOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
@@ -340,7 +382,7 @@ def run(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"run directory: {run_dir}")
-    with _resumable("run", run_dir):
+    with _resumable("run", run_dir), _executor(executor, ray_address, cfg):
         rd = run_stream(
             cfg,
             run_dir,
@@ -402,15 +444,23 @@ def compare(
     data: DataOpt = None,
     methods: str | None = typer.Option(
         None,
-        help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain (default: all; with --resume: "
-        "methods to add to the comparison)",
+        help="comma-separated methods: ccd, finetune, lwckd, lwckd-piw, retrain (the default: these five), kd-only, "
+        "kd-once (with --resume: methods to add to the comparison)",
     ),
     ablations: bool = typer.Option(False, "--ablations", help="also run every ablation of CCD (as config switches)"),
     only_ablations: str | None = typer.Option(
         None,
         "--ablation",
-        help="comma-separated subset of ablations: random-init, one-hop-init, no-stability, no-plasticity, no-replay, "
-        "no-student-knowledge, no-redistill",
+        help="comma-separated subset of ablations: random-init, one-hop-init, no-proxies, no-stability, no-plasticity, "
+        "no-replay, no-student-knowledge, no-redistill",
+    ),
+    seeds: str | None = typer.Option(
+        None, help="comma-separated run seeds, e.g. 0,1,2: one comparison per seed, reported with mean and spread"
+    ),
+    cadences: str | None = typer.Option(
+        None,
+        help="comma-separated teacher update cycles in student cycles, e.g. 1,2,5: one comparison per cadence, "
+        "reported as H-mean against the teacher's compute",
     ),
     preset: PresetOpt = None,
     config: ConfigOpt = None,
@@ -431,16 +481,23 @@ def compare(
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
     workers: WorkersOpt = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.
 
     Block-0 teachers and D_0 are trained once and shared by every method. The report holds LA / RA / H-mean of student and teacher per method, CCD's per-block H_k gain over the best competitor (table and bar plot), new-user metrics and training time.
+    With --seeds and/or --cadences: one comparison per seed and cadence in OUT/seed-S-every-M/, and OUT/report.md over them (mean and spread over seeds, CCD's paired gain, retention, H-mean against teacher compute).
     """  # noqa: E501
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
+    from ccdrec.pipeline.sweep import is_sweep, parse_ints, run_sweep
 
     _set_threads(threads)
     method_list = parse_methods(methods) if methods is not None else None
     ablation_list = parse_ablations(only_ablations, ablations)
+    seed_list = parse_ints(seeds, "--seeds", 0) if seeds is not None else None
+    cadence_list = parse_ints(cadences, "--cadences", 1) if cadences is not None else None
+    sweep = seed_list is not None or cadence_list is not None
     if resume is not None:
         _refuse_on_resume(
             "comparison",
@@ -453,9 +510,14 @@ def compare(
             device=device,
             out=out,
             from_run=from_run,
+            seeds=seeds,
+            cadences=cadences,
         )
         cfg, out_dir = None, resume
+        sweep = is_sweep(resume)
     elif from_run is not None:  # the run's stored configuration is the comparison's
+        if sweep:
+            raise CcdrecError("--from-run starts a single comparison; --seeds and --cadences cannot be used with it")
         given = {"--dataset": dataset, "--data": data, "--preset": preset, "--config": config, "--set": set_}
         given |= {"--seed": seed, "--device": device, "--max-blocks": max_blocks}
         named = [option for option, value in given.items() if value not in (None, [])]
@@ -466,7 +528,24 @@ def compare(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"comparison directory: {out_dir}")
-    with _resumable("compare", out_dir):
+    with _resumable("compare", out_dir), _executor(executor, ray_address, cfg):
+        if sweep:
+            if max_blocks is not None and resume is not None:
+                raise CcdrecError("--max-blocks on --resume is for a single comparison, not a sweep over seeds or cadences")
+            report = run_sweep(
+                cfg,
+                out_dir,
+                method_list,
+                ablation_list,
+                seeds=seed_list,
+                cadences=cadence_list,
+                resume=resume is not None,
+                progress=progress,
+                console=console,
+                workers=workers,
+            )
+            console.print(f"report: {report}")
+            return
         report = run_compare(
             cfg,
             out_dir,

@@ -198,6 +198,35 @@ class StudentConfig(Strict):
     init: Literal["entity", "one_hop", "random"] = Field("entity", description="initialisation of new rows")
     avoid_top: int = Field(40, ge=0, description="BPR negatives of old users avoid the top-N of E, D, SP, PP")
     redistill: bool = Field(True, description="distil a fresh student D_k from E_k after every block")
+    distill_from: Literal["scratch", "served"] = Field(
+        "scratch",
+        description=(
+            "where D_k (k >= 1) starts: scratch = fresh random weights (the paper, method.md 7); served = CL_k's "
+            "weights, so D_k keeps what the served student knows of old users (beyond the paper)"
+        ),
+    )
+    distill_cover: bool = Field(
+        False,
+        description=(
+            "every distillation epoch distils every user and item with a teacher list once (RRD rows per step = "
+            "rows / steps), so an old user's share does not shrink with block k's size; off: as many rows per step "
+            "as the minibatch has distinct users (beyond the paper)"
+        ),
+    )
+    distill_select: Literal["valid", "retention"] = Field(
+        "valid",
+        description=(
+            "model selection of D_k (k >= 1): valid = block k's validation split alone (the paper); retention = "
+            "its harmonic mean with D_k's agreement with E_k's top lists on old users (beyond the paper)"
+        ),
+    )
+    continual: bool = Field(
+        True,
+        description=(
+            "update the served student at every student cycle (stage 2); off: serve the last distilled student, "
+            "grown untrained to each block's universe (the kd-only / kd-once baselines)"
+        ),
+    )
 
 
 class BlockOverride(Strict):
@@ -228,6 +257,17 @@ class RunConfig(Strict):
             "threads); 2 on a 2-core CPU nearly doubles the throughput of the MF members, whose training "
             "does not gain from a second thread"
         ),
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description=(
+            "where a block's teacher members train: local (this process, or `workers` local processes) or ray "
+            "(Ray tasks on the cluster at ray_address, the run directory on storage every node reaches; "
+            "pip install 'ccdrec[ray]')"
+        ),
+    )
+    ray_address: str | None = Field(
+        None, description="the Ray cluster of executor ray: HOST:PORT of its head or auto (default: RAY_ADDRESS, else local)"
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -312,12 +352,22 @@ class CompetitorConfig(Strict):
     (``teacher.members``), each updated block by block by the CL method alone with the stage schedules
     ``student.update`` / ``teacher.update`` / ``teacher.update_vae`` (full retraining: ``teacher.base`` /
     ``teacher.base_vae``). LWC-KD uses ``teacher.tau``, ``teacher.knn``, ``teacher.lwc_candidates`` and
-    ``teacher.lwc_entities``.
+    ``teacher.lwc_entities``. Mult-VAE members get CCD's KL towards their previous outputs (``vae_kl``), so
+    CCD's teacher gain is the student side's knowledge; ``start`` picks the student-size model's block 0.
     """
 
     lwc_weight: float | None = Field(None, ge=0, description="λ of LWC-KD in the competitors (None: teacher.lwc_weight)")
     piw_hidden: int = Field(16, ge=1, description="LWC-KD + PIW: hidden width of the imitation-weight network")
     piw_lr: float = Field(1e-3, gt=0, description="LWC-KD + PIW: Adam learning rate of the imitation-weight network")
+    vae_kl: bool = Field(
+        True,
+        description="Mult-VAE members: CCD's teacher.vae_kl_weight·KL(previous output ‖ current) in every CL update "
+        "(False: plainly fine-tuned)",
+    )
+    start: Literal["distilled", "plain"] = Field(
+        "distilled",
+        description="the student-size model's block 0: CCD's distilled D_0, or (plain) BPR alone on Tr_0 with teacher.base",
+    )
 
 
 RunConfig.model_rebuild()

@@ -109,7 +109,10 @@ class ServedRun:
         self._seen_ptr = np.searchsorted(self._seen_users, np.arange(n_u + 1))
 
     def user_index(self, user: str | int) -> int:
+        """The row of an original user ID (as given, else without surrounding spaces, as ``--items`` reads IDs)."""
         key = str(user)
+        if key not in self._user_index and key.strip() in self._user_index:
+            key = key.strip()
         if key not in self._user_index:
             raise CcdrecError(f"unknown user {key!r}: not in the served student's universe ({len(self.user_ids):,} users)")
         return self._user_index[key]

@@ -506,7 +506,6 @@ class LWCKD(Callback):
         final_users = reps[0] if reps is not None else None
         return self.loss_from_layers(layers, users, pos_items, final_users)
 
-
     batch_loss = __call__
 
     def step_piw(self) -> None:

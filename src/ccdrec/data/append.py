@@ -103,7 +103,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     item_pos = {v: i for i, v in enumerate(stream.item_vocab.tolist())}
     uid = df["user"].map(user_pos).fillna(-1).to_numpy(dtype=np.int64)
     iid = df["item"].map(item_pos).fillna(-1).to_numpy(dtype=np.int64)
-    stored = np.concatenate([b.split(s) for b in stream for s in SPLITS])
+    stored = np.concatenate([b.stored(s) for b in stream for s in SPLITS])  # as in the files
     known = (uid >= 0) & (iid >= 0)
     dup = np.zeros(len(df), dtype=bool)
     dup[known] = np.isin(uid[known] * stream.n_items + iid[known], stored[:, 0] * stream.n_items + stored[:, 1])

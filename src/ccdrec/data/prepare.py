@@ -523,10 +523,12 @@ def _is_number(text: str) -> bool:
 def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: tuple[str, ...] | None) -> pd.DataFrame:
     if kind == "parquet":
         return pd.read_parquet(log, columns=columns)
-    # strings throughout, and only empty cells are missing: IDs such as "007" or "NA" stay as written
+    # strings throughout, and only empty cells are missing: IDs such as "007" or "NA" stay as written.
+    # Every column is read (not usecols, with which pandas drops a row's extra fields silently), so that a
+    # row with more fields than the header is a tokenizing error naming its line.
     if names is not None:
         text = {**text, "header": None, "names": list(names)}
-    return pd.read_csv(log, usecols=columns, dtype=str, keep_default_na=False, na_values=[""], **text)
+    return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **text)[columns]
 
 
 def _ids(col: pd.Series) -> np.ndarray:

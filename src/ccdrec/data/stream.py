@@ -52,11 +52,48 @@ def _pairs_matrix(pairs: np.ndarray, n_users: int, n_items: int) -> sp.csr_matri
     return m
 
 
+def held_out_pairs(train: np.ndarray, valid: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which ``valid`` and ``test`` pairs of one block are held-out targets: boolean masks of their rows.
+
+    method.md 2 splits a block's interactions into train / valid / test (a partition: a pair the user
+    trains on in the block is not a held-out target of that block) and 8 masks, at test time, the
+    user's train and valid items of the block. A pair listed in several splits (the bundled Yelp lists
+    repeat some) would be masked and still counted in |G|, so: a ``test`` pair that is a ``train`` or
+    ``valid`` pair of the block is not a target, nor a ``valid`` pair that is a ``train`` pair.
+    All three are ``(n, 2)`` integer arrays of (user, item) with non-negative IDs.
+    """
+    if len(train) + len(valid) == 0 or len(valid) + len(test) == 0:
+        return np.ones(len(valid), dtype=bool), np.ones(len(test), dtype=bool)
+    width = int(max(p[:, 1].max(initial=-1) for p in (train, valid, test) if len(p))) + 1
+
+    def keys(pairs: np.ndarray) -> np.ndarray:
+        return np.asarray(pairs[:, 0], dtype=np.int64) * width + np.asarray(pairs[:, 1], dtype=np.int64)
+
+    train_k, valid_k = keys(train), keys(valid)
+    keep_valid = ~_among(valid_k, train_k)
+    keep_test = ~(_among(keys(test), train_k) | _among(keys(test), valid_k))
+    return keep_valid, keep_test
+
+
+def _among(keys: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, ref)``, by binary search when ``ref`` is sorted (a loaded split is)."""
+    if len(ref) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    if (ref[1:] < ref[:-1]).any():
+        ref = np.sort(ref)
+    pos = np.minimum(np.searchsorted(ref, keys), len(ref) - 1)
+    return ref[pos] == keys
+
+
 @dataclass(eq=False)
 class Block:
     """One block D_k: its deduplicated train/valid/test pairs inside the cumulative universe.
 
-    ``train``, ``valid`` and ``test`` are ``(n, 2)`` int64 arrays of (user, item) pairs.
+    ``train``, ``valid`` and ``test`` are ``(n, 2)`` int64 arrays of (user, item) pairs. Built with pairs
+    that are in several splits, a block keeps only the held-out targets of :func:`held_out_pairs` in
+    ``valid`` and ``test`` (method.md 2, 8), so every consumer sees the same held-out sets; the pairs
+    as given (what the stream's files hold) stay available as :meth:`stored`, and :attr:`dropped`
+    counts the difference per split.
     """
 
     index: int
@@ -67,6 +104,25 @@ class Block:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
+    _given: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        keep_valid, keep_test = held_out_pairs(self.train, self.valid, self.test)
+        for name, keep in (("valid", keep_valid), ("test", keep_test)):
+            if not keep.all():
+                given = getattr(self, name)
+                self._given[name] = given
+                setattr(self, name, given[keep])
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """How many pairs of the given ``valid`` / ``test`` lists were not held-out targets (see the class)."""
+        return {name: len(self._given[name]) - len(self.split(name)) if name in self._given else 0 for name in ("valid", "test")}
+
+    def stored(self, name: str) -> np.ndarray:
+        """Split ``name`` as the block was given it (the stream's files), before held-out pairs it trains
+        on were dropped: what :attr:`Stream.digest` hashes and :func:`save_stream` writes."""
+        return self._given.get(name, self.split(name))
 
     @property
     def new_users(self) -> range:
@@ -123,7 +179,7 @@ class Stream:
         return self.blocks[-1].n_items
 
     def summary(self) -> pd.DataFrame:
-        """Per-block table: universe, new entities, split sizes."""
+        """Per-block table: universe, new entities, split sizes, held-out pairs dropped (:class:`Block`)."""
         rows = []
         for b in self.blocks:
             rows.append(
@@ -137,19 +193,34 @@ class Stream:
                     "train": len(b.train),
                     "valid": len(b.valid),
                     "test": len(b.test),
+                    "dropped_valid": b.dropped["valid"],
+                    "dropped_test": b.dropped["test"],
                 }
             )
         return pd.DataFrame(rows)
 
+    def dropped_note(self) -> str | None:
+        """One line for the user on the held-out pairs dropped because the block trains on them
+        (:class:`Block`), per block; None when there are none."""
+        counts = [b.dropped for b in self.blocks]
+        if not any(d["valid"] or d["test"] for d in counts):
+            return None
+        valid, test = (" / ".join(f"{d[s]:,}" for d in counts) for s in ("valid", "test"))
+        return (
+            f"stream {self.name}: held-out pairs that are also train (for test: or valid) pairs of their block are not "
+            f"targets (method.md 2, 8); dropped per block D_0..D_{len(counts) - 1}: valid {valid}; test {test}"
+        )
+
     @cached_property
     def digest(self) -> str:
-        """SHA-256 of the stream's content (every block's universe and splits, the vocabularies): a run
-        records it and refuses to continue on a stream that has changed since."""
+        """SHA-256 of the stream's content (every block's universe and splits as stored, :meth:`Block.stored`,
+        the vocabularies): a run records it and refuses to continue on a stream that has changed since.
+        It is about the files: which held-out pairs a block drops on load does not enter it."""
         h = hashlib.sha256()
         for b in self.blocks:
             h.update(np.asarray([b.index, b.n_users, b.n_items, b.prev_users, b.prev_items], dtype=np.int64).tobytes())
             for s in SPLITS:
-                pairs = np.ascontiguousarray(b.split(s), dtype=np.int64)
+                pairs = np.ascontiguousarray(b.stored(s), dtype=np.int64)
                 h.update(np.int64(len(pairs)).tobytes() + pairs.tobytes())
         for vocab in (self.user_vocab, self.item_vocab):
             h.update(b"-" if vocab is None else json.dumps([str(v) for v in vocab]).encode())
@@ -183,9 +254,9 @@ class Stream:
     def span(self, first: int, last: int) -> Block:
         """Blocks ``first..last`` as one block, what a teacher updated every few cycles trains on
         (method.md 5, teacher update cycle): Tr = the deduplicated train pairs of those blocks; valid and
-        test are block ``last``'s (its validation pairs that are train pairs of the span dropped); the
-        universe is block ``last``'s and the previous universe block ``first - 1``'s. A span of one
-        block is that block itself.
+        test are block ``last``'s less the pairs the span trains on (:class:`Block`); the universe is
+        block ``last``'s and the previous universe block ``first - 1``'s. A span of one block is that
+        block itself.
         """
         if first == last:
             return self.blocks[last]
@@ -196,20 +267,18 @@ class Stream:
     def union_block(self, k: int) -> Block:
         """Block k with Tr = the deduplicated train pairs of blocks 0..k (for full retraining).
 
-        Valid and test are block k's; validation pairs that are train pairs of an earlier block are
-        dropped (they are masked as observed and could never be hit).
+        Valid and test are block k's; those that are train pairs of an earlier block are dropped
+        (:class:`Block`: they are masked as observed and could never be hit).
         """
         b = self.blocks[k]
         return self._merged(0, k, b.prev_users, b.prev_items)
 
     def _merged(self, first: int, last: int, prev_users: int, prev_items: int) -> Block:
-        """Block ``last`` with the deduplicated train pairs of blocks ``first..last`` and its validation
-        pairs that are among them dropped; the previous universe is given."""
+        """Block ``last`` with the deduplicated train pairs of blocks ``first..last``, its held-out pairs
+        that are among them dropped (:class:`Block`); the previous universe is given."""
         b = self.blocks[last]
         train = np.unique(np.concatenate([x.train for x in self.blocks[first : last + 1]]), axis=0)
-        seen = set(map(tuple, train.tolist()))
-        valid = b.valid[[tuple(p) not in seen for p in b.valid.tolist()]] if len(b.valid) else b.valid
-        return Block(last, b.n_users, b.n_items, prev_users, prev_items, train, valid.reshape(-1, 2), b.test)
+        return Block(last, b.n_users, b.n_items, prev_users, prev_items, train, b.valid, b.test)
 
 
 def bundled_path(name: str) -> Path:
@@ -326,13 +395,14 @@ def _read_vocab(directory: Path, kind: str, size: int) -> np.ndarray | None:
 
 
 def save_stream(stream: Stream, path: Path) -> None:
-    """Write ``stream`` in the stream-directory format that :func:`load_stream` reads."""
+    """Write ``stream`` in the stream-directory format that :func:`load_stream` reads: every block's
+    splits as given (:meth:`Block.stored`), so writing a loaded stream keeps its files and digest."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     frames = []
     for b in stream.blocks:
         for s in SPLITS:
-            pairs = b.split(s)
+            pairs = b.stored(s)  # as given: held-out pairs dropped on load stay in the files
             frames.append(pd.DataFrame({"block": b.index, "split": s, "user": pairs[:, 0], "item": pairs[:, 1]}))
     pd.concat(frames).to_csv(path / INTERACTIONS, index=False)
     pd.DataFrame(

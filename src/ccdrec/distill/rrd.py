@@ -24,6 +24,7 @@ import torch
 
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block, pad_to
+from ccdrec.distill.agreement import TeacherAgreement
 from ccdrec.distill.ensemble import top_matrix
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.indexing import take_rows
@@ -93,10 +94,24 @@ class _Side:
         self._device: torch.device | None = None
 
         self.listed = torch.from_numpy(np.flatnonzero((np.asarray(top) >= 0).any(axis=1)))
+        self.order, self.cursor = self.listed, 0
 
     def to(self, device: torch.device) -> None:
         if self._device != device:
             self.top, self.listed, self._device = self.top.to(device), self.listed.to(device), device
+            self.order = self.order.to(device)
+
+    def start_epoch(self, gen: torch.Generator) -> None:
+        """A fresh order of every listed row for an epoch that covers them all (:meth:`next_rows`)."""
+        pick = torch.randperm(len(self.listed), generator=gen, device=gen.device).to(self.listed.device)
+        self.order, self.cursor = self.listed[pick], 0
+
+    def next_rows(self, steps: int) -> torch.Tensor:
+        """The next ceil(rows / ``steps``) rows of the epoch's order (empty once all are used), sorted."""
+        chunk = -(-len(self.listed) // max(steps, 1))
+        rows = self.order[self.cursor : self.cursor + chunk]
+        self.cursor += chunk
+        return rows.sort().values
 
     def draw_rows(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` distinct rows drawn uniformly from every row that has an interesting list.
@@ -137,6 +152,10 @@ class RRDObjective(Callback):
     (its interesting users) against ``item_samples`` uniformly drawn users. Sampled entries that fall in
     the interesting list (or in ``observed``, when given) are masked out of the uninteresting sum.
     A weight of 0 switches its side off.
+
+    ``steps_per_epoch`` (the epoch's minibatches): each epoch instead covers every user (item) with a
+    list exactly once, ceil(rows / steps) of them per step in a fresh random order, so the distillation a
+    user receives does not shrink with the block's size (``student.distill_cover``; beyond the paper).
     """
 
     def __init__(
@@ -151,6 +170,7 @@ class RRDObjective(Callback):
         weight_item: float = DEFAULT_WEIGHT,
         seed: int = 0,
         observed: sp.spmatrix | None = None,
+        steps_per_epoch: int | None = None,
     ):
         user_top, item_top = np.asarray(user_top), np.asarray(item_top)
         if user_top.ndim != 2 or user_top.shape[0] != n_users:
@@ -164,6 +184,7 @@ class RRDObjective(Callback):
         self.n_users, self.n_items = int(n_users), int(n_items)
         self.weight_user, self.weight_item = float(weight_user), float(weight_item)
         self.seed = seed
+        self.steps = steps_per_epoch
         obs_t = None if observed is None else sp.csr_matrix(observed).T.tocsr()
         self.user_side = _Side(user_top, n_items, user_samples, observed)
         self.item_side = _Side(item_top, n_users, item_samples, obs_t)
@@ -175,6 +196,18 @@ class RRDObjective(Callback):
             self._gen.manual_seed(self.seed)
         return self._gen
 
+    def on_epoch_start(self, model: Recommender, opt: torch.optim.Optimizer, epoch: int) -> None:
+        if self.steps is not None:
+            gen = self._generator(model.device)
+            for side in (self.user_side, self.item_side):
+                side.to(model.device)
+                side.start_epoch(gen)
+
+    def _rows(self, side: _Side, batch: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        if self.steps is not None:
+            return side.next_rows(self.steps)
+        return side.draw_rows(len(np.unique(batch)), gen)
+
     def __call__(self, model: Recommender, reps, users_np: np.ndarray, pos_np: np.ndarray, epoch: int) -> torch.Tensor:
         if not (isinstance(reps, tuple | list) and len(reps) == 2):
             raise TypeError("RRDObjective needs (user, item) representations from an embedding model's propagate()")
@@ -184,12 +217,14 @@ class RRDObjective(Callback):
         loss = user_rep.new_zeros(())
         if self.weight_user > 0 and len(users_np):
             self.user_side.to(device)
-            users = self.user_side.draw_rows(len(np.unique(users_np)), gen)
-            loss = loss + self.weight_user * self.user_side.loss(user_rep, item_rep, users, gen)
+            users = self._rows(self.user_side, users_np, gen)
+            if len(users):
+                loss = loss + self.weight_user * self.user_side.loss(user_rep, item_rep, users, gen)
         if self.weight_item > 0 and len(pos_np):
             self.item_side.to(device)
-            items = self.item_side.draw_rows(len(np.unique(pos_np)), gen)
-            loss = loss + self.weight_item * self.item_side.loss(item_rep, user_rep, items, gen)
+            items = self._rows(self.item_side, pos_np, gen)
+            if len(items):
+                loss = loss + self.weight_item * self.item_side.loss(item_rep, user_rep, items, gen)
         return loss
 
     batch_loss = __call__
@@ -210,6 +245,8 @@ def distill_student(
     weight: float = DEFAULT_WEIGHT,
     exclude_observed: bool = True,
     label: str = "distill",
+    retention_users: np.ndarray | None = None,
+    cover: bool = False,
 ) -> FitResult:
     """Stage 1 (method.md 7): train ``student`` with BPR(Tr_k) + weight·RRD + weight·IR-RRD.
 
@@ -217,6 +254,9 @@ def distill_student(
     (shaped to the student's universe, -1 = padding). BPR negatives avoid the user's train items, the
     teacher's interesting items and ``exclude`` (e.g. the top-40 of the proxies and CL_k).
     ``exclude_observed``: keep the block's train pairs out of the uninteresting samples as well.
+    ``retention_users``: old users on which model selection also weighs the agreement with the
+    teacher's lists (:class:`ccdrec.distill.agreement.TeacherAgreement`); None: block k's validation alone.
+    ``cover``: every epoch distils every listed user and item once (``RRDObjective(steps_per_epoch=...)``).
     The student is trained in place (pass a freshly initialised one) and keeps its best-validation weights.
     """
     if not isinstance(student, EmbeddingModel):
@@ -233,8 +273,18 @@ def distill_student(
         weight_item=weight,
         seed=seed,
         observed=block.matrix("train", n_u, n_i) if exclude_observed else None,
+        steps_per_epoch=-(-len(block.train) // cfg.batch_size) if cover else None,
     )
     negatives_avoid = top_matrix(np.asarray(user_top), n_i)
     if exclude is not None:
         negatives_avoid = (negatives_avoid + pad_to(exclude, (n_u, n_i))).tocsr()
-    return fit(student, block, cfg, seed=seed, progress=progress, label=label, callbacks=[objective], avoid=negatives_avoid)
+    callbacks: list = [objective]
+    select = None
+    if retention_users is not None:
+        observed = block.matrix("train", n_u, n_i)
+        agreement = TeacherAgreement(user_top, retention_users, observed, cfg.select_metric, cfg.eval_chunk)
+        callbacks.append(agreement)
+        select = agreement.key
+    return fit(
+        student, block, cfg, seed=seed, progress=progress, label=label, callbacks=callbacks, avoid=negatives_avoid, select=select
+    )

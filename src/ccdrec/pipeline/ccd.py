@@ -131,6 +131,8 @@ def run_stream(
     ``resume``, take the run on to this block (see :func:`prepare_run`)."""
     cfg, rd, stream = prepare_run(cfg, run_dir, resume, workers, max_blocks)
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
+    if (note := stream.dropped_note()) and not resume:
+        runner.console.print(f"note: {note}")
     runner.run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report
 

@@ -8,12 +8,15 @@ A comparison directory holds one run directory per method and the comparison rep
     OUT/finetune/, OUT/lwckd/, OUT/lwckd-piw/, OUT/retrain/
                                the CL competitors (:mod:`ccdrec.pipeline.competitors`)
     OUT/ablation-NAME/         CCD with one switch (:data:`ABLATIONS`)
+    OUT/kd-only/, OUT/kd-once/ distillation without continual student updates (:data:`KD_METHODS`)
     OUT/report.md, OUT/plots/  the comparison (:mod:`ccdrec.report.compare`)
 
 Block 0 is trained once: the first run (CCD when it takes part) trains the teacher members and
 distils D_0; every other run is seeded with those checkpoints (hard links) and their block-0
 metric rows (:func:`ccdrec.pipeline.staged.share_stages`), so all methods start from identical
-models. Ablations change only block k >= 1 switches, so they share CCD's block 0 (with its proxies).
+models. Ablations and the kd methods change only block k >= 1 switches, so they share CCD's block 0
+(with its proxies); ``base_from`` (a sweep over cadences, :mod:`ccdrec.pipeline.sweep`) shares the
+block 0 of another comparison's CCD run.
 Every sub-run resumes after its last completed stage; ``--resume OUT`` continues the whole comparison.
 ``--from-run RUN`` starts a comparison from an existing ``ccdrec run`` directory: its configuration
 is the comparison's, and its stages become CCD's (checkpoints linked, small files copied).
@@ -37,7 +40,6 @@ from ccdrec.pipeline.rundir import STREAM_FILE, RunDir
 from ccdrec.pipeline.staged import link_file, share_block0
 from ccdrec.serve_bench import bench_markdown, bench_records, bench_serve, read_bench
 
-METHODS = ("ccd", *CL_METHODS)
 COMPARE_FILE = "compare.json"
 CONFIG_FILE = "config.yaml"
 BENCH_FILE = "bench_serve.json"
@@ -73,6 +75,13 @@ def _no_replay(data: dict) -> None:
 ABLATIONS: dict[str, tuple[str, Callable[[dict], None]]] = {
     "random-init": ("random instead of entity initialisation of new rows", _set("student.init", "random")),
     "one-hop-init": ("1-hop entity initialisation only", _set("student.init", "one_hop")),
+    "no-proxies": (
+        "neither proxy (n_S = n_P = 0 in student and teacher replay; the teacher still replays CL_k)",
+        lambda d: (
+            _zero_replay(d, "student", ("n_stability", "n_plasticity")),
+            _zero_replay(d, "teacher", ("n_stability", "n_plasticity")),
+        ),
+    ),
     "no-stability": (
         "no stability proxy (n_S = 0 in student and teacher replay)",
         lambda d: (_zero_replay(d, "student", ("n_stability",)), _zero_replay(d, "teacher", ("n_stability",))),
@@ -87,13 +96,47 @@ ABLATIONS: dict[str, tuple[str, Callable[[dict], None]]] = {
 }
 
 
+NEVER = 10**9  # a teacher update cycle longer than any stream: the teacher system is never updated
+
+
+def _kd_only(data: dict) -> None:
+    data["student"]["continual"] = False
+    data["teacher"]["student_knowledge"] = False
+
+
+def _kd_once(data: dict) -> None:
+    _kd_only(data)
+    data["student"]["redistill"] = False
+    data["teacher"]["update_every"] = NEVER
+
+
+KD_METHODS: dict[str, tuple[str, Callable[[dict], None]]] = {
+    "kd-only": (
+        "a fresh D_k distilled at every teacher cycle and served unchanged (grown untrained) until the next; "
+        "no student update, the teacher updated without student-side knowledge",
+        _kd_only,
+    ),
+    "kd-once": (
+        "the teacher system trained and D_0 distilled once, then served for ever (grown untrained); nothing updated",
+        _kd_once,
+    ),
+}
+METHODS = ("ccd", *KD_METHODS, *CL_METHODS)
+DEFAULT_METHODS = ("ccd", *CL_METHODS)
+
+
+def variant_config(cfg: RunConfig, switch: Callable[[dict], None]) -> RunConfig:
+    """``cfg`` with ``switch`` applied to its JSON form, validated again."""
+    data = cfg.model_dump(mode="json")
+    switch(data)
+    return RunConfig.model_validate(data)
+
+
 def ablation_config(cfg: RunConfig, name: str) -> RunConfig:
     """CCD's configuration with the switch of ablation ``name`` (:data:`ABLATIONS`)."""
     if name not in ABLATIONS:
         raise CcdrecError(f"unknown ablation {name!r}; expected one of {', '.join(ABLATIONS)}")
-    data = cfg.model_dump(mode="json")
-    ABLATIONS[name][1](data)
-    return RunConfig.model_validate(data)
+    return variant_config(cfg, ABLATIONS[name][1])
 
 
 def effective_ablations(cfg: RunConfig, ablations: list[str], console: Console | None = None) -> list[str]:
@@ -189,6 +232,7 @@ def run_compare(
     from_run: Path | None = None,
     workers: int | None = None,
     max_blocks: int | None = None,
+    base_from: Path | None = None,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
@@ -197,7 +241,8 @@ def run_compare(
     (:func:`ccdrec.serve_bench.bench_serve`) for the report. ``from_run``: an existing CCD run
     directory that becomes the comparison's CCD run (:func:`adopt_run`); its configuration replaces ``cfg``.
     On ``resume``, ``methods`` and ``ablations`` are added to the comparison's, and ``max_blocks`` takes
-    every run on to that block (:meth:`RunDir.set_max_blocks`).
+    every run on to that block (:meth:`RunDir.set_max_blocks`). ``base_from``: a CCD run directory of the
+    same block 0 whose block-0 models a new CCD run shares instead of training them.
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
@@ -207,7 +252,7 @@ def run_compare(
     if resume:
         cfg, plan = read_plan(out)
         stream = top.open_stream(cfg)  # every check before anything changes
-        merged = _merge_plan(cfg, plan, methods or [], ablations or [], console)
+        merged = merge_plan(cfg, plan, methods or [], ablations or [], console)
         if merged != plan:
             plan = merged
             atomic_write_json(out / COMPARE_FILE, plan)
@@ -225,10 +270,10 @@ def run_compare(
             raise CcdrecError("a configuration is needed to start a comparison")
         else:
             stream = load_stream(cfg.dataset)
-        methods = list(methods or METHODS)
+        methods = list(methods or DEFAULT_METHODS)
         if from_run is not None and "ccd" not in methods:
             methods.insert(0, "ccd")
-        plan = _merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
+        plan = merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
         resolve_device(cfg.device)  # refused before anything is created
         top.check_creatable()
         out.mkdir(parents=True, exist_ok=True)
@@ -244,9 +289,18 @@ def run_compare(
         d = out / "ccd"
         _check_fresh(d)
         console.print(f"[bold]== ccd[/bold] ({d})")
+        if base_from is not None and not _started(d):
+            _start_shared(d, cfg, stream, Path(base_from), n)
         run_stream(None if _started(d) else cfg, d, resume=_started(d), progress=progress, console=console, workers=workers)
         base = d
-    for m in (x for x in methods if x != "ccd"):
+    for m in (x for x in methods if x in KD_METHODS):
+        d = out / m
+        _check_fresh(d)
+        console.print(f"[bold]== {m}[/bold] ({d}): {KD_METHODS[m][0]}")
+        if not _started(d):
+            _start_shared(d, variant_config(cfg, KD_METHODS[m][1]), stream, out / "ccd", n)
+        run_stream(None, d, resume=True, progress=progress, console=console, workers=workers)
+    for m in (x for x in methods if x in CL_METHODS):
         d = out / m
         _check_fresh(d)
         console.print(f"[bold]== {m}[/bold] ({d})")
@@ -260,9 +314,7 @@ def run_compare(
         _check_fresh(d)
         console.print(f"[bold]== ablation {a}[/bold] ({d}): {ABLATIONS[a][0]}")
         if not _started(d):
-            rd = RunDir(d)
-            rd.create(ablation_config(cfg, a), stream)
-            share_block0(RunDir(out / "ccd"), rd, n)
+            _start_shared(d, ablation_config(cfg, a), stream, out / "ccd", n)
         run_stream(None, d, resume=True, progress=progress, console=console, workers=workers)
     bench_rows = None
     if "ccd" in methods:
@@ -273,14 +325,26 @@ def run_compare(
             bench_rows = read_bench(out / BENCH_FILE)  # measured by an earlier pass
     from ccdrec.report.compare import write_compare_report
 
-    notes = {a: ABLATIONS[a][0] for a in ablations}
+    notes = variant_notes(methods, ablations)
     serving = bench_markdown(bench_rows) if bench_rows is not None else None
     return write_compare_report(out, comparison_runs(out, methods, ablations), serving, notes)
 
 
-def _merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:
+def variant_notes(methods: list[str], ablations: list[str]) -> dict[str, str]:
+    """Report label -> what it changes, for the kd methods and the ablations (labelled ``ccd/NAME``)."""
+    return {m: KD_METHODS[m][0] for m in methods if m in KD_METHODS} | {f"ccd/{a}": ABLATIONS[a][0] for a in ablations}
+
+
+def _start_shared(d: Path, cfg: RunConfig, stream, source: Path, n_members: int) -> None:
+    """Create the CCD-family run ``d`` with ``cfg`` and seed it with block 0 of the CCD run ``source``."""
+    rd = RunDir(d)
+    rd.create(cfg, stream)
+    share_block0(RunDir(source), rd, n_members)
+
+
+def merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[str], console) -> dict:
     """``plan`` (a comparison's methods and ablations) with ``methods`` and ``ablations`` added, validated;
-    ablations that change nothing in ``cfg`` are skipped, and CCD takes part whenever ablations do."""
+    ablations that change nothing in ``cfg`` are skipped, and CCD takes part whenever ablations or kd methods do."""
     for m in methods:
         if m not in METHODS:
             raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
@@ -289,7 +353,7 @@ def _merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[
             raise CcdrecError(f"unknown ablation {a!r}; expected some of {', '.join(ABLATIONS)}")
     merged = list(dict.fromkeys([*plan["methods"], *methods]))
     new_ablations = [a for a in effective_ablations(cfg, list(dict.fromkeys(ablations)), console) if a not in plan["ablations"]]
-    if new_ablations and "ccd" not in merged:
+    if (new_ablations or set(merged) & set(KD_METHODS)) and "ccd" not in merged:
         merged.insert(0, "ccd")
     return {**plan, "methods": merged, "ablations": [*plan["ablations"], *new_ablations]}
 
@@ -311,7 +375,7 @@ def comparison_runs(out: Path, methods: list[str], ablations: list[str]) -> dict
     """Report label -> (run directory, kind ``ccd`` or ``cl``) of every run of a comparison."""
     runs: dict[str, tuple[RunDir, str]] = {}
     for m in methods:
-        runs[m] = (RunDir(out / m), "ccd" if m == "ccd" else "cl")
+        runs[m] = (RunDir(out / m), "cl" if m in CL_METHODS else "ccd")
     for a in ablations:
         runs[f"ccd/{a}"] = (RunDir(out / ablation_dir(a)), "ccd")
     return runs
@@ -319,6 +383,8 @@ def comparison_runs(out: Path, methods: list[str], ablations: list[str]) -> dict
 
 __all__ = [
     "ABLATIONS",
+    "DEFAULT_METHODS",
+    "KD_METHODS",
     "METHODS",
     "ablation_config",
     "comparison_runs",

@@ -4,20 +4,28 @@ A competitor updates the student-size model (``cfg.student.model``) and every te
 (``cfg.teacher.members``) block by block with one CL method alone: no teacher-student exchange, no
 proxies, no replay. The teacher members are ensembled with the same rank ensemble as CCD (method.md 6).
 
-Block 0 is the same as CCD's: the members are trained by :mod:`ccdrec.pipeline.stages.base_teachers`
-with CCD's seeds, and the student-size model **starts from D_0, the student CCD distils from E_0**
-(same seed, same schedule), so every method starts from identical models. A comparison
-(:mod:`ccdrec.pipeline.compare`) trains them once and shares them (:func:`share_base`).
+Block 0's members are CCD's: trained by :mod:`ccdrec.pipeline.stages.base_teachers` with CCD's seeds.
+The student-size model (``competitors.start``) **starts from D_0, the student CCD distils from E_0**
+(``"distilled"``, the default: same seed, same schedule), so every method starts from identical models;
+or (``"plain"``) from the student-size model trained by BPR alone on Tr_0 with ``teacher.base``, as full
+retraining trains it (:func:`plain_base`, seed of stage ``b0/student``), so that no competitor starts
+from CCD's distillation. A comparison (:mod:`ccdrec.pipeline.compare`) trains block 0 once and shares it
+(:func:`ccdrec.pipeline.staged.share_block0`; a plain start shares only the members and trains its own
+student).
 
 For k >= 1, each model is updated by the method (:func:`cl_update`, :func:`cl_retrain`):
 
 * ``finetune``   previous weights, grown with ``cfg.student.init`` (entity initialisation, method.md
   5.2), then the model's own loss on Tr_k (BPR; Mult-VAE: its VAE loss) with the stage schedules
-  ``student.update`` / ``teacher.update`` / ``teacher.update_vae``;
+  ``student.update`` / ``teacher.update`` / ``teacher.update_vae``. Mult-VAE members also carry CCD's
+  teacher-update regulariser ``teacher.vae_kl_weight``·KL(previous output ‖ current) on the persisting
+  users (method.md 5.3, :func:`~ccdrec.pipeline.stages.teacher_update.vae_kl_towards`, the same
+  function CCD uses) unless ``competitors.vae_kl`` is false, so that CCD's teacher gain measures the
+  student side's knowledge, not this regulariser;
 * ``lwckd``      the same plus λ·LWC-KD towards the frozen model of block k-1 (method.md 5.4;
   λ = ``competitors.lwc_weight``, default ``teacher.lwc_weight``; τ, kNN, sampled candidates and
   entity cap from ``cfg.teacher``). LWC-KD is defined on embeddings: **Mult-VAE members are
-  fine-tuned** under ``lwckd`` and ``lwckd-piw``;
+  fine-tuned** (with the KL above) under ``lwckd`` and ``lwckd-piw``;
 * ``lwckd-piw``  LWC-KD with personalised imitation weights (``LWCKD(piw=True)``);
 * ``retrain``    a fresh model of the same architecture trained on the union of the train pairs of
   blocks 0..k (:meth:`ccdrec.data.stream.Stream.union_block`) with the block-0 schedules ``teacher.base`` / ``teacher.base_vae``
@@ -39,16 +47,18 @@ from rich.console import Console
 
 from ccdrec.config import ModelConfig, RunConfig, TrainConfig
 from ccdrec.continual.lwckd import LWCKD
+from ccdrec.continual.replay import PreviousOutputKL
 from ccdrec.data.stream import Block, Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.registry import build_model
+from ccdrec.models.vae import MultVAE
 from ccdrec.pipeline.ccd import prepare_run
-from ccdrec.pipeline.context import StageOutput, fit_row, seed_everything
+from ccdrec.pipeline.context import RunContext, RunState, StageOutput, fit_row, seed_everything
 from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
 from ccdrec.pipeline.staged import TeacherStudentRun, share_block0
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation
-from ccdrec.pipeline.stages.teacher_update import lwckd_towards, span_meta, teacher_blocks
+from ccdrec.pipeline.stages.teacher_update import lwckd_towards, span_meta, teacher_blocks, vae_kl_towards
 from ccdrec.train.loop import FitResult, fit
 
 CL_METHODS = ("finetune", "lwckd", "lwckd-piw", "retrain")
@@ -66,6 +76,7 @@ class CLResult:
     model: Recommender
     fit: FitResult | None
     lwc: LWCKD | None = None
+    kl: PreviousOutputKL | None = None
 
 
 def lwc_weight(cfg: RunConfig) -> float:
@@ -89,7 +100,9 @@ def cl_update(
 
     The model is cloned, grown to block k's universe with ``cfg.student.init`` and trained on Tr_k with
     ``schedule``; LWC-KD methods add λ·LWC-KD towards the unchanged ``model`` (embedding models only;
-    Mult-VAE members are fine-tuned). ``knn_graphs``: the UU / II graphs of R_{k-1} to reuse.
+    Mult-VAE members are fine-tuned). A Mult-VAE ``model`` carries, with every method, CCD's KL towards
+    its own outputs (:func:`vae_kl_towards`, weight ``teacher.vae_kl_weight``) unless
+    ``competitors.vae_kl`` is false. ``knn_graphs``: the UU / II graphs of R_{k-1} to reuse.
     """
     if check_method(method) == "retrain":
         raise ValueError("full retraining starts from scratch: use cl_retrain")
@@ -99,8 +112,12 @@ def cl_update(
         lwc = lwckd_towards(model, prev, cfg, lwc_weight(cfg), seed, piw=method == "lwckd-piw", knn_graphs=knn_graphs)
     new = model.clone()
     new.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
-    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=[lwc] if lwc else [])
-    return CLResult(new, res, lwc)
+    kl = None
+    if cfg.competitors.vae_kl and isinstance(model, MultVAE):
+        kl = vae_kl_towards(model, block, prev, block.train_matrix, cfg.teacher.vae_kl_weight)
+    callbacks = [c for c in (lwc, kl) if c is not None]
+    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=callbacks)
+    return CLResult(new, res, lwc, kl)
 
 
 def cl_retrain(
@@ -112,6 +129,18 @@ def cl_retrain(
     model = build_model(spec.kind, block.n_users, block.n_items, **spec.kwargs()).to(device)
     res = fit(model, block, schedule, seed=seed, progress=progress, label=label)
     return CLResult(model, res)
+
+
+def plain_base(ctx: RunContext, state: RunState) -> StageOutput:
+    """Stage ``b0/student`` of a competitor with ``competitors.start = "plain"``: the student-size model
+    trained by BPR alone on Tr_0 with ``teacher.base``, as full retraining's student (:func:`cl_retrain`),
+    seeded from the stage name. The teacher members of block 0 are not involved."""
+    cfg = ctx.cfg
+    res = cl_retrain(
+        cfg.student.model, ctx.stream, 0, cfg.teacher.base, ctx.seed("b0/student"), ctx.device, ctx.progress, "plain student D_0"
+    )
+    state.student = res.model
+    return StageOutput({"student": ctx.save("b0_student", res.model, 0)}, [fit_row(ctx.name("student"), res.fit, 0)])
 
 
 class CLStream(TeacherStudentRun):
@@ -133,7 +162,8 @@ class CLStream(TeacherStudentRun):
         n = len(self.cfg.teacher.members)
         for m in range(n):
             out.append((f"b0/teacher{m}", lambda m=m: base_teachers.base_teacher(self.ctx, self.state, m)))
-        out.append(("b0/student", lambda: generation.distil_base(self.ctx, self.state)))
+        start = plain_base if self.cfg.competitors.start == "plain" else generation.distil_base
+        out.append(("b0/student", lambda: start(self.ctx, self.state)))
         out.append(("b0/eval", lambda: self.evaluate(0)))
         for k in range(1, self.last_block + 1):
             out.append((f"b{k}/student", lambda k=k: self.update_student(k)))
@@ -223,4 +253,4 @@ def run_competitor(
     return rd
 
 
-__all__ = ["CL_METHODS", "CLResult", "CLStream", "cl_retrain", "cl_update", "run_competitor"]
+__all__ = ["CL_METHODS", "CLResult", "CLStream", "cl_retrain", "cl_update", "plain_base", "run_competitor"]

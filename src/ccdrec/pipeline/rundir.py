@@ -163,9 +163,11 @@ class RunDir:
 
     def check_max_blocks(self, max_blocks: int) -> None:
         """Raise unless the run can stop at block ``max_blocks``: a block already under way cannot be taken back."""
-        started = max((int(name.split("/")[0][1:]) for name in self.read_state()["completed"]), default=0)
+        completed = self.read_state()["completed"]
+        started = max((int(name.split("/")[0][1:]) for name in completed), default=0)
         if max_blocks < started:
-            raise CcdrecError(f"{self.path}: block {started} is already under way; --max-blocks must be at least {started}")
+            where = "has run through" if f"b{started}/eval" in completed else "has started"
+            raise CcdrecError(f"{self.path}: the run {where} block {started}; --max-blocks must be at least {started}")
 
     def set_max_blocks(self, max_blocks: int) -> RunConfig:
         """Let the stored run go on to block ``max_blocks`` (or stop there); returns the new configuration.

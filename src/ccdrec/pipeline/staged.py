@@ -21,9 +21,11 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from ccdrec.data.stream import Stream
 from ccdrec.determinism import deterministic_kernels
 from ccdrec.errors import CcdrecError, StageLost
 from ccdrec.memory import keep_freed_memory, peak_rss_mb, release_freed_memory, reset_peak_rss
+from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import RunContext, RunState, StageOutput
 from ccdrec.pipeline.rundir import RunDir
 
@@ -54,13 +57,17 @@ class StagedRun:
 
     Stages that :meth:`parallel_group` puts in one group (a block's teacher members: each depends only
     on its own previous version and on checkpoints written before the group) may run side by side in
-    ``workers`` processes. A worker rebuilds the run from its directory with :meth:`open_worker`,
-    runs one stage, which writes its checkpoints, and hands back the stage's pointers and rows; only
-    this process writes ``state.json`` and ``metrics.jsonl``, so an interruption loses at most the
-    stages still running, and a resumed run repeats exactly those.
+    ``workers`` processes (executor ``local``) or as Ray tasks on a cluster (executor ``ray``,
+    :mod:`ccdrec.pipeline.cluster`). A worker rebuilds the run from its directory with
+    :meth:`open_worker`, runs one stage, which writes its checkpoints, and hands back the stage's
+    pointers and rows; only this process writes ``state.json`` and ``metrics.jsonl``, so an
+    interruption loses at most the stages still running, and a resumed run repeats exactly those.
+    A worker stage trains with :meth:`stage_threads` threads on :meth:`stage_device`, as it would here.
     """
 
     workers = 1
+    executor = "local"  # or "ray" (the configuration's; cluster.use_executor overrides it)
+    ray_address: str | None = None
 
     def __init__(self, run_dir: RunDir, progress: bool = True, console: Console | None = None):
         self.rd = run_dir
@@ -79,9 +86,19 @@ class StagedRun:
         return None
 
     @classmethod
-    def open_worker(cls, path: Path) -> StagedRun:
-        """This run, rebuilt in a worker process from its directory (without progress display)."""
+    def open_worker(cls, path: Path, device: str | None = None) -> StagedRun:
+        """This run, rebuilt in a worker process from its directory (without progress display), on
+        ``device`` (``cpu`` / ``cuda``; None: the configuration's)."""
         raise NotImplementedError
+
+    def stage_device(self) -> str | None:
+        """The device type (``cpu`` / ``cuda``) worker stages run on: this process's (None: the worker's own choice)."""
+        return None
+
+    def stage_threads(self, group: int) -> int:
+        """CPU threads of each worker stage of a group of ``group`` stages: this process's threads shared
+        by the stages that run at once (``workers``, at most ``group``)."""
+        return max(1, torch.get_num_threads() // min(self.workers, group))
 
     def complete(self, name: str, out: StageOutput, seconds: float, peak_mb: float | None = None) -> None:
         """Record stage ``name`` as done: its metric rows, then ``state.json`` with its pointers."""
@@ -106,20 +123,26 @@ class StagedRun:
             raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
         self.restore()
         todo = [(name, fn) for name, fn in todo if name not in done]
+        executor, address = cluster.chosen_executor(self.executor, self.ray_address)
+        groups = Counter(g for g in (self.parallel_group(name) for name, _ in todo) if g is not None)
+        on_ray = executor == "ray" and bool(groups)
+        if on_ray:  # before any stage: a missing Ray, an unreachable cluster or too small nodes are one-line errors
+            cluster.connect(address)
+            cluster.check_resources(self.stage_threads(min(groups.values())), int(self.stage_device() == "cuda"))
         workers = self.workers
-        if workers > 1 and not _main_can_be_spawned():
+        if workers > 1 and not on_ray and not _main_can_be_spawned():
             self.console.print("one process: workers cannot re-import a program read from stdin")
             workers = 1
         i = 0
         while i < len(todo):
             name, fn = todo[i]
-            group = self.parallel_group(name) if workers > 1 else None
+            group = self.parallel_group(name) if workers > 1 or on_ray else None
             if group is not None:
                 names = [name]
                 while i + len(names) < len(todo) and self.parallel_group(todo[i + len(names)][0]) == group:
                     names.append(todo[i + len(names)][0])
-                if len(names) > 1:
-                    self.run_parallel(names)
+                if len(names) > 1 or on_ray:  # on Ray even a lone member is a task (it may need a GPU node)
+                    (self.run_on_ray if on_ray else self.run_parallel)(names)
                     i += len(names)
                     if stop_after in names:
                         raise StopRequested(stop_after)
@@ -136,11 +159,30 @@ class StagedRun:
         self.complete(name, out, seconds, peak)
         self.console.print(f"  {name} done ({seconds:.1f} s)")
 
+    def run_on_ray(self, names: list[str]) -> None:
+        """Run the stages ``names`` as Ray tasks (:func:`ccdrec.pipeline.cluster.run_stage_group`),
+        completing each as it finishes, then reload the models their pointers name."""
+        threads, device = self.stage_threads(len(names)), self.stage_device()
+        gpus = int(device == "cuda")
+        need = f"{threads} CPU{'s' if threads > 1 else ''}" + (", 1 GPU" if gpus else "")
+        self.console.print(f"[bold]{', '.join(names)}[/bold] (Ray tasks, {need} each)")
+        completed = self.record["completed"]
+        cluster.run_stage_group(
+            names,
+            partial(_run_in_worker, type(self), str(self.rd.path.resolve()), threads=threads, device=device),
+            self._complete_worker_stage,
+            self.rd.path,
+            completed[-1] if completed else None,
+            cpus=threads,
+            gpus=gpus,
+        )
+        self.restore()
+
     def run_parallel(self, names: list[str]) -> None:
         """Run the stages ``names`` in ``workers`` spawned processes, completing each as it finishes,
         then reload the models their pointers name."""
         workers = min(self.workers, len(names))
-        threads = max(1, torch.get_num_threads() // workers)
+        threads = self.stage_threads(len(names))
         self.console.print(f"[bold]{', '.join(names)}[/bold] ({workers} processes, {threads} threads each)")
         pool = ProcessPoolExecutor(
             max_workers=workers,
@@ -149,7 +191,9 @@ class StagedRun:
             initargs=(os.getpid(),),
         )
         try:
-            futures = {pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads): n for n in names}
+            futures = {
+                pool.submit(_run_in_worker, type(self), str(self.rd.path), n, threads, self.stage_device()): n for n in names
+            }
             done: set[str] = set()
             try:
                 for fut in as_completed(futures):
@@ -198,6 +242,7 @@ class TeacherStudentRun(StagedRun):
         self.ctx = RunContext(cfg, stream, run_dir, progress, self.console, prefix, meta or {})
         self.state = RunState([None] * len(cfg.teacher.members), pointers=self.record["pointers"])
         self.workers = cfg.workers
+        self.executor, self.ray_address = cfg.executor, cfg.ray_address
         last = len(stream) - 1
         self.last_block = last if cfg.max_blocks is None else min(cfg.max_blocks, last)
 
@@ -215,10 +260,15 @@ class TeacherStudentRun(StagedRun):
         return {}
 
     @classmethod
-    def open_worker(cls, path: Path) -> TeacherStudentRun:
+    def open_worker(cls, path: Path, device: str | None = None) -> TeacherStudentRun:
         rd = RunDir.open(path)
         cfg = rd.load_config()
+        if device is not None:
+            cfg = cfg.model_copy(update={"device": device})
         return cls(cfg, rd, rd.open_stream(cfg), progress=False, **cls.worker_kwargs(rd))
+
+    def stage_device(self) -> str:
+        return self.ctx.device.type
 
     def restore(self) -> None:
         """Load the models that the pointers of ``state.json`` name (resume, and after worker stages)."""
@@ -261,11 +311,14 @@ def run_measured(fn: Callable[[], dict]) -> tuple[dict, float, float | None]:
     return out, seconds, peak
 
 
-def _run_in_worker(kind: type[StagedRun], path: str, name: str, threads: int) -> tuple[dict, float, float | None]:
-    """Worker process: rebuild the run of ``kind`` at ``path``, run stage ``name``, return its result."""
+def _run_in_worker(
+    kind: type[StagedRun], path: str, name: str, threads: int, device: str | None = None
+) -> tuple[dict, float, float | None]:
+    """Worker process or Ray task: rebuild the run of ``kind`` at ``path`` on ``device``, run stage
+    ``name`` with ``threads`` threads, return its result."""
     torch.set_num_threads(threads)
     keep_freed_memory()
-    runner = kind.open_worker(Path(path))
+    runner = kind.open_worker(Path(path), device)
     runner.restore()
     return run_measured(dict(runner.stage_list())[name])
 
@@ -338,16 +391,29 @@ def model_prefix(rd: RunDir) -> str:
     return ""
 
 
+def block0_start(rd: RunDir, cfg: RunConfig) -> str:
+    """What a run's ``b0/student`` is: ``"distilled"`` (D_0, CCD's) or, for a CL run
+    (:mod:`ccdrec.pipeline.competitors`), its ``competitors.start``."""
+    return cfg.competitors.start if rd.read_state().get("method") is not None else "distilled"
+
+
 def share_block0(source: RunDir, target: RunDir, n_members: int, prefix: str | None = None) -> None:
     """Seed ``target``, a fresh run, with block 0 of ``source`` (a CCD or CL run of the same block 0):
-    the teacher members, D_0 and the block-0 metric rows.
+    the teacher members, D_0 and the block-0 metric rows. The student and block 0's evaluation are
+    shared only when both runs start the same student (:func:`block0_start`; a plain start also needs
+    the same ``teacher.base``); else ``target`` trains and evaluates its own.
 
     ``prefix``: the model-name prefix of a competitor ``target`` (``"finetune:"``; the rows are renamed
     to it); None for a CCD ``target`` (an ablation), which also takes D_0's proxies and E_0's top lists.
     """
-    check_shareable(source.load_config(), target.load_config(), source.path)
-    stages = [f"b0/teacher{m}" for m in range(n_members)] + ["b0/student", "b0/eval"]
-    checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)} | {"student": "b0_student"}
+    src_cfg, tgt_cfg = source.load_config(), target.load_config()
+    check_shareable(src_cfg, tgt_cfg, source.path)
+    stages = [f"b0/teacher{m}" for m in range(n_members)]
+    checkpoints = {f"teacher{m}": f"b0_teacher{m}" for m in range(n_members)}
+    start = block0_start(source, src_cfg)
+    if start == block0_start(target, tgt_cfg) and (start == "distilled" or src_cfg.teacher.base == tgt_cfg.teacher.base):
+        stages += ["b0/student", "b0/eval"]  # else the target makes its own student (and evaluates block 0 with it)
+        checkpoints["student"] = "b0_student"
     rename = None
     if prefix is None:
         checkpoints["proxies"] = "b0_proxies"
@@ -383,6 +449,7 @@ def base_signature(cfg) -> dict:
         "user_samples": s.user_samples,
         "item_samples": s.item_samples,
         "rrd_weight": s.rrd_weight,
+        "distill_cover": s.distill_cover,
     }
 
 

@@ -156,7 +156,7 @@ def time_table(states: dict[str, dict]) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +167,7 @@ def _plt():
 
 def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall@20") -> None:
     """Grouped bars: per block k, CCD's H_k gain over the best competitor, one bar per role."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     roles = list(gains)
     ks = sorted({k for g in gains.values() for k in g.index})
@@ -188,7 +188,7 @@ def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall
 
 def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "recall@20") -> None:
     """H_k per block of every method, one panel per role."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(ROLES), figsize=(10, 3.5))
     for ax, role in zip(axes, ROLES, strict=True):
         for m in methods:
@@ -209,8 +209,6 @@ def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "reca
 # --------------------------------------------------------------------------------------------- report
 
 
-
-
 def comparison_rows(runs: dict) -> list[dict]:
     """All labelled rows of a comparison: ``runs`` maps a label to (RunDir, ``"ccd"`` or ``"cl"``)."""
     rows: list[dict] = []
@@ -222,14 +220,13 @@ def comparison_rows(runs: dict) -> list[dict]:
     return rows
 
 
-def write_compare_report(
-    out: Path, runs: dict, serving: str | None = None, ablation_notes: dict[str, str] | None = None
-) -> Path:
+def write_compare_report(out: Path, runs: dict, serving: str | None = None, notes: dict[str, str] | None = None) -> Path:
     """Write ``OUT/report.md`` and ``OUT/plots/*.png`` of a comparison (see :mod:`ccdrec.pipeline.compare`).
 
     ``serving``: the Markdown of CCD's serving cost (:func:`ccdrec.serve_bench.bench_markdown`);
-    ``ablation_notes``: what each ablation (by name, without the ``ccd/`` of its label) switches off."""
-    notes = ablation_notes or {}
+    ``notes``: what each ablation or other CCD-family method changes, by report label
+    (``ccd/no-replay``, ``kd-only``)."""
+    notes = notes or {}
     out = Path(out)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -255,12 +252,15 @@ def write_compare_report(
     for metric in (lead, lead_ndcg):
         lines.append(f"## LA / RA / H-mean ({metric})\n")
         lines.append(markdown_table(bold_best(comparison_table(rows, methods, metric), exclude=REFERENCE)))
+    lines += [f"- `{m}`: {notes[m]}" for m in methods if m in notes]
+    if any(m in notes for m in methods):
+        lines.append("")
     if ablations:
         for metric in (lead, lead_ndcg):
             lines.append(f"## Ablations of CCD: LA / RA / H-mean ({metric})\n")
             lines.append(markdown_table(bold_best(comparison_table(rows, ["ccd", *ablations], metric))))
         for m in ablations:
-            lines.append(f"- `{m}`: {notes.get(m.split('/', 1)[1], '')}")
+            lines.append(f"- `{m}`: {notes.get(m, '')}")
         lines.append("")
     if "ccd" in runs and competitors:
         lines.append(f"## CCD's gain over the best CL competitor ({', '.join(competitors)})\n")

@@ -40,8 +40,9 @@ def as_text(df: pd.DataFrame, spec: str = ".4f") -> pd.DataFrame:
     return df.astype(object).map(lambda v: v if isinstance(v, str) else fmt(v, spec))
 
 
-def test_rows(rows: list[dict], model: str) -> list[dict]:
-    return [r for r in rows if r.get("kind") == "test" and r.get("model") == model]
+def test_rows(rows: list[dict], model: str, split: str = "test") -> list[dict]:
+    """The r_(k,j) rows of ``model`` on the test splits (``split="valid"``: on the validation splits)."""
+    return [r for r in rows if r.get("kind") == split and r.get("model") == model]
 
 
 def models_in(rows: list[dict]) -> list[str]:
@@ -52,9 +53,10 @@ def models_in(rows: list[dict]) -> list[str]:
     return seen
 
 
-def stream_scores(rows: list[dict], model: str, metric: str = "recall@20") -> StreamScores:
+def stream_scores(rows: list[dict], model: str, metric: str = "recall@20", split: str = "test") -> StreamScores:
+    """The r_(k,j) of ``model`` on the test splits (``split="valid"``: on the validation splits)."""
     s = StreamScores()
-    for r in test_rows(rows, model):
+    for r in test_rows(rows, model, split):
         s.add(r["k"], r["j"], r.get(metric))
     return s
 

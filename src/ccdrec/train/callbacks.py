@@ -26,6 +26,10 @@ class Callback:
     def on_epoch_end(self, model: Recommender, opt: torch.optim.Optimizer, epoch: int) -> None:
         """After the epoch's own pass, before validation (e.g. a replay pass)."""
 
+    def on_validate(self, model: Recommender, epoch: int, valid: dict) -> None:
+        """After a validation, before model selection: may add figures to ``valid`` (e.g. the agreement
+        with a teacher that model selection then weighs, ``fit(select=...)``)."""
+
 
 def add_batch_losses(loss: torch.Tensor, callbacks, model, out, users: np.ndarray, items: np.ndarray, epoch: int) -> torch.Tensor:
     """``loss`` plus every callback's :meth:`Callback.batch_loss` for the minibatch, in order."""

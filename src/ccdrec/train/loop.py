@@ -46,13 +46,14 @@ class EarlyStopping:
     stops after ``patience`` evaluations without gain (never before ``min_epochs``). Without validation
     users the metric is missing and the last epoch is kept."""
 
-    def __init__(self, cfg: TrainConfig, result: FitResult, start: float):
+    def __init__(self, cfg: TrainConfig, result: FitResult, start: float, key: str | None = None):
         self.cfg, self.result, self.start = cfg, result, start
+        self.key = key or cfg.select_metric
         self.best_state: dict | None = None
         self.best_score, self.bad = -1.0, 0
 
     def observe(self, model: Recommender, epoch: int, valid: dict) -> None:
-        score = valid[self.cfg.select_metric]
+        score = valid[self.key]
         if score is None:  # no validation users: nothing to select on, the last epoch is kept
             self.result.best_epoch, self.result.best_valid = epoch, valid
         elif score > self.best_score:
@@ -65,8 +66,6 @@ class EarlyStopping:
 
     def should_stop(self, epoch: int) -> bool:
         return self.bad >= self.cfg.patience and epoch + 1 >= self.cfg.min_epochs
-
-
 
 
 def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -99,12 +98,15 @@ def fit(
     callbacks: Sequence[Callback] = (),
     avoid: sp.spmatrix | None = None,
     inputs: sp.csr_matrix | None = None,
+    select: str | None = None,
 ) -> FitResult:
     """Train ``model`` on ``block``'s train split with early stopping; restores the best weights.
 
     ``callbacks``: :class:`Callback` hooks, called in order. ``avoid`` and ``inputs`` go to the model
     family's objective: (user, item) pairs the BPR negatives must avoid beyond the user's train items;
-    a Mult-VAE's input/target rows (default: the block's train matrix).
+    a Mult-VAE's input/target rows (default: the block's train matrix). ``select``: the validation
+    figure model selection maximises (default ``cfg.select_metric``; a callback's ``on_validate`` may
+    add it). Raises KeyError if no validation provides ``select``.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -114,7 +116,7 @@ def fit(
     objective = objective_for(model, block, cfg, avoid=avoid, inputs=inputs)
     result = FitResult(best_epoch=-1, best_valid={})
     start = time.perf_counter()
-    selection = EarlyStopping(cfg, result, start)
+    selection = EarlyStopping(cfg, result, start, select)
     bar = _progress(progress, label, cfg.epochs)
     try:
         for epoch in range(cfg.epochs):
@@ -131,6 +133,8 @@ def fit(
             last = epoch == cfg.epochs - 1
             if (epoch + 1) % cfg.eval_every == 0 or last:
                 valid = evaluate_block(model, block, "valid", ks=selection_ks(cfg.select_metric), chunk=cfg.eval_chunk)
+                for cb in callbacks:
+                    cb.on_validate(model, epoch, valid)
                 row.update({f"valid_{k}": v for k, v in valid.items()})
                 selection.observe(model, epoch, valid)
             result.history.append(row)

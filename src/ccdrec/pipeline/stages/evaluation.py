@@ -1,5 +1,6 @@
 """Evaluation after block k (method.md 8): every reported model on the test split of every block
-j <= k (r_(k,j)), on block k's new users, and on block k's validation split."""
+j <= k (r_(k,j)), on block k's new users, and on the validation split of every block j <= k (the same
+protocol on validation, on which settings are chosen; test splits are for the final report)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from ccdrec.report.tables import fmt
 
 
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
-    """r_{k,j} rows (test split of every block j <= k), block k's new-user rows and its validation row
-    (``kind: valid``; the teacher ensemble's own validation quality), per named model (method.md 8)."""
+    """r_{k,j} rows (``kind: test``, test split of every block j <= k), block k's new-user rows and the
+    same r_{k,j} on the validation splits (``kind: valid``), per named model (method.md 8). One scoring
+    pass per model serves every split."""
     rows = []
     block = stream[k]
-    requests = [("valid", k, block, "valid", None)] + [("test", j, stream[j], "test", None) for j in range(k + 1)]
+    requests = [("valid", j, stream[j], "valid", None) for j in range(k + 1)]
+    requests += [("test", j, stream[j], "test", None) for j in range(k + 1)]
     if k > 0:
         requests.append(("new_users", k, block, "test", np.arange(block.prev_users, block.n_users)))
     for name, model in models.items():

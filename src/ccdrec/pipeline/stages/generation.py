@@ -11,8 +11,10 @@ import torch
 from ccdrec.config import RunConfig
 from ccdrec.continual.proxy import Proxy
 from ccdrec.data.stream import Block
+from ccdrec.distill.agreement import DEFAULT_USERS, old_users_sample
 from ccdrec.distill.ensemble import RankEnsemble, top_lists
 from ccdrec.distill.rrd import distill_student
+from ccdrec.models.base import Recommender
 from ccdrec.models.registry import build_model
 from ccdrec.pipeline.context import RunContext, RunState, StageOutput, Trained, fit_row, seed_everything
 from ccdrec.pipeline.stages.avoid import avoid_lists
@@ -34,13 +36,26 @@ def generate_student(
     device,
     avoid: sp.csr_matrix | None = None,
     progress=False,
+    start: Recommender | None = None,
 ) -> Trained:
-    """A fresh student distilled from the ensemble's lists: BPR + RRD + IR-RRD (method.md 7).
+    """A student distilled from the ensemble's lists: BPR + RRD + IR-RRD (method.md 7).
 
-    ``avoid``: (user, item) pairs the BPR negatives must avoid."""
+    ``avoid``: (user, item) pairs the BPR negatives must avoid. With ``student.distill_select = retention``
+    model selection also weighs the agreement with the lists on up to 2,000 old users. ``start``: a student of block's universe
+    whose copy is trained (``student.distill_from = served``: CL_k); None: fresh random weights (the paper).
+    Raises ValueError if ``start`` is not of the block's universe."""
     seed_everything(seed)
     s = cfg.student
-    student = build_model(s.model.kind, block.n_users, block.n_items, **s.model.kwargs()).to(device)
+    retention = None
+    if s.distill_select == "retention" and block.prev_users > 0:
+        listed = (np.asarray(user_top) >= 0).any(axis=1)
+        retention = old_users_sample(block.prev_users, listed, DEFAULT_USERS, seed)
+    if start is None:
+        student = build_model(s.model.kind, block.n_users, block.n_items, **s.model.kwargs()).to(device)
+    elif (start.n_users, start.n_items) != (block.n_users, block.n_items):
+        raise ValueError(f"a distillation start of {start.n_users} x {start.n_items} for block {block.index}'s universe")
+    else:
+        student = start.clone().to(device).train()
     res = distill_student(
         student,
         block,
@@ -54,6 +69,8 @@ def generate_student(
         item_samples=min(s.item_samples, block.n_users),
         weight=s.rrd_weight,
         label=f"distil D_{block.index}",
+        retention_users=retention,
+        cover=s.distill_cover,
     )
     return Trained(student, res)
 
@@ -67,7 +84,8 @@ def distil_avoid(ctx: RunContext, state: RunState, k: int) -> sp.csr_matrix | No
 
 
 def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
-    """Stage ``bK/student``: D_k from E_k (with ``student.redistill`` off, k >= 1: D_k = CL_k)."""
+    """Stage ``bK/student``: D_k from E_k, from scratch or from CL_k (``student.distill_from``); with
+    ``student.redistill`` off, k >= 1: D_k = CL_k."""
     block = ctx.stream[k]
     out = StageOutput()
     if k > 0 and not ctx.cfg.student.redistill:
@@ -77,7 +95,9 @@ def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         # E_k's top lists also serve block k+1's student update (its negatives avoid them)
         out.pointers["teacher_top"] = ctx.rd.save_tensors(f"b{k}_teacher_top", {"user_top": torch.from_numpy(user_top)})
         avoid = distil_avoid(ctx, state, k) if k > 0 else None
-        res = generate_student(user_top, item_top, block, ctx.cfg, ctx.seed(f"b{k}/student"), ctx.device, avoid, ctx.progress)
+        start = state.served if k > 0 and ctx.cfg.student.distill_from == "served" else None
+        seed = ctx.seed(f"b{k}/student")
+        res = generate_student(user_top, item_top, block, ctx.cfg, seed, ctx.device, avoid, ctx.progress, start)
         state.student = res.model
         out.rows.append(fit_row(ctx.name("student"), res.fit, k))
     out.pointers["student"] = ctx.save(f"b{k}_student", state.student, k)

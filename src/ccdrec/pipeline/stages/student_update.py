@@ -13,7 +13,7 @@ from ccdrec.continual.proxy import Proxy, ema_update
 from ccdrec.continual.replayer import Replayer, old_active_users, past_train
 from ccdrec.data.stream import Block
 from ccdrec.models.base import EmbeddingModel
-from ccdrec.pipeline.context import RunContext, RunState, StageOutput, Trained, fit_row, seed_everything
+from ccdrec.pipeline.context import RunContext, RunState, StageOutput, Trained, fit_row, grown, seed_everything
 from ccdrec.pipeline.stages.avoid import avoid_lists
 from ccdrec.train.loop import fit
 
@@ -92,6 +92,8 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     ``state.student`` is the student this cycle starts from: D_{k-1} after a teacher cycle, else
     CL_{k-1} (a cycle that is not a teacher cycle hands on CL_k, ``teacher.update_every``)."""
     out = StageOutput()
+    if not ctx.cfg.student.continual:
+        return carry_student(ctx, state, k)
     if k >= 2:
         w_s, w_p = ctx.cfg.proxy_weights(k)
         state.proxies = update_proxies(*state.proxies, state.student, w_s, w_p)
@@ -110,3 +112,13 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     replayed = int(np.mean(replayer.sizes)) if replayer.sizes else 0
     out.rows.append(fit_row(ctx.name("served"), res.fit, k, replay_pairs=replayed))
     return out
+
+
+def carry_student(ctx: RunContext, state: RunState, k: int) -> StageOutput:
+    """Stage ``bK/student_update`` with ``student.continual`` off (the kd-only / kd-once baselines): no
+    stage 2; CL_k is the last distilled student grown untrained to block k's universe (entity
+    initialisation, 5.2), so that it can rank block k's new users and items. The proxies do not step."""
+    state.served = grown(state.student, ctx.stream[k], ctx.cfg)
+    state.student = state.served  # the next cycle carries it on (a teacher cycle may distil a new one)
+    ptr = ctx.save(f"b{k}_served", state.served, k)
+    return StageOutput({"served": ptr, "student": ptr}, [fit_row(ctx.name("served"), None, k)])

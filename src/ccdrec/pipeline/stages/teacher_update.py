@@ -49,6 +49,21 @@ def lwckd_towards(
     )
 
 
+def vae_kl_towards(old_model: MultVAE, block: Block, prev: Block, inputs, weight: float) -> PreviousOutputKL | None:
+    """The Mult-VAE member's regulariser of a teacher update (method.md 5.3): ``weight``·KL(output of
+    ``old_model``, the member of block k-1 ‖ current output) on the old items (``prev``'s universe) for the
+    users who train in both ``block`` and ``prev``, the rows computed from ``inputs`` (the VAE input given to
+    ``fit``, ``block.train_matrix`` or its imputed rows). None when ``weight`` is 0.
+
+    CCD's teacher update and the competitors' Mult-VAE members (``competitors.vae_kl``) both use it, so a
+    gain of CCD's teacher comes from the student side's knowledge, not from this regulariser.
+    ``old_model`` is put in eval mode (its outputs are deterministic targets).
+    """
+    persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))
+    old_model.eval()
+    return PreviousOutputKL(old_model, persisting, prev.n_items, inputs, weight) if weight > 0 else None
+
+
 def teacher_replay_sources(
     sp_proxy: Proxy | None,
     pp_proxy: Proxy | None,
@@ -98,9 +113,7 @@ def _update_vae_member(
     replayer = Replayer(sources, users, observed, rc, seed + 1, block.n_items, context=block.train_matrix)
     replay = replayer.sample(model)
     vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
-    persisting = np.intersect1d(np.unique(block.train[:, 0]), np.unique(prev.train[:, 0]))
-    member.eval()
-    kl = PreviousOutputKL(member, persisting, prev.n_items, vae_input, t.vae_kl_weight) if t.vae_kl_weight > 0 else None
+    kl = vae_kl_towards(member, block, prev, vae_input, t.vae_kl_weight)
     callbacks = [kl] if kl is not None else []
     res = fit(model, block, t.update_vae, seed=seed, progress=progress, label=label, callbacks=callbacks, inputs=vae_input)
     return Trained(model, res)

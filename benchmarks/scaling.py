@@ -1,0 +1,174 @@
+"""Benchmark: how the cost of each stage grows with users and interactions (issue 17).
+
+Synthetic streams with planted preferences (users in latent clusters, each interacting mostly inside its
+cluster, items' popularity Zipf-like) at increasing size: ``--users`` (items = users x ``--items-per-user``
+ratio, ``--per-user`` interactions per user, fixed). For each size, every stage runs alone in a fresh
+process (so that its peak RSS is its own) and is timed:
+
+* ``teacher_epoch``    one BPR epoch of a block-0 teacher member (LightGCN, dim 128, the default schedule);
+* ``evaluation``       one full-ranking evaluation (Recall@20 / NDCG@20 of every test user, in user chunks);
+* ``ensemble_top``     the rank ensemble of 3 members with the top-40 lists of every user and item;
+* ``distill_epoch``    one distillation epoch (student LightGCN dim 8, BPR + RRD + IR-RRD);
+* ``student_epoch``    one student-update epoch on the next block (grown student, BPR + proxy replay).
+
+Prints ``stage users items interactions seconds peak_rss_mb`` per stage and size, then per stage the
+log-log slope of seconds and of peak RSS against users and against interactions (least squares over
+the sizes). Stages of a size stop being run once one exceeds ``--stage-limit`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import resource
+import time
+
+import numpy as np
+
+STAGES = ("teacher_epoch", "evaluation", "ensemble_top", "distill_epoch", "student_epoch")
+
+
+def planted_stream(n_users: int, n_items: int, per_user: int, seed: int = 0, clusters: int = 50):
+    """Two blocks (block 1: 10% new users, 5% new items; 60% of old users active) with planted
+    preferences: 85% of a user's interactions in its cluster, drawn Zipf-like, the rest uniform."""
+    from ccdrec.data.split import split_block
+    from ccdrec.data.stream import Block, Stream
+
+    rng = np.random.default_rng(seed)
+    u1, i1 = n_users + n_users // 10, n_items + n_items // 20
+    user_cluster = rng.integers(0, clusters, u1)
+    item_cluster = rng.integers(0, clusters, i1)
+    blocks, prev_u, prev_i = [], 0, 0
+    for k, (n_u, n_i) in enumerate(((n_users, n_items), (u1, i1))):
+        order = np.argsort(item_cluster[:n_i], kind="stable")
+        starts = np.searchsorted(item_cluster[:n_i][order], np.arange(clusters + 1))
+        users = np.arange(n_u) if k == 0 else np.concatenate([np.flatnonzero(rng.random(prev_u) < 0.6), np.arange(prev_u, n_u)])
+        u = np.repeat(users, per_user)
+        same = rng.random(len(u)) < 0.85
+        c = user_cluster[u]
+        size = np.maximum(starts[c + 1] - starts[c], 1)
+        pos = np.minimum((size * rng.random(len(u)) ** 3).astype(np.int64), size - 1)  # Zipf-like within the cluster
+        items = np.where(same, order[np.minimum(starts[c] + pos, n_i - 1)], rng.integers(0, n_i, len(u)))
+        pairs = np.unique(np.stack([u, items], 1), axis=0)
+        blocks.append(Block(k, n_u, n_i, prev_u, prev_i, **split_block(pairs, rng)))
+        prev_u, prev_i = n_u, n_i
+    return Stream("planted", blocks)
+
+
+def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: int, q) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from ccdrec.config import TrainConfig, default_schedule
+    from ccdrec.distill.ensemble import RankEnsemble, top_lists
+    from ccdrec.distill.rrd import RRDObjective
+    from ccdrec.eval.metrics import evaluate_block
+    from ccdrec.models import LightGCN
+    from ccdrec.train.objectives import objective_for
+
+    stream = planted_stream(n_users, n_items, per_user)
+    b0, b1 = stream[0], stream[1]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def epoch(model, block, cfg, callbacks=()):
+        model.set_graph(block.matrix("train", model.n_users, model.n_items))
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        for cb in callbacks:
+            cb.on_epoch_start(model, opt, 0)
+        objective_for(model, block, cfg).epoch(model, opt, rng, 0, callbacks)
+        for cb in callbacks:
+            cb.on_epoch_end(model, opt, 0)
+
+    teacher = LightGCN(b0.n_users, b0.n_items, dim=128)
+    teacher.set_graph(b0.train_matrix)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    if stage == "teacher_epoch":
+        epoch(teacher, b0, default_schedule("lightgcn"))
+    elif stage == "evaluation":
+        evaluate_block(teacher.eval(), b0, "test")
+    elif stage == "ensemble_top":
+        members = [teacher] + [LightGCN(b0.n_users, b0.n_items, dim=128) for _ in range(2)]
+        for m in members:
+            m.set_graph(b0.train_matrix)
+        ens = RankEnsemble(members)
+        top_lists(ens.scorer(context=b0.train_matrix), b0.n_users, b0.n_items, b0.train_matrix, n=40)
+    else:
+        student = LightGCN(b0.n_users, b0.n_items, dim=8)
+        cfg = TrainConfig(epochs=1, batch_size=1024, lr=5e-3)
+        lists = top_lists(teacher.scorer(), b0.n_users, b0.n_items, b0.train_matrix, n=40)
+        if stage == "distill_epoch":
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            start = time.perf_counter()
+            rrd = RRDObjective(*lists, b0.n_items, b0.n_users, observed=b0.train_matrix)
+            epoch(student, b0, cfg, [rrd])
+        else:
+            from ccdrec.config import ReplayConfig
+            from ccdrec.continual.proxy import Proxy
+            from ccdrec.continual.replayer import Replayer, old_active_users, past_train
+
+            student.grow(b1.n_users, b1.n_items, b1.train_matrix, "entity")
+            proxy = Proxy.from_model(student)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            start = time.perf_counter()
+            replay = Replayer(
+                [(proxy.scorer(n_items=b1.n_items), 1)], old_active_users(b1), past_train(b1, b0), ReplayConfig(), 1, b1.n_items
+            )
+            epoch(student, b1, cfg, [replay])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q.put((seconds, peak, before, len(b0.train) + len(b0.valid) + len(b0.test)))
+
+
+def slope(x, y) -> float:
+    ok = [(a, b) for a, b in zip(x, y, strict=True) if a > 0 and b > 0]
+    if len(ok) < 2:
+        return math.nan
+    lx, ly = np.log([a for a, _ in ok]), np.log([b for _, b in ok])
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", default="10000,20000,40000,80000", help="comma-separated user counts")
+    ap.add_argument("--items-ratio", type=float, default=0.1, help="items per user of the universe")
+    ap.add_argument("--per-user", type=int, default=20, help="interactions per user (block 0)")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage-limit", type=float, default=600.0, help="seconds; a stage past it is not run at larger sizes")
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    results: dict[str, list[tuple[int, int, float, float]]] = {s: [] for s in args.stages.split(",")}
+    skipped: set[str] = set()
+    print("stage users items interactions seconds peak_rss_mb rss_before_stage_mb", flush=True)
+    for n_users in (int(x) for x in args.users.split(",")):
+        n_items = max(int(n_users * args.items_ratio), 100)
+        for stage in results:
+            if stage in skipped:
+                continue
+            q = ctx.Queue()
+            p = ctx.Process(target=run_stage, args=(stage, n_users, n_items, args.per_user, args.threads, q))
+            p.start()
+            p.join()
+            if p.exitcode != 0:
+                print(f"{stage} {n_users} {n_items} failed (exit {p.exitcode})", flush=True)
+                skipped.add(stage)
+                continue
+            seconds, peak, before, inter = q.get()
+            results[stage].append((n_users, inter, seconds, peak))
+            print(f"{stage} {n_users} {n_items} {inter} {seconds:.2f} {peak:.0f} {before:.0f}", flush=True)
+            if seconds > args.stage_limit:
+                skipped.add(stage)
+    print("stage slope_seconds_vs_users slope_seconds_vs_interactions slope_rss_vs_users", flush=True)
+    for stage, rows in results.items():
+        users = [r[0] for r in rows]
+        inter = [r[1] for r in rows]
+        secs = [r[2] for r in rows]
+        rss = [r[3] for r in rows]
+        print(f"{stage} {slope(users, secs):.2f} {slope(inter, secs):.2f} {slope(users, rss):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

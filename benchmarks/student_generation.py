@@ -1,0 +1,94 @@
+"""Validation sweep of the student-generation switches (issue 18), over the seeds of a sweep directory.
+
+For every seed cell of ``ccdrec compare --seeds ... --cadences M`` (its CCD run trains block 0), runs CCD
+again with each variant's ``--set`` overrides, sharing that cell's block 0 (variants that change D_0, such
+as ``student.distill_cover``, train their own D_0 from the shared teacher members), into
+``CELL/variant-NAME/``; then prints, per variant and role (served student CL_k, distilled D_k, teacher
+E_k), the stream LA / RA / H-mean on the validation splits (on which a setting is chosen) and on the test
+splits (reported, never chosen on), as mean ± sd over the seeds, and D_k's RA as a fraction of E_k's.
+
+    python benchmarks/student_generation.py SWEEP_DIR \
+        --variant served=student.distill_from=served \
+        --variant retention=student.distill_select=retention \
+        --variant both=student.distill_from=served,student.distill_select=retention
+
+Prints one line per variant, role and split; a variant's runs resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, help="a directory of `ccdrec compare --seeds ...`")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=key=value[,key=value...] (repeatable)")
+    ap.add_argument("--every", type=int, default=1, help="the cadence cells to use (teacher.update_every)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true", help="print the figures of the runs there, train nothing")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from ccdrec.checkpoint import read_json
+    from ccdrec.config import RunConfig
+    from ccdrec.data.stream import load_stream
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.pipeline.staged import base_signature, share_block0, share_stages
+    from ccdrec.pipeline.sweep import SWEEP_FILE, cell_name
+    from ccdrec.presets import apply_override
+    from ccdrec.report import compare as rc
+    from ccdrec.report import sweep as rs
+
+    plan = read_json(args.sweep / SWEEP_FILE)
+    variants: dict[str, list[str]] = {"default": []}
+    for v in args.variant:
+        name, _, sets = v.partition("=")
+        variants[name] = [x for x in sets.split(",") if x]
+    cells = {s: args.sweep / cell_name(s, args.every) for s in plan["seeds"]}
+    rows_by_variant: dict[str, dict[int, list[dict]]] = {n: {} for n in variants}
+    for seed, cell in cells.items():
+        base = RunDir(cell / "ccd")
+        cfg = base.load_config()
+        for name, sets in variants.items():
+            if not sets:
+                rd = base
+            else:
+                rd = RunDir(cell / f"variant-{name}")
+                if not args.report_only:
+                    if not rd.state_path.exists():
+                        data = cfg.model_dump(mode="json")
+                        for item in sets:
+                            data = apply_override(data, item)
+                        vcfg = RunConfig.model_validate(data)
+                        rd.create(vcfg, load_stream(cfg.dataset))
+                        n = len(cfg.teacher.members)
+                        if base_signature(vcfg) == base_signature(cfg):
+                            share_block0(base, rd, n)
+                        else:  # the variant distils another D_0: share the teacher members only
+                            members = [f"b0/teacher{m}" for m in range(n)]
+                            share_stages(base, rd, members, {f"teacher{m}": f"b0_teacher{m}" for m in range(n)})
+                    print(f"== seed {seed}: {name} ({rd.path})", flush=True)
+                    run_stream(None, rd.path, resume=True, progress=False)
+            if rd.metrics_path.exists():
+                rows_by_variant[name][seed] = rc.label_rows(rd.read_metrics(), "ccd", rc.CCD_ROLES)
+    metric = "recall@20"
+    for name, by_seed in rows_by_variant.items():
+        for split in ("valid", "test"):
+            t = rs.seed_table(by_seed, ["ccd"], metric, split)
+            for (_, role), r in t.iterrows():
+                print(f"{name} {split} {role}: LA {r['LA']}  RA {r['RA']}  H {r['H']}  (seeds {r['seeds']})")
+        for split in ("valid", "test"):
+            ret = rs.retention_table(by_seed, "ccd", metric, split)
+            if not ret.empty:
+                fr = " ".join(f"{v:.2f}" for v in ret["D_k / E_k"])
+                print(f"{name} {split} retention D_k RA / E_k RA per block: {fr}")
+
+
+if __name__ == "__main__":
+    main()

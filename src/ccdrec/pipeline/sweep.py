@@ -1,0 +1,164 @@
+"""``ccdrec compare --seeds S1,S2,... --cadences M1,M2,...``: one comparison per seed and teacher cadence.
+
+A sweep directory holds one comparison directory (:mod:`ccdrec.pipeline.compare`) per cell and the
+sweep report::
+
+    OUT/sweep.json             the cells' seeds and cadences, the methods and ablations
+    OUT/config.yaml            the base configuration
+    OUT/seed-S-every-M/        the comparison of seed S with the teacher updated every M student cycles
+    OUT/report.md, OUT/plots/  the sweep (:mod:`ccdrec.report.sweep`)
+
+A cell's configuration is the base one with ``seed = S`` (and every teacher member's seed moved by
+``S x members``, so that the members differ between seeds too; seed 0 keeps the members' own seeds)
+and ``teacher.update_every = M`` (method.md 5: the teacher update cycle CT = M student cycles).
+Cells of one seed share block 0 (the teacher members and D_0 do not depend on the cadence): the
+first cadence's CCD run trains it, the others link it. Every cell resumes after its last completed
+stage; ``--resume OUT`` continues the whole sweep.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from ccdrec.checkpoint import atomic_write_json, read_json
+from ccdrec.config import RunConfig
+from ccdrec.data.stream import load_stream
+from ccdrec.device import resolve_device
+from ccdrec.errors import CcdrecError
+from ccdrec.pipeline.compare import (
+    COMPARE_FILE,
+    DEFAULT_METHODS,
+    comparison_runs,
+    merge_plan,
+    run_compare,
+    variant_notes,
+)
+from ccdrec.pipeline.rundir import RunDir
+
+SWEEP_FILE = "sweep.json"
+
+
+def parse_ints(text: str, option: str, minimum: int) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers >= ``minimum``; a one-line error otherwise."""
+    out: list[int] = []
+    for x in (t.strip() for t in text.split(",")):
+        if not x:
+            continue
+        try:
+            v = int(x)
+        except ValueError:
+            raise CcdrecError(f"{option} takes comma-separated integers, got {x!r}") from None
+        if v < minimum:
+            raise CcdrecError(f"{option}: every value must be at least {minimum}, got {v}")
+        if v not in out:
+            out.append(v)
+    if not out:
+        raise CcdrecError(f"{option} names no value")
+    return out
+
+
+def cell_name(seed: int, cadence: int) -> str:
+    return f"seed-{seed}-every-{cadence}"
+
+
+def cell_config(cfg: RunConfig, seed: int, cadence: int) -> RunConfig:
+    """The base configuration with run seed ``seed``, member seeds moved by ``seed x members`` and
+    ``teacher.update_every = cadence``."""
+    t = cfg.teacher
+    n = len(t.members)
+    members = [m.model_copy(update={"seed": m.seed + seed * n}) for m in t.members]
+    teacher = t.model_copy(update={"members": members, "update_every": cadence})
+    return RunConfig.model_validate(cfg.model_copy(update={"seed": seed, "teacher": teacher}).model_dump(mode="json"))
+
+
+def is_sweep(out: Path) -> bool:
+    return (Path(out) / SWEEP_FILE).exists()
+
+
+def run_sweep(
+    cfg: RunConfig | None,
+    out: Path,
+    methods: list[str] | None = None,
+    ablations: list[str] | None = None,
+    seeds: list[int] | None = None,
+    cadences: list[int] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    workers: int | None = None,
+) -> Path:
+    """Run (or resume) a comparison for every (seed, cadence) cell into ``out``; returns the sweep report.
+
+    ``seeds`` default to the configuration's seed, ``cadences`` to its ``teacher.update_every``. On
+    ``resume`` the stored plan is continued (``methods`` and ``ablations`` are added to every cell).
+    Raises :class:`CcdrecError` for a directory that is not a sweep, or not empty on a new sweep.
+    """
+    out = Path(out)
+    console = console or Console(quiet=not progress)
+    top = RunDir(out)
+    if resume:
+        if not is_sweep(out):
+            raise CcdrecError(f"{out}: not a sweep directory (no {SWEEP_FILE})")
+        plan = read_json(out / SWEEP_FILE)
+        cfg = top.load_config()
+        top.open_stream(cfg)  # the stream it started on, checked before anything changes
+        merged = merge_plan(cfg, plan, methods or [], ablations or [], console)  # keeps the seeds and cadences
+        if merged != plan:
+            plan = merged
+            atomic_write_json(out / SWEEP_FILE, plan)
+    else:
+        if cfg is None:
+            raise CcdrecError("a configuration is needed to start a sweep")
+        if out.exists() and any(out.iterdir()):
+            raise CcdrecError(f"{out}: directory exists and is not empty (use --resume to continue it)")
+        seeds = seeds or [cfg.seed]
+        cadences = cadences or [cfg.teacher.update_every]
+        for s in seeds:  # every cell's configuration is valid before anything is created
+            for m in cadences:
+                cell_config(cfg, s, m)
+        stream = load_stream(cfg.dataset)
+        base = {"version": 1, "methods": [], "ablations": []}
+        plan = merge_plan(cfg, base, list(methods or DEFAULT_METHODS), ablations or [], console)
+        plan |= {"seeds": seeds, "cadences": cadences}
+        resolve_device(cfg.device)
+        top.check_creatable()
+        out.mkdir(parents=True, exist_ok=True)
+        top.save_config(cfg)
+        top.record_stream(cfg, stream)
+        atomic_write_json(out / SWEEP_FILE, plan)
+    for s in plan["seeds"]:
+        base_ccd: Path | None = None
+        for m in plan["cadences"]:
+            d = out / cell_name(s, m)
+            console.print(f"[bold]=== seed {s}, teacher updated every {m} student cycle(s)[/bold] ({d})")
+            started = (d / COMPARE_FILE).exists()
+            if not started and d.exists():
+                shutil.rmtree(d)  # a start interrupted before its plan was written: nothing was trained there
+            run_compare(
+                None if started else cell_config(cfg, s, m),
+                d,
+                plan["methods"],
+                plan["ablations"],
+                resume=started,
+                progress=progress,
+                console=console,
+                bench=False,
+                workers=workers,
+                base_from=None if started else base_ccd,
+            )
+            if "ccd" in plan["methods"] and base_ccd is None:
+                base_ccd = d / "ccd"
+    from ccdrec.report.sweep import write_sweep_report
+
+    cells = {
+        (s, m): comparison_runs(out / cell_name(s, m), plan["methods"], plan["ablations"])
+        for s in plan["seeds"]
+        for m in plan["cadences"]
+    }
+    return write_sweep_report(out, cells, variant_notes(plan["methods"], plan["ablations"]))
+
+
+__all__ = ["SWEEP_FILE", "cell_config", "cell_name", "is_sweep", "parse_ints", "run_sweep"]

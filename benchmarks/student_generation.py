@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("sweep", type=Path, help="a directory of `ccdrec compare --seeds ...`")
     ap.add_argument("--variant", action="append", default=[], help="NAME=key=value[,key=value...] (repeatable)")
     ap.add_argument("--every", type=int, default=1, help="the cadence cells to use (teacher.update_every)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the sweep's); all are reported")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="print the figures of the runs there, train nothing")
     args = ap.parse_args()
@@ -51,6 +52,7 @@ def main() -> None:
         name, _, sets = v.partition("=")
         variants[name] = [x for x in sets.split(",") if x]
     cells = {s: args.sweep / cell_name(s, args.every) for s in plan["seeds"]}
+    chosen = set(plan["seeds"]) if args.seeds is None else {int(x) for x in args.seeds.split(",")}
     rows_by_variant: dict[str, dict[int, list[dict]]] = {n: {} for n in variants}
     for seed, cell in cells.items():
         base = RunDir(cell / "ccd")
@@ -60,7 +62,7 @@ def main() -> None:
                 rd = base
             else:
                 rd = RunDir(cell / f"variant-{name}")
-                if not args.report_only:
+                if not args.report_only and seed in chosen:
                     if not rd.state_path.exists():
                         data = cfg.model_dump(mode="json")
                         for item in sets:

@@ -238,3 +238,42 @@ def test_sweep_over_seeds_and_cadences_shares_block_zero_per_seed_and_resumes(st
         run_sweep(None, out / "seed-0-every-1", resume=True, progress=False)
     with pytest.raises(CcdrecError, match="not empty"):
         run_sweep(cfg, out, seeds=[0], progress=False)
+
+
+def test_sweep_resume_takes_every_cell_on_and_cli_mistakes_are_one_line(stream_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ccdrec.cli import app
+
+    cfg = load_config(str(stream_dir), preset="quick", overrides=[*OVERRIDES, "max_blocks=1"])
+    out = tmp_path / "sw"
+    run_sweep(cfg, out, ["ccd", "kd-once"], [], cadences=[1, 5], progress=False)
+    assert max(r["k"] for r in RunDir(out / "seed-0-every-5" / "ccd").read_metrics()) == 1
+    with pytest.raises(CcdrecError, match="must be at least 1"):
+        run_sweep(None, out, resume=True, progress=False, max_blocks=0)
+    run_sweep(None, out, resume=True, progress=False, max_blocks=2)
+    for cell in ("seed-0-every-1", "seed-0-every-5"):
+        for run in ("ccd", "kd-once"):
+            assert max(r["k"] for r in RunDir(out / cell / run).read_metrics()) == 2, (cell, run)
+    with pytest.raises(CcdrecError, match="a sweep over seeds and cadences directory, not a run directory"):
+        RunDir.open(out)
+    runner = CliRunner()
+    for args, needle in (
+        (["--seed", "3", "--seeds", "0,1"], "--seed and --seeds"),
+        (["--seeds", "0", "--from-run", str(out / "seed-0-every-1" / "ccd")], "--from-run starts a single comparison"),
+        (["--cadences", "0"], "at least 1"),
+    ):
+        res = runner.invoke(app, ["compare", "--data", str(stream_dir), "--out", str(tmp_path / "x"), *args])
+        assert res.exit_code != 0 and needle in res.output + str(res.exception), (args, res.output)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_report_says_where_the_competitors_start():
+    from ccdrec.pipeline.compare import start_note
+
+    cfg = load_config("gowalla")
+    assert start_note(cfg, ["ccd", "finetune"]) is None  # the default: every method from the same block 0
+    plain = load_config("gowalla", overrides=["competitors.start=plain", "competitors.vae_kl=false"])
+    note = start_note(plain, ["ccd", "finetune"])
+    assert "trained by BPR alone on block 0" in note and "without CCD's KL regulariser" in note
+    assert start_note(plain, ["ccd", "kd-only"]) is None  # no competitor takes part

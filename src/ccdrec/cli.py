@@ -319,6 +319,8 @@ def _resumable(command: str, path: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        if not any((Path(path) / f).exists() for f in ("state.json", "compare.json", "sweep.json")):
+            hint = "nothing was written yet: start the command again"
         print(f"interrupted; {hint}", file=sys.stderr)
         raise SystemExit(130) from None
     except StageLost as e:
@@ -498,6 +500,8 @@ def compare(
     seed_list = parse_ints(seeds, "--seeds", 0) if seeds is not None else None
     cadence_list = parse_ints(cadences, "--cadences", 1) if cadences is not None else None
     sweep = seed_list is not None or cadence_list is not None
+    if seed_list is not None and seed is not None:
+        raise CcdrecError("--seed and --seeds: give every seed in --seeds")
     if resume is not None:
         _refuse_on_resume(
             "comparison",
@@ -530,8 +534,6 @@ def compare(
     console.print(f"comparison directory: {out_dir}")
     with _resumable("compare", out_dir), _executor(executor, ray_address, cfg):
         if sweep:
-            if max_blocks is not None and resume is not None:
-                raise CcdrecError("--max-blocks on --resume is for a single comparison, not a sweep over seeds or cadences")
             report = run_sweep(
                 cfg,
                 out_dir,
@@ -543,6 +545,7 @@ def compare(
                 progress=progress,
                 console=console,
                 workers=workers,
+                max_blocks=max_blocks if resume is not None else None,
             )
             console.print(f"report: {report}")
             return
@@ -591,7 +594,11 @@ def bench_serve_command(
         atomic_write_json(json_out, bench_records(df))
 
 
+_SIGNALLED: list[int] = []  # the signals received: an interruption is reported even where a library swallowed it
+
+
 def _interrupt(signum, frame) -> None:
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
 
 
@@ -599,7 +606,9 @@ def main() -> None:
     """Entry point: user mistakes become one-line errors with exit code 2.
 
     SIGTERM (what ``kill``, ``timeout`` and job schedulers send) takes the path of Ctrl-C: the
-    completed stages are kept, the workers are stopped and the resume command is printed.
+    completed stages are kept, the workers are stopped and the resume command is printed. An
+    interruption always ends with exit code 130, also where a library caught the KeyboardInterrupt
+    (an import, a file read) and carried on or turned it into an error.
     """
     import signal
 
@@ -607,6 +616,21 @@ def main() -> None:
 
     keep_freed_memory()
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        _dispatch()
+    except SystemExit as e:
+        if _SIGNALLED and e.code != 130:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        raise
+    if _SIGNALLED:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _dispatch() -> None:
+    """Run the command line; every way it can fail ends in :class:`SystemExit` with its code and message."""
     try:
         app(standalone_mode=False)
     except CcdrecError as e:

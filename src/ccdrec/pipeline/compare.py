@@ -327,7 +327,27 @@ def run_compare(
 
     notes = variant_notes(methods, ablations)
     serving = bench_markdown(bench_rows) if bench_rows is not None else None
-    return write_compare_report(out, comparison_runs(out, methods, ablations), serving, notes)
+    return write_compare_report(out, comparison_runs(out, methods, ablations), serving, notes, start_note(cfg, methods))
+
+
+def start_note(cfg: RunConfig, methods: list[str]) -> str | None:
+    """The report's sentence on where the methods start and how the competitors' Mult-VAE members are
+    updated, when it differs from the default (every method from the same members and D_0)."""
+    c = cfg.competitors
+    competing = [m for m in methods if m in CL_METHODS]
+    if not competing or (c.start == "distilled" and c.vae_kl):
+        return None
+    text = "Every method starts from the same block-0 teacher members (trained once); "
+    if c.start == "plain":
+        text += (
+            "CCD's runs from D_0, the CL competitors' student-size model from the same model trained by BPR alone on "
+            "block 0 (`competitors.start = plain`). "
+        )
+    else:
+        text += "every student from D_0. "
+    if not c.vae_kl and any(m.kind == "vae" for m in cfg.teacher.members):
+        text += "The competitors' Mult-VAE members are updated without CCD's KL regulariser (`competitors.vae_kl = false`). "
+    return text
 
 
 def variant_notes(methods: list[str], ablations: list[str]) -> dict[str, str]:
@@ -386,6 +406,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "KD_METHODS",
     "METHODS",
+    "start_note",
     "ablation_config",
     "comparison_runs",
     "effective_ablations",

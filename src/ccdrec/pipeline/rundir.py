@@ -70,6 +70,12 @@ class RunDir:
         rd = cls(Path(path))
         if not rd.path.is_dir():
             raise CcdrecError(f"{rd.path}: no such run directory")
+        if not rd.state_path.exists():
+            for plan, what in (("compare.json", "a comparison"), ("sweep.json", "a sweep over seeds and cadences")):
+                if (rd.path / plan).exists():
+                    runs = sorted(p.parent for p in rd.path.glob("**/state.json"))
+                    example = f" (e.g. {runs[0]})" if runs else ""
+                    raise CcdrecError(f"{rd.path}: {what} directory, not a run directory: give one of its runs{example}")
         return rd
 
     # --- creation and validation -------------------------------------------------------------

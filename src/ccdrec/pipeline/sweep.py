@@ -89,11 +89,14 @@ def run_sweep(
     progress: bool = True,
     console: Console | None = None,
     workers: int | None = None,
+    max_blocks: int | None = None,
 ) -> Path:
     """Run (or resume) a comparison for every (seed, cadence) cell into ``out``; returns the sweep report.
 
     ``seeds`` default to the configuration's seed, ``cadences`` to its ``teacher.update_every``. On
-    ``resume`` the stored plan is continued (``methods`` and ``ablations`` are added to every cell).
+    ``resume`` the stored plan is continued (``methods`` and ``ablations`` are added to every cell) and
+    ``max_blocks`` takes every cell on to that block. A cadence with no teacher cycle within the stream's
+    blocks is noted on ``console``.
     Raises :class:`CcdrecError` for a directory that is not a sweep, or not empty on a new sweep.
     """
     out = Path(out)
@@ -104,11 +107,19 @@ def run_sweep(
             raise CcdrecError(f"{out}: not a sweep directory (no {SWEEP_FILE})")
         plan = read_json(out / SWEEP_FILE)
         cfg = top.load_config()
-        top.open_stream(cfg)  # the stream it started on, checked before anything changes
+        stream = top.open_stream(cfg)
         merged = merge_plan(cfg, plan, methods or [], ablations or [], console)  # keeps the seeds and cadences
         if merged != plan:
             plan = merged
             atomic_write_json(out / SWEEP_FILE, plan)
+        if max_blocks is not None:
+            cells = [out / cell_name(s, m) for s in plan["seeds"] for m in plan["cadences"]]
+            for d in (d for d in cells if (d / COMPARE_FILE).exists()):  # every run checked before any changes
+                for rd, _ in comparison_runs(d, plan["methods"], plan["ablations"]).values():
+                    if rd.state_path.exists():
+                        rd.check_max_blocks(max_blocks)
+            cfg = cfg.model_copy(update={"max_blocks": max_blocks})
+            top.save_config(cfg)
     else:
         if cfg is None:
             raise CcdrecError("a configuration is needed to start a sweep")
@@ -129,6 +140,9 @@ def run_sweep(
         top.save_config(cfg)
         top.record_stream(cfg, stream)
         atomic_write_json(out / SWEEP_FILE, plan)
+    last = len(stream.blocks) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream.blocks) - 1)
+    for m in (m for m in plan["cadences"] if m > last):
+        console.print(f"note: teacher updated every {m} student cycles: no teacher cycle within blocks 1..{last}")
     for s in plan["seeds"]:
         base_ccd: Path | None = None
         for m in plan["cadences"]:
@@ -147,6 +161,7 @@ def run_sweep(
                 console=console,
                 bench=False,
                 workers=workers,
+                max_blocks=max_blocks if started else None,
                 base_from=None if started else base_ccd,
             )
             if "ccd" in plan["methods"] and base_ccd is None:

@@ -220,12 +220,15 @@ def comparison_rows(runs: dict) -> list[dict]:
     return rows
 
 
-def write_compare_report(out: Path, runs: dict, serving: str | None = None, notes: dict[str, str] | None = None) -> Path:
+def write_compare_report(
+    out: Path, runs: dict, serving: str | None = None, notes: dict[str, str] | None = None, start: str | None = None
+) -> Path:
     """Write ``OUT/report.md`` and ``OUT/plots/*.png`` of a comparison (see :mod:`ccdrec.pipeline.compare`).
 
     ``serving``: the Markdown of CCD's serving cost (:func:`ccdrec.serve_bench.bench_markdown`);
     ``notes``: what each ablation or other CCD-family method changes, by report label
-    (``ccd/no-replay``, ``kd-only``)."""
+    (``ccd/no-replay``, ``kd-only``); ``start``: the sentence saying where the methods start, when they do
+    not all start from the same block-0 models."""
     notes = notes or {}
     out = Path(out)
     plots = out / "plots"
@@ -237,8 +240,8 @@ def write_compare_report(out: Path, runs: dict, serving: str | None = None, note
     competitors = [m for m, (_, kind) in runs.items() if kind == "cl" and m not in REFERENCE]
     lines = [f"# Comparison: {out.name}\n"]
     lines.append(
-        "Every method starts from the same block-0 models (teacher members and D_0, trained once). "
-        "Student = the served student (CCD: CL_k; competitors: the student-size model updated by the CL method); "
+        (start or "Every method starts from the same block-0 models (teacher members and D_0, trained once). ")
+        + "Student = the served student (CCD: CL_k; competitors: the student-size model updated by the CL method); "
         "teacher = the rank ensemble of the members. LA / RA / H-mean over blocks k >= 1 (method.md 8). Best in bold"
         + (
             f"; {', '.join(r for r in REFERENCE if r in runs)} is a costly reference and does not compete"

@@ -259,15 +259,18 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
                 lines.append(f"### CCD's paired gain over {rival}, {ROLE_NAMES[role]} (H_k, {lead})\n")
                 lines.append(
                     f"{rival} has the best mean validation H-mean of the CL competitors ({', '.join(competitors)}) for "
-                    "this role; the gain is CCD's test H_k minus its test H_k on the same seed. It is a gain only where "
-                    "it is positive on every seed.\n"
+                    f"this role; the gain is CCD's test H_k minus {rival}'s test H_k on the same seed. It is a gain only "
+                    "where it is positive on every seed.\n"
                 )
                 lines.append(markdown_table(paired_gains(by_seed, rival, role, lead)))
         for label in (m for m, kind in kinds.items() if kind == "ccd"):
             ret = retention_table(by_seed, label, lead)
             if ret.empty or ret["D_k RA"].isna().all():
                 continue
-            lines.append(f"### Retention of {label}: RA_k of the teacher, the student distilled from it, the served one\n")
+            lines.append(
+                f"### Retention of {label}: RA_k of the teacher, the student distilled from it, the served one "
+                f"(test, means over {len(by_seed)} seed(s))\n"
+            )
             lines.append(markdown_table(ret))
             if label == "ccd":
                 name = f"retention_every{cadence}.png"

@@ -363,3 +363,23 @@ def test_a_missing_device_or_bad_workers_create_nothing(tmp_path):
         res = ccdrec(*args, "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "o").exists(), args
+
+
+def test_a_run_written_before_a_default_changed_resumes_with_the_old_default(tmp_path):
+    """student.distill_from became "served"; a stored configuration without it was written by code that
+    distilled from scratch, and a resumed run must go on as it started."""
+    import yaml
+
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.presets import load_config
+
+    cfg = load_config(preset="quick")
+    assert cfg.student.distill_from == "served"
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    data = cfg.model_dump(mode="json")
+    del data["student"]["distill_from"]
+    rd.config_path.write_text(yaml.safe_dump(data))
+    assert rd.load_config().student.distill_from == "scratch"
+    rd.save_config(cfg)
+    assert rd.load_config().student.distill_from == "served"  # written now: the stored value holds

@@ -45,6 +45,22 @@ def trained_on(stream: Stream, meta: dict) -> Block:
     return stream.span(int(meta.get("first", k)), k)
 
 
+# Defaults that changed after runs were written: a stored configuration without the field was written by
+# code that behaved as the old default, and a resumed run must go on as it started.
+CHANGED_DEFAULTS = {("student", "distill_from"): "scratch"}
+
+
+def stored_defaults(data):
+    """A stored configuration (parsed YAML) with the old default of every :data:`CHANGED_DEFAULTS` field it lacks."""
+    if not isinstance(data, dict):
+        return data
+    for (section, key), old in CHANGED_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key not in part:
+            data = {**data, section: {**part, key: old}}
+    return data
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -156,7 +172,7 @@ class RunDir:
             raise CcdrecError(f"{self.path}: not a ccdrec run directory (no config.yaml)")
         try:
             data = yaml.safe_load(self.config_path.read_text())
-            return RunConfig.model_validate(data)
+            return RunConfig.model_validate(stored_defaults(data))
         except yaml.YAMLError as e:
             raise CcdrecError(f"{self.config_path}: corrupt YAML ({str(e).splitlines()[0]})") from None
         except ValueError as e:

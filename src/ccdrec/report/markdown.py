@@ -15,6 +15,8 @@ def markdown_table(df: pd.DataFrame, spec: str = ".4f") -> str:
     """A table as Markdown, numbers formatted by ``spec``, missing values "—"."""
     if df.empty:
         return "_(none)_\n"
+    if df.index.nlevels > 1:  # one column per level, not a tuple per row
+        df = df.reset_index().set_index(df.index.names[0])
     return tables.as_text(df, spec).to_markdown() + "\n"
 
 

@@ -52,7 +52,6 @@ from ccdrec.data.stream import Block, Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.registry import build_model
-from ccdrec.models.vae import MultVAE
 from ccdrec.pipeline.ccd import prepare_run
 from ccdrec.pipeline.context import RunContext, RunState, StageOutput, fit_row, seed_everything
 from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
@@ -113,7 +112,7 @@ def cl_update(
     new = model.clone()
     new.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
     kl = None
-    if cfg.competitors.vae_kl and isinstance(model, MultVAE):
+    if cfg.competitors.vae_kl and model.objective == "vae":  # the Mult-VAE family's own loss
         kl = vae_kl_towards(model, block, prev, block.train_matrix, cfg.teacher.vae_kl_weight)
     callbacks = [c for c in (lwc, kl) if c is not None]
     res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=callbacks)

@@ -49,14 +49,19 @@ def _scores(rows: list[dict], method: str, role: str, metric: str) -> StreamScor
     return tables.stream_scores(rows, f"{method}:{role}", metric)
 
 
+def stream_summary(rows: list[dict], method: str, role: str, metric: str, split: str = "test") -> dict[str, float]:
+    """Stream LA / RA / H-mean of ``method``'s ``role`` on the test (or validation) splits; NaN without rows."""
+    s = tables.stream_scores(rows, f"{method}:{role}", metric, split)
+    return s.summary() if s.r else {"LA": math.nan, "RA": math.nan, "H": math.nan}
+
+
 def comparison_table(rows: list[dict], methods: list[str], metric: str = "recall@20", roles=ROLES) -> pd.DataFrame:
     """Stream LA / RA / H-mean (blocks k >= 1) of every method, one column triple per role."""
     data = []
     for m in methods:
         row = {}
         for role in roles:
-            s = _scores(rows, m, role, metric)
-            summ = s.summary() if s.r else {"LA": math.nan, "RA": math.nan, "H": math.nan}
+            summ = stream_summary(rows, m, role, metric)
             row.update({f"{role} {name}": v for name, v in summ.items()})
         data.append(row)
     return pd.DataFrame(data, index=pd.Index(methods, name="method"))
@@ -165,25 +170,30 @@ def pyplot():
     return plt
 
 
-def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall@20") -> None:
-    """Grouped bars: per block k, CCD's H_k gain over the best competitor, one bar per role."""
+def block_bars(series: dict[str, pd.Series], path: Path, title: str, ylabel: str, zero_line: bool = False) -> None:
+    """Grouped bars per block k: one bar per named series (values indexed by block; missing as 0)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    roles = list(gains)
-    ks = sorted({k for g in gains.values() for k in g.index})
-    width = 0.8 / max(len(roles), 1)
-    for n, role in enumerate(roles):
-        g = gains[role]
-        xs = [ks.index(k) + (n - (len(roles) - 1) / 2) * width for k in g.index]
-        ax.bar(xs, g["gain"].fillna(0.0), width=width, label=ROLE_NAMES.get(role, role))
-    ax.axhline(0, color="black", linewidth=0.8)
+    ks = sorted({k for v in series.values() for k in v.index})
+    width = 0.8 / max(len(series), 1)
+    for n, (name, values) in enumerate(series.items()):
+        xs = [ks.index(k) + (n - (len(series) - 1) / 2) * width for k in values.index]
+        ax.bar(xs, values.fillna(0.0), width=width, label=name)
+    if zero_line:
+        ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(ks)), [f"D_{k}" for k in ks])  # one labelled tick per block
-    ax.set(title=f"CCD's H_k gain over the best CL competitor ({metric})", xlabel="block", ylabel="gain")
+    ax.set(title=title, xlabel="block", ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall@20") -> None:
+    """Grouped bars: per block k, CCD's H_k gain over the best competitor, one bar per role."""
+    series = {ROLE_NAMES.get(role, role): g["gain"] for role, g in gains.items()}
+    block_bars(series, path, f"CCD's H_k gain over the best CL competitor ({metric})", "gain", zero_line=True)
 
 
 def plot_h(rows: list[dict], methods: list[str], path: Path, metric: str = "recall@20") -> None:

@@ -24,18 +24,13 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.report import tables
-from ccdrec.report.compare import REFERENCE, ROLE_NAMES, comparison_rows, pyplot
+from ccdrec.report.compare import REFERENCE, ROLE_NAMES, block_bars, comparison_rows, pyplot, stream_summary
 from ccdrec.report.markdown import markdown_table
 
 CELL_ROLES = ("student", "teacher", "distilled")
 _STAGE = re.compile(r"^b(\d+)/(.+)$")
 
 Cells = dict[tuple[int, int], dict]  # (seed, cadence) -> label -> (RunDir, "ccd" | "cl")
-
-
-def _summary(rows: list[dict], label: str, role: str, metric: str, split: str = "test") -> dict[str, float]:
-    s = tables.stream_scores(rows, f"{label}:{role}", metric, split)
-    return s.summary() if s.r else {"LA": math.nan, "RA": math.nan, "H": math.nan}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float, int]:
@@ -56,7 +51,7 @@ def seed_table(rows_by_seed: dict[int, list[dict]], labels: list[str], metric: s
     out = []
     for label in labels:
         for role in CELL_ROLES:
-            per = [_summary(rows, label, role, metric, split) for rows in rows_by_seed.values()]
+            per = [stream_summary(rows, label, role, metric, split) for rows in rows_by_seed.values()]
             if all(math.isnan(p["H"]) for p in per):
                 continue
             row = {"method": label, "role": ROLE_NAMES[role]}
@@ -73,7 +68,7 @@ def best_competitor(
 ) -> str | None:
     """The competitor with the highest stream H-mean averaged over the seeds (one for the whole stream),
     chosen on the validation splits by default."""
-    means = {c: mean_sd([_summary(r, c, role, metric, split)["H"] for r in rows_by_seed.values()])[0] for c in competitors}
+    means = {c: mean_sd([stream_summary(r, c, role, metric, split)["H"] for r in rows_by_seed.values()])[0] for c in competitors}
     means = {c: v for c, v in means.items() if not math.isnan(v)}
     return max(means, key=means.get) if means else None
 
@@ -86,7 +81,7 @@ def paired_gains(rows_by_seed: dict[int, list[dict]], rival: str, role: str, met
         a = tables.stream_scores(rows, f"{ccd}:{role}", metric)
         b = tables.stream_scores(rows, f"{rival}:{role}", metric)
         gains = {k: a.h(k) - b.h(k) for k in a.blocks if k >= 1 and (k, k) in b.r}
-        gains["H-mean"] = _summary(rows, ccd, role, metric)["H"] - _summary(rows, rival, role, metric)["H"]
+        gains["H-mean"] = stream_summary(rows, ccd, role, metric)["H"] - stream_summary(rows, rival, role, metric)["H"]
         per_seed[seed] = gains
     keys = [k for k in sorted({k for g in per_seed.values() for k in g if k != "H-mean"})] + ["H-mean"]
     out = []
@@ -163,7 +158,7 @@ def cadence_table(cells: dict[tuple[int, int], tuple[list[dict], dict]], labels:
                 continue
             row: dict = {"method": label, "every": cadence}
             for role in ("student", "teacher"):
-                row[f"{ROLE_NAMES[role]} H"] = mean_sd([_summary(rows, label, role, metric)["H"] for rows, _ in same])[0]
+                row[f"{ROLE_NAMES[role]} H"] = mean_sd([stream_summary(rows, label, role, metric)["H"] for rows, _ in same])[0]
             secs = [cycle_seconds(states[label], kinds[label]) for _, states in same]
             for key in secs[0]:
                 row[key] = mean_sd([s[key] for s in secs])[0]
@@ -193,20 +188,8 @@ def plot_cadence(table: pd.DataFrame, path: Path, metric: str) -> None:
 
 def plot_retention(table: pd.DataFrame, path: Path, label: str, metric: str) -> None:
     """Per block k: RA_k of E_k, D_k and CL_k (bars side by side)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    cols = ["E_k RA", "D_k RA", "CL_k RA"]
-    width = 0.8 / len(cols)
-    for n, col in enumerate(cols):
-        xs = [i + (n - 1) * width for i in range(len(table))]
-        ax.bar(xs, table[col].fillna(0.0), width=width, label=col)
-    ax.set_xticks(range(len(table)), [f"D_{k}" for k in table.index])
-    ax.set(title=f"{label}: retention of old blocks, RA_k ({metric})", xlabel="block", ylabel="RA_k")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {col: table[col] for col in ("E_k RA", "D_k RA", "CL_k RA")}
+    block_bars(series, path, f"{label}: retention of old blocks, RA_k ({metric})", "RA_k")
 
 
 def _cell_dir(runs: dict) -> str:

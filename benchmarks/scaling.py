@@ -12,8 +12,11 @@ process (so that its peak RSS is its own) and is timed:
 * ``student_epoch``    one student-update epoch on the next block (grown student, BPR + proxy replay).
 
 Prints ``stage users items interactions seconds peak_rss_mb`` per stage and size, then per stage the
-log-log slope of seconds and of peak RSS against users and against interactions (least squares over
-the sizes). Stages of a size stop being run once one exceeds ``--stage-limit`` seconds.
+log-log slope of seconds against users, against interactions and against users x items (the cells a
+full ranking scores), and of peak RSS against users (least squares over the sizes). ``--max-steps``
+bounds the steps of a BPR or replay epoch (``TrainConfig.max_steps``; the library's default binds only
+from about 2M pairs per epoch, so a small bound shows at these sizes the regime a large stream is in).
+Stages of a size stop being run once one exceeds ``--stage-limit`` seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import resource
 import time
 
 import numpy as np
+
+from ccdrec.config import MAX_STEPS
 
 STAGES = ("teacher_epoch", "evaluation", "ensemble_top", "distill_epoch", "student_epoch")
 
@@ -58,7 +63,7 @@ def planted_stream(n_users: int, n_items: int, per_user: int, seed: int = 0):
     return Stream("planted", blocks)
 
 
-def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: int, q) -> None:
+def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: int, max_steps: int | None, q) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -88,7 +93,7 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if stage == "teacher_epoch":
-        epoch(teacher, b0, default_schedule("lightgcn"))
+        epoch(teacher, b0, default_schedule("lightgcn").model_copy(update={"max_steps": max_steps}))
     elif stage == "evaluation":
         evaluate_block(teacher.eval(), b0, "test")
     elif stage == "ensemble_top":
@@ -99,7 +104,7 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
         top_lists(ens.scorer(context=b0.train_matrix), b0.n_users, b0.n_items, b0.train_matrix, n=40)
     else:
         student = LightGCN(b0.n_users, b0.n_items, dim=8)
-        cfg = TrainConfig(epochs=1, batch_size=1024, lr=5e-3)
+        cfg = TrainConfig(epochs=1, batch_size=1024, lr=5e-3, max_steps=max_steps)
         lists = top_lists(teacher.scorer(), b0.n_users, b0.n_items, b0.train_matrix, n=40)
         if stage == "distill_epoch":
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -115,13 +120,13 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
             proxy = Proxy.from_model(student)
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             start = time.perf_counter()
-            replay = Replayer(
-                [(proxy.scorer(n_items=b1.n_items), 1)], old_active_users(b1), past_train(b1, b0), ReplayConfig(), 1, b1.n_items
-            )
+            sources = [(proxy.scorer(n_items=b1.n_items), 1)]
+            rc = ReplayConfig(max_steps=max_steps)
+            replay = Replayer(sources, old_active_users(b1), past_train(b1, b0), rc, 1, b1.n_items)
             epoch(student, b1, cfg, [replay])
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    q.put((seconds, peak, before, len(b0.train) + len(b0.valid) + len(b0.test)))
+    q.put((seconds, peak, before, len(b0.train) + len(b0.valid) + len(b0.test), b0.n_users * b0.n_items))
 
 
 def slope(x, y) -> float:
@@ -139,10 +144,17 @@ def main() -> None:
     ap.add_argument("--per-user", type=int, default=20, help="interactions per user (block 0)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--max-steps",
+        default=str(MAX_STEPS),
+        help="steps per epoch of BPR and replay passes before the batch grows (TrainConfig.max_steps; 'none': no bound)",
+    )
     ap.add_argument("--stage-limit", type=float, default=600.0, help="seconds; a stage past it is not run at larger sizes")
     args = ap.parse_args()
+    max_steps = None if args.max_steps.lower() == "none" else int(args.max_steps)
+    print(f"# threads {args.threads}, max_steps {max_steps}", flush=True)
     ctx = mp.get_context("spawn")
-    results: dict[str, list[tuple[int, int, float, float]]] = {s: [] for s in args.stages.split(",")}
+    results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages.split(",")}
     skipped: set[str] = set()
     print("stage users items interactions seconds peak_rss_mb rss_before_stage_mb", flush=True)
     for n_users in (int(x) for x in args.users.split(",")):
@@ -151,25 +163,23 @@ def main() -> None:
             if stage in skipped:
                 continue
             q = ctx.Queue()
-            p = ctx.Process(target=run_stage, args=(stage, n_users, n_items, args.per_user, args.threads, q))
+            p = ctx.Process(target=run_stage, args=(stage, n_users, n_items, args.per_user, args.threads, max_steps, q))
             p.start()
             p.join()
             if p.exitcode != 0:
                 print(f"{stage} {n_users} {n_items} failed (exit {p.exitcode})", flush=True)
                 skipped.add(stage)
                 continue
-            seconds, peak, before, inter = q.get()
-            results[stage].append((n_users, inter, seconds, peak))
+            seconds, peak, before, inter, cells = q.get()
+            results[stage].append((n_users, inter, cells, seconds, peak))
             print(f"{stage} {n_users} {n_items} {inter} {seconds:.2f} {peak:.0f} {before:.0f}", flush=True)
             if seconds > args.stage_limit:
                 skipped.add(stage)
-    print("stage slope_seconds_vs_users slope_seconds_vs_interactions slope_rss_vs_users", flush=True)
+    print("stage slope_seconds_vs: users interactions users_x_items; slope_rss_vs_users", flush=True)
     for stage, rows in results.items():
-        users = [r[0] for r in rows]
-        inter = [r[1] for r in rows]
-        secs = [r[2] for r in rows]
-        rss = [r[3] for r in rows]
-        print(f"{stage} {slope(users, secs):.2f} {slope(inter, secs):.2f} {slope(users, rss):.2f}", flush=True)
+        users, inter, cells, secs, rss = ([r[c] for r in rows] for c in range(5))
+        fits = (slope(users, secs), slope(inter, secs), slope(cells, secs), slope(users, rss))
+        print(stage, " ".join(f"{f:.2f}" for f in fits), flush=True)
 
 
 if __name__ == "__main__":

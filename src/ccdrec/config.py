@@ -43,11 +43,33 @@ class ModelConfig(Strict):
         return {"dim": self.dim}
 
 
+# An epoch of an embedding model propagates its whole graph at every step, so with a fixed batch its cost
+# grows as interactions^2 (benchmarks/scaling.py: slope 1.95). Bounding the steps per epoch makes it linear:
+# past MAX_STEPS steps the batch grows instead. 512 is above every bundled preset's largest epoch (Gowalla
+# D_0 distillation: 408 steps of 1,024 pairs), so their schedules and results are unchanged; it binds from
+# about 2M pairs per epoch at batch 4,096.
+MAX_STEPS = 512
+
+
+def bounded_batch(n: int, batch_size: int, max_steps: int | None) -> int:
+    """Minibatch size of an epoch over ``n`` examples: ``batch_size``, grown to ceil(n / max_steps) when
+    the epoch would take more than ``max_steps`` steps (None: ``batch_size`` always)."""
+    if max_steps is None:
+        return batch_size
+    return max(batch_size, -(-n // max_steps))
+
+
 class TrainConfig(Strict):
     """One training run on one block: optimiser, sampling and early stopping (method.md 4)."""
 
     epochs: int = Field(100, ge=1, description="maximum number of epochs")
     batch_size: int = Field(2048, ge=1, description="positive pairs (BPR) or users (VAE) per step")
+    max_steps: int | None = Field(
+        MAX_STEPS,
+        ge=1,
+        description="BPR: at most this many steps per epoch; a larger epoch's batch grows to ceil(pairs / max_steps), "
+        "so that an epoch propagates the graph a bounded number of times (None: always batch_size)",
+    )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (coupled weight decay) or AdamW (decoupled)")
@@ -108,6 +130,9 @@ class ReplayConfig(Strict):
     decay: float = Field(10.0, gt=0, description="replay weight decay (10 student, 5 teacher)")
     resample_every: int = Field(1, ge=1, description="re-draw the replay set every this many epochs, as the model moves")
     batch_size: int = Field(8192, ge=1, description="replayed pairs per step of the replay pass")
+    max_steps: int | None = Field(
+        MAX_STEPS, ge=1, description="at most this many steps per replay pass; a larger pass's batch grows (None: no bound)"
+    )
     labels: ReplayLabels = Field(
         "source", description="replay labels: source = σ(s_X); rank = σ(own score at the source's rank position)"
     )

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from ccdrec.config import ReplayLabels
+from ccdrec.config import ReplayLabels, bounded_batch
 from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
 from ccdrec.models.indexing import take_rows
@@ -310,8 +310,10 @@ def replay_pass(
     weight: float,
     batch_size: int,
     rng: np.random.Generator,
+    max_steps: int | None = None,
 ) -> float:
-    """One shuffled pass of ``weight · BCEWithLogits(s_model(u, i), y)`` (batch mean) over ``replay``.
+    """One shuffled pass of ``weight · BCEWithLogits(s_model(u, i), y)`` (batch mean) over ``replay``, in
+    minibatches of ``batch_size`` pairs grown to bound the steps at ``max_steps`` (:func:`~ccdrec.config.bounded_batch`).
 
     Representations come from ``model.propagate()`` per minibatch (LightGCN propagates through the
     block's graph). Returns the mean weighted loss per pair; does nothing (returns 0.0) for an empty
@@ -322,6 +324,7 @@ def replay_pass(
         return 0.0
     dev = model.device
     order = rng.permutation(len(replay))
+    batch_size = bounded_batch(len(order), batch_size, max_steps)
     total = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]

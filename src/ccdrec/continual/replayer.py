@@ -92,4 +92,4 @@ class Replayer(Callback):
 
     def on_epoch_end(self, model, opt, epoch: int) -> None:
         weight = replay_weight(epoch, self.rc.scale, self.rc.decay)
-        replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng)
+        replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng, self.rc.max_steps)

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccdrec.config import TrainConfig
+from ccdrec.config import TrainConfig, bounded_batch
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.agreement import TeacherAgreement
 from ccdrec.distill.ensemble import top_matrix
@@ -273,7 +273,7 @@ def distill_student(
         weight_item=weight,
         seed=seed,
         observed=block.matrix("train", n_u, n_i) if exclude_observed else None,
-        steps_per_epoch=-(-len(block.train) // cfg.batch_size) if cover else None,
+        steps_per_epoch=-(-len(block.train) // bounded_batch(len(block.train), cfg.batch_size, cfg.max_steps)) if cover else None,
     )
     negatives_avoid = top_matrix(np.asarray(user_top), n_i)
     if exclude is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccdrec.config import TrainConfig
+from ccdrec.config import TrainConfig, bounded_batch
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.indexing import take_rows
@@ -36,14 +36,16 @@ def bpr_epoch(
     epoch: int,
     callbacks: Sequence[Callback] = (),
 ) -> float:
-    """One pass of BPR over ``pairs`` in shuffled minibatches (plus the callbacks' batch losses); returns
-    the mean loss."""
+    """One pass of BPR over ``pairs`` in shuffled minibatches of ``cfg.batch_size`` pairs, grown to bound
+    the steps at ``cfg.max_steps`` (:func:`~ccdrec.config.bounded_batch`), plus the callbacks' batch
+    losses; returns the mean loss."""
     order = rng.permutation(len(pairs))
+    batch_size = bounded_batch(len(order), cfg.batch_size, cfg.max_steps)
     negs = sampler.sample(pairs[order, 0], cfg.negatives, rng)
     dev = model.device
     total = 0.0
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
         u_np, i_np = pairs[idx, 0], pairs[idx, 1]
         users = torch.from_numpy(u_np).to(dev)
         pos = torch.from_numpy(i_np).to(dev)

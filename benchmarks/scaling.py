@@ -9,7 +9,10 @@ process (so that its peak RSS is its own) and is timed:
 * ``evaluation``       one full-ranking evaluation (Recall@20 / NDCG@20 of every test user, in user chunks);
 * ``ensemble_top``     the rank ensemble of 3 members with the top-40 lists of every user and item;
 * ``distill_epoch``    one distillation epoch (student LightGCN dim 8, BPR + RRD + IR-RRD);
-* ``student_epoch``    one student-update epoch on the next block (grown student, BPR + proxy replay).
+* ``replay_candidates`` the stability proxy's top-A candidates of every old active user (a full ranking,
+                       once per block) and the first draw of the replay set;
+* ``student_epoch``    one student-update epoch on the next block (grown student, BPR + proxy replay),
+                       the candidates at hand.
 
 Prints ``stage users items interactions seconds peak_rss_mb`` per stage and size, then per stage the
 log-log slope of seconds against users, against interactions and against users x items (the cells a
@@ -31,7 +34,7 @@ import numpy as np
 
 from ccdrec.config import MAX_STEPS
 
-STAGES = ("teacher_epoch", "evaluation", "ensemble_top", "distill_epoch", "student_epoch")
+STAGES = ("teacher_epoch", "evaluation", "ensemble_top", "distill_epoch", "replay_candidates", "student_epoch")
 
 
 def planted_stream(n_users: int, n_items: int, per_user: int, seed: int = 0):
@@ -67,6 +70,7 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
     import torch
 
     torch.set_num_threads(threads)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # Adam's first use imports torch._dynamo (2 s): not a stage's cost
     from ccdrec.config import TrainConfig, default_schedule
     from ccdrec.distill.ensemble import RankEnsemble, top_lists
     from ccdrec.distill.rrd import RRDObjective
@@ -118,12 +122,16 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
 
             student.grow(b1.n_users, b1.n_items, b1.train_matrix, "entity")
             proxy = Proxy.from_model(student)
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            start = time.perf_counter()
             sources = [(proxy.scorer(n_items=b1.n_items), 1)]
             rc = ReplayConfig(max_steps=max_steps)
             replay = Replayer(sources, old_active_users(b1), past_train(b1, b0), rc, 1, b1.n_items)
-            epoch(student, b1, cfg, [replay])
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            start = time.perf_counter()
+            replay.sample(student)  # the proxy's top-A candidates: a full ranking of the old users, once per block
+            if stage == "student_epoch":  # the epoch proper: BPR and replay with the candidates at hand
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                start = time.perf_counter()
+                epoch(student, b1, cfg, [replay])
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     q.put((seconds, peak, before, len(b0.train) + len(b0.valid) + len(b0.test), b0.n_users * b0.n_items))

@@ -1,6 +1,8 @@
 """``--executor ray``: a block's teacher members as Ray tasks give the local executor's results bit for bit
 (metric rows, times aside, and checkpoints), a lost task names its stages and the run resumes, and the
-checks before any work (Ray missing, an address without Ray, a task on a node that differs).
+checks before any work (Ray missing, an address without Ray, a task on a node that differs). The runs of
+``ccdrec compare`` (and of a sweep) as Ray tasks give the local comparison's runs; a failed or lost run
+task is named, with the resume command, after the others finish, and ``--resume`` completes it.
 
 The Ray tests start one local Ray instance with 2 CPUs for the module; they are skipped without Ray.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -17,15 +20,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from ccdrec.checkpoint import load_tensors
 from ccdrec.cli import app
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.errors import CcdrecError, StageLost
-from ccdrec.pipeline import cluster
+from ccdrec.pipeline import cluster, compare
 from ccdrec.pipeline.ccd import run_stream
+from ccdrec.pipeline.compare import run_compare
 from ccdrec.pipeline.rundir import RunDir
+from ccdrec.pipeline.sweep import run_sweep
 from ccdrec.presets import load_config
 
 OVERRIDES = [
@@ -63,6 +69,23 @@ def local_run(stream_dir, tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_compare(stream_dir, tmp_path_factory):
+    """CCD, finetune and the random-init ablation compared with the local executor (one thread): the reference."""
+    out = tmp_path_factory.mktemp("compare") / "local"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
+        run_compare(cfg, out, ["ccd", "finetune"], ["random-init"], progress=False, bench=False)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+COMPARED = ("ccd", "finetune", "ablation-random-init")
 
 
 def timeless_rows(run: Path) -> list[dict]:
@@ -185,3 +208,82 @@ def test_executor_options_are_checked_before_anything_is_created(stream_dir, tmp
     with pytest.raises(CcdrecError, match="unknown executor"):
         with cluster.use_executor("dask"):
             pass
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+
+def test_compare_runs_as_ray_tasks_give_the_local_executors_results(local_ray, stream_dir, local_compare, tmp_path, monkeypatch):
+    groups = []
+    run_tasks = compare._run_tasks
+    monkeypatch.setattr(
+        compare, "_run_tasks", lambda runs, *a, **kw: groups.append([d.name for d in runs]) or run_tasks(runs, *a, **kw)
+    )
+    out = tmp_path / "ray"
+    with cluster.use_executor("ray"):
+        cfg = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
+        report = run_compare(cfg, out, ["ccd", "finetune"], ["random-init"], progress=False, bench=False)
+    assert groups == [["ccd"], list(COMPARED)]  # CCD's block 0 first, then every run (CCD's rest too) at once
+    for name in COMPARED:
+        assert_same_run(local_compare / name, out / name)
+    assert report == out / "report.md" and report.exists()
+
+
+def test_a_failed_run_task_is_named_after_the_others_finish(local_ray, local_run, tmp_path):
+    top = tmp_path / "cmp"
+    shutil.copytree(local_run, top / "ccd")
+    shutil.copytree(local_run, top / "finetune")
+    (top / "finetune" / "config.yaml").unlink()  # its task fails when it reopens the run
+    (top / "ccd" / "report.md").unlink()  # the other task writes it again
+    lines = []
+    console = Console(quiet=True)
+    console.print = lines.append
+    failed = r"^run finetune failed: .*finetune: not a ccdrec run directory \(no config.yaml\); the completed runs and stages"
+    with pytest.raises(StageLost, match=failed):
+        compare._run_tasks([top / "ccd", top / "finetune"], top, threads=1, gpus=0, workers=None, console=console)
+    assert any(x.startswith("  ccd done (") for x in lines), lines  # the other run finished and was printed
+    assert (top / "ccd" / "report.md").exists()
+
+
+@pytest.mark.slow  # 30-60 s: a killed task's worker process is started anew (torch imported again), then a resume
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the Ray workers in /proc")
+def test_a_lost_run_task_names_the_run_and_the_resume_command_and_resume_completes_it(
+    local_ray, stream_dir, local_compare, tmp_path, capsys
+):
+    out = tmp_path / "cmp"
+    sets = [x for o in OVERRIDES for x in ("--set", o)]
+    args = ["compare", "--data", str(stream_dir), "--preset", "quick", *sets, "--methods", "ccd,finetune"]
+    args += ["--ablation", "random-init", "--no-bench", "--no-progress", "--executor", "ray", "--out", str(out)]
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_tasks, args=(b"ray::ccdrec compare finetune", stop), daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            app(args, standalone_mode=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert exit_.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        "error: run finetune lost: its Ray worker process died (killed or out of memory); the completed runs and "
+        f"stages are kept; continue with: ccdrec compare --resume {out}"
+    )
+    assert "b1/eval" in RunDir(out / "ablation-random-init").read_state()["completed"]  # the others finished
+    app(["compare", "--resume", str(out), "--no-bench", "--no-progress", "--executor", "ray"], standalone_mode=False)
+    for name in COMPARED:
+        assert_same_run(local_compare / name, out / name)
+
+
+@pytest.mark.slow  # about 30 s: two sweeps over two cadences
+def test_a_sweep_as_ray_tasks_gives_the_local_sweeps_runs(local_ray, stream_dir, tmp_path):
+    cfg = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
+    cells = ("seed-0-every-1", "seed-0-every-2")
+    run_sweep(cfg, tmp_path / "local", ["ccd", "finetune"], [], cadences=[1, 2], progress=False)
+    with cluster.use_executor("ray"):
+        run_sweep(cfg, tmp_path / "ray", ["ccd", "finetune"], [], cadences=[1, 2], progress=False)
+    for cell in cells:
+        for name in ("ccd", "finetune"):
+            assert_same_run(tmp_path / "local" / cell / name, tmp_path / "ray" / cell / name)
+    shared = RunDir(tmp_path / "ray" / cells[1] / "ccd").read_state()["shared"]
+    assert set(shared.values()) == {str(tmp_path / "ray" / cells[0] / "ccd")}  # the second cadence's block 0 is the first's

@@ -115,9 +115,11 @@ def check_reachable(head: str) -> None:
         raise CcdrecError(f"cannot reach the Ray cluster at {head}: {e.strerror or type(e).__name__}") from None
 
 
-def check_resources(cpus: int, gpus: int) -> None:
+def check_resources(
+    cpus: int, gpus: int, task: str = "a teacher-member task", remedy: str = "give fewer --threads or more --workers"
+) -> None:
     """Raise CcdrecError unless some live node of the cluster has ``cpus`` CPUs and ``gpus`` GPUs (a task
-    that fits no node would wait for one forever)."""
+    that fits no node would wait for one forever); the message names the ``task`` and the ``remedy``."""
     ray = import_ray()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
@@ -127,8 +129,8 @@ def check_resources(cpus: int, gpus: int) -> None:
     need = f"{cpus} CPUs" + (f" and {gpus} GPU" if gpus else "")
     have = f"{most_cpus} CPUs" + (f", {most_gpus} GPUs" if gpus else "")
     raise CcdrecError(
-        f"a teacher-member task needs {need} (--threads / --workers; the run's device) but no node of the Ray cluster "
-        f"has them (the largest: {have}): give fewer --threads or more --workers"
+        f"{task} needs {need} (--threads / --workers; the run's device) but no node of the Ray cluster "
+        f"has them (the largest: {have}): {remedy}"
     )
 
 

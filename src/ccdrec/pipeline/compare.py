@@ -20,24 +20,41 @@ block 0 of another comparison's CCD run.
 Every sub-run resumes after its last completed stage; ``--resume OUT`` continues the whole comparison.
 ``--from-run RUN`` starts a comparison from an existing ``ccdrec run`` directory: its configuration
 is the comparison's, and its stages become CCD's (checkpoints linked, small files copied).
+
+With the local executor the runs go one after another in this process (:func:`run_locally`). With
+``--executor ray`` (:mod:`ccdrec.pipeline.cluster`) every run is a Ray task (:func:`run_on_ray`): the
+run that trains block 0 goes first, up to ``b0/eval``; then every run, its rest included, at once,
+each task declaring this process's CPU threads (``--threads``) and one GPU when the device is CUDA.
+The driver creates the run directories (block 0 shared as above) and prints each run as its task
+returns; a task checks its node as a teacher-member task does, then resumes its run from its
+directory with the local executor, so the results are the local executor's. The comparison
+directory must therefore be on storage every node reaches at the same path. A task whose worker or
+node died runs once more; a run that still does not finish is named in one
+:class:`~ccdrec.errors.StageLost` line after the others have finished, and ``--resume OUT`` continues.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
-from ccdrec.data.stream import load_stream
+from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, StageLost
+from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
 from ccdrec.pipeline.rundir import STREAM_FILE, RunDir
-from ccdrec.pipeline.staged import link_file, share_block0
+from ccdrec.pipeline.staged import StopRequested, link_file, share_block0
 from ccdrec.serve_bench import bench_markdown, bench_records, bench_serve, read_bench
 
 COMPARE_FILE = "compare.json"
@@ -243,9 +260,51 @@ def run_compare(
     On ``resume``, ``methods`` and ``ablations`` are added to the comparison's, and ``max_blocks`` takes
     every run on to that block (:meth:`RunDir.set_max_blocks`). ``base_from``: a CCD run directory of the
     same block 0 whose block-0 models a new CCD run shares instead of training them.
+
+    With the ``ray`` executor (the configuration's, or :func:`ccdrec.pipeline.cluster.use_executor`'s)
+    the runs are Ray tasks (:func:`run_on_ray`); else they run here one after another. Raises
+    CcdrecError for a directory, plan or option that cannot be used; StageLost when a run's task (or a
+    stage of a run) was lost, after the others have finished.
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
+    cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console)
+    comparison = Comparison(out, cfg, stream, plan["methods"], plan["ablations"], base_from)
+    if cluster.chosen_executor(cfg.executor, cfg.ray_address)[0] == "ray":
+        run_on_ray([comparison], out, console, workers)
+    else:
+        run_locally(comparison, progress, console, workers)
+    return finish_comparison(comparison, bench, bench_repeats)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A comparison directory ready to run: its configuration and stream, its methods and ablations,
+    and ``base_from``, the CCD run whose block 0 a new CCD run of it shares (None: it trains its own)."""
+
+    out: Path
+    cfg: RunConfig
+    stream: Stream
+    methods: list[str]
+    ablations: list[str]
+    base_from: Path | None = None
+
+
+def open_comparison(
+    cfg: RunConfig | None,
+    out: Path,
+    methods: list[str] | None,
+    ablations: list[str] | None,
+    resume: bool,
+    from_run: Path | None,
+    workers: int | None,
+    max_blocks: int | None,
+    console: Console,
+) -> tuple[RunConfig, dict, Stream]:
+    """Create the comparison directory ``out`` (configuration, stream record, plan; ``from_run``
+    adopted as its CCD run), or reopen it on ``resume`` (plan extended, ``max_blocks`` applied); returns
+    its configuration, plan and stream. Every check passes before anything is created or changed
+    (CcdrecError otherwise)."""
     top = RunDir(out)
     if workers is not None and workers < 1:
         raise CcdrecError(f"workers must be at least 1, got {workers}")
@@ -258,39 +317,45 @@ def run_compare(
             atomic_write_json(out / COMPARE_FILE, plan)
         if max_blocks is not None:
             cfg = _extend_blocks(out, plan, max_blocks)
+        return cfg, plan, stream
+    if out.exists() and any(out.iterdir()):
+        raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
+    if from_run is not None:
+        source = RunDir.open(from_run)
+        cfg = source.load_config()
+        source.read_state()  # a run directory, checked before anything is created
+        stream = source.open_stream(cfg)
+    elif cfg is None:
+        raise CcdrecError("a configuration is needed to start a comparison")
     else:
-        if out.exists() and any(out.iterdir()):
-            raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
-        if from_run is not None:
-            source = RunDir.open(from_run)
-            cfg = source.load_config()
-            source.read_state()  # a run directory, checked before anything is created
-            stream = source.open_stream(cfg)
-        elif cfg is None:
-            raise CcdrecError("a configuration is needed to start a comparison")
-        else:
-            stream = load_stream(cfg.dataset)
-        methods = list(methods or DEFAULT_METHODS)
-        if from_run is not None and "ccd" not in methods:
-            methods.insert(0, "ccd")
-        plan = merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
-        resolve_device(cfg.device)  # refused before anything is created
-        top.check_creatable()
-        out.mkdir(parents=True, exist_ok=True)
-        top.save_config(cfg)
-        top.record_stream(cfg, stream)
-        atomic_write_json(out / COMPARE_FILE, plan)
-        if from_run is not None:
-            adopt_run(from_run, out / "ccd")
-    methods, ablations = plan["methods"], plan["ablations"]
+        stream = load_stream(cfg.dataset)
+    methods = list(methods or DEFAULT_METHODS)
+    if from_run is not None and "ccd" not in methods:
+        methods.insert(0, "ccd")
+    plan = merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
+    resolve_device(cfg.device)  # refused before anything is created
+    top.check_creatable()
+    out.mkdir(parents=True, exist_ok=True)
+    top.save_config(cfg)
+    top.record_stream(cfg, stream)
+    atomic_write_json(out / COMPARE_FILE, plan)
+    if from_run is not None:
+        adopt_run(from_run, out / "ccd")
+    return cfg, plan, stream
+
+
+def run_locally(c: Comparison, progress: bool, console: Console, workers: int | None) -> None:
+    """Run (or resume) every run of ``c`` in this process, one after another: CCD, the kd methods, the
+    CL competitors, the ablations. The first of CCD and the competitors trains block 0; the others share it."""
+    out, cfg, stream, methods, ablations = c.out, c.cfg, c.stream, c.methods, c.ablations
     n = len(cfg.teacher.members)
     base: Path | None = None
     if "ccd" in methods:
         d = out / "ccd"
         _check_fresh(d)
         console.print(f"[bold]== ccd[/bold] ({d})")
-        if base_from is not None and not _started(d):
-            _start_shared(d, cfg, stream, Path(base_from), n)
+        if c.base_from is not None and not _started(d):
+            _start_shared(d, cfg, stream, Path(c.base_from), n)
         run_stream(None if _started(d) else cfg, d, resume=_started(d), progress=progress, console=console, workers=workers)
         base = d
     for m in (x for x in methods if x in KD_METHODS):
@@ -316,6 +381,12 @@ def run_compare(
         if not _started(d):
             _start_shared(d, ablation_config(cfg, a), stream, out / "ccd", n)
         run_stream(None, d, resume=True, progress=progress, console=console, workers=workers)
+
+
+def finish_comparison(c: Comparison, bench: bool = True, bench_repeats: int = 3) -> Path:
+    """Measure CCD's serving cost (``bench``; else reuse an earlier measurement) and write the
+    comparison report of ``c``, whose runs have finished; returns the report's path."""
+    out, cfg, methods, ablations = c.out, c.cfg, c.methods, c.ablations
     bench_rows = None
     if "ccd" in methods:
         if bench:
@@ -328,6 +399,183 @@ def run_compare(
     notes = variant_notes(methods, ablations)
     serving = bench_markdown(bench_rows) if bench_rows is not None else None
     return write_compare_report(out, comparison_runs(out, methods, ablations), serving, notes, start_note(cfg, methods))
+
+
+# --- the runs as Ray tasks ----------------------------------------------------------------------
+
+
+def run_names(methods: list[str], ablations: list[str]) -> list[str]:
+    """The run directories of a comparison in the order they run locally: CCD, the kd methods, the CL
+    competitors, the ablations."""
+    kd, cl = [m for m in methods if m in KD_METHODS], [m for m in methods if m in CL_METHODS]
+    return [*(["ccd"] if "ccd" in methods else []), *kd, *cl, *map(ablation_dir, ablations)]
+
+
+def block0_owner(methods: list[str]) -> str | None:
+    """The run that trains a comparison's block 0: CCD when it takes part, else the first CL competitor."""
+    return "ccd" if "ccd" in methods else next((m for m in methods if m in CL_METHODS), None)
+
+
+def _create_run(c: Comparison, name: str) -> None:
+    """Create run ``name`` of ``c`` (not started) for a task to resume: seeded with block 0 of the
+    block-0 owner (of ``c.base_from`` for CCD); the owner without ``base_from`` trains its own."""
+    d, n, owner = c.out / name, len(c.cfg.teacher.members), block0_owner(c.methods)
+    if name == "ccd":
+        if c.base_from is not None:
+            _start_shared(d, c.cfg, c.stream, Path(c.base_from), n)
+        else:
+            RunDir(d).create(c.cfg, c.stream)
+    elif name in CL_METHODS:  # as run_competitor starts one
+        rd = RunDir(d)
+        rd.create(c.cfg, c.stream)
+        state = rd.read_state()
+        state["method"] = name
+        rd.write_state(state)
+        if name != owner:
+            share_block0(RunDir(c.out / str(owner)), rd, n, prefix=f"{name}:")
+    else:
+        switch = KD_METHODS[name][1] if name in KD_METHODS else ABLATIONS[name.removeprefix("ablation-")][1]
+        _start_shared(d, variant_config(c.cfg, switch), c.stream, c.out / "ccd", n)
+
+
+def _completed(d: Path) -> list[str]:
+    return RunDir(d).read_state()["completed"] if _started(d) else []
+
+
+def run_on_ray(comparisons: list[Comparison], top: Path, console: Console, workers: int | None) -> None:
+    """Run (or resume) every run of ``comparisons`` as a Ray task (:func:`_resume_in_task`) on the
+    cluster of the first one's executor (:func:`ccdrec.pipeline.cluster.chosen_executor`).
+
+    First the block-0 owners (:func:`block0_owner`) that have not finished block 0, one task each up
+    to ``b0/eval``; then every run, the owners' rest included, one task each, at once. The driver creates
+    the runs (block 0 shared as :func:`run_locally` shares it); a task resumes its run from its
+    directory with the local executor, this process's CPU threads (its declared CPUs) and one GPU when
+    the device is CUDA, so the results are the local executor's. ``top``: the directory the runs are
+    named relative to. Raises CcdrecError before any task when the cluster cannot run one
+    (:func:`ccdrec.pipeline.cluster.check_resources`) or a run directory was left half-created; StageLost
+    naming the runs that did not finish, once the others have."""
+    first = comparisons[0].cfg
+    cluster.connect(cluster.chosen_executor(first.executor, first.ray_address)[1])
+    threads, gpus = torch.get_num_threads(), int(resolve_device(first.device).type == "cuda")
+    cluster.check_resources(threads, gpus, "a comparison run's task", "give fewer --threads")
+    for c in comparisons:  # every run directory checked before any task starts
+        for name in run_names(c.methods, c.ablations):
+            _check_fresh(c.out / name)
+    owners = []
+    for c in comparisons:
+        owner = block0_owner(c.methods)
+        if owner is None or (owner == "ccd" and c.base_from is not None and not _started(c.out / owner)):
+            continue  # no runs, or CCD shares its block 0 (created below, once base_from has it)
+        d = c.out / owner
+        if not _started(d):
+            _create_run(c, owner)
+        if "b0/eval" not in _completed(d):
+            owners.append(d)
+    need = f"{threads} CPU{'s' if threads > 1 else ''}" + (", 1 GPU" if gpus else "")
+    if owners:
+        console.print(f"[bold]== block 0[/bold] of {', '.join(_label(d, top) for d in owners)} (Ray tasks, {need} each)")
+        _run_tasks(owners, top, threads, gpus, workers, console, stop_after="b0/eval")
+    runs = []
+    for c in comparisons:
+        for name in run_names(c.methods, c.ablations):
+            if not _started(c.out / name):
+                _create_run(c, name)
+            runs.append(c.out / name)
+    console.print(f"[bold]== {', '.join(_label(d, top) for d in runs)}[/bold] (Ray tasks, {need} each)")
+    _run_tasks(runs, top, threads, gpus, workers, console)
+
+
+def _label(d: Path, top: Path) -> str:
+    return d.relative_to(top).as_posix()
+
+
+def _run_tasks(
+    runs: list[Path], top: Path, threads: int, gpus: int, workers: int | None, console: Console, stop_after: str | None = None
+) -> None:
+    """Resume ``runs`` (run directories the driver created) as Ray tasks declaring ``threads`` CPUs and
+    ``gpus`` GPUs, each in a fresh worker process (which lets go of its run directory when it ends), and
+    print each as its task returns. A task first checks its node (:func:`ccdrec.pipeline.cluster._stage_task`:
+    the driver's versions, the run directory as the driver last wrote it) and runs once more if its
+    worker or node died. Raises StageLost naming the runs that did not finish once the others have;
+    re-raises a run's own exception (a bug; the other tasks cancelled); on an interruption the tasks
+    are cancelled and the interruption re-raised."""
+    ray = cluster.import_ray()
+    task = ray.remote(max_calls=1)(cluster._stage_task)  # a fresh worker process for every run
+    expected = cluster.versions()
+    resume = partial(_resume_in_task, threads=threads, workers=workers, stop_after=stop_after)
+    pending = {}
+    for d in runs:
+        path, done = str(d.resolve()), _completed(d)
+        options = {"num_cpus": threads, "num_gpus": gpus, "max_retries": cluster.STAGE_RETRIES}
+        ref = task.options(name=f"ccdrec compare {_label(d, top)}", **options).remote(
+            resume, path, path, done[-1] if done else None, expected
+        )
+        pending[ref] = _label(d, top)
+    lost: list[tuple[str, str]] = []
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                label = pending.pop(ref)
+                try:
+                    seconds = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    why = _run_failure(e)
+                    if why is None:
+                        e.add_note(f"in run {label} of the comparison, a Ray task")
+                        raise
+                    console.print(f"  {label} {why}")
+                    lost.append((label, why))
+                    continue
+                console.print(f"  {label} done ({seconds:.1f} s)")
+    except BaseException:
+        for ref in pending:  # interrupted, or a run failed: stop the other tasks now
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    if lost:
+        what = "; ".join(f"run {label} {why}" for label, why in lost)
+        raise StageLost(f"{what}; the completed runs and stages are kept")
+
+
+def _run_failure(e: BaseException) -> str | None:
+    """Why a run's task did not finish, in a few words; None for an exception of the run's own code (a bug)."""
+    ray = cluster.import_ray()
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, StageLost):
+        return f"lost: {e.cause}"  # a local worker process of the run died
+    return None if cluster._is_stage_bug(e) else cluster._failure(e)
+
+
+def _hold_when_free(rd: RunDir) -> None:
+    """Take the run directory (:meth:`RunDir.hold`), waiting up to ``cluster.VISIBLE_WAIT_S`` for the worker
+    process of the run's previous task (its block 0), which holds it until that process has exited.
+    Raises CcdrecError when another process still holds it then."""
+    deadline = time.monotonic() + cluster.VISIBLE_WAIT_S
+    while True:
+        try:
+            rd.hold()
+            return
+        except CcdrecError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _resume_in_task(path: str, threads: int, workers: int | None, stop_after: str | None = None) -> float:
+    """A Ray task: resume the comparison run at ``path`` (CCD-family or, when its state names a method,
+    a CL competitor) with the local executor and ``threads`` CPU threads, to its end or to ``stop_after``;
+    returns its wall seconds. Raises CcdrecError when the run cannot be reopened or stays in use."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    d = Path(path)
+    _hold_when_free(RunDir(d))
+    method = RunDir(d).read_state().get("method")
+    with cluster.use_executor("local"), suppress(StopRequested):
+        if method is not None:
+            run_competitor(None, d, method, resume=True, progress=False, stop_after=stop_after, workers=workers)
+        else:
+            run_stream(None, d, resume=True, progress=False, stop_after=stop_after, workers=workers)
+    return time.perf_counter() - start
 
 
 def start_note(cfg: RunConfig, methods: list[str]) -> str | None:
@@ -406,11 +654,18 @@ __all__ = [
     "DEFAULT_METHODS",
     "KD_METHODS",
     "METHODS",
+    "Comparison",
     "start_note",
     "ablation_config",
+    "block0_owner",
     "comparison_runs",
     "effective_ablations",
+    "finish_comparison",
+    "open_comparison",
     "parse_ablations",
     "parse_methods",
     "run_compare",
+    "run_locally",
+    "run_names",
+    "run_on_ray",
 ]

@@ -14,6 +14,11 @@ and ``teacher.update_every = M`` (method.md 5: the teacher update cycle CT = M s
 Cells of one seed share block 0 (the teacher members and D_0 do not depend on the cadence): the
 first cadence's CCD run trains it, the others link it. Every cell resumes after its last completed
 stage; ``--resume OUT`` continues the whole sweep.
+
+With the local executor the cells run one after another (:func:`ccdrec.pipeline.compare.run_compare`
+each). With ``--executor ray`` every run of every cell is a Ray task
+(:func:`ccdrec.pipeline.compare.run_on_ray`): the seeds' block 0 first, side by side, then all the
+runs of all the cells at once; the results are the local executor's.
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ from ccdrec.config import RunConfig
 from ccdrec.data.stream import load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
+from ccdrec.pipeline import cluster
 from ccdrec.pipeline.compare import (
     COMPARE_FILE,
     DEFAULT_METHODS,
+    Comparison,
     comparison_runs,
+    finish_comparison,
     merge_plan,
+    open_comparison,
     run_compare,
+    run_on_ray,
     variant_notes,
 )
 from ccdrec.pipeline.rundir import RunDir
@@ -143,14 +153,40 @@ def run_sweep(
     last = len(stream.blocks) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream.blocks) - 1)
     for m in (m for m in plan["cadences"] if m > last):
         console.print(f"note: teacher updated every {m} student cycles: no teacher cycle within blocks 1..{last}")
+    if cluster.chosen_executor(cfg.executor, cfg.ray_address)[0] == "ray":
+        _run_cells_on_ray(cfg, out, plan, console, workers, max_blocks)
+    else:
+        _run_cells(cfg, out, plan, progress, console, workers, max_blocks)
+    from ccdrec.report.sweep import write_sweep_report
+
+    cells = {
+        (s, m): comparison_runs(out / cell_name(s, m), plan["methods"], plan["ablations"])
+        for s in plan["seeds"]
+        for m in plan["cadences"]
+    }
+    return write_sweep_report(out, cells, variant_notes(plan["methods"], plan["ablations"]))
+
+
+def _open_cell(out: Path, seed: int, cadence: int, console: Console) -> tuple[Path, bool]:
+    """The directory of cell (``seed``, ``cadence``) and whether its comparison has started; a start
+    interrupted before its plan was written (nothing was trained there) is removed."""
+    d = out / cell_name(seed, cadence)
+    console.print(f"[bold]=== seed {seed}, teacher updated every {cadence} student cycle(s)[/bold] ({d})")
+    started = (d / COMPARE_FILE).exists()
+    if not started and d.exists():
+        shutil.rmtree(d)
+    return d, started
+
+
+def _run_cells(
+    cfg: RunConfig, out: Path, plan: dict, progress: bool, console: Console, workers: int | None, max_blocks: int | None
+) -> None:
+    """Run (or resume) the cells' comparisons one after another (:func:`run_compare`, the local
+    executor); a seed's later cadences share the first one's CCD block 0."""
     for s in plan["seeds"]:
         base_ccd: Path | None = None
         for m in plan["cadences"]:
-            d = out / cell_name(s, m)
-            console.print(f"[bold]=== seed {s}, teacher updated every {m} student cycle(s)[/bold] ({d})")
-            started = (d / COMPARE_FILE).exists()
-            if not started and d.exists():
-                shutil.rmtree(d)  # a start interrupted before its plan was written: nothing was trained there
+            d, started = _open_cell(out, s, m, console)
             run_compare(
                 None if started else cell_config(cfg, s, m),
                 d,
@@ -166,14 +202,38 @@ def run_sweep(
             )
             if "ccd" in plan["methods"] and base_ccd is None:
                 base_ccd = d / "ccd"
-    from ccdrec.report.sweep import write_sweep_report
 
-    cells = {
-        (s, m): comparison_runs(out / cell_name(s, m), plan["methods"], plan["ablations"])
-        for s in plan["seeds"]
-        for m in plan["cadences"]
-    }
-    return write_sweep_report(out, cells, variant_notes(plan["methods"], plan["ablations"]))
+
+def _run_cells_on_ray(
+    cfg: RunConfig, out: Path, plan: dict, console: Console, workers: int | None, max_blocks: int | None
+) -> None:
+    """Run (or resume) every cell's runs as Ray tasks together (:func:`ccdrec.pipeline.compare.run_on_ray`):
+    the cells are opened first; the block 0 of every seed (its first cadence's CCD run, or each cell's
+    first competitor without CCD) trains side by side; then all runs of all cells at once, a later
+    cadence's CCD run sharing its seed's block 0; then each cell's report. Raises as :func:`run_on_ray`."""
+    cells = []
+    for s in plan["seeds"]:
+        base_ccd: Path | None = None
+        for m in plan["cadences"]:
+            d, started = _open_cell(out, s, m, console)
+            cell_cfg, cell_plan, stream = open_comparison(
+                None if started else cell_config(cfg, s, m),
+                d,
+                plan["methods"],
+                plan["ablations"],
+                started,
+                None,
+                workers,
+                max_blocks if started else None,
+                console,
+            )
+            # base_ccd even for a started cell: it only seeds a CCD run not started yet (same block 0, checked)
+            cells.append(Comparison(d, cell_cfg, stream, cell_plan["methods"], cell_plan["ablations"], base_ccd))
+            if "ccd" in plan["methods"] and base_ccd is None:
+                base_ccd = d / "ccd"
+    run_on_ray(cells, out, console, workers)
+    for c in cells:
+        finish_comparison(c, bench=False)
 
 
 __all__ = ["SWEEP_FILE", "cell_config", "cell_name", "is_sweep", "parse_ints", "run_sweep"]

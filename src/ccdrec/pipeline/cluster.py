@@ -190,6 +190,11 @@ def _failure(e: BaseException) -> str:
     return f"lost: {type(e).__name__}" + (f" ({first})" if first else "")
 
 
+def _stage_failure(e: BaseException) -> str | None:
+    """Why a stage's task did not complete (:func:`_failure`); None for an exception of the stage's own code."""
+    return None if _is_stage_bug(e) else _failure(e)
+
+
 def _is_stage_bug(e: BaseException) -> bool:
     """Whether a task failed by an exception of the stage's own code (a bug: re-raised with its traceback)."""
     ray = import_ray()
@@ -223,26 +228,43 @@ def run_stage_group(
         ): n
         for n in names
     }
+    lost = await_tasks(pending, complete, _stage_failure, lambda n: f"in stage {n}, a Ray task")
+    if lost:
+        what = "; ".join(f"stage {n} {why}" for n, why in lost)
+        raise StageLost(f"{what}; the completed stages are kept")
+
+
+def await_tasks(
+    pending: dict[Any, str],
+    done: Callable[[str, Any], None],
+    failure: Callable[[BaseException], str | None],
+    note: Callable[[str], str],
+) -> list[tuple[str, str]]:
+    """Wait for the Ray tasks ``pending`` (object ref -> label) and call ``done(label, result)`` as each
+    returns; returns (label, why) of the tasks that failed, ``why`` from ``failure(error)``.
+
+    ``failure`` returning None marks an exception of the task's own code (a bug): it is re-raised at
+    once with ``note(label)`` added and the other tasks cancelled; an interruption cancels them too."""
+    ray = import_ray()
     lost: list[tuple[str, str]] = []
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                name = pending.pop(ref)
+                label = pending.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if _is_stage_bug(e):
-                        e.add_note(f"in stage {name}, a Ray task")
+                    why = failure(e)
+                    if why is None:
+                        e.add_note(note(label))
                         raise
-                    lost.append((name, _failure(e)))
+                    lost.append((label, why))
                     continue
-                complete(name, result)
+                done(label, result)
     except BaseException:
-        for ref in pending:  # interrupted, or a stage failed: stop the other tasks now
+        for ref in pending:  # interrupted, or a task failed: stop the other tasks now
             with suppress(Exception):
                 ray.cancel(ref, force=True)
         raise
-    if lost:
-        what = "; ".join(f"stage {n} {why}" for n, why in lost)
-        raise StageLost(f"{what}; the completed stages are kept")
+    return lost

@@ -511,28 +511,14 @@ def _run_tasks(
             resume, path, path, done[-1] if done else None, expected
         )
         pending[ref] = _label(d, top)
-    lost: list[tuple[str, str]] = []
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                label = pending.pop(ref)
-                try:
-                    seconds = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    why = _run_failure(e)
-                    if why is None:
-                        e.add_note(f"in run {label} of the comparison, a Ray task")
-                        raise
-                    console.print(f"  {label} {why}")
-                    lost.append((label, why))
-                    continue
-                console.print(f"  {label} done ({seconds:.1f} s)")
-    except BaseException:
-        for ref in pending:  # interrupted, or a run failed: stop the other tasks now
-            with suppress(Exception):
-                ray.cancel(ref, force=True)
-        raise
+    lost = cluster.await_tasks(
+        pending,
+        lambda label, seconds: console.print(f"  {label} done ({seconds:.1f} s)"),
+        _run_failure,
+        lambda label: f"in run {label} of the comparison, a Ray task",
+    )
+    for label, why in lost:
+        console.print(f"  {label} {why}")
     if lost:
         what = "; ".join(f"run {label} {why}" for label, why in lost)
         raise StageLost(f"{what}; the completed runs and stages are kept")
@@ -543,7 +529,7 @@ def _run_failure(e: BaseException) -> str | None:
     ray = cluster.import_ray()
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, StageLost):
         return f"lost: {e.cause}"  # a local worker process of the run died
-    return None if cluster._is_stage_bug(e) else cluster._failure(e)
+    return cluster._stage_failure(e)
 
 
 def _hold_when_free(rd: RunDir) -> None:

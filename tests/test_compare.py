@@ -270,19 +270,28 @@ def test_bold_best_marks_the_best_competing_value_per_column(hand_rows):
     assert rc.bold_best(t).loc["lwckd", "student LA"] == "—"
 
 
-def test_block_gains_against_the_best_competitor(hand_rows):
+def test_block_gains_against_one_competitor_for_the_whole_stream(hand_rows):
+    # no validation rows here: the competitor is chosen on the test splits (lwckd: LA 0.3, RA 0.1)
+    assert rc.rival(hand_rows, ["finetune", "lwckd"]) == ("lwckd", "test")
     g = rc.block_gains(hand_rows, ["finetune", "lwckd"], role="student")
     assert list(g.index) == [1, 2]
     h1 = {"ccd": harmonic(0.4, 0.2), "finetune": harmonic(0.3, 0.1), "lwckd": harmonic(0.5, 0.1)}
     h2 = {"ccd": harmonic(0.5, 0.2), "finetune": harmonic(0.2, 0.1), "lwckd": harmonic(0.1, 0.1)}
-    assert g.loc[1, "best competitor"] == "lwckd" and g.loc[2, "best competitor"] == "finetune"
-    assert g.loc[1, "gain"] == pytest.approx(h1["ccd"] - h1["lwckd"])
-    assert g.loc[2, "gain"] == pytest.approx(h2["ccd"] - h2["finetune"])
+    # the same competitor at every block, even where another one is better (finetune at block 2)
+    assert g["competitor"].tolist() == ["lwckd", "lwckd"]
+    assert g["gain"].tolist() == pytest.approx([h1["ccd"] - h1["lwckd"], h2["ccd"] - h2["lwckd"]])
     teacher = rc.block_gains(hand_rows, ["finetune", "lwckd"], role="teacher")
     assert teacher["gain"].tolist() == pytest.approx([0.1, 0.1])
-    sg = rc.stream_gain(hand_rows, ["finetune", "lwckd", "retrain"][:2], role="student")
-    assert sg["best competitor"] == "lwckd"  # LA 0.3, RA 0.1
+    sg = rc.stream_gain(hand_rows, ["finetune", "lwckd"], role="student")
+    assert sg["competitor"] == "lwckd"
     assert sg["gain"] == pytest.approx(harmonic(0.45, 0.2) - harmonic(0.3, 0.1))
+    # with validation rows, the choice follows them: finetune best on validation
+    valid = [dict(r, kind="valid") for r in hand_rows if r.get("kind") == "test"]
+    for r in valid:
+        if r["model"] == "finetune:student":
+            r["recall@20"] = 0.9
+    assert rc.rival(hand_rows + valid, ["finetune", "lwckd"]) == ("finetune", "valid")
+    assert rc.block_gains(hand_rows + valid, ["finetune", "lwckd"])["competitor"].tolist() == ["finetune", "finetune"]
 
 
 def test_new_user_and_time_tables(hand_rows):

@@ -488,7 +488,7 @@ def compare(
 ) -> None:
     """Run CCD, its continual-learning competitors and ablations on one harness; write OUT/report.md.
 
-    Block-0 teachers and D_0 are trained once and shared by every method. The report holds LA / RA / H-mean of student and teacher per method, CCD's per-block H_k gain over the best competitor (table and bar plot), new-user metrics and training time.
+    Block-0 teachers and D_0 are trained once and shared by every method. The report holds LA / RA / H-mean of student and teacher per method, CCD's per-block H_k gain over the one CL competitor with the best stream H-mean on validation (table and bar plot), new-user metrics and training time.
     With --seeds and/or --cadences: one comparison per seed and cadence in OUT/seed-S-every-M/, and OUT/report.md over them (mean and spread over seeds, CCD's paired gain, retention, H-mean against teacher compute).
     """  # noqa: E501
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare

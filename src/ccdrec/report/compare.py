@@ -7,7 +7,8 @@ competitor's student-size model) or ``teacher`` (the ensemble E_k); CCD's distil
 
 * :func:`comparison_table`  stream LA / RA / H-mean per method and role (method.md 8);
 * :func:`bold_best`         the table as text with the best value of every column in bold;
-* :func:`block_gains`       per block k, CCD's H_k minus the best CL competitor's H_k;
+* :func:`rival`             the one CL competitor CCD is compared with: the best stream H-mean on validation;
+* :func:`block_gains`       per block k, CCD's H_k minus that competitor's H_k;
 * :func:`stream_gain`       the same on the stream H-mean;
 * :func:`new_user_table`    block k's new users per method;
 * :func:`time_table`        seconds per method from ``state.json`` (block 0, blocks 1..K, evaluation).
@@ -86,39 +87,44 @@ def bold_best(df: pd.DataFrame, exclude=(), fmt: str = "{:.4f}") -> pd.DataFrame
     return out
 
 
+def rival(rows: list[dict], competitors: list[str], role: str = "student", metric: str = "recall@20") -> tuple[str | None, str]:
+    """The one CL competitor CCD is compared with over the whole stream: the highest stream H-mean of
+    ``role`` on the validation splits (on the test splits for runs written before validation rows were
+    recorded); returns (its name or None, the split it was chosen on)."""
+    for split in ("valid", "test"):
+        h = {c: stream_summary(rows, c, role, metric, split)["H"] for c in competitors}
+        h = {c: v for c, v in h.items() if not math.isnan(v)}
+        if h:
+            return max(h, key=h.get), split
+    return None, "valid"
+
+
 def block_gains(
     rows: list[dict], competitors: list[str], ccd: str = "ccd", role: str = "student", metric: str = "recall@20"
 ) -> pd.DataFrame:
-    """Per block k >= 1: CCD's H_k, the best competitor's H_k (and its name), and the gain CCD − best."""
+    """Per block k >= 1: CCD's H_k, the H_k of the one competitor :func:`rival` picks for the stream (its
+    name in column ``competitor``) and the gain CCD − competitor."""
     s = _scores(rows, ccd, role, metric)
-    comp = {c: _scores(rows, c, role, metric) for c in competitors}
+    best, _ = rival(rows, competitors, role, metric)
+    comp = _scores(rows, best, role, metric) if best else None
     out = []
     for k in (k for k in s.blocks if k >= 1):
-        h = {c: sc.h(k) for c, sc in comp.items() if (k, k) in sc.r}
-        best = max(h, key=h.get) if h else None
-        out.append(
-            {
-                f"{ccd} H_k": s.h(k),
-                "best competitor": best or "–",
-                "competitor H_k": h[best] if best else math.nan,
-                "gain": s.h(k) - h[best] if best else math.nan,
-            }
-        )
+        h = comp.h(k) if comp is not None and (k, k) in comp.r else math.nan
+        out.append({f"{ccd} H_k": s.h(k), "competitor": best or "–", "competitor H_k": h, "gain": s.h(k) - h})
     return pd.DataFrame(out, index=pd.Index([k for k in s.blocks if k >= 1], name="k"))
 
 
 def stream_gain(
     rows: list[dict], competitors: list[str], ccd: str = "ccd", role: str = "student", metric: str = "recall@20"
 ) -> dict:
-    """CCD's stream H-mean, the best competitor's (and its name), and the gain."""
+    """CCD's stream H-mean, that of the competitor :func:`rival` picks (and its name), and the gain."""
     table = comparison_table(rows, [ccd, *competitors], metric, roles=(role,))[f"{role} H"]
-    comp = table.drop(ccd).dropna()
-    best = comp.idxmax() if len(comp) else None
+    best, _ = rival(rows, competitors, role, metric)
     return {
         "ccd": float(table[ccd]),
-        "best competitor": best,
-        "competitor": float(comp[best]) if best else math.nan,
-        "gain": float(table[ccd] - comp[best]) if best else math.nan,
+        "competitor": best,
+        "competitor H": float(table[best]) if best else math.nan,
+        "gain": float(table[ccd] - table[best]) if best else math.nan,
     }
 
 
@@ -191,7 +197,7 @@ def block_bars(series: dict[str, pd.Series], path: Path, title: str, ylabel: str
 
 
 def plot_gains(gains: dict[str, pd.DataFrame], path: Path, metric: str = "recall@20") -> None:
-    """Grouped bars: per block k, CCD's H_k gain over the best competitor, one bar per role."""
+    """Grouped bars: per block k, CCD's H_k gain over the competitor :func:`rival` picks, one bar per role."""
     series = {ROLE_NAMES.get(role, role): g["gain"] for role, g in gains.items()}
     block_bars(series, path, f"CCD's H_k gain over the best CL competitor ({metric})", "gain", zero_line=True)
 
@@ -277,6 +283,10 @@ def write_compare_report(
         lines.append("")
     if "ccd" in runs and competitors:
         lines.append(f"## CCD's gain over the best CL competitor ({', '.join(competitors)})\n")
+        lines.append(
+            "Per role, one competitor for the whole stream: the one with the best stream H-mean on the validation "
+            "splits (on the test splits for runs without validation rows), compared at every block.\n"
+        )
         gains = {}
         for metric in (lead, lead_ndcg):
             for role in ROLES:
@@ -284,11 +294,12 @@ def write_compare_report(
                 if metric == lead:
                     gains[role] = g
                 sg = stream_gain(rows, competitors, role=role, metric=metric)
-                lines.append(f"### {ROLE_NAMES[role]}, H_k per block ({metric})\n")
+                split = rival(rows, competitors, role, metric)[1]
+                lines.append(f"### {ROLE_NAMES[role]} against {sg['competitor']} (chosen on {split}), H_k per block ({metric})\n")
                 lines.append(markdown_table(g))
                 lines.append(
-                    f"Stream H-mean: ccd {tables.fmt(sg['ccd'])}, best competitor {sg['best competitor']} "
-                    f"{tables.fmt(sg['competitor'])}, gain {tables.fmt(sg['gain'], '+.4f')}\n"
+                    f"Stream H-mean: ccd {tables.fmt(sg['ccd'])}, {sg['competitor']} "
+                    f"{tables.fmt(sg['competitor H'])}, gain {tables.fmt(sg['gain'], '+.4f')}\n"
                 )
         if any(not g.empty for g in gains.values()):
             plot_gains(gains, plots / "gains.png", lead)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import suppress
 
 import numpy as np
 import pytest
@@ -302,3 +303,52 @@ def test_student_cycles_between_teacher_cycles(stream_dir, tmp_path):
         run_stream(cfg, part, progress=False, stop_after="b1/eval")
     run_stream(None, part, resume=True, progress=False)
     assert metric_lines(part) == metric_lines(out)
+
+
+def test_teacher_update_negatives_avoid_the_teacher_and_student_side_lists(stream_dir, tmp_path, monkeypatch):
+    """``teacher.avoid_top = N``: a BPR member's update samples no negative among old users' top-N items of
+    the ensemble as last distilled, of SP, PP and CL_k; off by default."""
+    from ccdrec.data.stream import load_stream
+    from ccdrec.pipeline.ccd import CCDStream
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.pipeline.staged import StopRequested
+    from ccdrec.pipeline.stages import teacher_update as tu
+    from ccdrec.pipeline.stages.avoid import avoid_top
+    from ccdrec.pipeline.stages.student_update import teacher_top
+
+    n = 5
+    cfg = load_config(str(stream_dir), preset="quick", overrides=[*OVERRIDES, f"teacher.avoid_top={n}"])
+    out = tmp_path / "run"
+    with suppress(StopRequested):
+        run_stream(cfg, out, progress=False, stop_after="b1/replay_candidates")
+    stream = load_stream(str(stream_dir))
+    run = CCDStream(cfg, RunDir(out), stream, progress=False)
+    run.restore()  # after block 1's student update: SP, PP, CL_1 and E_0's saved lists
+    avoid = tu.teacher_avoid(run.ctx, run.state, 1).tocsr()
+    b, prev = stream[1], stream[0]
+    shape = (b.n_users, b.n_items)
+    assert avoid.shape == shape and avoid[b.prev_users :].nnz == 0  # old users only
+    lists = teacher_top(run.ctx, run.state, 0)[: b.prev_users, :n]
+    rows, cols = np.nonzero(lists >= 0)
+    assert np.all(avoid[rows, lists[rows, cols]] == 1)
+    users = np.arange(b.prev_users)
+    scorers = [p.scorer(n_items=b.n_items) for p in run.state.proxies] + [run.state.served.scorer()]
+    observed = tu.past_train(b, prev)
+    side = avoid_top(scorers, shape, observed, n, users, "cpu")
+    assert (side - side.multiply(avoid)).nnz == 0  # every student-side top item is avoided
+
+    # the BPR member is updated with exactly these negatives avoided; the Mult-VAE member samples none
+    passed = {}
+    real_fit = tu.fit
+
+    def spy(model, block, cfg_, **kw):
+        passed[type(model).__name__] = kw.get("avoid")
+        return real_fit(model, block, cfg_, **kw)
+
+    monkeypatch.setattr(tu, "fit", spy)
+    with suppress(StopRequested):
+        run_stream(None, out, resume=True, progress=False, stop_after="b1/teacher1")
+    assert (passed["LightGCN"] != avoid).nnz == 0 and passed["MultVAE"] is None
+    off = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
+    assert off.teacher.avoid_top == 0
+    assert tu.teacher_avoid(CCDStream(off, RunDir(out), stream, progress=False).ctx, None, 1) is None

@@ -182,6 +182,12 @@ class TeacherConfig(Strict):
     vae_replay_value: float = Field(0.1, ge=0, le=1, description="Mult-VAE: input/target value of replayed pairs")
     vae_kl_weight: float = Field(1.0, ge=0, description="Mult-VAE: weight of KL(previous output ‖ current)")
     student_knowledge: bool = Field(True, description="replay student-side knowledge (SP, PP, CL_k) into the teacher")
+    avoid_top: int = Field(
+        0,
+        ge=0,
+        description="BPR negatives of old users in a teacher update avoid the top-N of E (as last distilled), SP, PP and "
+        "CL_k (the authors' code: 40; 0: off, method.md 5.3 names none)",
+    )
     update_every: int = Field(
         1,
         ge=1,

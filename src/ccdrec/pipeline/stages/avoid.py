@@ -32,15 +32,24 @@ def avoid_top(
 
 
 def avoid_lists(
-    ctx: RunContext, scorers: list[Scorer], block: Block, shape: tuple[int, int], lists: list[np.ndarray] = ()
+    ctx: RunContext,
+    scorers: list[Scorer],
+    block: Block,
+    shape: tuple[int, int],
+    lists: list[np.ndarray] = (),
+    n: int | None = None,
+    prev: Block | None = None,
 ) -> sp.csr_matrix | None:
-    """Old users' top-``student.avoid_top`` items of ``scorers`` and of the precomputed top ``lists``
-    (user x rank arrays of item IDs) in the universe ``shape``; None when the avoid lists are off."""
-    n = ctx.cfg.student.avoid_top
+    """Old users' top-``n`` items (default ``student.avoid_top``) of ``scorers`` and of the precomputed
+    top ``lists`` (user x rank arrays of item IDs) in the universe ``shape``, their train items of
+    ``block`` and ``prev`` (default: the block before ``block``) left out; None when ``n`` is 0."""
+    n = ctx.cfg.student.avoid_top if n is None else n
     if n <= 0:
         return None
     users = np.arange(block.prev_users, dtype=np.int64)
-    observed = past_train(block, ctx.stream[block.index - 1] if block.index else None)
+    if prev is None and block.index:
+        prev = ctx.stream[block.index - 1]
+    observed = past_train(block, prev)
     out = avoid_top(scorers, shape, observed, n, users, ctx.device)
     for top in lists:
         out = out + pad_to(top_matrix(top[: block.prev_users, :n], shape[1]), shape)

@@ -10,6 +10,7 @@ The replay candidates of SP, PP and CL_k are the same for every member, so stage
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ccdrec.config import RunConfig
@@ -21,6 +22,8 @@ from ccdrec.data.stream import Block, pad_to
 from ccdrec.models.base import EmbeddingModel, Recommender, Scorer
 from ccdrec.models.vae import MultVAE
 from ccdrec.pipeline.context import RunContext, RunState, StageOutput, Trained, fit_row, seed_everything
+from ccdrec.pipeline.stages.avoid import avoid_lists
+from ccdrec.pipeline.stages.student_update import teacher_top
 from ccdrec.train.loop import fit
 
 TEACHER_SOURCES = ("stability", "plasticity", "student")
@@ -131,12 +134,14 @@ def update_teacher(
     progress=False,
     label: str = "",
     candidates: dict[str, Candidates] | None = None,
+    avoid: sp.csr_matrix | None = None,
 ) -> Trained:
     """One member's update (5.3): grow it, then BPR + λ_LWC·LWC-KD + replay from SP, PP and CL_k.
 
     Replay ranks against the teacher's own current ranking. Pass ``None`` proxies / student for a teacher
     update without student-side knowledge; ``candidates``: the sources' :func:`teacher_candidates` of
-    this block, if already computed.
+    this block, if already computed; ``avoid``: (user, item) pairs a BPR member's negatives avoid
+    (:func:`teacher_avoid`; a Mult-VAE member samples no negatives).
     """
     seed_everything(seed)
     t = cfg.teacher
@@ -156,8 +161,26 @@ def update_teacher(
         progress=progress,
         label=label,
         callbacks=([lwc] if lwc else []) + ([replayer] if replayer.active else []),
+        avoid=avoid,
     )
     return Trained(model, res)
+
+
+def teacher_avoid(ctx: RunContext, state: RunState, k: int) -> sp.csr_matrix | None:
+    """The pairs a teacher update's BPR negatives avoid at teacher cycle k (``teacher.avoid_top`` = N > 0,
+    as in the authors' code): old users' top-N items of the ensemble as last distilled (its saved top
+    lists, cut to N), of SP, PP and CL_k (when the teacher takes student-side knowledge); None when off."""
+    n = ctx.cfg.teacher.avoid_top
+    if n <= 0:
+        return None
+    block, prev = teacher_blocks(ctx, k)
+    shape = (block.n_users, block.n_items)
+    scorers = []
+    if ctx.cfg.teacher.student_knowledge:
+        scorers = [p.scorer(n_items=block.n_items) for p in state.proxies] + [state.served.scorer()]
+    top = teacher_top(ctx, state, ctx.cfg.teacher.span_start(k) - 1)
+    lists = [top[:, :n]] if top is not None else []
+    return avoid_lists(ctx, scorers, block, shape, lists, n=n, prev=prev)
 
 
 def teacher_blocks(ctx: RunContext, k: int) -> tuple[Block, Block]:
@@ -219,6 +242,7 @@ def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOut
         ctx.progress,
         label=f"D_{k} teacher {m} update",
         candidates=load_candidates(ctx, state, k) if know else None,
+        avoid=teacher_avoid(ctx, state, k) if not isinstance(state.members[m], MultVAE) else None,
     )
     state.members[m] = res.model
     ptr = ctx.save(f"b{k}_teacher{m}", res.model, k, **span_meta(ctx, k))

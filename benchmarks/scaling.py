@@ -1,8 +1,8 @@
-"""Benchmark: how the cost of each stage grows with users and interactions (issue 17).
+"""Benchmark: how the cost of each stage grows with users and interactions.
 
 Synthetic streams with planted preferences (users in latent clusters, each interacting mostly inside its
-cluster, items' popularity Zipf-like) at increasing size: ``--users`` (items = users x ``--items-per-user``
-ratio, ``--per-user`` interactions per user, fixed). For each size, every stage runs alone in a fresh
+cluster, items' popularity Zipf-like) at increasing size: ``--users`` (items = users x ``--items-ratio``,
+``--per-user`` interactions per user, fixed). For each size, every stage runs alone in a fresh
 process (so that its peak RSS is its own) and is timed:
 
 * ``teacher_epoch``    one BPR epoch of a block-0 teacher member (LightGCN, dim 128, the default schedule);
@@ -145,27 +145,69 @@ def slope(x, y) -> float:
     return float(np.polyfit(lx, ly, 1)[0])
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def user_counts(text: str) -> list[int]:
+    counts = [positive(x.strip()) for x in text.split(",") if x.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError("give at least one user count")
+    return counts
+
+
+def stage_names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage(s) {', '.join(unknown) or '(none given)'}; expected some of {', '.join(STAGES)}"
+        )
+    return names
+
+
+def step_bound(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "null") else positive(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--users", default="10000,20000,40000,80000", help="comma-separated user counts")
-    ap.add_argument("--items-ratio", type=float, default=0.1, help="items per user of the universe")
-    ap.add_argument("--per-user", type=int, default=20, help="interactions per user (block 0)")
-    ap.add_argument("--stages", default=",".join(STAGES))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--users", type=user_counts, default="10000,20000,40000,80000", help="comma-separated user counts (default: %(default)s)"
+    )
+    ap.add_argument("--items-ratio", type=float, default=0.1, help="items per user of the universe (default: %(default)s)")
+    ap.add_argument("--per-user", type=positive, default=20, help="interactions per user in block 0 (default: %(default)s)")
+    ap.add_argument("--stages", type=stage_names, default=",".join(STAGES), help="comma-separated stages (default: all)")
+    ap.add_argument("--threads", type=positive, default=2, help="torch threads of every stage (default: %(default)s)")
     ap.add_argument(
         "--max-steps",
-        default=str(MAX_STEPS),
-        help="steps per epoch of BPR and replay passes before the batch grows (TrainConfig.max_steps; 'none': no bound)",
+        type=step_bound,
+        default=MAX_STEPS,
+        help="steps per epoch of BPR and replay passes before the batch grows (TrainConfig.max_steps; "
+        "none or null: no bound; default: %(default)s)",
     )
-    ap.add_argument("--stage-limit", type=float, default=600.0, help="seconds; a stage past it is not run at larger sizes")
+    ap.add_argument(
+        "--stage-limit",
+        type=float,
+        default=600.0,
+        help="seconds; a stage past it is not run at larger sizes (default: 600)",
+    )
     args = ap.parse_args()
-    max_steps = None if args.max_steps.lower() == "none" else int(args.max_steps)
+    max_steps = args.max_steps
+    if len(args.users) < 2:
+        print("# one size only: no slope can be fitted", flush=True)
     print(f"# threads {args.threads}, max_steps {max_steps}", flush=True)
     ctx = mp.get_context("spawn")
-    results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages.split(",")}
+    results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages}
     skipped: set[str] = set()
     print("stage users items interactions seconds peak_rss_mb rss_before_stage_mb", flush=True)
-    for n_users in (int(x) for x in args.users.split(",")):
+    for n_users in args.users:
         n_items = max(int(n_users * args.items_ratio), 100)
         for stage in results:
             if stage in skipped:

@@ -32,3 +32,11 @@ def test_paper_preset_keeps_the_authors_per_block_budgets():
 def test_unknown_replay_labels_are_a_clear_error():
     with pytest.raises(CcdrecError, match="teacher.replay.labels"):
         load_config("yelp", overrides=["teacher.replay.labels=probability"])
+
+
+def test_no_value_is_written_null_and_none_says_so():
+    assert load_config("yelp", overrides=["teacher.base.max_steps=null"]).teacher.base.max_steps is None
+    with pytest.raises(CcdrecError, match=r"max_steps: .*\(no value is written null\)"):
+        load_config("yelp", overrides=["teacher.base.max_steps=none"])
+    with pytest.raises(CcdrecError, match="greater than or equal to 1"):
+        load_config("yelp", overrides=["student.replay.max_steps=0"])

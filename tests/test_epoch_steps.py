@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from ccdrec.config import MAX_STEPS, ReplayConfig, TrainConfig, bounded_batch
 from ccdrec.continual.replay import ReplaySet, replay_pass
-from ccdrec.models import LightGCN
-from ccdrec.train.objectives import bpr_epoch
+from ccdrec.models import LightGCN, MultVAE
+from ccdrec.train.objectives import bpr_epoch, vae_epoch
 from ccdrec.train.sampling import NegativeSampler
 
 
@@ -79,3 +79,17 @@ def test_replay_pass_takes_at_most_max_steps(max_steps, expected):
     opt = _CountingAdam(model.parameters(), lr=1e-2)
     replay_pass(model, opt, replay, 0.5, 16, rng, max_steps)
     assert opt.steps == expected
+
+
+@pytest.mark.parametrize("max_steps", [None, 3])
+def test_vae_epoch_takes_at_most_max_steps(max_steps):
+    torch.manual_seed(0)
+    matrix = sp.random(40, 30, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    matrix.data[:] = 1.0
+    users = int((np.diff(matrix.indptr) > 0).sum())
+    model = MultVAE(40, 30, dim=8)
+    opt = _CountingAdam(model.parameters(), lr=1e-3)
+    cfg = TrainConfig(batch_size=4, max_steps=max_steps)
+    vae_epoch(model, opt, matrix, cfg, np.random.default_rng(0), [0])
+    assert users > 12  # more than 3 steps of 4 users without the bound
+    assert opt.steps == (-(-users // 4) if max_steps is None else max_steps)

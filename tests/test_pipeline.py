@@ -352,3 +352,27 @@ def test_teacher_update_negatives_avoid_the_teacher_and_student_side_lists(strea
     off = load_config(str(stream_dir), preset="quick", overrides=OVERRIDES)
     assert off.teacher.avoid_top == 0
     assert tu.teacher_avoid(CCDStream(off, RunDir(out), stream, progress=False).ctx, None, 1) is None
+
+
+def test_a_fresh_process_warm_up_is_not_a_stage_time(monkeypatch):
+    """A stage's seconds exclude a new process's one-off start-up (an optimiser's first import of
+    torch._dynamo): the stage-cost tables of a resumed run, a worker or a Ray task stay comparable."""
+    import time
+
+    from ccdrec.pipeline import staged
+
+    staged.warm_up()  # this process's own one-off costs, paid as a stage would pay them
+    monkeypatch.setattr(staged, "warm_up", lambda: time.sleep(0.3))
+    _, seconds, _ = staged.run_measured(lambda: {})
+    assert seconds < 0.3  # the warm-up is not inside the stage's clock
+    code = (
+        "import sys, time; from ccdrec.pipeline.staged import warm_up, run_measured; warm_up(); "
+        "print('torch._dynamo' in sys.modules, run_measured(lambda: {})[1] < 0.2)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "True True"  # a fresh process: after the warm-up, an empty stage costs nothing

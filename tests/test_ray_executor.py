@@ -178,6 +178,24 @@ def test_ray_checks_fail_before_any_work(local_ray):
         cluster.check_resources(1, 1)
 
 
+def test_a_cluster_too_small_for_a_task_creates_no_directory(local_ray, stream_dir, tmp_path):
+    """The resource check comes before the run (or comparison, or sweep) directory is made, so the
+    corrected command can use the same --out."""
+    for cmd, extra in (("run", []), ("compare", ["--methods", "ccd,finetune"]), ("compare", ["--seeds", "0,1"])):
+        out = tmp_path / f"{cmd}{len(extra)}"
+        args = [cmd, "--data", str(stream_dir), "--preset", "quick", "--no-progress", "--out", str(out), *extra]
+        with pytest.raises(CcdrecError, match="largest: 2 CPUs"):
+            app([*args, "--executor", "ray", "--threads", "3"], standalone_mode=False)
+        assert not out.exists()
+
+
+def test_an_unreachable_head_says_how_to_start_one():
+    with pytest.raises(CcdrecError, match=r"Connection refused; start its head with `ray start --head"):
+        cluster.check_reachable("127.0.0.1:1")
+    with pytest.raises(CcdrecError, match="99999 is not a port"):
+        cluster.check_reachable("127.0.0.1:99999")
+
+
 def test_a_task_refuses_a_node_that_differs_from_the_driver(local_run, tmp_path, monkeypatch):
     monkeypatch.setattr(cluster, "VISIBLE_WAIT_S", 0.0)
     ran = []

@@ -12,6 +12,8 @@ def validation_message(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(x) for x in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), str) and err["input"].strip().lower() == "none":
+        msg += " (no value is written null)"
     return f"{where}: {msg}" if where else msg
 
 
@@ -67,8 +69,8 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(
         MAX_STEPS,
         ge=1,
-        description="BPR: at most this many steps per epoch; a larger epoch's batch grows to ceil(pairs / max_steps), "
-        "so that an epoch propagates the graph a bounded number of times (None: always batch_size)",
+        description="at most this many steps per epoch; a larger epoch's batch (BPR pairs, Mult-VAE users) grows to "
+        "ceil(size / max_steps), so that an epoch propagates the graph a bounded number of times (null: always batch_size)",
     )
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="weight decay (Adam: L2 added to the gradient; AdamW: decoupled)")

@@ -22,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
+from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.pipeline.staged import TeacherStudentRun
@@ -108,6 +110,11 @@ def prepare_run(
         rd = RunDir(run_dir)
         rd.check_creatable()
         stream = load_stream(cfg.dataset)
+        n = workers or cfg.workers
+        threads = max(1, torch.get_num_threads() // min(n, len(cfg.teacher.members)))  # as StagedRun.stage_threads
+        gpus = int(resolve_device(cfg.device).type == "cuda")
+        remedy = "give fewer --threads or more --workers"
+        cluster.precheck(cfg.executor, cfg.ray_address, threads, gpus, "a teacher-member task", remedy)
         rd.create(cfg, stream)
         rd.hold()
     if workers is not None:

@@ -37,6 +37,10 @@ from ccdrec.errors import CcdrecError, StageLost
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "--executor ray needs Ray: pip install 'ccdrec[ray]'"
 STAGE_RETRIES = 1  # a task whose worker process or node died runs once more before its stage is lost
+START_HINT = (
+    "start its head with `ray start --head --port 6379` and give --ray-address HOST:6379, "
+    "or leave --ray-address out for a local Ray"
+)
 VISIBLE_WAIT_S = 30.0  # how long a task waits for the driver's last state.json to show (shared storage lag)
 
 _CHOSEN: ContextVar[tuple[str | None, str | None]] = ContextVar("ccdrec_executor", default=(None, None))
@@ -96,7 +100,8 @@ def connect(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CcdrecError(f"cannot start or reach the Ray cluster ({where}): {first}") from None
+        first = first.replace("`--address` flag", "--ray-address").replace("--address flag", "--ray-address")
+        raise CcdrecError(f"cannot start or reach the Ray cluster ({where}): {first}; {START_HINT}") from None
     finally:
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
@@ -108,11 +113,13 @@ def check_reachable(head: str) -> None:
     host, _, port = head.rpartition(":")
     if not host or not port.isdigit() or "://" in head:
         return
+    if not 0 < int(port) < 65536:
+        raise CcdrecError(f"--ray-address {head}: {port} is not a port (1-65535)")
     try:
         with socket.create_connection((host, int(port)), timeout=10):
             pass
     except OSError as e:
-        raise CcdrecError(f"cannot reach the Ray cluster at {head}: {e.strerror or type(e).__name__}") from None
+        raise CcdrecError(f"cannot reach the Ray cluster at {head}: {e.strerror or type(e).__name__}; {START_HINT}") from None
 
 
 def check_resources(
@@ -132,6 +139,16 @@ def check_resources(
         f"{task} needs {need} (--threads / --workers; the run's device) but no node of the Ray cluster "
         f"has them (the largest: {have}): {remedy}"
     )
+
+
+def precheck(executor: str, ray_address: str | None, cpus: int, gpus: int, task: str, remedy: str) -> None:
+    """Before anything is created: with the ``ray`` executor (after :func:`use_executor`), join the
+    cluster and check that a node can run a task of ``cpus`` CPUs and ``gpus`` GPUs
+    (:func:`check_resources`); nothing with ``local``. Raises CcdrecError."""
+    executor, address = chosen_executor(executor, ray_address)
+    if executor == "ray":
+        connect(address)
+        check_resources(cpus, gpus, task, remedy)
 
 
 def versions() -> dict[str, str]:

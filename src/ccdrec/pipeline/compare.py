@@ -268,6 +268,8 @@ def run_compare(
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
+    if cfg is not None and not resume:
+        check_run_tasks(cfg)  # before anything is created
     cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console)
     comparison = Comparison(out, cfg, stream, plan["methods"], plan["ablations"], base_from)
     if cluster.chosen_executor(cfg.executor, cfg.ray_address)[0] == "ray":
@@ -416,6 +418,13 @@ def block0_owner(methods: list[str]) -> str | None:
     return "ccd" if "ccd" in methods else next((m for m in methods if m in CL_METHODS), None)
 
 
+def check_run_tasks(cfg: RunConfig) -> None:
+    """With the ``ray`` executor: join the cluster and check that a node can run one comparison run's
+    task (this process's threads as CPUs, a GPU on CUDA); nothing with ``local``. Raises CcdrecError."""
+    threads, gpus = torch.get_num_threads(), int(resolve_device(cfg.device).type == "cuda")
+    cluster.precheck(cfg.executor, cfg.ray_address, threads, gpus, "a comparison run's task", "give fewer --threads")
+
+
 def _create_run(c: Comparison, name: str) -> None:
     """Create run ``name`` of ``c`` (not started) for a task to resume: seeded with block 0 of the
     block-0 owner (of ``c.base_from`` for CCD); the owner without ``base_from`` trains its own."""
@@ -455,9 +464,8 @@ def run_on_ray(comparisons: list[Comparison], top: Path, console: Console, worke
     (:func:`ccdrec.pipeline.cluster.check_resources`) or a run directory was left half-created; StageLost
     naming the runs that did not finish, once the others have."""
     first = comparisons[0].cfg
-    cluster.connect(cluster.chosen_executor(first.executor, first.ray_address)[1])
+    check_run_tasks(first)
     threads, gpus = torch.get_num_threads(), int(resolve_device(first.device).type == "cuda")
-    cluster.check_resources(threads, gpus, "a comparison run's task", "give fewer --threads")
     for c in comparisons:  # every run directory checked before any task starts
         for name in run_names(c.methods, c.ablations):
             _check_fresh(c.out / name)
@@ -644,6 +652,7 @@ __all__ = [
     "start_note",
     "ablation_config",
     "block0_owner",
+    "check_run_tasks",
     "comparison_runs",
     "effective_ablations",
     "finish_comparison",

@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -298,9 +298,19 @@ def _start_worker(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
+@cache
+def warm_up() -> None:
+    """Pay a fresh process's one-off costs before the first stage is timed: the first use of torch's
+    deterministic settings and of an optimiser imports ``torch._dynamo`` (2-3 s here), which would
+    otherwise count as the first stage's time in every new process (a resume, a worker, a Ray task)."""
+    with deterministic_kernels():
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def run_measured(fn: Callable[[], dict]) -> tuple[dict, float, float | None]:
     """A stage's result, wall seconds and own peak resident memory in MB (None where not measurable);
     the heap's free pages go back to the system after it (:mod:`ccdrec.memory`)."""
+    warm_up()
     measurable = reset_peak_rss()  # else VmHWM would be the whole process's peak
     start = time.perf_counter()
     with deterministic_kernels():  # same seed and thread count, same bits (ccdrec.determinism)

@@ -38,6 +38,7 @@ from ccdrec.pipeline.compare import (
     COMPARE_FILE,
     DEFAULT_METHODS,
     Comparison,
+    check_run_tasks,
     comparison_runs,
     finish_comparison,
     merge_plan,
@@ -146,6 +147,7 @@ def run_sweep(
         plan |= {"seeds": seeds, "cadences": cadences}
         resolve_device(cfg.device)
         top.check_creatable()
+        check_run_tasks(cfg)  # with Ray: the cluster reached and big enough before anything is created
         out.mkdir(parents=True, exist_ok=True)
         top.save_config(cfg)
         top.record_stream(cfg, stream)

@@ -75,12 +75,14 @@ def vae_epoch(
     epoch: int = 0,
 ) -> float:
     """One pass of the Mult-VAE loss (plus the callbacks' batch losses) over the users with at least one
-    row entry in ``matrix``; ``step`` counts optimiser steps across epochs (KL annealing)."""
+    row entry in ``matrix``, in minibatches of ``cfg.batch_size`` users grown to bound the steps at
+    ``cfg.max_steps``; ``step`` counts optimiser steps across epochs (KL annealing)."""
     users = np.flatnonzero(np.diff(matrix.indptr))
     users = users[rng.permutation(len(users))]
+    batch_size = bounded_batch(len(users), cfg.batch_size, cfg.max_steps)
     total = 0.0
-    for start in range(0, len(users), cfg.batch_size):
-        batch = users[start : start + cfg.batch_size]
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
         x = rows_tensor(matrix, torch.from_numpy(batch), model.n_items, model.device)
         logits, mu, logvar = model(x)
         beta = min(cfg.beta_max, cfg.beta_max * step[0] / cfg.anneal_steps)

@@ -161,7 +161,7 @@ def cadence_table(cells: dict[tuple[int, int], tuple[list[dict], dict]], labels:
                 row[f"{ROLE_NAMES[role]} H"] = mean_sd([stream_summary(rows, label, role, metric)["H"] for rows, _ in same])[0]
             secs = [cycle_seconds(states[label], kinds[label]) for _, states in same]
             for key in secs[0]:
-                row[key] = mean_sd([s[key] for s in secs])[0]
+                row[key] = round(mean_sd([s[key] for s in secs])[0], 3)  # milliseconds are below the noise
             out.append(row)
     return pd.DataFrame(out).set_index(["method", "every"]) if out else pd.DataFrame()
 
@@ -227,6 +227,8 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
     links = [f"[seed {s}, every {c}]({_cell_dir(runs)}/report.md)" for (s, c), runs in cells.items() if runs]
     lines.append("Cells: " + ", ".join(links) + "\n")
     lines += [f"- `{m}`: {notes[m]}" for m in labels if m in notes]
+    if any(m in notes for m in labels):
+        lines.append("")
     for cadence in cadences:
         by_seed = {s: data[(s, c)][0] for (s, c) in data if c == cadence}
         lines.append(f"## Teacher updated every {cadence} student cycle(s)\n")

@@ -396,8 +396,10 @@ def test_compare_resume_runs_nothing_again(comparison):
     assert "Serving cost" in report.read_text()  # the earlier measurement is kept
     with pytest.raises(CcdrecError, match="not empty"):
         run_compare(load_config(preset="quick"), out, ["ccd"], progress=False)
-    with pytest.raises(CcdrecError, match="not a comparison directory"):
+    with pytest.raises(CcdrecError, match=r"not a comparison directory .*continue it with ccdrec run --resume"):
         run_compare(None, out / "ccd", resume=True, progress=False)
+    with pytest.raises(CcdrecError, match=r"give one of its runs \(e\.g\. .*/ccd\)"):
+        RunDir.open(out)  # a comparison given where a run is expected: CCD's run is the example
 
 
 def test_standalone_competitor_trains_the_same_block_zero_and_resumes(comparison, tmp_path):

@@ -230,7 +230,8 @@ def read_plan(out: Path) -> tuple[RunConfig, dict]:
     if not out.is_dir():
         raise CcdrecError(f"{out}: no such comparison directory to resume")
     if not (out / COMPARE_FILE).exists():
-        raise CcdrecError(f"{out}: not a comparison directory (no {COMPARE_FILE})")
+        hint = f": a run directory; continue it with ccdrec run --resume {out}" if (out / "state.json").exists() else ""
+        raise CcdrecError(f"{out}: not a comparison directory (no {COMPARE_FILE}){hint}")
     plan = read_json(out / COMPARE_FILE)
     cfg = RunDir(out).load_config()
     return cfg, plan

@@ -90,6 +90,7 @@ class RunDir:
             for plan, what in (("compare.json", "a comparison"), ("sweep.json", "a sweep over seeds and cadences")):
                 if (rd.path / plan).exists():
                     runs = sorted(p.parent for p in rd.path.glob("**/state.json"))
+                    runs.sort(key=lambda d: d.name != "ccd")  # CCD's run first: the one usually meant
                     example = f" (e.g. {runs[0]})" if runs else ""
                     raise CcdrecError(f"{rd.path}: {what} directory, not a run directory: give one of its runs{example}")
         return rd

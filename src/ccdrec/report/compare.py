@@ -296,7 +296,7 @@ def write_compare_report(
                 sg = stream_gain(rows, competitors, role=role, metric=metric)
                 split = rival(rows, competitors, role, metric)[1]
                 lines.append(f"### {ROLE_NAMES[role]} against {sg['competitor']} (chosen on {split}), H_k per block ({metric})\n")
-                lines.append(markdown_table(g))
+                lines.append(markdown_table(g.assign(gain=g["gain"].map(lambda v: tables.fmt(v, "+.4f")))))
                 lines.append(
                     f"Stream H-mean: ccd {tables.fmt(sg['ccd'])}, {sg['competitor']} "
                     f"{tables.fmt(sg['competitor H'])}, gain {tables.fmt(sg['gain'], '+.4f')}\n"

@@ -111,7 +111,8 @@ def block_gains(
     for k in (k for k in s.blocks if k >= 1):
         h = comp.h(k) if comp is not None and (k, k) in comp.r else math.nan
         out.append({f"{ccd} H_k": s.h(k), "competitor": best or "–", "competitor H_k": h, "gain": s.h(k) - h})
-    return pd.DataFrame(out, index=pd.Index([k for k in s.blocks if k >= 1], name="k"))
+    columns = [f"{ccd} H_k", "competitor", "competitor H_k", "gain"]  # also when there is no block k >= 1 yet
+    return pd.DataFrame(out, columns=columns, index=pd.Index([k for k in s.blocks if k >= 1], name="k"))
 
 
 def stream_gain(

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from ccdrec.config import RunConfig
@@ -32,7 +31,7 @@ from ccdrec.errors import CcdrecError
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
 from ccdrec.pipeline.rundir import RunDir
-from ccdrec.pipeline.staged import TeacherStudentRun
+from ccdrec.pipeline.staged import TeacherStudentRun, stage_threads
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation, student_update, teacher_update
 
 REPORTED = ("teacher", "served", "student")
@@ -110,8 +109,7 @@ def prepare_run(
         rd = RunDir(run_dir)
         rd.check_creatable()
         stream = load_stream(cfg.dataset)
-        n = workers or cfg.workers
-        threads = max(1, torch.get_num_threads() // min(n, len(cfg.teacher.members)))  # as StagedRun.stage_threads
+        threads = stage_threads(workers or cfg.workers, len(cfg.teacher.members))  # threads of a teacher-member task
         gpus = int(resolve_device(cfg.device).type == "cuda")
         remedy = "give fewer --threads or more --workers"
         cluster.precheck(cfg.executor, cfg.ray_address, threads, gpus, "a teacher-member task", remedy)

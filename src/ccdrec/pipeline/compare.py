@@ -52,7 +52,7 @@ from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, StageLost
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
-from ccdrec.pipeline.competitors import CL_METHODS, run_competitor
+from ccdrec.pipeline.competitors import CL_METHODS, run_competitor, start_competitor
 from ccdrec.pipeline.rundir import STREAM_FILE, RunDir
 from ccdrec.pipeline.staged import StopRequested, link_file, share_block0
 from ccdrec.serve_bench import bench_markdown, bench_records, bench_serve, read_bench
@@ -435,14 +435,10 @@ def _create_run(c: Comparison, name: str) -> None:
             _start_shared(d, c.cfg, c.stream, Path(c.base_from), n)
         else:
             RunDir(d).create(c.cfg, c.stream)
-    elif name in CL_METHODS:  # as run_competitor starts one
+    elif name in CL_METHODS:
         rd = RunDir(d)
         rd.create(c.cfg, c.stream)
-        state = rd.read_state()
-        state["method"] = name
-        rd.write_state(state)
-        if name != owner:
-            share_block0(RunDir(c.out / str(owner)), rd, n, prefix=f"{name}:")
+        start_competitor(rd, name, n, None if name == owner else c.out / str(owner))
     else:
         switch = KD_METHODS[name][1] if name in KD_METHODS else ABLATIONS[name.removeprefix("ablation-")][1]
         _start_shared(d, variant_config(c.cfg, switch), c.stream, c.out / "ccd", n)

@@ -219,6 +219,16 @@ class CLStream(TeacherStudentRun):
         return evaluation.evaluate(self.ctx, models, k)
 
 
+def start_competitor(rd: RunDir, method: str, n_members: int, base_from: Path | None = None) -> None:
+    """Mark the new run directory ``rd`` as a run of CL ``method`` and, with ``base_from``, seed it with
+    that run's block-0 models (``n_members`` teacher members) instead of training them."""
+    state = rd.read_state()
+    state["method"] = method
+    rd.write_state(state)
+    if base_from is not None:
+        share_block0(RunDir(base_from), rd, n_members, prefix=f"{method}:")
+
+
 def run_competitor(
     cfg: RunConfig | None,
     run_dir: Path,
@@ -240,11 +250,7 @@ def run_competitor(
     if resume:
         method = rd.read_state().get("method", method)
     else:
-        state = rd.read_state()
-        state["method"] = method
-        rd.write_state(state)
-        if base_from is not None:
-            share_block0(RunDir(base_from), rd, len(cfg.teacher.members), prefix=f"{method}:")
+        start_competitor(rd, method, len(cfg.teacher.members), base_from)
     CLStream(cfg, rd, stream, method, progress=progress, console=console).run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report
 
@@ -252,4 +258,4 @@ def run_competitor(
     return rd
 
 
-__all__ = ["CL_METHODS", "CLResult", "CLStream", "cl_retrain", "cl_update", "plain_base", "run_competitor"]
+__all__ = ["CL_METHODS", "CLResult", "CLStream", "cl_retrain", "cl_update", "plain_base", "run_competitor", "start_competitor"]

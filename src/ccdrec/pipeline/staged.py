@@ -96,9 +96,8 @@ class StagedRun:
         return None
 
     def stage_threads(self, group: int) -> int:
-        """CPU threads of each worker stage of a group of ``group`` stages: this process's threads shared
-        by the stages that run at once (``workers``, at most ``group``)."""
-        return max(1, torch.get_num_threads() // min(self.workers, group))
+        """CPU threads of each worker stage of a group of ``group`` stages (:func:`stage_threads`)."""
+        return stage_threads(self.workers, group)
 
     def complete(self, name: str, out: StageOutput, seconds: float, peak_mb: float | None = None) -> None:
         """Record stage ``name`` as done: its metric rows, then ``state.json`` with its pointers."""
@@ -296,6 +295,12 @@ def _exit_with_parent(parent: int) -> None:
 
 def _start_worker(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def stage_threads(workers: int, group: int) -> int:
+    """CPU threads of each worker stage of a group of ``group`` stages: this process's threads shared
+    by the stages that run at once (``workers``, at most ``group``)."""
+    return max(1, torch.get_num_threads() // min(workers, group))
 
 
 @cache

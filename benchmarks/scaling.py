@@ -156,20 +156,23 @@ def positive(text: str) -> int:
 
 
 def user_counts(text: str) -> list[int]:
-    counts = [positive(x.strip()) for x in text.split(",") if x.strip()]
-    if not counts:
-        raise argparse.ArgumentTypeError("give at least one user count")
-    return counts
+    from ccdrec.errors import CcdrecError
+    from ccdrec.option_values import comma_values
+
+    try:
+        return comma_values(text, "--users", positive)
+    except CcdrecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def stage_names(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [n for n in names if n not in STAGES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown stage(s) {', '.join(unknown) or '(none given)'}; expected some of {', '.join(STAGES)}"
-        )
-    return names
+    from ccdrec.errors import CcdrecError
+    from ccdrec.option_values import comma_values, one_of
+
+    try:
+        return comma_values(text, "--stages", one_of(STAGES, "stage"))
+    except CcdrecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def step_bound(text: str) -> int | None:

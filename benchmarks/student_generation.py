@@ -38,10 +38,11 @@ def main() -> None:
     from ccdrec.checkpoint import read_json
     from ccdrec.config import RunConfig
     from ccdrec.data.stream import load_stream
+    from ccdrec.option_values import comma_list
     from ccdrec.pipeline.ccd import run_stream
     from ccdrec.pipeline.rundir import RunDir
     from ccdrec.pipeline.staged import base_signature, share_block0, share_stages
-    from ccdrec.pipeline.sweep import SWEEP_FILE, cell_name
+    from ccdrec.pipeline.sweep import SWEEP_FILE, cell_name, parse_ints
     from ccdrec.presets import apply_override
     from ccdrec.report import compare as rc
     from ccdrec.report import sweep as rs
@@ -50,9 +51,9 @@ def main() -> None:
     variants: dict[str, list[str]] = {"default": []}
     for v in args.variant:
         name, _, sets = v.partition("=")
-        variants[name] = [x for x in sets.split(",") if x]
+        variants[name] = comma_list(sets, f"--variant {name}")
     cells = {s: args.sweep / cell_name(s, args.every) for s in plan["seeds"]}
-    chosen = set(plan["seeds"]) if args.seeds is None else {int(x) for x in args.seeds.split(",")}
+    chosen = set(plan["seeds"]) if args.seeds is None else set(parse_ints(args.seeds, "--seeds", 0))
     rows_by_variant: dict[str, dict[int, list[dict]]] = {n: {} for n in variants}
     for seed, cell in cells.items():
         base = RunDir(cell / "ccd")

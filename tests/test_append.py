@@ -426,6 +426,7 @@ def test_cli_append_resume_recommend(tmp_path):
     assert [r[1] for r in rows] == [r.item for r in got.items] and [r[2] for r in rows] == [f"{r.score:.4f}" for r in got.items]
     assert res.stderr.strip() == "note: 1 unknown item(s) left out: 'no-such-item'"
     assert "none of the 1 item" in one_error_line(ccdrec("recommend", str(d / "run"), "--items", "zzz"))
+    assert "--items has an empty entry" in one_error_line(ccdrec("recommend", str(d / "run"), "--items", f"{given[0]},,x"))
     assert "one of them" in one_error_line(ccdrec("recommend", str(d / "run"), "--items", "a", "--user", "u0"))
     assert "one of them" in one_error_line(ccdrec("recommend", str(d / "run")))
 

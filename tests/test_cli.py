@@ -105,7 +105,8 @@ def test_run_then_recommend(stream_dir, tmp_path):
     assert bad.returncode == 2 and "unknown user" in bad.stderr
 
 
-def test_an_interruption_a_library_swallowed_still_exits_130(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])  # SIGINT (Ctrl-C), SIGTERM: 128 + the signal
+def test_an_interruption_a_library_swallowed_still_exits_with_the_signals_code(signum, code, monkeypatch, capsys, tmp_path):
     """Ctrl-C during a lazy import was caught somewhere below and the command exited 0 silently."""
     import signal
 
@@ -113,7 +114,7 @@ def test_an_interruption_a_library_swallowed_still_exits_130(monkeypatch, capsys
 
     def swallowing_app(**kwargs):
         try:
-            cli._interrupt(signal.SIGINT, None)
+            cli._interrupt(signum, None)
         except KeyboardInterrupt:
             pass  # as an import machinery or a C reader may do
 
@@ -126,7 +127,7 @@ def test_an_interruption_a_library_swallowed_still_exits_130(monkeypatch, capsys
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert exc.value.code == code and "interrupted" in capsys.readouterr().err
     # interrupted before the directory exists: no resume hint that cannot work
     with pytest.raises(SystemExit), cli._resumable("compare", tmp_path / "never"):
         raise KeyboardInterrupt

@@ -196,9 +196,13 @@ def test_no_replay_samples_nothing(small, base_mf):
 
 
 def test_parse_methods_and_ablations():
-    assert parse_methods("ccd, lwckd,ccd") == ["ccd", "lwckd"]
+    assert parse_methods("ccd, lwckd") == ["ccd", "lwckd"]
     with pytest.raises(CcdrecError, match="unknown method"):
         parse_methods("ccd,sgd")
+    with pytest.raises(CcdrecError, match="--methods names 'ccd' twice"):
+        parse_methods("ccd, lwckd,ccd")
+    with pytest.raises(CcdrecError, match="--ablation has an empty entry"):
+        parse_ablations("no-replay,,no-proxies", False)
     assert parse_ablations(None, True) == list(ABLATIONS) and parse_ablations(None, False) == []
     assert parse_ablations("no-replay", False) == ["no-replay"]
     with pytest.raises(CcdrecError, match="unknown ablation"):

@@ -40,3 +40,26 @@ def test_no_value_is_written_null_and_none_says_so():
         load_config("yelp", overrides=["teacher.base.max_steps=none"])
     with pytest.raises(CcdrecError, match="greater than or equal to 1"):
         load_config("yelp", overrides=["student.replay.max_steps=0"])
+
+
+@pytest.mark.parametrize(
+    "override, where",
+    [
+        ("teacher.base.max_steps=true", "teacher.base.max_steps"),  # int | None
+        ("student.update.epochs=false", "student.update.epochs"),  # int
+        ("student.distill.lr=true", "student.distill.lr"),  # float
+        ("student.rrd_weight=yes", "student.rrd_weight"),  # YAML 1.1 reads yes as true
+        ("student.distill_from=true", "student.distill_from"),  # a name
+        ("seed=false", "seed"),
+    ],
+)
+def test_a_boolean_is_refused_where_a_field_is_not_a_switch(override, where):
+    """pydantic reads true as 1 and false as 0.0; a boolean for a number hides a mistyped key or value."""
+    with pytest.raises(CcdrecError, match=rf"{where}: takes a (number|name), not (true|false)"):
+        load_config("yelp", overrides=[override])
+
+
+def test_switches_still_take_booleans_and_numbers_still_take_numbers():
+    cfg = load_config("yelp", overrides=["student.redistill=false", "teacher.base.max_steps=7", "student.distill.lr=1"])
+    assert cfg.student.redistill is False and cfg.teacher.base.max_steps == 7 and cfg.student.distill.lr == 1.0
+    assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # a stored configuration reloads

@@ -59,8 +59,9 @@ def test_cell_configs_move_run_and_member_seeds_and_set_the_cadence():
 
 
 def test_parse_ints():
-    assert parse_ints("0, 1,1,2", "--seeds", 0) == [0, 1, 2]
-    for bad, msg in (("a", "integers"), ("0", "at least 1"), (" , ", "no value")):
+    assert parse_ints("0, 1,2", "--seeds", 0) == [0, 1, 2]
+    bad_lists = (("a", "integers"), ("0", "at least 1"), (" , ", "no value"), ("1,,2", "empty entry .2nd of 3"))
+    for bad, msg in (*bad_lists, ("1,2,", "empty entry .3rd of 3"), ("1,2,01", "names 1 twice")):
         with pytest.raises(CcdrecError, match=msg):
             parse_ints(bad, "--cadences", 1)
 

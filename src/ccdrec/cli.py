@@ -419,14 +419,13 @@ def recommend(
     With --items, for a user the student has never seen: the row entity initialisation gives a new user
     with these items (method.md 5.2), those items excluded. Unknown items are listed in a `note:` line.
     """
+    from ccdrec.option_values import comma_list
     from ccdrec.serve import load_run
 
     if (user is None) == (items is None):
         raise CcdrecError("give --user (a known user) or --items (a new user's items), one of them")
     if items is not None:
-        given = [x.strip() for x in items.split(",") if x.strip()]
-        if not given:
-            raise CcdrecError(f"--items must name at least one item ID, comma-separated; got {items!r}")
+        given = comma_list(items, "--items", repeats=True)  # a user may have interacted with an item twice
     served = load_run(run_dir)
     if items is None:
         recs = served.recommend(user, k)
@@ -607,8 +606,9 @@ def main() -> None:
 
     SIGTERM (what ``kill``, ``timeout`` and job schedulers send) takes the path of Ctrl-C: the
     completed stages are kept, the workers are stopped and the resume command is printed. An
-    interruption always ends with exit code 130, also where a library caught the KeyboardInterrupt
-    (an import, a file read) and carried on or turned it into an error.
+    interruption ends with the shell's code for the signal, 128 + its number (Ctrl-C 130, SIGTERM
+    143), also where a library caught the KeyboardInterrupt (an import, a file read) and carried on or
+    turned it into an error.
     """
     import signal
 
@@ -620,13 +620,14 @@ def main() -> None:
     try:
         _dispatch()
     except SystemExit as e:
-        if _SIGNALLED and e.code != 130:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        if _SIGNALLED:
+            if e.code != 130:  # 130: the interruption was reported where it was caught
+                print("interrupted", file=sys.stderr)
+            sys.exit(128 + _SIGNALLED[0])
         raise
     if _SIGNALLED:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + _SIGNALLED[0])
 
 
 def _dispatch() -> None:

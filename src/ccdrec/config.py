@@ -28,6 +28,23 @@ class Strict(BaseModel):
     # unknown keys are errors; so are infinite and NaN numbers (a learning rate of inf trains to NaN weights)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info):
+        """``true`` / ``false`` only where a field is a switch: pydantic would read ``max_steps=true`` as 1
+        and ``lr=false`` as 0.0, which hides a mistyped key or value."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError(f"takes a {_kind(cls.model_fields[info.field_name].annotation)}, not {str(value).lower()}")
+        return value
+
+
+def _kind(annotation) -> str:
+    """What a field takes, in words, for an error message."""
+    text = str(annotation)
+    if "Literal" in text or annotation is str:
+        return "name"
+    return "number" if ("int" in text or "float" in text) else "value"
+
 
 class ModelConfig(Strict):
     """One model's architecture."""

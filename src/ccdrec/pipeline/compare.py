@@ -50,6 +50,7 @@ from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, StageLost
+from ccdrec.option_values import comma_values, one_of
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor, start_competitor
@@ -170,31 +171,16 @@ def effective_ablations(cfg: RunConfig, ablations: list[str], console: Console |
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"ccd,finetune,lwckd"`` -> the list, validated and without repeats."""
-    out: list[str] = []
-    for m in (x.strip() for x in text.split(",")):
-        if not m:
-            continue
-        if m not in METHODS:
-            raise CcdrecError(f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
-        if m not in out:
-            out.append(m)
-    if not out:
-        raise CcdrecError("--methods names no method")
-    return out
+    """``"ccd,finetune,lwckd"`` -> the list; an unknown, empty or repeated entry is a one-line error."""
+    return comma_values(text, "--methods", one_of(METHODS, "method"))
 
 
 def parse_ablations(text: str | None, enabled: bool) -> list[str]:
-    """All ablations when ``enabled`` and ``text`` is None, else the comma-separated names in ``text``."""
+    """All ablations when ``enabled`` and ``text`` is None, else the comma-separated names in ``text``
+    (an unknown, empty or repeated entry is a one-line error)."""
     if text is None:
         return list(ABLATIONS) if enabled else []
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    if not names:
-        raise CcdrecError("--ablation names no ablation")
-    for n in names:
-        if n not in ABLATIONS:
-            raise CcdrecError(f"unknown ablation {n!r}; expected some of {', '.join(ABLATIONS)}")
-    return names
+    return comma_values(text, "--ablation", one_of(ABLATIONS, "ablation"))
 
 
 def ablation_dir(name: str) -> str:

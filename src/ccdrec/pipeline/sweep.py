@@ -33,6 +33,7 @@ from ccdrec.config import RunConfig
 from ccdrec.data.stream import load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
+from ccdrec.option_values import comma_values
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.compare import (
     COMPARE_FILE,
@@ -53,22 +54,19 @@ SWEEP_FILE = "sweep.json"
 
 
 def parse_ints(text: str, option: str, minimum: int) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers >= ``minimum``; a one-line error otherwise."""
-    out: list[int] = []
-    for x in (t.strip() for t in text.split(",")):
-        if not x:
-            continue
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers >= ``minimum``; a one-line error otherwise
+    (an empty or repeated entry too: :mod:`ccdrec.option_values`)."""
+
+    def parse(x: str) -> int:
         try:
             v = int(x)
         except ValueError:
             raise CcdrecError(f"{option} takes comma-separated integers, got {x!r}") from None
         if v < minimum:
             raise CcdrecError(f"{option}: every value must be at least {minimum}, got {v}")
-        if v not in out:
-            out.append(v)
-    if not out:
-        raise CcdrecError(f"{option} names no value")
-    return out
+        return v
+
+    return comma_values(text, option, parse)
 
 
 def cell_name(seed: int, cadence: int) -> str:

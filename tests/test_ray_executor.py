@@ -189,6 +189,24 @@ def test_a_cluster_too_small_for_a_task_creates_no_directory(local_ray, stream_d
         assert not out.exists()
 
 
+def test_ray_tasks_may_take_more_threads_than_the_drivers_machine_has(local_ray, stream_dir, tmp_path, monkeypatch):
+    """--threads past 4 x this machine's cores is refused for local work, but with --executor ray it is the
+    tasks' CPUs on the cluster's nodes (here the cluster check refuses 5 of its 2); the driver keeps its cores."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    before = torch.get_num_threads()
+    out = tmp_path / "run"
+    args = ["run", "--data", str(stream_dir), "--preset", "quick", "--no-progress", "--out", str(out), "--threads", "5"]
+    try:
+        with pytest.raises(CcdrecError, match=r"--threads must be between 1 and 4 \(4 x the 1 cores; more with --executor ray"):
+            app(args, standalone_mode=False)
+        for cmd in (args, ["compare", *args[1:], "--methods", "ccd,finetune"]):
+            with pytest.raises(CcdrecError, match="needs 5 CPUs.*largest: 2 CPUs"):
+                app([*cmd, "--executor", "ray"], standalone_mode=False)
+            assert torch.get_num_threads() == 1 and not out.exists()  # the driver: min(threads, cores)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_an_unreachable_head_says_how_to_start_one():
     with pytest.raises(CcdrecError, match=r"Connection refused; start its head with `ray start --head"):
         cluster.check_reachable("127.0.0.1:1")

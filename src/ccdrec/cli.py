@@ -290,16 +290,25 @@ def train(
         console.print(f"saved {out}.pt / {out}.json")
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
     """Cap torch's CPU threads. Concurrent jobs whose OpenMP threads outnumber the cores spin against
-    each other (with two 2-thread runs on 2 cores, a Yelp teacher update took 267 s instead of 34 s)."""
+    each other (with two 2-thread runs on 2 cores, a Yelp teacher update took 267 s instead of 34 s).
+
+    At most 4 x this machine's cores, except with ``--executor ray``: its tasks take ``threads`` CPUs of
+    the cluster's nodes (:func:`_executor`; the cluster check says when no node has them), and this
+    process, the driver, keeps ``min(threads, cores)``."""
     if threads is not None:
-        most = 4 * (os.cpu_count() or 1)
-        if not 1 <= threads <= most:
-            raise CcdrecError(f"--threads must be between 1 and {most} (4 x the {os.cpu_count()} cores), got {threads}")
+        cores = os.cpu_count() or 1
+        most = 4 * cores
+        on_ray = executor is not None and executor.value == "ray"
+        if threads < 1 or (threads > most and not on_ray):
+            raise CcdrecError(
+                f"--threads must be between 1 and {most} (4 x the {cores} cores; more with --executor ray, "
+                f"for the cluster's nodes), got {threads}"
+            )
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads if threads <= most else cores)
 
 
 def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
@@ -329,13 +338,14 @@ def _resumable(command: str, path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _executor(executor: Executor | None, ray_address: str | None, cfg) -> Iterator[None]:
+def _executor(executor: Executor | None, ray_address: str | None, cfg, threads: int | None) -> Iterator[None]:
     """The staged runs inside use ``--executor`` / ``--ray-address`` when given (else their configuration's,
-    ``cfg`` for a new run); with Ray, it is imported and the cluster joined first, before anything is created."""
-    from ccdrec.pipeline.cluster import connect, use_executor
+    ``cfg`` for a new run), their Ray tasks ``--threads`` CPUs; with Ray, it is imported and the cluster
+    joined first, before anything is created."""
+    from ccdrec.pipeline.cluster import connect, use_executor, use_task_threads
 
     kind = executor.value if executor is not None else None
-    with use_executor(kind, ray_address):
+    with use_executor(kind, ray_address), use_task_threads(threads):
         if kind == "ray" or (kind is None and cfg is not None and cfg.executor == "ray"):
             connect(ray_address or (cfg.ray_address if cfg is not None else None))
         yield
@@ -374,7 +384,7 @@ def run(
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
 
-    _set_threads(threads)
+    _set_threads(threads, executor)
     if resume is not None:
         _refuse_on_resume(
             "run", dataset=dataset, data=data, preset=preset, config=config, set_=set_, seed=seed, device=device, out=out
@@ -384,7 +394,7 @@ def run(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"run directory: {run_dir}")
-    with _resumable("run", run_dir), _executor(executor, ray_address, cfg):
+    with _resumable("run", run_dir), _executor(executor, ray_address, cfg, threads):
         rd = run_stream(
             cfg,
             run_dir,
@@ -493,7 +503,7 @@ def compare(
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
     from ccdrec.pipeline.sweep import is_sweep, parse_ints, run_sweep
 
-    _set_threads(threads)
+    _set_threads(threads, executor)
     method_list = parse_methods(methods) if methods is not None else None
     ablation_list = parse_ablations(only_ablations, ablations)
     seed_list = parse_ints(seeds, "--seeds", 0) if seeds is not None else None
@@ -531,7 +541,7 @@ def compare(
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     console.print(f"comparison directory: {out_dir}")
-    with _resumable("compare", out_dir), _executor(executor, ray_address, cfg):
+    with _resumable("compare", out_dir), _executor(executor, ray_address, cfg, threads):
         if sweep:
             report = run_sweep(
                 cfg,

@@ -109,7 +109,8 @@ def prepare_run(
         rd = RunDir(run_dir)
         rd.check_creatable()
         stream = load_stream(cfg.dataset)
-        threads = stage_threads(workers or cfg.workers, len(cfg.teacher.members))  # threads of a teacher-member task
+        # threads of a teacher-member task
+        threads = stage_threads(workers or cfg.workers, len(cfg.teacher.members), cluster.task_threads())
         gpus = int(resolve_device(cfg.device).type == "cuda")
         remedy = "give fewer --threads or more --workers"
         cluster.precheck(cfg.executor, cfg.ray_address, threads, gpus, "a teacher-member task", remedy)

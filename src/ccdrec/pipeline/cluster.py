@@ -44,6 +44,26 @@ START_HINT = (
 VISIBLE_WAIT_S = 30.0  # how long a task waits for the driver's last state.json to show (shared storage lag)
 
 _CHOSEN: ContextVar[tuple[str | None, str | None]] = ContextVar("ccdrec_executor", default=(None, None))
+_TASK_THREADS: ContextVar[int | None] = ContextVar("ccdrec_task_threads", default=None)
+
+
+@contextmanager
+def use_task_threads(threads: int | None) -> Iterator[None]:
+    """Ray tasks started inside the block declare ``threads`` CPUs (the command's ``--threads``, which may
+    exceed the cores of the driver's machine: the cluster's nodes can be bigger); None: this process's
+    torch threads (:func:`task_threads`)."""
+    token = _TASK_THREADS.set(threads)
+    try:
+        yield
+    finally:
+        _TASK_THREADS.reset(token)
+
+
+def task_threads() -> int:
+    """CPU threads of a Ray task's run or stage group: :func:`use_task_threads`'s, else ``torch.get_num_threads()``."""
+    import torch
+
+    return _TASK_THREADS.get() or torch.get_num_threads()
 
 
 @contextmanager

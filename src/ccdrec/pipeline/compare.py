@@ -408,7 +408,7 @@ def block0_owner(methods: list[str]) -> str | None:
 def check_run_tasks(cfg: RunConfig) -> None:
     """With the ``ray`` executor: join the cluster and check that a node can run one comparison run's
     task (this process's threads as CPUs, a GPU on CUDA); nothing with ``local``. Raises CcdrecError."""
-    threads, gpus = torch.get_num_threads(), int(resolve_device(cfg.device).type == "cuda")
+    threads, gpus = cluster.task_threads(), int(resolve_device(cfg.device).type == "cuda")
     cluster.precheck(cfg.executor, cfg.ray_address, threads, gpus, "a comparison run's task", "give fewer --threads")
 
 
@@ -448,7 +448,7 @@ def run_on_ray(comparisons: list[Comparison], top: Path, console: Console, worke
     naming the runs that did not finish, once the others have."""
     first = comparisons[0].cfg
     check_run_tasks(first)
-    threads, gpus = torch.get_num_threads(), int(resolve_device(first.device).type == "cuda")
+    threads, gpus = cluster.task_threads(), int(resolve_device(first.device).type == "cuda")
     for c in comparisons:  # every run directory checked before any task starts
         for name in run_names(c.methods, c.ablations):
             _check_fresh(c.out / name)

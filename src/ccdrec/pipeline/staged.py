@@ -95,9 +95,10 @@ class StagedRun:
         """The device type (``cpu`` / ``cuda``) worker stages run on: this process's (None: the worker's own choice)."""
         return None
 
-    def stage_threads(self, group: int) -> int:
-        """CPU threads of each worker stage of a group of ``group`` stages (:func:`stage_threads`)."""
-        return stage_threads(self.workers, group)
+    def stage_threads(self, group: int, on_ray: bool = False) -> int:
+        """CPU threads of each worker stage of a group of ``group`` stages (:func:`stage_threads`), of
+        the Ray tasks' threads (:func:`ccdrec.pipeline.cluster.task_threads`) when ``on_ray``."""
+        return stage_threads(self.workers, group, cluster.task_threads() if on_ray else None)
 
     def complete(self, name: str, out: StageOutput, seconds: float, peak_mb: float | None = None) -> None:
         """Record stage ``name`` as done: its metric rows, then ``state.json`` with its pointers."""
@@ -127,7 +128,7 @@ class StagedRun:
         on_ray = executor == "ray" and bool(groups)
         if on_ray:  # before any stage: a missing Ray, an unreachable cluster or too small nodes are one-line errors
             cluster.connect(address)
-            cluster.check_resources(self.stage_threads(min(groups.values())), int(self.stage_device() == "cuda"))
+            cluster.check_resources(self.stage_threads(min(groups.values()), on_ray), int(self.stage_device() == "cuda"))
         workers = self.workers
         if workers > 1 and not on_ray and not _main_can_be_spawned():
             self.console.print("one process: workers cannot re-import a program read from stdin")
@@ -161,7 +162,7 @@ class StagedRun:
     def run_on_ray(self, names: list[str]) -> None:
         """Run the stages ``names`` as Ray tasks (:func:`ccdrec.pipeline.cluster.run_stage_group`),
         completing each as it finishes, then reload the models their pointers name."""
-        threads, device = self.stage_threads(len(names)), self.stage_device()
+        threads, device = self.stage_threads(len(names), on_ray=True), self.stage_device()
         gpus = int(device == "cuda")
         need = f"{threads} CPU{'s' if threads > 1 else ''}" + (", 1 GPU" if gpus else "")
         self.console.print(f"[bold]{', '.join(names)}[/bold] (Ray tasks, {need} each)")
@@ -297,10 +298,10 @@ def _start_worker(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def stage_threads(workers: int, group: int) -> int:
-    """CPU threads of each worker stage of a group of ``group`` stages: this process's threads shared
-    by the stages that run at once (``workers``, at most ``group``)."""
-    return max(1, torch.get_num_threads() // min(workers, group))
+def stage_threads(workers: int, group: int, total: int | None = None) -> int:
+    """CPU threads of each worker stage of a group of ``group`` stages: ``total`` threads (default: this
+    process's) shared by the stages that run at once (``workers``, at most ``group``)."""
+    return max(1, (total or torch.get_num_threads()) // min(workers, group))
 
 
 @cache

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from ccdrec.config import MAX_STEPS
+from ccdrec.config import MAX_STEPS, RANK_SAMPLE
 
 STAGES = ("teacher_epoch", "evaluation", "ensemble_top", "distill_epoch", "replay_candidates", "student_epoch")
 
@@ -66,7 +66,9 @@ def planted_stream(n_users: int, n_items: int, per_user: int, seed: int = 0):
     return Stream("planted", blocks)
 
 
-def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: int, max_steps: int | None, q) -> None:
+def run_stage(
+    stage: str, n_users: int, n_items: int, per_user: int, threads: int, max_steps: int | None, rank_sample: int | None, q
+) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -123,7 +125,7 @@ def run_stage(stage: str, n_users: int, n_items: int, per_user: int, threads: in
             student.grow(b1.n_users, b1.n_items, b1.train_matrix, "entity")
             proxy = Proxy.from_model(student)
             sources = [(proxy.scorer(n_items=b1.n_items), 1)]
-            rc = ReplayConfig(max_steps=max_steps)
+            rc = ReplayConfig(max_steps=max_steps, rank_sample=rank_sample)
             replay = Replayer(sources, old_active_users(b1), past_train(b1, b0), rc, 1, b1.n_items)
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             start = time.perf_counter()
@@ -176,6 +178,7 @@ def stage_names(text: str) -> list[str]:
 
 
 def step_bound(text: str) -> int | None:
+    """A positive count, or none / null for no bound (--max-steps, --rank-sample)."""
     return None if text.strip().lower() in ("none", "null") else positive(text)
 
 
@@ -196,6 +199,13 @@ def main() -> None:
         "none or null: no bound; default: %(default)s)",
     )
     ap.add_argument(
+        "--rank-sample",
+        type=step_bound,
+        default=RANK_SAMPLE,
+        help="the student epoch's replay draw estimates rank_W from this many sampled items when the universe has "
+        "more (ReplayConfig.rank_sample; none or null: always exact; default: %(default)s)",
+    )
+    ap.add_argument(
         "--stage-limit",
         type=float,
         default=600.0,
@@ -205,7 +215,7 @@ def main() -> None:
     max_steps = args.max_steps
     if len(args.users) < 2:
         print("# one size only: no slope can be fitted", flush=True)
-    print(f"# threads {args.threads}, max_steps {max_steps}", flush=True)
+    print(f"# threads {args.threads}, max_steps {max_steps}, rank_sample {args.rank_sample}", flush=True)
     ctx = mp.get_context("spawn")
     results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages}
     skipped: set[str] = set()
@@ -216,7 +226,8 @@ def main() -> None:
             if stage in skipped:
                 continue
             q = ctx.Queue()
-            p = ctx.Process(target=run_stage, args=(stage, n_users, n_items, args.per_user, args.threads, max_steps, q))
+            stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, q)
+            p = ctx.Process(target=run_stage, args=stage_args)
             p.start()
             p.join()
             if p.exitcode != 0:

@@ -68,6 +68,10 @@ class ModelConfig(Strict):
 # D_0 distillation: 408 steps of 1,024 pairs), so their schedules and results are unchanged; it binds from
 # about 2M pairs per epoch at batch 4,096.
 MAX_STEPS = 512
+# The replay draw ranks every replayed user over every item (rank_W, method.md 5.1): users x items. Past
+# RANK_SAMPLE items an embedding model's rank_W is estimated from that many sampled items instead; the
+# bundled streams (12K and 41K items) and ml-100k stay below it and are ranked exactly.
+RANK_SAMPLE = 65_536
 
 
 def bounded_batch(n: int, batch_size: int, max_steps: int | None) -> int:
@@ -154,6 +158,15 @@ class ReplayConfig(Strict):
     )
     labels: ReplayLabels = Field(
         "source", description="replay labels: source = σ(s_X); rank = σ(own score at the source's rank position)"
+    )
+    rank_sample: int | None = Field(
+        RANK_SAMPLE,
+        ge=1,
+        description=(
+            "rank_W of an embedding model estimated from this many uniformly sampled items per user chunk when the "
+            "universe has more items (the draw's cost then stays linear in the users, not users x items); "
+            "None: always the exact full ranking (beyond the paper)"
+        ),
     )
 
 

@@ -214,6 +214,59 @@ def replay_candidates(
     return Candidates(users, torch.cat(items), torch.cat(scores))
 
 
+class _ExactRanking:
+    """The current model's full ranking of a chunk of users: rank_W and the score at a rank position."""
+
+    def __init__(self, scorer: Scorer, batch: np.ndarray, n_items: int, exclude: sp.csr_matrix | None, device):
+        # rank_W counts non-excluded items only: they are masked in the sorted copy; the candidates
+        # (never excluded) are read from the unmasked scores
+        self.scores = _fit_columns(scorer(torch.from_numpy(batch).to(device)), n_items, copy=False)
+        self.sorted = ascending_values(self.scores, masked=_excluded(exclude, batch, n_items))
+        self.device = self.scores.device
+
+    def rank_of(self, items: torch.Tensor) -> torch.Tensor:
+        return _count_above(self.sorted, self.scores.gather(1, items)).float()
+
+    def score_at(self, position: torch.Tensor) -> torch.Tensor:
+        return self.sorted.gather(1, self.sorted.shape[1] - 1 - position)
+
+
+class _SampledRanking:
+    """rank_W estimated from ``sample`` items drawn uniformly (with replacement) for a chunk of users.
+
+    With m of the sample's items not excluded for u and n_u items not excluded in the universe,
+    rank_W(u, i) ≈ |{sampled j not excluded: s(u, j) > s(u, i)}| · n_u / m, an unbiased estimate whose
+    standard error is n_u · sqrt(p(1 − p) / m) for a true rank p · n_u; the score at rank position r is
+    read at position r · m / n_u of the sample's ranking. Cost: chunk x sample, not chunk x n_items.
+    """
+
+    def __init__(self, reps, batch: np.ndarray, n_items: int, exclude, sample: int, rng: np.random.Generator, device):
+        users, items = reps
+        self.device = users.device
+        self.users = take_rows(users, torch.from_numpy(batch).to(self.device))
+        self.items = items
+        drawn = np.sort(rng.integers(0, n_items, sample))
+        rows, cols = _excluded(exclude, batch, n_items)
+        lo, hi = np.searchsorted(drawn, cols, "left"), np.searchsorted(drawn, cols, "right")
+        hits = hi - lo  # sampled copies of each excluded (row, item) pair
+        mask_rows = np.repeat(rows, hits)
+        mask_cols = np.repeat(lo - np.cumsum(hits) + hits, hits) + np.arange(int(hits.sum()))
+        scores = self.users @ take_rows(items, torch.from_numpy(drawn).to(self.device)).T
+        self.sorted = ascending_values(scores, masked=(mask_rows, mask_cols))
+        kept = sample - np.bincount(mask_rows, minlength=len(batch))
+        valid = n_items - np.bincount(rows, minlength=len(batch))
+        self.kept = torch.from_numpy(np.maximum(kept, 1)).to(self.device, torch.float32)[:, None]
+        self.scale = torch.from_numpy(valid / np.maximum(kept, 1)).to(self.device, torch.float32)[:, None]
+
+    def rank_of(self, items: torch.Tensor) -> torch.Tensor:
+        targets = (self.users[:, None, :] * self.items[items]).sum(-1)
+        return _count_above(self.sorted, targets).float() * self.scale
+
+    def score_at(self, position: torch.Tensor) -> torch.Tensor:
+        pos = ((position.float() + 0.5) / self.scale).long().clamp_(max=self.kept.long() - 1)
+        return self.sorted.gather(1, self.sorted.shape[1] - 1 - pos)
+
+
 def sample_replay(
     current_scorer: Scorer,
     n_items: int,
@@ -226,6 +279,8 @@ def sample_replay(
     chunk: int = 1024,
     device: torch.device | str = "cpu",
     labels: ReplayLabels = "source",
+    rank_sample: int | None = None,
+    reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ReplaySet:
     """Proxy-guided replay set for ``users`` (method.md 5.1; 5.3 with sources SP, PP and CL_k).
 
@@ -248,6 +303,12 @@ def sample_replay(
     Sources are merged keeping the larger label of a repeated pair. Deterministic given ``rng``.
     ``users`` is deduplicated; users unknown to a source (a −inf row, e.g. beyond a proxy's table) get
     nothing from it. Returns pairs sorted by (user, item).
+
+    ``rank_sample`` with ``reps``, the current embedding model's propagated (users, items) tables
+    (``EmbeddingModel.propagate``, at least ``n_items`` item rows): when the universe has more than
+    ``rank_sample`` items, rank_W and the rank-position scores are estimated from ``rank_sample``
+    sampled items per chunk (:class:`_SampledRanking`), so the draw costs users x ``rank_sample``
+    instead of users x items; else (and without ``reps``) the exact full ranking.
     """
     rng = np.random.default_rng() if rng is None else rng
     users = np.unique(np.asarray(users, dtype=np.int64))
@@ -261,21 +322,20 @@ def sample_replay(
         (c if isinstance(c, Candidates) else replay_candidates(c, users, n_items, exclude, a, chunk, device), n)
         for c, n in active
     ]
+    sampled = reps is not None and rank_sample is not None and rank_sample < n_items <= reps[1].shape[0]
     out_u, out_i, out_y = [], [], []
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
-        batch_t = torch.from_numpy(batch).to(device)
-        # rank_W counts non-excluded items only: they are masked in the sorted copy; the candidates
-        # (never excluded) are read from the unmasked scores
-        current = _fit_columns(current_scorer(batch_t), n_items, copy=False)
-        dev = current.device
-        current_sorted = ascending_values(current, masked=_excluded(exclude, batch, n_items))
+        if sampled:
+            ranking = _SampledRanking(reps, batch, n_items, exclude, rank_sample, rng, device)
+        else:
+            ranking = _ExactRanking(current_scorer, batch, n_items, exclude, device)
+        dev = ranking.device
         position = torch.arange(a, device=dev, dtype=torch.float32)
         for candidates, n_draw in active:
             top_items, top_scores = (t.to(dev) for t in candidates.rows(batch, a))
             valid = torch.isfinite(top_scores)
-            rank_w = _count_above(current_sorted, current.gather(1, top_items)).float()
-            logits = eps * (rank_w - position)
+            logits = eps * (ranking.rank_of(top_items) - position)
             logits = logits.masked_fill(~valid, -torch.inf)
             logits = logits - logits.max(dim=1, keepdim=True).values.nan_to_num(neginf=0.0)
             gumbel = torch.from_numpy(rng.gumbel(size=logits.shape).astype(np.float32)).to(dev)
@@ -287,7 +347,7 @@ def sample_replay(
             if labels == "source":
                 label_logits = top_scores.gather(1, pick)
             else:  # "rank": the current model's own score at position rank_X of its ranking
-                label_logits = current_sorted.gather(1, current_sorted.shape[1] - 1 - pick)
+                label_logits = ranking.score_at(pick)
             out_y.append(torch.sigmoid(label_logits[drawn]).cpu().numpy())
     return _merge_max(np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_y), n_items)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from ccdrec.config import ReplayConfig
 from ccdrec.continual.replay import Candidates, ReplaySet, replay_candidates, replay_pass, replay_weight, sample_replay
 from ccdrec.data.stream import Block, pad_to
-from ccdrec.models.base import Recommender, Scorer
+from ccdrec.models.base import EmbeddingModel, Recommender, Scorer
 from ccdrec.train.callbacks import Callback
 
 
@@ -71,8 +72,14 @@ class Replayer(Callback):
             self.candidates = [
                 (s if isinstance(s, Candidates) else self.candidates_of(s, model.device), n) for s, n in self.sources
             ]
+        if isinstance(model, EmbeddingModel) and self.rc.rank_sample is not None and self.rc.rank_sample < self.n_items:
+            with torch.no_grad():  # rank_W estimated from sampled items (ReplayConfig.rank_sample)
+                reps = tuple(t.detach() for t in model.propagate())
+            scorer = model.scorer_of(reps)
+        else:
+            reps, scorer = None, model.scorer(context=self.context)
         self.replay = sample_replay(
-            model.scorer(context=self.context),
+            scorer,
             self.n_items,
             self.candidates,
             self.users,
@@ -82,6 +89,8 @@ class Replayer(Callback):
             self.rng,
             device=model.device,
             labels=self.rc.labels,
+            rank_sample=self.rc.rank_sample,
+            reps=reps,
         )
         self.sizes.append(len(self.replay))
         return self.replay

@@ -97,6 +97,12 @@ class EmbeddingModel(Recommender):
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (users, items) representations, differentiable."""
 
+    @staticmethod
+    def scorer_of(reps: tuple[torch.Tensor, torch.Tensor]) -> Scorer:
+        """The scorer of propagated (users, items) tables (:meth:`propagate`): s(u, ·) = e_u E_itemsᵀ."""
+        users, items = reps
+        return lambda u: users[u] @ items.T
+
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, reps=None) -> torch.Tensor:
         u, i = reps if reps is not None else self.propagate()
         return (take_rows(u, users) * take_rows(i, items)).sum(-1)

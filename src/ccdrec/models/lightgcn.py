@@ -72,8 +72,7 @@ class LightGCN(EmbeddingModel):
 
     @torch.no_grad()
     def scorer(self, context: sp.csr_matrix | None = None) -> Scorer:
-        users, items = (t.detach() for t in self.propagate())
-        return lambda u: users[u] @ items.T
+        return self.scorer_of(tuple(t.detach() for t in self.propagate()))
 
     @torch.no_grad()
     def grow(self, n_users: int, n_items: int, train_matrix: sp.csr_matrix, init: InitStrategy = "entity") -> None:

@@ -47,6 +47,15 @@ def test_data_info_bundled_table():
         (["recommend", "/nonexistent/run", "--user", "1"], "no such run directory"),
         (["run", "--resume", "/nonexistent/run", "--preset", "quick"], "--preset cannot change it"),
         (["compare", "--resume", "/nonexistent/cmp", "--set", "seed=1", "--seed", "2"], "--set, --seed cannot change it"),
+        # one value given two ways: neither silently wins
+        (["run", "--dataset", "yelp", "--seed", "1", "--set", "seed=2"], "--seed and --set seed: give one of them"),
+        (["run", "--dataset", "yelp", "--set", "seed=1", "--set", "seed=2"], "--set names seed twice"),
+        (["compare", "--dataset", "yelp", "--seeds", "0,1", "--set", "seed=5"], "--seeds and --set seed"),
+        (["compare", "--dataset", "yelp", "--cadences", "2", "--set", "teacher.update_every=3"], "--cadences and --set"),
+        (["run", "--dataset", "yelp", "--set", "=3"], "names no field before '='"),
+        (["run", "--dataset", "yelp", "--set", "teacher.members.0.dim=4"], "teacher.members is a list; set it whole"),
+        (["run", "--dataset", "yelp", "--config", "/"], "a directory; --config takes a YAML or TOML file"),
+        (["bench-serve", "/nonexistent/run", "--json", "/"], "--json /: a directory"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message):

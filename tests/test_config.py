@@ -63,3 +63,31 @@ def test_switches_still_take_booleans_and_numbers_still_take_numbers():
     cfg = load_config("yelp", overrides=["student.redistill=false", "teacher.base.max_steps=7", "student.distill.lr=1"])
     assert cfg.student.redistill is False and cfg.teacher.base.max_steps == 7 and cfg.student.distill.lr == 1.0
     assert RunConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # a stored configuration reloads
+
+
+def test_a_boolean_inside_a_list_or_as_a_block_key_is_refused(tmp_path):
+    with pytest.raises(CcdrecError, match="ks: item 1 takes a number, not true"):
+        load_config("yelp", overrides=["ks=[20,true]"])
+    for key in ("true", "1.0"):  # YAML reads them as True and 1.0; pydantic would make both block 1
+        f = tmp_path / f"blocks-{key}.yaml"
+        f.write_text(f"blocks:\n  {key}: {{w_stability: 0.5}}\n")
+        with pytest.raises(CcdrecError, match="blocks: key .* is not a whole number"):
+            load_config("yelp", file=f)
+    f = tmp_path / "ok.yaml"
+    f.write_text("blocks:\n  1: {w_stability: 0.5}\n")
+    assert load_config("yelp", file=f).blocks[1].w_stability == 0.5
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "seed: 3\nseed: 4\n",
+        "teacher: {base: {epochs: 7}}\nteacher: {update: {epochs: 2}}\n",  # the second would drop base.epochs
+        "blocks:\n  1: {w_stability: 0.5}\n  '1': {w_stability: 0.2}\n",
+    ],
+)
+def test_a_key_given_twice_in_a_yaml_file_is_an_error_not_the_last_one_winning(tmp_path, text):
+    f = tmp_path / "twice.yaml"
+    f.write_text(text)
+    with pytest.raises(CcdrecError, match=r"cannot be parsed \(key '.*' is given twice \(lines \d+ and \d+\)\)"):
+        load_config("yelp", file=f)

@@ -229,6 +229,15 @@ BAD_LOGS = {
     "unknown extension": ("log.json", None, "{}", {}, "unknown file type"),
     "empty file": ("log_empty.csv", None, "", {}, "empty"),
     "header only": ("log_header.csv", None, "user,item,timestamp\n", {}, "no rows"),
+    # pandas would read the first 'item' and call the second 'item.1'
+    "column named twice": ("log_dup.csv", None, "user,item,item,timestamp\nu,i,1,5\n", {}, "names column 'item' twice"),
+    "column named twice, picked renamed": (
+        "log_dup2.csv",
+        None,
+        "user,item,item,timestamp\nu,i,1,5\n",
+        {"item_col": "item.1"},
+        "names column 'item' twice",
+    ),
     "missing column": (
         "log_cols.csv",
         make_log().rename(columns={"item": "movie"}),

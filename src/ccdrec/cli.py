@@ -266,6 +266,9 @@ def train(
     from ccdrec.eval import evaluate_block
     from ccdrec.models import build_model
 
+    if out is not None:
+        for written in (out.with_suffix(".pt"), out.with_suffix(".json")):
+            _check_output_file(written, "--out")
     stream = load_stream(_stream_source(dataset, data))
     if not 0 <= block < len(stream):
         raise CcdrecError(f"--block {block} is out of range: {stream.name} has blocks 0..{len(stream) - 1}")
@@ -288,6 +291,16 @@ def train(
     if out is not None:
         save_model(m, out, {"dataset": stream.name, "block": block, "seed": seed, "valid": res.best_valid, "test": test})
         console.print(f"saved {out}.pt / {out}.json")
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """An output file written at the end of long work is checked before it starts: not a directory, and
+    no file where a directory above it would be made. Raises CcdrecError naming ``option``."""
+    if path.is_dir():
+        raise CcdrecError(f"{option} {path}: a directory; give a file name")
+    above = next((d for d in path.absolute().parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise CcdrecError(f"{option} {path}: {above} is a file, not a directory")
 
 
 def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
@@ -313,11 +326,16 @@ def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
 
 def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
     """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name."""
-    from ccdrec.presets import load_config
+    from ccdrec.presets import load_config, override_key
 
     source = _stream_source(dataset, data)
     overrides = list(set_)
-    overrides += [f"{k}={v}" for k, v in (("seed", seed), ("device", device), ("max_blocks", max_blocks)) if v is not None]
+    given = {override_key(item) for item in overrides}
+    options = (("seed", seed), ("device", device), ("max_blocks", max_blocks))
+    for k, v in options:
+        if v is not None and k in given:
+            raise CcdrecError(f"--{k.replace('_', '-')} and --set {k}: give one of them")
+    overrides += [f"{k}={v}" for k, v in options if v is not None]
     return load_config(source, preset, config, overrides), Path(source).name
 
 
@@ -511,6 +529,9 @@ def compare(
     sweep = seed_list is not None or cadence_list is not None
     if seed_list is not None and seed is not None:
         raise CcdrecError("--seed and --seeds: give every seed in --seeds")
+    for option, key, values in (("--seeds", "seed", seed_list), ("--cadences", "teacher.update_every", cadence_list)):
+        if values is not None and any(item.split("=", 1)[0].strip() == key for item in set_):
+            raise CcdrecError(f"{option} and --set {key}: give every value in {option}")
     if resume is not None:
         _refuse_on_resume(
             "comparison",
@@ -586,6 +607,8 @@ def bench_serve_command(
     """Serving cost of the final teacher ensemble vs the final served student: parameters, memory, top-K latency."""
     from ccdrec.serve_bench import TARGET_SPEEDUP, bench_records, bench_serve, format_bench, speedup
 
+    if json_out is not None:
+        _check_output_file(json_out, "--json")
     df = bench_serve(run_dir, batch=batch, repeats=repeats, k=k, device=device)
     text = format_bench(df)
     table = Table(title=f"serving cost of {run_dir} (top-{k}, seen items excluded, median of {repeats})")

@@ -31,10 +31,22 @@ class Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_for_a_number(cls, value, info):
-        """``true`` / ``false`` only where a field is a switch: pydantic would read ``max_steps=true`` as 1
-        and ``lr=false`` as 0.0, which hides a mistyped key or value."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
-            raise ValueError(f"takes a {_kind(cls.model_fields[info.field_name].annotation)}, not {str(value).lower()}")
+        """``true`` / ``false`` only where a field is a switch: pydantic would read ``max_steps=true`` as 1,
+        ``lr=false`` as 0.0, ``ks=[20, true]`` as [20, 1] and a ``blocks`` key ``true`` (or ``1.0``) as block 1,
+        which hides a mistyped key or value."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is bool:
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"takes a {_kind(annotation)}, not {str(value).lower()}")
+        if isinstance(value, list | tuple):
+            for pos, x in enumerate(value):
+                if isinstance(x, bool):
+                    raise ValueError(f"item {pos} takes a {_kind(annotation)}, not {str(x).lower()}")
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, bool | float):
+                    raise ValueError(f"key {key!r} is not a whole number or a name")
         return value
 
 

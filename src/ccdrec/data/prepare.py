@@ -484,10 +484,13 @@ def _is_gzip(log: Path) -> bool:
 
 
 def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) -> list[str]:
+    """The log's column names: its header's (a name given twice is an error: pandas would rename the
+    second ``item.1`` and read the first silently), or ``names`` for a headerless text log."""
     if kind == "parquet":
-        return [str(c) for c in pq.read_schema(log).names]
+        return _distinct_header(log, [str(c) for c in pq.read_schema(log).names])
     if names is None:
-        return [str(c) for c in pd.read_csv(log, nrows=0, **text).columns]
+        header = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **text)
+        return _distinct_header(log, [str(c) for c in header.iloc[0].tolist()])
     first = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **text)
     if first.shape[1] != len(names):
         hint = "; is --sep right?" if first.shape[1] == 1 else ""
@@ -496,6 +499,13 @@ def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) ->
             f"(separated by {text['sep']!r}){hint}"
         )
     return list(names)
+
+
+def _distinct_header(log: Path, header: list[str]) -> list[str]:
+    twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None:
+        raise CcdrecError(f"{log}: the header names column {twice!r} twice; rename one of them")
+    return header
 
 
 def _require_columns(log: Path, wanted: tuple[str, ...], available: list[str], text: dict) -> None:

@@ -26,21 +26,43 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ccdrec.presets").iterdir() if p.name.endswith(".yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping naming a key twice (``seed: 3`` then ``seed: 4``; ``1`` and
+    ``"1"`` in ``blocks``) is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            key = str(self.construct_object(key_node, deep=True))
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+
+
 def read_preset(name: str) -> dict:
     path = resources.files("ccdrec.presets") / f"{name}.yaml"
     if not path.is_file():
         raise CcdrecError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    return yaml.safe_load(path.read_text()) or {}
+    return _yaml(path.read_text()) or {}
 
 
 def read_file(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CcdrecError(f"{path}: a directory; --config takes a YAML or TOML file")
     if not path.is_file():
         raise CcdrecError(f"{path}: configuration file is missing")
     try:
         if path.suffix == ".toml":
             return tomllib.loads(path.read_text())
-        data = yaml.safe_load(path.read_text())
+        data = _yaml(path.read_text())
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -56,16 +78,32 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def apply_override(data: dict, item: str) -> dict:
+def override_key(item: str) -> str:
+    """The dotted key of an override ``key.sub=value``; CcdrecError when it names none."""
     if "=" not in item:
         raise CcdrecError(f"override {item!r} must look like key.sub=value")
-    key, raw = item.split("=", 1)
+    key = item.split("=", 1)[0].strip()
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise CcdrecError(f"override {item!r} names no field before '=' (key.sub=value)")
+    return key
+
+
+def apply_override(data: dict, item: str) -> dict:
+    key = override_key(item)
+    raw = item.split("=", 1)[1]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    parts = key.split(".")
+    at = data
+    for depth, part in enumerate(parts[:-1]):  # a list is set whole: teacher.members=[...], not teacher.members.0.dim
+        at = at.get(int(part) if part.isdigit() else part) if isinstance(at, dict) else None
+        if isinstance(at, list):
+            whole = ".".join(parts[: depth + 1])
+            raise CcdrecError(f"override {item!r}: {whole} is a list; set it whole (--set '{whole}=[...]')")
     nested: dict = value
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(parts):
         nested = {int(part) if part.isdigit() else part: nested}
     return merge(data, nested)
 
@@ -89,6 +127,9 @@ def load_config(
         data = merge(data, read_file(file))
     if dataset is not None:
         data["dataset"] = resolve_source(dataset)  # a directory as an absolute path: the run works from anywhere
+    keys = [override_key(item) for item in overrides]
+    for key in {k for k in keys if keys.count(k) > 1}:
+        raise CcdrecError(f"--set names {key} twice; give it once")
     for item in overrides:
         data = apply_override(data, item)
     try:

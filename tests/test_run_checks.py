@@ -291,7 +291,7 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
         (["run", "--set", "blocks={-1: {}}"], "incremental blocks k >= 1"),
         (["run", "--threads", "100000"], "--threads must be between 1 and"),
         (["run", "--preset", ""], "unknown preset ''"),
-        (["compare", "--ablation", ""], "--ablation names no ablation"),
+        (["compare", "--ablation", ""], "--ablation names no value"),
         (["compare", "--from-run", "somewhere", "--preset", "quick"], "stored configuration; --preset cannot"),
     ],
 )

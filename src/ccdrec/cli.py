@@ -520,6 +520,7 @@ def compare(
     """  # noqa: E501
     from ccdrec.pipeline.compare import parse_ablations, parse_methods, run_compare
     from ccdrec.pipeline.sweep import is_sweep, parse_ints, run_sweep
+    from ccdrec.presets import override_key
 
     _set_threads(threads, executor)
     method_list = parse_methods(methods) if methods is not None else None
@@ -530,7 +531,7 @@ def compare(
     if seed_list is not None and seed is not None:
         raise CcdrecError("--seed and --seeds: give every seed in --seeds")
     for option, key, values in (("--seeds", "seed", seed_list), ("--cadences", "teacher.update_every", cadence_list)):
-        if values is not None and any(item.split("=", 1)[0].strip() == key for item in set_):
+        if values is not None and any(override_key(item) == key for item in set_):
             raise CcdrecError(f"{option} and --set {key}: give every value in {option}")
     if resume is not None:
         _refuse_on_resume(

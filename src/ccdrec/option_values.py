@@ -33,12 +33,11 @@ def comma_list(text: str, option: str, *, repeats: bool = False) -> list[str]:
     return entries
 
 
-def comma_values(text: str, option: str, parse: Callable[[str], T], *, repeats: bool = False) -> list[T]:
+def comma_values(text: str, option: str, parse: Callable[[str], T]) -> list[T]:
     """:func:`comma_list` with every entry converted by ``parse`` (which raises :class:`CcdrecError`),
     repeats judged on the converted values (``1,01`` names 1 twice)."""
     out = [parse(x) for x in comma_list(text, option, repeats=True)]
-    if not repeats:
-        _no_repeats(out, option, text)
+    _no_repeats(out, option, text)
     return out
 
 

@@ -91,3 +91,24 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error_not_the_last_one_winning(t
     f.write_text(text)
     with pytest.raises(CcdrecError, match=r"cannot be parsed \(key '.*' is given twice \(lines \d+ and \d+\)\)"):
         load_config("yelp", file=f)
+
+
+@pytest.mark.parametrize(
+    "members, same",
+    [
+        ("[{kind: mf, dim: 16}, {kind: mf, dim: 16}]", "members 0 and 1"),  # a seed left out
+        ("[{kind: mf, dim: 16, seed: 0}, {kind: vae, dim: 16, seed: 0}, {kind: mf, dim: 16, seed: 0}]", "members 0 and 2"),
+    ],
+)
+def test_two_members_that_train_the_same_model_are_refused(members, same):
+    with pytest.raises(CcdrecError, match=f"teacher.members: {same} are the same model"):
+        load_config("yelp", preset="quick", overrides=[f"teacher.members={members}"])
+
+
+def test_members_that_differ_in_anything_are_an_ensemble():
+    cfg = load_config(
+        "yelp",
+        preset="quick",
+        overrides=["teacher.members=[{kind: mf, dim: 16}, {kind: mf, dim: 16, seed: 1}, {kind: mf, dim: 32}, {kind: lightgcn, dim: 16}]"],
+    )
+    assert len(cfg.teacher.members) == 4

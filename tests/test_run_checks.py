@@ -166,6 +166,7 @@ def cli_run(tmp_path_factory):
         args += ["--set", item]
     res = ccdrec(*args, cwd=root / "a")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("run directory: runs/x\n")  # named once created, before any training
     return root
 
 
@@ -313,8 +314,10 @@ def test_paths_the_system_refuses_are_one_line_errors(tmp_path):
     res = ccdrec("train", "--data", str(tmp_path / "s"), "--model", "mf", "--dim", "4", "--epochs", "1",
                  "--no-progress", "--out", str(tmp_path / "afile" / "m"))  # fmt: skip
     assert "afile" in one_error_line(res)
-    res = ccdrec("compare", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "afile"))
-    assert "Not a directory" in one_error_line(res)
+    for sweep in ([], ["--seeds", "0,1"]):  # a comparison, a sweep
+        res = ccdrec("compare", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "afile"), *sweep)
+        assert "afile: exists and is not a directory" in one_error_line(res)
+        assert "directory:" not in res.stdout
 
 
 def test_broken_run_and_stream_files_are_one_line_errors(cli_run, tmp_path):
@@ -359,10 +362,13 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_missing_device_or_bad_workers_create_nothing(tmp_path):
     save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
-    for args in (["run", "--device", "cuda"], ["compare", "--device", "cuda"], ["compare", "--workers", "0"]):
+    cases = [["run", "--device", "cuda"], ["compare", "--device", "cuda"], ["compare", "--seeds", "0,1", "--device", "cuda"]]
+    cases += [[command, *sweep, "--workers", "0"] for command, sweep in (("run", []), ("compare", []), ("compare", ["--seeds", "0,1"]))]
+    for args in cases:
         res = ccdrec(*args, "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "o").exists(), args
+        assert "directory:" not in res.stdout, args  # a refused start names no directory
 
 
 def test_a_run_written_before_a_default_changed_resumes_with_the_old_default(tmp_path):

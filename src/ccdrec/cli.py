@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -46,6 +46,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all 
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
+        min=1,
         help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
     ),
 ]
@@ -355,6 +356,12 @@ def _resumable(command: str, path: Path) -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+def _named(what: str) -> Callable[[Path], None]:
+    """Print ``what: PATH`` once a run's directory is created or reopened (after every check has passed,
+    so that a refused start names no directory)."""
+    return lambda path: console.print(f"{what}: {path}")
+
+
 @contextmanager
 def _executor(executor: Executor | None, ray_address: str | None, cfg, threads: int | None) -> Iterator[None]:
     """The staged runs inside use ``--executor`` / ``--ray-address`` when given (else their configuration's,
@@ -411,7 +418,6 @@ def run(
     else:
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"run directory: {run_dir}")
     with _resumable("run", run_dir), _executor(executor, ray_address, cfg, threads):
         rd = run_stream(
             cfg,
@@ -421,6 +427,7 @@ def run(
             console=console,
             workers=workers,
             max_blocks=max_blocks if resume is not None else None,
+            opened=_named("run directory"),
         )
     console.print(f"report: {rd.path / 'report.md'}")
     from ccdrec.report import tables
@@ -562,7 +569,6 @@ def compare(
     else:
         cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"comparison directory: {out_dir}")
     with _resumable("compare", out_dir), _executor(executor, ray_address, cfg, threads):
         if sweep:
             report = run_sweep(
@@ -577,6 +583,7 @@ def compare(
                 console=console,
                 workers=workers,
                 max_blocks=max_blocks if resume is not None else None,
+                opened=_named("sweep directory"),
             )
             console.print(f"report: {report}")
             return
@@ -592,6 +599,7 @@ def compare(
             from_run=from_run,
             workers=workers,
             max_blocks=max_blocks if resume is not None else None,
+            opened=_named("comparison directory"),
         )
     console.print(f"report: {report}")
 

@@ -244,6 +244,22 @@ class TeacherConfig(Strict):
         ),
     )
 
+    @field_validator("members")
+    @classmethod
+    def _distinct_members(cls, members: list[MemberConfig]) -> list[MemberConfig]:
+        """Two members of the same architecture and seed train the same model: the ensemble would count one
+        model twice at twice the cost (a copied line in a configuration, or a seed left out)."""
+        seen: dict[str, int] = {}
+        for i, m in enumerate(members):
+            key = m.model_dump_json()
+            if key in seen:
+                raise ValueError(
+                    f"members {seen[key]} and {i} are the same model ({m.kind}, dim {m.dim}, seed {m.seed}): "
+                    "give each member its own seed"
+                )
+            seen[key] = i
+        return members
+
     def is_teacher_cycle(self, k: int) -> bool:
         """Whether block k >= 1 updates the teacher system (block 0 trains it)."""
         return k % self.update_every == 0

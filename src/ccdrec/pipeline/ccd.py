@@ -130,12 +130,16 @@ def run_stream(
     console: Console | None = None,
     workers: int | None = None,
     max_blocks: int | None = None,
+    opened: Callable[[Path], None] | None = None,
 ) -> RunDir:
     """Run (or resume) CCD over a stream into ``run_dir``; writes metrics and the report.
 
     ``workers``: the number of worker processes, instead of the configuration's; ``max_blocks``: with
-    ``resume``, take the run on to this block (see :func:`prepare_run`)."""
+    ``resume``, take the run on to this block (see :func:`prepare_run`); ``opened`` is called with the
+    run directory once every check has passed and it is created (or reopened), before any training."""
     cfg, rd, stream = prepare_run(cfg, run_dir, resume, workers, max_blocks)
+    if opened is not None:
+        opened(rd.path)
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
     if (note := stream.dropped_note()) and not resume:
         runner.console.print(f"note: {note}")

@@ -237,6 +237,7 @@ def run_compare(
     workers: int | None = None,
     max_blocks: int | None = None,
     base_from: Path | None = None,
+    opened: Callable[[Path], None] | None = None,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
@@ -246,7 +247,8 @@ def run_compare(
     directory that becomes the comparison's CCD run (:func:`adopt_run`); its configuration replaces ``cfg``.
     On ``resume``, ``methods`` and ``ablations`` are added to the comparison's, and ``max_blocks`` takes
     every run on to that block (:meth:`RunDir.set_max_blocks`). ``base_from``: a CCD run directory of the
-    same block 0 whose block-0 models a new CCD run shares instead of training them.
+    same block 0 whose block-0 models a new CCD run shares instead of training them. ``opened`` is called
+    with ``out`` once every check has passed and the comparison directory is created (or reopened).
 
     With the ``ray`` executor (the configuration's, or :func:`ccdrec.pipeline.cluster.use_executor`'s)
     the runs are Ray tasks (:func:`run_on_ray`); else they run here one after another. Raises
@@ -258,6 +260,8 @@ def run_compare(
     if cfg is not None and not resume:
         check_run_tasks(cfg)  # before anything is created
     cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console)
+    if opened is not None:
+        opened(out)
     comparison = Comparison(out, cfg, stream, plan["methods"], plan["ablations"], base_from)
     if cluster.chosen_executor(cfg.executor, cfg.ray_address)[0] == "ray":
         run_on_ray([comparison], out, console, workers)
@@ -307,8 +311,7 @@ def open_comparison(
         if max_blocks is not None:
             cfg = _extend_blocks(out, plan, max_blocks)
         return cfg, plan, stream
-    if out.exists() and any(out.iterdir()):
-        raise CcdrecError(f"{out}: comparison directory exists and is not empty (use --resume to continue it)")
+    top.check_creatable("comparison directory")
     if from_run is not None:
         source = RunDir.open(from_run)
         cfg = source.load_config()
@@ -323,7 +326,6 @@ def open_comparison(
         methods.insert(0, "ccd")
     plan = merge_plan(cfg, {"version": 1, "methods": [], "ablations": []}, methods, ablations or [], console)
     resolve_device(cfg.device)  # refused before anything is created
-    top.check_creatable()
     out.mkdir(parents=True, exist_ok=True)
     top.save_config(cfg)
     top.record_stream(cfg, stream)

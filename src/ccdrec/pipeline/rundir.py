@@ -96,12 +96,13 @@ class RunDir:
         return rd
 
     # --- creation and validation -------------------------------------------------------------
-    def check_creatable(self) -> None:
-        """Raise unless a new run can be created here (nothing is created)."""
+    def check_creatable(self, what: str = "run directory") -> None:
+        """Raise CcdrecError unless a new run (``what``: or comparison, sweep) can be created here: the path
+        is missing or an empty directory. Nothing is created."""
         if self.path.exists() and not self.path.is_dir():
             raise CcdrecError(f"{self.path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise CcdrecError(f"{self.path}: run directory exists and is not empty (use --resume to continue it)")
+            raise CcdrecError(f"{self.path}: {what} exists and is not empty (use --resume to continue it)")
 
     def create(self, cfg: RunConfig, stream: Stream) -> None:
         """A new run of ``cfg`` on ``stream`` (its content hash is recorded, :meth:`open_stream`)."""

@@ -24,6 +24,7 @@ runs of all the cells at once; the results are the local executor's.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -99,17 +100,22 @@ def run_sweep(
     console: Console | None = None,
     workers: int | None = None,
     max_blocks: int | None = None,
+    opened: Callable[[Path], None] | None = None,
 ) -> Path:
     """Run (or resume) a comparison for every (seed, cadence) cell into ``out``; returns the sweep report.
 
     ``seeds`` default to the configuration's seed, ``cadences`` to its ``teacher.update_every``. On
     ``resume`` the stored plan is continued (``methods`` and ``ablations`` are added to every cell) and
     ``max_blocks`` takes every cell on to that block. A cadence with no teacher cycle within the stream's
-    blocks is noted on ``console``.
-    Raises :class:`CcdrecError` for a directory that is not a sweep, or not empty on a new sweep.
+    blocks is noted on ``console``. ``opened`` is called with ``out`` once every check has passed and the
+    sweep directory is created (or reopened).
+    Raises :class:`CcdrecError` for a directory that is not a sweep, or not empty on a new sweep, and for
+    ``workers`` below 1.
     """
     out = Path(out)
     console = console or Console(quiet=not progress)
+    if workers is not None and workers < 1:
+        raise CcdrecError(f"workers must be at least 1, got {workers}")
     top = RunDir(out)
     if resume:
         if not is_sweep(out):
@@ -132,8 +138,7 @@ def run_sweep(
     else:
         if cfg is None:
             raise CcdrecError("a configuration is needed to start a sweep")
-        if out.exists() and any(out.iterdir()):
-            raise CcdrecError(f"{out}: directory exists and is not empty (use --resume to continue it)")
+        top.check_creatable("sweep directory")
         seeds = seeds or [cfg.seed]
         cadences = cadences or [cfg.teacher.update_every]
         for s in seeds:  # every cell's configuration is valid before anything is created
@@ -144,12 +149,13 @@ def run_sweep(
         plan = merge_plan(cfg, base, list(methods or DEFAULT_METHODS), ablations or [], console)
         plan |= {"seeds": seeds, "cadences": cadences}
         resolve_device(cfg.device)
-        top.check_creatable()
         check_run_tasks(cfg)  # with Ray: the cluster reached and big enough before anything is created
         out.mkdir(parents=True, exist_ok=True)
         top.save_config(cfg)
         top.record_stream(cfg, stream)
         atomic_write_json(out / SWEEP_FILE, plan)
+    if opened is not None:
+        opened(out)
     last = len(stream.blocks) - 1 if cfg.max_blocks is None else min(cfg.max_blocks, len(stream.blocks) - 1)
     for m in (m for m in plan["cadences"] if m > last):
         console.print(f"note: teacher updated every {m} student cycles: no teacher cycle within blocks 1..{last}")

@@ -106,9 +106,6 @@ def test_two_members_that_train_the_same_model_are_refused(members, same):
 
 
 def test_members_that_differ_in_anything_are_an_ensemble():
-    cfg = load_config(
-        "yelp",
-        preset="quick",
-        overrides=["teacher.members=[{kind: mf, dim: 16}, {kind: mf, dim: 16, seed: 1}, {kind: mf, dim: 32}, {kind: lightgcn, dim: 16}]"],
-    )
+    members = "[{kind: mf, dim: 16}, {kind: mf, dim: 16, seed: 1}, {kind: mf, dim: 32}, {kind: lightgcn, dim: 16}]"
+    cfg = load_config("yelp", preset="quick", overrides=[f"teacher.members={members}"])
     assert len(cfg.teacher.members) == 4

@@ -363,7 +363,8 @@ def test_a_run_directory_in_use_is_refused(tmp_path):
 def test_a_missing_device_or_bad_workers_create_nothing(tmp_path):
     save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
     cases = [["run", "--device", "cuda"], ["compare", "--device", "cuda"], ["compare", "--seeds", "0,1", "--device", "cuda"]]
-    cases += [[command, *sweep, "--workers", "0"] for command, sweep in (("run", []), ("compare", []), ("compare", ["--seeds", "0,1"]))]
+    commands = (["run"], ["compare"], ["compare", "--seeds", "0,1"])
+    cases += [[*command, "--workers", "0"] for command in commands]
     for args in cases:
         res = ccdrec(*args, "--data", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

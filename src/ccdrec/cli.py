@@ -46,8 +46,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all 
 WorkersOpt = Annotated[
     int | None,
     typer.Option(
-        min=1,
-        help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
+        min=1, help="processes training a block's teacher members side by side (default: the configuration's; gowalla preset 2)"
     ),
 ]
 

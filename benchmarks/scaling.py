@@ -19,7 +19,9 @@ log-log slope of seconds against users, against interactions and against users x
 full ranking scores), and of peak RSS against users (least squares over the sizes). ``--max-steps``
 bounds the steps of a BPR or replay epoch (``TrainConfig.max_steps``; the library's default binds only
 from about 2M pairs per epoch, so a small bound shows at these sizes the regime a large stream is in).
-Stages of a size stop being run once one exceeds ``--stage-limit`` seconds.
+Stages of a size stop being run once one exceeds ``--stage-limit`` seconds. ``--heap ccdrec`` (default)
+uses the C heap as ``ccdrec`` commands do (:func:`ccdrec.memory.keep_freed_memory`, training passes in
+:func:`ccdrec.memory.reused_step_memory`); ``--heap glibc`` keeps the C library's defaults.
 """
 
 from __future__ import annotations
@@ -67,10 +69,24 @@ def planted_stream(n_users: int, n_items: int, per_user: int, seed: int = 0):
 
 
 def run_stage(
-    stage: str, n_users: int, n_items: int, per_user: int, threads: int, max_steps: int | None, rank_sample: int | None, q
+    stage: str,
+    n_users: int,
+    n_items: int,
+    per_user: int,
+    threads: int,
+    max_steps: int | None,
+    rank_sample: int | None,
+    heap: str,
+    q,
 ) -> None:
+    import contextlib
+
     import torch
 
+    from ccdrec.memory import keep_freed_memory, reused_step_memory
+
+    if heap == "ccdrec":
+        keep_freed_memory()
     torch.set_num_threads(threads)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # Adam's first use imports torch._dynamo (2 s): not a stage's cost
     from ccdrec.config import TrainConfig, default_schedule
@@ -90,9 +106,10 @@ def run_stage(
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         for cb in callbacks:
             cb.on_epoch_start(model, opt, 0)
-        objective_for(model, block, cfg).epoch(model, opt, rng, 0, callbacks)
-        for cb in callbacks:
-            cb.on_epoch_end(model, opt, 0)
+        with reused_step_memory() if heap == "ccdrec" else contextlib.nullcontext():  # as ccdrec.train.loop.fit
+            objective_for(model, block, cfg).epoch(model, opt, rng, 0, callbacks)
+            for cb in callbacks:
+                cb.on_epoch_end(model, opt, 0)
 
     teacher = LightGCN(b0.n_users, b0.n_items, dim=128)
     teacher.set_graph(b0.train_matrix)
@@ -211,11 +228,17 @@ def main() -> None:
         default=600.0,
         help="seconds; a stage past it is not run at larger sizes (default: 600)",
     )
+    ap.add_argument(
+        "--heap",
+        choices=("ccdrec", "glibc"),
+        default="ccdrec",
+        help="the C heap as ccdrec commands use it, or glibc's defaults (default: %(default)s)",
+    )
     args = ap.parse_args()
     max_steps = args.max_steps
     if len(args.users) < 2:
         print("# one size only: no slope can be fitted", flush=True)
-    print(f"# threads {args.threads}, max_steps {max_steps}, rank_sample {args.rank_sample}", flush=True)
+    print(f"# threads {args.threads}, max_steps {max_steps}, rank_sample {args.rank_sample}, heap {args.heap}", flush=True)
     ctx = mp.get_context("spawn")
     results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages}
     skipped: set[str] = set()
@@ -226,7 +249,7 @@ def main() -> None:
             if stage in skipped:
                 continue
             q = ctx.Queue()
-            stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, q)
+            stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, args.heap, q)
             p = ctx.Process(target=run_stage, args=stage_args)
             p.start()
             p.join()

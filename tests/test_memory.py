@@ -48,3 +48,38 @@ def test_heap_policy_and_stage_peak():
     assert out[5] == "True"
     assert float(out[6]) > 190  # a 200 MB block raises the peak
     assert float(out[7]) < 50  # reset: the peak restarts from the current RSS
+
+
+STEPS = """
+import ctypes, numpy as np
+from ccdrec import memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
+def mapped_by(nbytes):
+    before = libc.mallinfo2().hblkhd
+    a = np.ones(nbytes // 8)
+    mapped = libc.mallinfo2().hblkhd - before
+    del a
+    return mapped
+with memory.reused_step_memory():  # the process did not choose ccdrec's heap policy: nothing changes
+    print(mapped_by(48 << 20))
+memory.keep_freed_memory()
+def rss_mb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+with memory.reused_step_memory():
+    print(mapped_by(160 << 20))  # a training step's block past 64 MB comes from the heap ...
+    print(mapped_by(160 << 20))
+    held = rss_mb()
+print(held - rss_mb())  # ... and the heap's free pages are released on leaving
+print(mapped_by(160 << 20))  # outside a training pass such a block is mapped again
+"""
+
+
+def test_training_steps_reuse_their_large_blocks():
+    out = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) >= 48 << 20  # glibc's default policy is left alone
+    assert int(out[1]) == 0 and int(out[2]) == 0
+    assert float(out[3]) > 100
+    assert int(out[4]) >= 160 << 20

@@ -14,6 +14,15 @@ still but fragmented the heap: with 256 MB, the 168 MB score chunks of a Gowalla
 candidates left holes that took that stage from 0.9 GB to 4.0 GB, and with 1 GB and no release a whole
 Gowalla run's main process reached 7.4 GB. Without glibc (macOS, Windows, musl) these do nothing.
 
+Training steps are the exception: a step allocates the same blocks as the step before it, so a heap
+that keeps them cannot fragment, while blocks past 64 MB (an embedding table of 130,000 entities x 128
+dimensions, its propagated layers and gradients, a large batch's negatives) would be faulted in anew at
+every step. Inside :func:`reused_step_memory` (a model's training pass, not its validation or replay
+draw), blocks up to 1 GB come from the heap; on leaving it the threshold is 64 MB again and the heap's
+free pages go back to the system. A LightGCN-128 epoch on a planted stream of 80,000 users and 1.1M
+pairs (16 steps, 1 thread) took 36.4 s with glibc's defaults (11.4M page faults, 20 s of it in the
+kernel), 20.9 s with the 64 MB threshold and 17.1 s with 1 GB; 20,000 users: 5.2 / 3.5 / 3.9 s.
+
 :func:`reset_peak_rss` and :func:`peak_rss_mb` measure one stage's own peak (Linux ``VmHWM``, reset
 through ``/proc/self/clear_refs``); ``ru_maxrss`` cannot, as it never goes down, and a spawned
 process inherits its parent's.
@@ -24,11 +33,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_LIMIT = 64 << 20
+STEP_MMAP_LIMIT = 1 << 30
 TRIM_LIMIT = 512 << 20
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -43,14 +55,36 @@ def _libc():
         return None
 
 
+_policy = {"kept": False}  # whether this process chose the policy of keep_freed_memory
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's mmap threshold to 64 MB and trim threshold to 512 MB in this process; False where
     that is not possible."""
     libc = _libc()
-    return (
+    _policy["kept"] = (
         libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_LIMIT)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_LIMIT))
     )
+    return _policy["kept"]
+
+
+@contextmanager
+def reused_step_memory() -> Iterator[None]:
+    """Inside, glibc serves blocks up to 1 GB from the heap, so that the same blocks of every training step
+    are reused instead of mapped and faulted in anew; on leaving, the 64 MB threshold is back and the
+    heap's free pages are returned (:func:`release_freed_memory`). Does nothing unless this process
+    called :func:`keep_freed_memory` (a library user's heap policy is left alone)."""
+    libc = _libc()
+    active = libc is not None and _policy["kept"]
+    if active:
+        libc.mallopt(M_MMAP_THRESHOLD, STEP_MMAP_LIMIT)
+    try:
+        yield
+    finally:
+        if active:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_LIMIT)
+            libc.malloc_trim(0)
 
 
 def release_freed_memory() -> None:

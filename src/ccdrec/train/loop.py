@@ -23,6 +23,7 @@ import torch
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block
 from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block
+from ccdrec.memory import reused_step_memory
 from ccdrec.models.base import Recommender
 from ccdrec.train.callbacks import Callback
 from ccdrec.train.objectives import objective_for
@@ -123,9 +124,10 @@ def fit(
             model.train()
             for cb in callbacks:
                 cb.on_epoch_start(model, opt, epoch)
-            loss = objective.epoch(model, opt, rng, epoch, callbacks)
-            for cb in callbacks:
-                cb.on_epoch_end(model, opt, epoch)
+            with reused_step_memory():  # the training passes; validation and replay draws map their chunks
+                loss = objective.epoch(model, opt, rng, epoch, callbacks)
+                for cb in callbacks:
+                    cb.on_epoch_end(model, opt, epoch)
             for group in opt.param_groups:
                 group["lr"] *= cfg.lr_decay
             model.eval()

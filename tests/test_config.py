@@ -109,3 +109,12 @@ def test_members_that_differ_in_anything_are_an_ensemble():
     members = "[{kind: mf, dim: 16}, {kind: mf, dim: 16, seed: 1}, {kind: mf, dim: 32}, {kind: lightgcn, dim: 16}]"
     cfg = load_config("yelp", preset="quick", overrides=[f"teacher.members={members}"])
     assert len(cfg.teacher.members) == 4
+
+
+def test_teacher_cycles_and_the_last_one_before_a_block():
+    from ccdrec.config import TeacherConfig
+
+    t = TeacherConfig(update_every=3)
+    assert [t.is_teacher_cycle(k) for k in range(1, 8)] == [False, False, True, False, False, True, False]
+    assert [t.last_cycle(k) for k in range(8)] == [0, 0, 0, 3, 3, 3, 6, 6]
+    assert [TeacherConfig().last_cycle(k) for k in range(4)] == [0, 1, 2, 3]

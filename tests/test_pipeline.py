@@ -273,7 +273,8 @@ def test_student_cycles_between_teacher_cycles(stream_dir, tmp_path):
     from ccdrec.data.stream import load_stream
     from ccdrec.pipeline.ccd import CCDStream
 
-    cfg = load_config(str(stream_dir), preset="quick", overrides=[*OVERRIDES, "teacher.update_every=2"])
+    overrides = [*OVERRIDES, "teacher.update_every=2", "student.avoid_top=5"]  # E's saved lists are long enough
+    cfg = load_config(str(stream_dir), preset="quick", overrides=overrides)
     out = tmp_path / "m2"
     run_stream(cfg, out, progress=False)
     state = json.loads((out / "state.json").read_text())
@@ -301,6 +302,24 @@ def test_student_cycles_between_teacher_cycles(stream_dir, tmp_path):
     part = tmp_path / "part"
     with pytest.raises(StopRequested):
         run_stream(cfg, part, progress=False, stop_after="b1/eval")
+    # block 2's student update avoids E's lists as last distilled (block 0): E has not changed since, and
+    # the ensemble is not ranked again
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.pipeline.stages.student_update import student_avoid, teacher_top
+
+    run = CCDStream(cfg, RunDir(part), stream, progress=False)
+    run.restore()
+    top = teacher_top(run.ctx, run.state, cfg.teacher.last_cycle(1))
+    assert top is not None and top.shape[0] == stream[0].n_users
+    ranked = []
+    real = RunState.ensemble
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunState, "ensemble", lambda self, *a, **kw: ranked.append(1) or real(self, *a, **kw))
+        avoid = student_avoid(run.ctx, run.state, 2, top)
+    assert not ranked and avoid.shape == (stream[1].n_users, stream[1].n_items)
+    for u in (0, top.shape[0] - 1):
+        assert set(top[u, : cfg.student.avoid_top]) <= set(avoid[u].indices)
+    del run
     run_stream(None, part, resume=True, progress=False)
     assert metric_lines(part) == metric_lines(out)
 

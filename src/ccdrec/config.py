@@ -264,6 +264,10 @@ class TeacherConfig(Strict):
         """Whether block k >= 1 updates the teacher system (block 0 trains it)."""
         return k % self.update_every == 0
 
+    def last_cycle(self, k: int) -> int:
+        """The block of the last teacher update at or before block k (0: the teacher system trained on block 0)."""
+        return k - k % self.update_every
+
     def span_start(self, k: int) -> int:
         """The first block of the train pairs the teacher update of teacher cycle k learns from."""
         return k - self.update_every + 1

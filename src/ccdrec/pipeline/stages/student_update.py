@@ -31,8 +31,9 @@ def teacher_top(ctx: RunContext, state: RunState, k: int) -> np.ndarray | None:
 
 def student_avoid(ctx: RunContext, state: RunState, k: int, top: np.ndarray | None) -> sp.csr_matrix | None:
     """Block k's avoid lists for the student update's negatives (5.1): the top items of D_{k-1}
-    (``state.student``), SP_{k-1}, PP_{k-1} and E_{k-1}: its saved top lists ``top`` when they are
-    long enough, else the ensemble of ``state.members``."""
+    (``state.student``), SP_{k-1}, PP_{k-1} and E_{k-1}: its top lists ``top`` as saved by the distillation
+    of the last teacher cycle (E has not changed since; users and items that came later have none) when
+    they are long enough, else the ensemble of ``state.members``."""
     block, prev = ctx.stream[k], ctx.stream[k - 1]
     scorers = [state.student.scorer()] + [p.scorer(n_items=prev.n_items) for p in state.proxies]
     lists = []
@@ -98,7 +99,8 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         w_s, w_p = ctx.cfg.proxy_weights(k)
         state.proxies = update_proxies(*state.proxies, state.student, w_s, w_p)
         out.pointers["proxies"] = ctx.save_proxies(f"b{k}_proxies", state.proxies)
-    avoid = student_avoid(ctx, state, k, teacher_top(ctx, state, k - 1))
+    # E as last distilled: between teacher cycles the ensemble is unchanged, and its saved lists spare a ranking
+    avoid = student_avoid(ctx, state, k, teacher_top(ctx, state, ctx.cfg.teacher.last_cycle(k - 1)))
     block, prev = ctx.stream[k], ctx.stream[k - 1]
     res, replayer = update_student(
         state.student, *state.proxies, avoid, block, prev, ctx.cfg, ctx.seed(f"b{k}/student_update"), ctx.progress

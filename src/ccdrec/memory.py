@@ -20,8 +20,10 @@ dimensions, its propagated layers and gradients, a large batch's negatives) woul
 every step. Inside :func:`reused_step_memory` (a model's training pass, not its validation or replay
 draw), blocks up to 1 GB come from the heap; on leaving it the threshold is 64 MB again and the heap's
 free pages go back to the system. A LightGCN-128 epoch on a planted stream of 80,000 users and 1.1M
-pairs (16 steps, 1 thread) took 36.4 s with glibc's defaults (11.4M page faults, 20 s of it in the
-kernel), 20.9 s with the 64 MB threshold and 17.1 s with 1 GB; 20,000 users: 5.2 / 3.5 / 3.9 s.
+train pairs (16 steps, 1 thread) took 36.4 s with glibc's defaults (11.4M page faults, 20 s of it in the
+kernel) and 20.9 s with the 64 MB threshold; `benchmarks/scaling.py --stages teacher_epoch --max-steps 64
+--threads 1` at 20,000 / 80,000 users: 11.4 / 73.9 s with glibc's defaults (`--heap glibc`), 11.3 / 44.1 s
+as here (both with another job on the machine).
 
 :func:`reset_peak_rss` and :func:`peak_rss_mb` measure one stage's own peak (Linux ``VmHWM``, reset
 through ``/proc/self/clear_refs``); ``ru_maxrss`` cannot, as it never goes down, and a spawned

@@ -86,11 +86,36 @@ def main() -> None:
             t = rs.seed_table(by_seed, ["ccd"], metric, split)
             for (_, role), r in t.iterrows():
                 print(f"{name} {split} {role}: LA {r['LA']}  RA {r['RA']}  H {r['H']}  (seeds {r['seeds']})")
+        for label in rc.CCD_ROLES.values():  # paired with the default, seed by seed (validation)
+            per_seed = {seed: h for seed, rows in by_seed.items() if (h := _stream_h(rows, "ccd", label, metric))}
+            base = {seed: _stream_h(rows_by_variant["default"].get(seed, []), "ccd", label, metric) for seed in per_seed}
+            hs = " ".join(f"s{seed} {h:.4f}" for seed, h in sorted(per_seed.items()))
+            gains = " ".join(f"s{seed} {h - base[seed]:+.4f}" for seed, h in sorted(per_seed.items()) if base[seed])
+            paired = f"  (minus default: {gains})" if name != "default" else ""
+            print(f"{name} valid {rc.ROLE_NAMES[label]} H per seed: {hs}{paired}")
+    for label in ("student", "teacher"):  # the plain fine-tuning of the same cells, for reference
+        hs = []
+        for seed, cell in cells.items():
+            rd = RunDir(cell / "finetune")
+            if rd.metrics_path.exists():
+                rows = rc.label_rows(rd.read_metrics(), "finetune", rc.cl_roles("finetune"))
+                if (h := _stream_h(rows, "finetune", label, metric)) is not None:
+                    hs.append(f"s{seed} {h:.4f}")
+        if hs:
+            print(f"finetune valid {rc.ROLE_NAMES[label]} H per seed: {' '.join(hs)}")
         for split in ("valid", "test"):
             ret = rs.retention_table(by_seed, "ccd", metric, split)
             if not ret.empty:
                 fr = " ".join(f"{v:.2f}" for v in ret["D_k / E_k"])
                 print(f"{name} {split} retention D_k RA / E_k RA per block: {fr}")
+
+
+def _stream_h(rows: list[dict], method: str, role: str, metric: str) -> float | None:
+    """The stream H-mean of ``method``'s ``role`` on the validation splits; None without rows."""
+    from ccdrec.report.compare import stream_summary
+
+    h = stream_summary(rows, method, role, metric, "valid")["H"] if rows else float("nan")
+    return None if h != h else h
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ccdrec.data.append import append_stream
+from ccdrec.data import prepare as P
 from ccdrec.data.prepare import MIN_PER_BLOCK, PREPARE_FILE, prepare_stream, split_rng
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import SPLITS, load_stream
@@ -469,3 +470,19 @@ def test_ml100k_weekly_windows_and_appends_in_two_halves(tmp_path):
         weeks = (t - anchor) // week
         assert weeks.min() >= last_week
         last_week = weeks.max()
+
+
+@pytest.mark.parametrize(
+    "counts, blocks",
+    [
+        ([20, 3], [0, 0]),  # two windows, the last short: one block
+        ([20, 20, 3], [0, 1, 1]),  # the short remainder joins the block before it, the others stay
+        ([20, 20, 20, 3], [0, 1, 2, 2]),
+        ([20, 4, 20, 3], [0, 1, 1, 1]),  # a short window joins the next; the short end joins that block
+    ],
+)
+def test_a_short_last_window_joins_the_block_before_it(counts, blocks):
+    times = np.concatenate([np.full(c, 10 * w + 1, dtype=np.int64) for w, c in enumerate(counts)])
+    cut = P.window_labels(times, 0, 10, "10s", 1, Path("log.csv"))
+    expected = np.concatenate([np.full(c, b) for c, b in zip(counts, blocks, strict=True)])
+    assert cut.labels.tolist() == expected.tolist()

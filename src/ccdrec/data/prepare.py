@@ -297,8 +297,9 @@ def window_labels(times: np.ndarray, anchor, width: int, window: str, per_second
             groups.append([m])
             size = 0
         size += c
-    if size < MIN_PER_BLOCK and len(groups) > 1:
-        groups[-2] += groups.pop()
+    if size < MIN_PER_BLOCK and len(groups) > 1:  # a short last block joins the one before it
+        last = groups.pop()
+        groups[-1].extend(last)
     merged = [g for g in groups if len(g) > 1]
     if merged:
         shown = "; ".join(

@@ -118,3 +118,9 @@ def test_teacher_cycles_and_the_last_one_before_a_block():
     assert [t.is_teacher_cycle(k) for k in range(1, 8)] == [False, False, True, False, False, True, False]
     assert [t.last_cycle(k) for k in range(8)] == [0, 0, 0, 3, 3, 3, 6, 6]
     assert [TeacherConfig().last_cycle(k) for k in range(4)] == [0, 1, 2, 3]
+
+
+def test_the_command_line_bounds_seeds_as_the_configuration_does():
+    from ccdrec import cli, config
+
+    assert cli.SEED_MAX == config.SEED_MAX

@@ -198,6 +198,19 @@ def test_a_changed_stream_is_refused_and_nothing_changes(cli_run, tmp_path):
             (stream / name).write_bytes(data)
 
 
+def test_a_run_without_its_stream_record_is_refused(cli_run, tmp_path):
+    """Without stream.json nothing tells whether the stream changed under the run: refused, not guessed."""
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    (run / "stream.json").unlink()
+    before = files_of(run)
+    for args in (["run", "--resume", str(run), "--max-blocks", "2"], ["recommend", str(run), "--user", "0"]):
+        assert "stream.json is missing" in one_error_line(ccdrec(*args, cwd=cli_run / "b"))
+    assert files_of(run) == before
+
+
 def test_resume_from_elsewhere_removes_files_of_interrupted_writes(cli_run, tmp_path):
     import shutil
 
@@ -294,6 +307,12 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
         (["run", "--preset", ""], "unknown preset ''"),
         (["compare", "--ablation", ""], "--ablation names no value"),
         (["compare", "--from-run", "somewhere", "--preset", "quick"], "stored configuration; --preset cannot"),
+        (["run", "--dataset", "yelp", "--set", "dataset=gowalla"], "--set dataset: name the stream with --dataset"),
+        (["compare", "--workers", "2", "--set", "workers=1"], "--workers and --set workers: give one of them"),
+        (["run", "--executor", "local", "--set", "executor=ray"], "--executor and --set executor: give one of them"),
+        (["run", "--set", "student.model.kind=vae"], "the student is an embedding model"),
+        (["compare", "--seeds", "0,4294967296"], "--seeds: every value must be at most 4294967295"),
+        (["run", "--set", "seed=4294967296"], "seed: Input should be less than or equal to 4294967295"),
     ],
 )
 def test_more_bad_options_are_one_line_errors_that_create_nothing(args, message, tmp_path):
@@ -390,3 +409,25 @@ def test_a_run_written_before_a_default_changed_resumes_with_the_old_default(tmp
     assert rd.load_config().student.distill_from == "scratch"
     rd.save_config(cfg)
     assert rd.load_config().student.distill_from == "served"  # written now: the stored value holds
+
+
+def test_a_config_file_names_the_stream_or_agrees_with_the_command_line(tmp_path):
+    from ccdrec.presets import load_config
+
+    (tmp_path / "g.yaml").write_text("dataset: gowalla\n")
+    cfg = load_config(None, None, tmp_path / "g.yaml")
+    assert cfg.dataset == "gowalla" and cfg.teacher.members[0].kind == "vae"  # and the gowalla preset
+    res = ccdrec("run", "--config", "g.yaml", "--dataset", "yelp", "--out", "o", cwd=tmp_path)
+    assert "g.yaml names the dataset 'gowalla' and the command line 'yelp'" in one_error_line(res)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00s")
+    assert "bin.yaml: not UTF-8 text" in one_error_line(ccdrec("run", "--config", "bin.yaml", "--out", "o", cwd=tmp_path))
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_with_a_seed_repeats_itself(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
+    args = ["train", "--data", str(tmp_path / "s"), "--model", "lightgcn", "--dim", "8", "--epochs", "2", "--seed", "3"]
+    runs = [ccdrec(*args, "--no-progress") for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    metrics = [[line for line in r.stdout.splitlines() if "recall@20" in line] for r in runs]
+    assert len(metrics[0]) == 2 and metrics[0] == metrics[1]

@@ -39,7 +39,8 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="YAML or TOML file with con
 SetOpt = Annotated[
     list[str], typer.Option("--set", help="override one configuration field, e.g. --set student.update.epochs=5 (repeatable)")
 ]
-SeedOpt = Annotated[int | None, typer.Option(min=0, help="run seed (default 0)")]
+SEED_MAX = 2**32 - 1  # = ccdrec.config.SEED_MAX (tested); the configuration is imported lazily, after --help
+SeedOpt = Annotated[int | None, typer.Option(min=0, max=SEED_MAX, help="run seed (default 0)")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
 ProgressOpt = Annotated[bool, typer.Option(help="show live progress")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all cores); give concurrent jobs cores/jobs each")]
@@ -88,15 +89,18 @@ def print_stream_table(stream) -> None:
         console.print(f"note: {note}")
 
 
-def _stream_source(dataset: str | None, data: Path | None) -> str | Path:
-    """The stream of ``--dataset`` (always a bundled name) or ``--data`` (always a directory)."""
+def _stream_source(dataset: str | None, data: Path | None, default: str | None = "yelp") -> str | Path | None:
+    """The stream of ``--dataset`` (always a bundled name) or ``--data`` (always a directory); ``default``
+    when neither is given."""
     from ccdrec.data.stream import BUNDLED
 
     if dataset is not None and data is not None:
         raise CcdrecError("give --dataset (a bundled dataset) or --data (a stream directory), not both")
     if data is not None:
         return data
-    name = dataset or "yelp"
+    if dataset is None and default is None:
+        return None
+    name = dataset or default
     if name not in BUNDLED:
         hint = f"; for the stream directory {name} use --data {name}" if Path(name).is_dir() else ""
         raise CcdrecError(f"unknown dataset {name!r}: --dataset names a bundled stream ({', '.join(BUNDLED)}){hint}")
@@ -135,7 +139,7 @@ def data_prepare(
         help="instead of --blocks: one incremental block per calendar window after D_0, e.g. 7d, 1d, 12h, 90m, 2w "
         "(empty windows skipped, windows under 10 interactions merged into the next)",
     ),
-    seed: int = typer.Option(0, min=0, help="seed of the per-user train/valid/test split"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="seed of the per-user train/valid/test split"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     sep: str | None = typer.Option(
         None, help="field separator of a text log: one character, or 'tab' / '\\t' (default: ',' or tab for .tsv)"
@@ -250,7 +254,7 @@ def train(
     model: str = typer.Option("lightgcn", help="mf, lightgcn or vae"),
     dim: int = typer.Option(128, help="embedding dimension"),
     layers: int = typer.Option(2, help="LightGCN layers"),
-    seed: int = typer.Option(0, min=0, help="random seed"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     epochs: int | None = typer.Option(None, help="maximum epochs (default: the model's schedule)"),
     lr: float | None = typer.Option(None, help="learning rate"),
     batch_size: int | None = typer.Option(None, help="batch size"),
@@ -265,6 +269,7 @@ def train(
     from ccdrec.device import resolve_device
     from ccdrec.eval import evaluate_block
     from ccdrec.models import build_model
+    from ccdrec.pipeline.context import seed_everything
 
     if out is not None:
         for written in (out.with_suffix(".pt"), out.with_suffix(".json")):
@@ -276,6 +281,7 @@ def train(
     overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     cfg = TrainConfig.model_validate({**default_schedule(mcfg.kind).model_dump(), **overrides})  # checked, unlike a copy
     b = stream[block]
+    seed_everything(seed)  # the model's initial weights too, so that a seed repeats the run
     m = build_model(mcfg.kind, b.n_users, b.n_items, **mcfg.kwargs()).to(resolve_device(device))
     from ccdrec.train import fit
 
@@ -324,19 +330,26 @@ def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
         torch.set_num_threads(threads if threads <= most else cores)
 
 
-def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks):
-    """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name."""
+def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks, **shadowing):
+    """The resolved configuration of ``run`` / ``compare`` options, and the data source's short name.
+
+    An option and a ``--set`` of the configuration key it sets are refused together (``shadowing``: the
+    options that replace a key at run time, such as ``workers``); the stream is named by ``--dataset``
+    or ``--data`` only."""
     from ccdrec.presets import load_config, override_key
 
-    source = _stream_source(dataset, data)
     overrides = list(set_)
     given = {override_key(item) for item in overrides}
+    if "dataset" in given:
+        raise CcdrecError("--set dataset: name the stream with --dataset NAME or --data DIR")
+    source = _stream_source(dataset, data, default=None)  # None: the --config file's, else yelp
     options = (("seed", seed), ("device", device), ("max_blocks", max_blocks))
-    for k, v in options:
+    for k, v in (*options, *shadowing.items()):
         if v is not None and k in given:
             raise CcdrecError(f"--{k.replace('_', '-')} and --set {k}: give one of them")
     overrides += [f"{k}={v}" for k, v in options if v is not None]
-    return load_config(source, preset, config, overrides), Path(source).name
+    cfg = load_config(source, preset, config, overrides)
+    return cfg, Path(cfg.dataset).name
 
 
 @contextmanager
@@ -415,7 +428,19 @@ def run(
         )
         cfg, run_dir = None, resume
     else:
-        cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
+        cfg, name = _run_config(
+            data,
+            dataset,
+            preset,
+            config,
+            set_,
+            seed,
+            device,
+            max_blocks,
+            workers=workers,
+            executor=executor,
+            ray_address=ray_address,
+        )
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _resumable("run", run_dir), _executor(executor, ray_address, cfg, threads):
         rd = run_stream(
@@ -531,7 +556,7 @@ def compare(
     _set_threads(threads, executor)
     method_list = parse_methods(methods) if methods is not None else None
     ablation_list = parse_ablations(only_ablations, ablations)
-    seed_list = parse_ints(seeds, "--seeds", 0) if seeds is not None else None
+    seed_list = parse_ints(seeds, "--seeds", 0, SEED_MAX) if seeds is not None else None
     cadence_list = parse_ints(cadences, "--cadences", 1) if cadences is not None else None
     sweep = seed_list is not None or cadence_list is not None
     if seed_list is not None and seed is not None:
@@ -566,7 +591,19 @@ def compare(
             raise CcdrecError(f"--from-run compares with the run's stored configuration; {', '.join(named)} cannot change it")
         cfg, out_dir = None, out or Path("runs") / f"compare-{Path(from_run).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
-        cfg, name = _run_config(data, dataset, preset, config, set_, seed, device, max_blocks)
+        cfg, name = _run_config(
+            data,
+            dataset,
+            preset,
+            config,
+            set_,
+            seed,
+            device,
+            max_blocks,
+            workers=workers,
+            executor=executor,
+            ray_address=ray_address,
+        )
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _resumable("compare", out_dir), _executor(executor, ray_address, cfg, threads):
         if sweep:

@@ -80,6 +80,7 @@ class ModelConfig(Strict):
 # D_0 distillation: 408 steps of 1,024 pairs), so their schedules and results are unchanged; it binds from
 # about 2M pairs per epoch at batch 4,096.
 MAX_STEPS = 512
+SEED_MAX = 2**32 - 1  # the largest run seed (numpy's and torch's generators take it whole)
 # The replay draw ranks every replayed user over every item (rank_W, method.md 5.1): users x items. Past
 # RANK_SAMPLE items an embedding model's rank_W is estimated from that many sampled items instead; the
 # bundled streams (12K and 41K items) and ml-100k stay below it and are ranked exactly.
@@ -277,6 +278,14 @@ class StudentConfig(Strict):
     """The served student: distillation (stage 1) and continual update (stage 2)."""
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(kind="lightgcn", dim=8), description="architecture")
+
+    @field_validator("model")
+    @classmethod
+    def _embedding_student(cls, model: ModelConfig) -> ModelConfig:
+        """The student is distilled by ranking (RRD, method.md 4) and replays through its embeddings: MF or LightGCN."""
+        if model.kind == "vae":
+            raise ValueError("the student is an embedding model (kind mf or lightgcn); a Mult-VAE can be a teacher member")
+        return model
     distill: TrainConfig = Field(
         # 10 epochs, chosen on validation: early stopping instead (40 epochs, patience 3) gave the served student
         # -0.0061, +0.0097, +0.0162 (ml-100k, 5 blocks, seeds 0-2, validation H-mean; not a gain on every seed),
@@ -351,7 +360,7 @@ class RunConfig(Strict):
     """A whole CCD run over a stream."""
 
     dataset: str = Field("yelp", description="bundled dataset (yelp, gowalla) or a stream directory")
-    seed: int = Field(0, ge=0, description="base seed; every stage derives its own seed from it")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="base seed; every stage derives its own seed from it")
     device: DevicePref = Field("auto", description="auto, cpu or cuda")
     max_blocks: int | None = Field(None, ge=0, description="stop after this incremental block (default: all)")
     workers: int = Field(

@@ -130,20 +130,24 @@ class RunDir:
         """
         stream = load_stream(cfg.dataset)
         recorded = self.path / STREAM_FILE
-        if recorded.exists():  # runs started before the hash was recorded have none
-            record = read_json(recorded)
-            expected = record.get("sha256")
-            if expected != stream.digest:
-                if not _is_prefix(stream, expected, record.get("blocks")):
-                    raise CcdrecError(
-                        f"{self.path}: its stream {cfg.dataset} has changed since the run started (content hash "
-                        f"{str(expected)[:12]} recorded, {stream.digest[:12]} now; appending blocks is the only "
-                        "change a run follows); restore the stream or start a new run"
-                    )
-                try:
-                    atomic_write_json(recorded, {**record, "sha256": stream.digest, "blocks": len(stream)})
-                except OSError:
-                    pass
+        if not recorded.exists():
+            raise CcdrecError(
+                f"{self.path}: {STREAM_FILE} is missing, so the stream cannot be checked against the one the run "
+                "started on; restore the file from a copy of the run directory, or start a new run"
+            )
+        record = read_json(recorded)
+        expected = record.get("sha256")
+        if expected != stream.digest:
+            if not _is_prefix(stream, expected, record.get("blocks")):
+                raise CcdrecError(
+                    f"{self.path}: its stream {cfg.dataset} has changed since the run started (content hash "
+                    f"{str(expected)[:12]} recorded, {stream.digest[:12]} now; appending blocks is the only "
+                    "change a run follows); restore the stream or start a new run"
+                )
+            try:
+                atomic_write_json(recorded, {**record, "sha256": stream.digest, "blocks": len(stream)})
+            except OSError:
+                pass
         return stream
 
     def hold(self) -> None:

@@ -54,8 +54,8 @@ from ccdrec.pipeline.rundir import RunDir
 SWEEP_FILE = "sweep.json"
 
 
-def parse_ints(text: str, option: str, minimum: int) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers >= ``minimum``; a one-line error otherwise
+def parse_ints(text: str, option: str, minimum: int, maximum: int | None = None) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct integers in ``[minimum, maximum]``; a one-line error otherwise
     (an empty or repeated entry too: :mod:`ccdrec.option_values`)."""
 
     def parse(x: str) -> int:
@@ -65,6 +65,8 @@ def parse_ints(text: str, option: str, minimum: int) -> list[int]:
             raise CcdrecError(f"{option} takes comma-separated integers, got {x!r}") from None
         if v < minimum:
             raise CcdrecError(f"{option}: every value must be at least {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise CcdrecError(f"{option}: every value must be at most {maximum}, got {v}")
         return v
 
     return comma_values(text, option, parse)

@@ -60,9 +60,13 @@ def read_file(path: Path) -> dict:
     if not path.is_file():
         raise CcdrecError(f"{path}: configuration file is missing")
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CcdrecError(f"{path}: not UTF-8 text; --config takes a YAML or TOML file") from None
+    try:
         if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        data = _yaml(path.read_text())
+            return tomllib.loads(text)
+        data = _yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -120,11 +124,16 @@ def load_config(
     as an absolute path (:func:`ccdrec.data.stream.resolve_source`)."""
     # start from every default, so that a partial section (``base: {epochs: 60}``) overrides one field
     data: dict = RunConfig().model_dump()
+    from_file = read_file(file) if file is not None else {}
+    if isinstance(named := from_file.get("dataset"), str):  # the file names the stream
+        if dataset is None:
+            dataset = named  # a bundled name, or a directory (relative to the working directory)
+        elif resolve_source(named) != resolve_source(dataset):
+            raise CcdrecError(f"{file} names the dataset {named!r} and the command line {str(dataset)!r}: give one of them")
     bundled = dataset if isinstance(dataset, str) else None  # a Path is a directory, never a bundled name
     name = DATASET_PRESET.get(bundled or "yelp", "yelp") if preset is None else preset
     data = merge(data, read_preset(name))
-    if file is not None:
-        data = merge(data, read_file(file))
+    data = merge(data, from_file)
     if dataset is not None:
         data["dataset"] = resolve_source(dataset)  # a directory as an absolute path: the run works from anywhere
     keys = [override_key(item) for item in overrides]

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from ccdrec.data.append import append_stream
 from ccdrec.data import prepare as P
+from ccdrec.data.append import append_stream
 from ccdrec.data.prepare import MIN_PER_BLOCK, PREPARE_FILE, prepare_stream, split_rng
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import SPLITS, load_stream

@@ -286,6 +286,7 @@ class StudentConfig(Strict):
         if model.kind == "vae":
             raise ValueError("the student is an embedding model (kind mf or lightgcn); a Mult-VAE can be a teacher member")
         return model
+
     distill: TrainConfig = Field(
         # 10 epochs, chosen on validation: early stopping instead (40 epochs, patience 3) gave the served student
         # -0.0061, +0.0097, +0.0162 (ml-100k, 5 blocks, seeds 0-2, validation H-mean; not a gain on every seed),

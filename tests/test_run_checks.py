@@ -431,3 +431,15 @@ def test_train_with_a_seed_repeats_itself(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     metrics = [[line for line in r.stdout.splitlines() if "recall@20" in line] for r in runs]
     assert len(metrics[0]) == 2 and metrics[0] == metrics[1]
+
+
+def test_train_out_is_a_stem_and_never_overwrites(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=3), tmp_path / "s")
+    args = ["train", "--data", str(tmp_path / "s"), "--model", "mf", "--dim", "4", "--epochs", "1", "--no-progress"]
+    res = ccdrec(*args, "--out", "m.pt", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "m.pt").is_file() and (tmp_path / "m.json").is_file() and not (tmp_path / "m.pt.pt").exists()
+    assert "exists; remove it" in one_error_line(ccdrec(*args, "--out", "m", cwd=tmp_path))
+    (tmp_path / "d").mkdir()
+    assert "a directory; give a file name" in one_error_line(ccdrec(*args, "--out", "d", cwd=tmp_path))
+    assert "--model mf has none" in one_error_line(ccdrec(*args, "--layers", "3", cwd=tmp_path))

@@ -19,14 +19,35 @@ from typer.exceptions import TyperException
 
 from ccdrec.errors import CcdrecError, StageLost
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Continual Collaborative Distillation for recommenders on a stream.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
-data_app = typer.Typer(help="Inspect bundled streams and prepare your own logs.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Inspect bundled streams and prepare your own logs.", no_args_is_help=True, context_settings=HELP_OPTIONS
+)
 app.add_typer(data_app, name="data")
+
+
+def _print_version(given: bool) -> None:
+    if given:
+        from ccdrec import __version__
+
+        print(f"ccdrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Continual Collaborative Distillation for recommenders on a stream."""
+
+
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 # Options shared by `run` and `compare` (and `train`), defined once.
@@ -253,7 +274,7 @@ def train(
     block: int = typer.Option(0, help="block to train on (its train split)"),
     model: str = typer.Option("lightgcn", help="mf, lightgcn or vae"),
     dim: int = typer.Option(128, help="embedding dimension"),
-    layers: int = typer.Option(2, help="LightGCN layers"),
+    layers: int | None = typer.Option(None, min=0, help="LightGCN layers (default 2; lightgcn only)"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="random seed"),
     epochs: int | None = typer.Option(None, help="maximum epochs (default: the model's schedule)"),
     lr: float | None = typer.Option(None, help="learning rate"),
@@ -271,13 +292,20 @@ def train(
     from ccdrec.models import build_model
     from ccdrec.pipeline.context import seed_everything
 
+    if layers is not None and model != "lightgcn":
+        raise CcdrecError(f"--layers is the number of LightGCN propagation layers; --model {model} has none")
     if out is not None:
+        if out.is_dir():
+            raise CcdrecError(f"--out {out}: a directory; give a file name (OUT.pt and OUT.json are written)")
+        out = out.with_suffix("") if out.suffix in (".pt", ".json") else out
         for written in (out.with_suffix(".pt"), out.with_suffix(".json")):
             _check_output_file(written, "--out")
+            if written.exists():
+                raise CcdrecError(f"--out {written}: exists; remove it or give another name")
     stream = load_stream(_stream_source(dataset, data))
     if not 0 <= block < len(stream):
         raise CcdrecError(f"--block {block} is out of range: {stream.name} has blocks 0..{len(stream) - 1}")
-    mcfg = ModelConfig(kind=model, dim=dim, layers=layers)
+    mcfg = ModelConfig(kind=model, dim=dim, **({} if layers is None else {"layers": layers}))
     overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     cfg = TrainConfig.model_validate({**default_schedule(mcfg.kind).model_dump(), **overrides})  # checked, unlike a copy
     b = stream[block]
@@ -296,7 +324,7 @@ def train(
         console.print(f"{name} recall@20 {recall}  ndcg@20 {ndcg}  ({got.get('users', 0):,} users)")
     if out is not None:
         save_model(m, out, {"dataset": stream.name, "block": block, "seed": seed, "valid": res.best_valid, "test": test})
-        console.print(f"saved {out}.pt / {out}.json")
+        console.print(f"saved {out.with_suffix('.pt')} / {out.with_suffix('.json')}")
 
 
 def _check_output_file(path: Path, option: str) -> None:
@@ -471,7 +499,7 @@ def recommend(
         "--items",
         help="instead of --user: a new user's items, comma-separated original item IDs (cold start, no retraining)",
     ),
-    k: int = typer.Option(20, "-k", help="number of items"),
+    k: int = typer.Option(20, "-k", min=1, help="number of items"),
 ) -> None:
     """Print the served student's top-K unseen items for one user, in the original IDs.
 

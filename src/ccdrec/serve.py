@@ -79,7 +79,9 @@ class ServedRun:
         ptr = state["pointers"]
         name = ptr.get("served") or ptr.get("student")
         if name is None:
-            raise CcdrecError(f"{rd.path}: the run has no student yet (D_0 is distilled once block 0's teachers are trained; serve it from then on)")
+            raise CcdrecError(
+                f"{rd.path}: the run has no student yet (D_0 is distilled once block 0's teachers are trained; serve it from then on)"
+            )
         self.block = int(state.get("block", 0))
         self.stream: Stream = rd.open_stream(cfg) if stream is None else stream
         self.model, self.meta = rd.load_attached(name, self.stream, device, with_meta=True)

@@ -224,7 +224,11 @@ def load_version(
         raise CcdrecError(f"unknown role {role!r}: {' or '.join(ROLES)}")
     names = role_pointers(state, role, n_members)
     if not names:
-        what = "no student yet (D_0 is distilled once block 0's teachers are trained)" if role == "student" else "not every teacher member yet"
+        what = (
+            "no student yet (D_0 is distilled once block 0's teachers are trained)"
+            if role == "student"
+            else "not every teacher member yet"
+        )
         raise RefusedVersion(f"{rd.path}: the run has {what}")
     before = checkpoint_digest(rd, names)
     try:

@@ -80,7 +80,8 @@ class ServedRun:
         name = ptr.get("served") or ptr.get("student")
         if name is None:
             raise CcdrecError(
-                f"{rd.path}: the run has no student yet (D_0 is distilled once block 0's teachers are trained; serve it from then on)"
+                f"{rd.path}: the run has no student yet (D_0 is distilled once block 0's teachers are trained; "
+                "serve it from then on)"
             )
         self.block = int(state.get("block", 0))
         self.stream: Stream = rd.open_stream(cfg) if stream is None else stream

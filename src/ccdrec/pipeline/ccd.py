@@ -143,6 +143,11 @@ def run_stream(
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
     if (note := stream.dropped_note()) and not resume:
         runner.console.print(f"note: {note}")
+    if cfg.max_blocks is not None and cfg.max_blocks > len(stream) - 1:
+        runner.console.print(
+            f"note: max_blocks {cfg.max_blocks}, but the stream has blocks 0..{len(stream) - 1}: the run ends at block "
+            f"{len(stream) - 1} (blocks appended later with `ccdrec data append` are taken on with --resume)"
+        )
     runner.run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report
 

@@ -366,8 +366,11 @@ def test_prepare_force_replaces_only_a_stream(tmp_path):
     assert (tmp_path / "docs" / "important.doc").read_text() == "keep me"
     small = ("--min-user", "2", "--min-item", "2")
     res = ccdrec("data", "prepare", "log.csv", "--out", "s", "--blocks", "100000000000", *small, cwd=tmp_path)
-    assert "too few for 100000000000 blocks" in one_error_line(res)
+    assert "too few for the base block and 100000000000 incremental block(s)" in one_error_line(res)
     assert not (tmp_path / "s").exists()
+    for option, value in (("--blocks", "0"), ("--min-user", "0"), ("--base-fraction", "1")):  # named as on the command line
+        res = ccdrec("data", "prepare", "log.csv", "--out", "s", option, value, cwd=tmp_path)
+        assert f"{option} " in one_error_line(res) and not (tmp_path / "s").exists()
 
 
 def test_a_run_directory_in_use_is_refused(tmp_path):

@@ -331,12 +331,12 @@ def _check_params(
         return CcdrecError(f"{log}: {msg}")
 
     if isinstance(base_fraction, bool) or not (isinstance(base_fraction, (int, float)) and 0 < base_fraction < 1):
-        raise bad(f"base_fraction must be strictly between 0 and 1, got {base_fraction!r}")
-    for name, value in (("n_blocks", n_blocks), ("min_user", min_user), ("min_item", min_item)):
+        raise bad(f"--base-fraction (base_fraction) must be strictly between 0 and 1, got {base_fraction!r}")
+    for name, value in (("--blocks (n_blocks)", n_blocks), ("--min-user", min_user), ("--min-item", min_item)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise bad(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise bad(f"seed must be an integer >= 0, got {seed!r}")
+        raise bad(f"--seed must be an integer >= 0, got {seed!r}")
     cols = [user_col, item_col, time_col] + ([rating_col] if rating_col is not None else [])
     if len(set(cols)) < len(cols):
         raise bad(f"user, item, time (and rating) columns must differ, got {', '.join(map(repr, cols))}")
@@ -804,7 +804,8 @@ def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_us
     if (n_blocks + 1) * MIN_PER_BLOCK > n:  # checked before any array of n_blocks is made
         raise CcdrecError(
             f"{log}: only {n} interactions left after the k-core filter (min_user={min_user}, min_item={min_item}), "
-            f"too few for {n_blocks} blocks of at least {MIN_PER_BLOCK} each"
+            f"too few for the base block and {n_blocks} incremental block(s) of at least {MIN_PER_BLOCK} each "
+            f"({(n_blocks + 1) * MIN_PER_BLOCK} needed)"
         )
     bounds = np.concatenate([[0], n0 + np.round(np.linspace(0, n - n0, n_blocks + 1)).astype(np.int64)])
     sizes = np.diff(bounds)

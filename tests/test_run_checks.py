@@ -446,3 +446,14 @@ def test_train_out_is_a_stem_and_never_overwrites(tmp_path):
     (tmp_path / "d").mkdir()
     assert "a directory; give a file name" in one_error_line(ccdrec(*args, "--out", "d", cwd=tmp_path))
     assert "--model mf has none" in one_error_line(ccdrec(*args, "--layers", "3", cwd=tmp_path))
+
+
+def test_a_user_of_a_block_the_run_has_not_reached_is_named_as_such(cli_run):
+    from ccdrec.data.stream import load_stream
+
+    stream = load_stream(str(cli_run / "a" / "streams" / "base"))
+    later = stream.user_vocab[stream[1].n_users] if stream.user_vocab is not None else str(stream[1].n_users)
+    res = ccdrec("recommend", str(cli_run / "a" / "runs" / "x"), "--user", str(later))
+    line = one_error_line(res)
+    assert f"unknown user '{later}'" in line and "first appears in block 2" in line and "reached block 0" in line
+    assert "first appears" not in one_error_line(ccdrec("recommend", str(cli_run / "a" / "runs" / "x"), "--user", "nobody"))

@@ -111,13 +111,28 @@ class ServedRun:
         self._seen_users, self._seen_items = pairs[order, 0], pairs[order, 1]
         self._seen_ptr = np.searchsorted(self._seen_users, np.arange(n_u + 1))
 
+    def _later_hint(self, key: str, vocab: np.ndarray | None, sizes: list[int]) -> str:
+        """``; it first appears in block k, the run has reached block b`` for an ID of a block the served
+        student has not reached yet (``sizes``: the universe's size after each block); else nothing."""
+        ids = vocab if vocab is not None else np.arange(sizes[-1])  # a stream without vocabulary: IDs 0..n-1
+        if len(ids) <= len(self.user_ids):
+            return ""
+        later = np.flatnonzero(ids[len(self.user_ids) :].astype(str) == key)
+        if not len(later):
+            return ""
+        first = int(np.searchsorted(np.asarray(sizes), len(self.user_ids) + later[0], side="right"))
+        return f"; it first appears in block {first} of the stream, and the served student has reached block {self.block}"
+
     def user_index(self, user: str | int) -> int:
         """The row of an original user ID (as given, else without surrounding spaces, as ``--items`` reads IDs)."""
         key = str(user)
         if key not in self._user_index and key.strip() in self._user_index:
             key = key.strip()
         if key not in self._user_index:
-            raise CcdrecError(f"unknown user {key!r}: not in the served student's universe ({len(self.user_ids):,} users)")
+            raise CcdrecError(
+                f"unknown user {key!r}: not in the served student's universe ({len(self.user_ids):,} users)"
+                + self._later_hint(key, self.stream.user_vocab, [b.n_users for b in self.stream])
+            )
         return self._user_index[key]
 
     def seen(self, uid: int) -> np.ndarray:

@@ -813,3 +813,19 @@ def test_property_prepare_fails_cleanly_or_maps_back_to_the_filtered_log(case):
 def original_pairs_of(stream, block, split: str) -> np.ndarray:
     pairs = block.split(split)
     return np.stack([stream.user_vocab[pairs[:, 0]], stream.item_vocab[pairs[:, 1]]], axis=1) if len(pairs) else pairs
+
+
+def test_timestamps_read_in_an_unlikely_unit_are_noted(tmp_path):
+    import warnings as w
+
+    from ccdrec.data.prepare import PrepareWarning
+
+    rows = "\n".join(f"u{i % 40},i{(i * 7) % 31},{1600000000 + 3600 * i}" for i in range(400))
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + rows + "\n")
+    small = {"min_user": 2, "min_item": 2, "n_blocks": 2}
+    for unit, noted in ((None, False), ("s", False), ("ns", True)):
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            prepare_stream(tmp_path / "log.csv", tmp_path / f"s-{unit}", time_unit=unit, **small)
+        notes = [str(c.message) for c in caught if issubclass(c.category, PrepareWarning)]
+        assert any("span 1970-01-01" in n and "check the unit" in n for n in notes) == noted, notes

@@ -179,6 +179,8 @@ def prepare_stream(
                 f"--window {window}: numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({first} .. {last}); "
                 "give --time-unit if they count something else"
             )
+    if window_s is None and reading.label == "numbers":  # with --window the reading is always noted (above)
+        notes += _odd_time_span(df["time"], reading, time_unit)
     stream, block_notes = _build_stream(out.name, df, labels, seed, log)
     record = {
         "version": PREPARE_VERSION,
@@ -210,6 +212,21 @@ def prepare_stream(
     for note in notes + block_notes:
         warnings.warn(note, PrepareWarning, stacklevel=2)
     return stream
+
+
+def _odd_time_span(times: pd.Series, reading, time_unit: str | None) -> list[str]:
+    """A note when numeric timestamps, read in their unit since 1970, all fall before 1980 or within a
+    minute: most likely the unit is wrong (or the numbers count something else); the blocks follow the
+    order either way, so it is a note, not an error."""
+    first, last = times.iloc[0].item(), times.iloc[-1].item()
+    per = reading.per_second
+    if last >= 315_532_800 * per and last - first >= 60 * per:  # 1980-01-01 in the unit; a span of a minute
+        return []
+    how = "given by --time-unit" if time_unit is not None else "guessed; give --time-unit if they count something else"
+    return [
+        f"numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({how}) span {_utc(first, per)} .. "
+        f"{_utc(last, per)}: check the unit"
+    ]
 
 
 def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, rating_col, min_rating, log: Path) -> pd.DataFrame:

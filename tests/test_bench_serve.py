@@ -51,6 +51,9 @@ def test_bench_serve_returns_sane_positive_numbers(run_dir, tmp_path):
     assert speedup(df) == pytest.approx(t["batch_ms"] / s["batch_ms"])
     text = format_bench(df)
     path = tmp_path / "bench.json"
+    records = {r["model"]: r for r in bench_records(df)}
+    assert records["student"]["batch_users"] == 64 and isinstance(records["student"]["parameters"], int)  # counts
+    assert isinstance(records["teacher / student"]["parameters"], float) and records["teacher / student"]["batch_users"] is None
     path.write_text(json.dumps(bench_records(df)))
     back = read_bench(path)
     assert back.loc["student", "parameters"] == s["parameters"] and np.isnan(back.loc["teacher / student", "batch_users"])

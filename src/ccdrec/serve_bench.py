@@ -208,10 +208,21 @@ def bench_markdown(df: pd.DataFrame) -> str:
     return f"{table}\n\nBatch speed-up of the student: {speedup(df):.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {met}).\n"
 
 
+COUNTS = ("parameters", "batch_users")
+
+
 def bench_records(df: pd.DataFrame) -> list[dict]:
     """The serving-cost table as JSON-able records (NaN -> None)."""
     records = df.reset_index().to_dict(orient="records")
-    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in records]
+
+    def value(model: str, key: str, v):
+        if isinstance(v, float) and v != v:
+            return None
+        if key in COUNTS and model != "teacher / student" and isinstance(v, float) and v.is_integer():
+            return int(v)  # a count (the ratio row's NaN made the column float)
+        return v
+
+    return [{k: value(r["model"], k, v) for k, v in r.items()} for r in records]
 
 
 def read_bench(path: str | Path) -> pd.DataFrame:

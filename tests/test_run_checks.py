@@ -348,6 +348,11 @@ def test_broken_run_and_stream_files_are_one_line_errors(cli_run, tmp_path):
     (run / "state.json").write_text("[]")
     assert "not a run state" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
     assert "not a run state" in one_error_line(ccdrec("run", "--resume", str(run)))
+    config = (run / "config.yaml").read_text()
+    for text, message in (("", "not a run configuration (empty)"), ("seed: -1\n", "seed: Input should be greater")):
+        (run / "config.yaml").write_text(text)
+        assert message in one_error_line(ccdrec("run", "--resume", str(run)))
+    (run / "config.yaml").write_text(config)
     stream = tmp_path / "cut"
     shutil.copytree(cli_run / "a" / "streams" / "base", stream)
     data = (stream / "interactions.csv.gz").read_bytes()

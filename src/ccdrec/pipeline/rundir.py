@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, load_model, load_tensors, read_json, save_model, save_tensors
-from ccdrec.config import RunConfig
+from ccdrec.config import RunConfig, validation_message
 from ccdrec.data.stream import Block, Stream, load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
@@ -178,11 +179,16 @@ class RunDir:
             raise CcdrecError(f"{self.path}: not a ccdrec run directory (no config.yaml)")
         try:
             data = yaml.safe_load(self.config_path.read_text())
+            if not isinstance(data, dict):
+                what = "empty" if data is None else f"a {type(data).__name__}, not a mapping of fields"
+                raise CcdrecError(f"{self.config_path}: not a run configuration ({what}); restore it from a copy of the run")
             return RunConfig.model_validate(stored_defaults(data))
         except yaml.YAMLError as e:
             raise CcdrecError(f"{self.config_path}: corrupt YAML ({str(e).splitlines()[0]})") from None
-        except ValueError as e:
-            raise CcdrecError(f"{self.config_path}: incompatible configuration ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise CcdrecError(f"{self.config_path}: not UTF-8 text; restore it from a copy of the run") from None
+        except ValidationError as e:
+            raise CcdrecError(f"{self.config_path}: incompatible configuration ({validation_message(e)})") from None
 
     def save_config(self, cfg: RunConfig) -> None:
         atomic_write_bytes(

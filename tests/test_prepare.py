@@ -829,3 +829,24 @@ def test_timestamps_read_in_an_unlikely_unit_are_noted(tmp_path):
             prepare_stream(tmp_path / "log.csv", tmp_path / f"s-{unit}", time_unit=unit, **small)
         notes = [str(c.message) for c in caught if issubclass(c.category, PrepareWarning)]
         assert any("span 1970-01-01" in n and "check the unit" in n for n in notes) == noted, notes
+
+
+def test_held_out_pairs_of_items_nobody_trains_on_are_counted_in_a_note(tmp_path):
+    import warnings as w
+
+    from ccdrec.data.prepare import PrepareWarning
+
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 120, 1200)  # rare enough that some item of a block is held out only
+    log = pd.DataFrame({"user": [f"u{i % 150}" for i in range(1200)], "item": [f"i{x}" for x in items]})
+    log["timestamp"] = 1600000000 + 3600 * np.arange(1200)
+    log.drop_duplicates(["user", "item"]).to_csv(tmp_path / "log.csv", index=False)
+    n = len(log.drop_duplicates(["user", "item"]))
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        stream = prepare_stream(tmp_path / "log.csv", tmp_path / "s", min_user=2, min_item=2, n_blocks=2)
+    kept = sum(len(b.split(s)) for b in stream for s in ("train", "valid", "test"))
+    notes = [str(c.message) for c in caught if issubclass(c.category, PrepareWarning) and "left out" in str(c.message)]
+    assert len(notes) == 1, notes
+    dropped = int(notes[0].split(" ")[0].replace(",", ""))
+    assert dropped > 0 and kept + dropped <= n  # <: the k-core filter may remove some first

@@ -869,6 +869,7 @@ def build_blocks(
     blocks: list[Block] = []
     notes: list[str] = []
     prev_u, prev_i = prev
+    left_out: list[int] = []  # per block: held-out pairs whose item has no train pair in the block
     for j in range(int(labels.max()) + 1):
         k = first + j
         mask = labels == j
@@ -885,8 +886,14 @@ def build_blocks(
             )
         if k > 0 and n_u == prev_u:
             notes.append(f"incremental block {k} has no new users (every user in it appeared in an earlier block)")
+        left_out.append(int(mask.sum()) - sum(len(splits[s]) for s in ("train", "valid", "test")))
         blocks.append(Block(k, n_u, n_i, prev_u, prev_i, **splits))
         prev_u, prev_i = n_u, n_i
+    if sum(left_out):
+        notes.append(
+            f"{sum(left_out):,} held-out interaction(s) left out (per block {' / '.join(map(str, left_out))}): their item has "
+            "no train interaction in the block, so no model can have learnt the item there"
+        )
     return blocks, notes
 
 

@@ -850,3 +850,25 @@ def test_held_out_pairs_of_items_nobody_trains_on_are_counted_in_a_note(tmp_path
     assert len(notes) == 1, notes
     dropped = int(notes[0].split(" ")[0].replace(",", ""))
     assert dropped > 0 and kept + dropped <= n  # <: the k-core filter may remove some first
+
+
+def test_parquet_ids_as_bytes_are_text_and_containers_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 3000
+    log = pd.DataFrame(
+        {
+            "user": [f"u{i % 100}".encode() for i in range(n)],
+            "item": [f"i{x}".encode() for x in rng.integers(0, 60, n)],
+            "timestamp": 1600000000 + 60 * np.arange(n),
+        }
+    )
+    log.to_parquet(tmp_path / "b.parquet")
+    small = {"min_user": 2, "min_item": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stream = prepare_stream(tmp_path / "b.parquet", tmp_path / "s", **small)
+    assert set(stream.user_vocab) == {f"u{i}" for i in range(100)} and stream.item_vocab[0].startswith("i")
+    log["user"] = [[i] for i in range(n)]
+    log.to_parquet(tmp_path / "l.parquet")
+    with pytest.raises(CcdrecError, match="column 'user' holds .* values, not IDs"):
+        prepare_stream(tmp_path / "l.parquet", tmp_path / "l", **small)

@@ -233,8 +233,8 @@ def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, ratin
     """(user, item, time) rows as strings and time keys, rows rated below ``min_rating`` dropped."""
     df = pd.DataFrame(
         {
-            "user": _ids(df[user_col]),
-            "item": _ids(df[item_col]),
+            "user": _ids(df[user_col], log),
+            "item": _ids(df[item_col], log),
             "time": times,
             "keep": True if rating_col is None else _rating_mask(df[rating_col], log, rating_col, min_rating),
         }
@@ -559,13 +559,25 @@ def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: t
     return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **text)[columns]
 
 
-def _ids(col: pd.Series) -> np.ndarray:
-    """Original IDs as strings (integral floats, e.g. from a Parquet column, lose their ``.0``)."""
+def _ids(col: pd.Series, log: Path | None = None) -> np.ndarray:
+    """Original IDs as strings (integral floats, e.g. from a Parquet column, lose their ``.0``; bytes are
+    read as UTF-8). A column of lists, mappings or other containers holds no IDs: CcdrecError."""
     if pd.api.types.is_float_dtype(col):
         values = col.to_numpy(dtype=np.float64)
         if np.all((np.mod(values, 1) == 0) & (np.abs(values) < 2**53)):
             col = col.astype(np.int64)
-    return np.array([str(v) for v in col.to_numpy(dtype=object)], dtype=object)
+    values = col.to_numpy(dtype=object)
+    if col.dtype == object and len(values):
+        kinds = {type(v) for v in values}
+        odd = [k for k in kinds if issubclass(k, (list, tuple, dict, set, np.ndarray))]
+        if odd:
+            raise CcdrecError(f"{log}: column {col.name!r} holds {odd[0].__name__} values, not IDs")
+        if bytes in kinds:
+            try:
+                values = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in values], dtype=object)
+            except UnicodeDecodeError:
+                raise CcdrecError(f"{log}: column {col.name!r} holds bytes that are not UTF-8 text") from None
+    return np.array([str(v) for v in values], dtype=object)
 
 
 def _rating_mask(col: pd.Series, log: Path, name: str, min_rating: float) -> np.ndarray:

@@ -872,3 +872,11 @@ def test_parquet_ids_as_bytes_are_text_and_containers_are_refused(tmp_path):
     log.to_parquet(tmp_path / "l.parquet")
     with pytest.raises(CcdrecError, match="column 'user' holds .* values, not IDs"):
         prepare_stream(tmp_path / "l.parquet", tmp_path / "l", **small)
+
+
+def test_a_log_that_is_not_utf8_says_how_to_convert_it(tmp_path):
+    rows = ["user,item,timestamp"] + [f"u{i % 50}\xe9,i{(i * 7) % 31},{1600000000 + 60 * i}" for i in range(2000)]
+    (tmp_path / "lat.csv").write_text("\n".join(rows) + "\n", encoding="latin-1")
+    with pytest.raises(CcdrecError, match=r"lat.csv: not UTF-8 text \(it holds the byte 0xe9\); convert the log to UTF-8"):
+        prepare_stream(tmp_path / "lat.csv", tmp_path / "s", min_user=2, min_item=2)
+    assert not (tmp_path / "s").exists()

@@ -481,6 +481,11 @@ def _read_log(
         df = _read_columns(log, kind, list(columns), text, names)
     except pd.errors.EmptyDataError:
         raise CcdrecError(f"{log}: file is empty") from None
+    except UnicodeDecodeError as e:
+        raise CcdrecError(
+            f"{log}: not UTF-8 text (byte {e.object[e.start : e.start + 1].hex()!r} at offset {e.start:,} of a block read); "
+            f"convert the log to UTF-8 first, e.g. iconv -f latin1 -t utf-8 {log.name} > utf8-{log.name}"
+        ) from None
     except _READ_ERRORS as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CcdrecError(f"{log}: cannot be read as {kind.upper()} ({detail})") from None

@@ -483,7 +483,7 @@ def _read_log(
         raise CcdrecError(f"{log}: file is empty") from None
     except UnicodeDecodeError as e:
         raise CcdrecError(
-            f"{log}: not UTF-8 text (byte {e.object[e.start : e.start + 1].hex()!r} at offset {e.start:,} of a block read); "
+            f"{log}: not UTF-8 text (it holds the byte 0x{e.object[e.start : e.start + 1].hex()}); "
             f"convert the log to UTF-8 first, e.g. iconv -f latin1 -t utf-8 {log.name} > utf8-{log.name}"
         ) from None
     except _READ_ERRORS as e:

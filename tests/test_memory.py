@@ -7,7 +7,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc only")
 
-PROBE = """
+HELPERS = """
 import ctypes, numpy as np
 from ccdrec import memory
 class Info(ctypes.Structure):
@@ -22,6 +22,9 @@ def mapped_by(nbytes):
     mapped = libc.mallinfo2().hblkhd - before
     del a
     return mapped
+"""
+
+PROBE = HELPERS + """
 print(mapped_by(48 << 20))
 print(memory.keep_freed_memory())
 print(mapped_by(48 << 20))
@@ -50,24 +53,10 @@ def test_heap_policy_and_stage_peak():
     assert float(out[7]) < 50  # reset: the peak restarts from the current RSS
 
 
-STEPS = """
-import ctypes, numpy as np
-from ccdrec import memory
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = Info
-def mapped_by(nbytes):
-    before = libc.mallinfo2().hblkhd
-    a = np.ones(nbytes // 8)
-    mapped = libc.mallinfo2().hblkhd - before
-    del a
-    return mapped
+STEPS = HELPERS + """
 with memory.reused_step_memory():  # the process did not choose ccdrec's heap policy: nothing changes
     print(mapped_by(48 << 20))
 memory.keep_freed_memory()
-def rss_mb():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 with memory.reused_step_memory():
     print(mapped_by(160 << 20))  # a training step's block past 64 MB comes from the heap ...
     print(mapped_by(160 << 20))

@@ -264,7 +264,7 @@ BAD_LOGS = {
     "nothing left": ("log_none.csv", make_log(), None, {"min_user": 50}, "no interactions left"),
     "base_fraction": ("log_p.csv", make_log(), None, {"base_fraction": 1.0}, "base_fraction"),
     "n_blocks": ("log_p.csv", make_log(), None, {"n_blocks": 0}, "n_blocks"),
-    "min_item": ("log_p.csv", make_log(), None, {"min_item": 0}, "min_item"),
+    "min_item": ("log_p.csv", make_log(), None, {"min_item": 0}, "--min-item"),
     "same columns": ("log_p.csv", make_log(), None, {"item_col": "user"}, "must differ"),
     "corrupt gzip": ("log_bad.csv.gz", None, "not gzip at all", {}, "cannot be read"),
     "row with an extra field": (
@@ -691,6 +691,7 @@ def test_blocks_without_evaluation_users_or_new_users_are_noted(tmp_path):
         "incremental block 1 has no new users",
         "block 2 has no valid and no test users",
         "incremental block 2 has no new users",
+        "24 held-out interaction(s) left out",  # every valid / test item is untrained in its block
     ]
     growing = make_log(n_users=60)
     growing["timestamp"] += growing["user"].str.removeprefix("u").replace("lonely", "0").astype(int) * 10**6  # users join in turn

@@ -117,12 +117,3 @@ def test_cli_bench_serve(run_dir, tmp_path):
     assert records[1]["model"] == "student" and records[2]["batch_users"] is None
     out = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "no such run directory" in out.stderr
-
-
-def test_ids_written_with_spaces_are_found_as_written_and_without_them():
-    from ccdrec.serve import id_index
-
-    index = id_index(np.array([" 259 ", "242", " 242", "7"], dtype=object))
-    assert index[" 259 "] == 0 and index["259"] == 0  # typed without the log's padding
-    assert index["242"] == 1 and index[" 242"] == 2  # an ID written plainly keeps its own row
-    assert "7 " not in index and len(index) == 5

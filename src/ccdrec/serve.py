@@ -64,16 +64,6 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, 
     return order, scores[order]
 
 
-def id_index(ids) -> dict[str, int]:
-    """Original ID -> position; an ID written with surrounding spaces in the log (kept exactly, as
-    ``data prepare`` keeps IDs) is found without them too, unless another ID is written that way."""
-    index = {str(x): i for i, x in enumerate(ids)}
-    for key, i in list(index.items()):
-        if key != key.strip():
-            index.setdefault(key.strip(), i)
-    return index
-
-
 class ServedRun:
     """The served student of a run directory, ready to recommend.
 
@@ -112,7 +102,7 @@ class ServedRun:
         """The original IDs of the served universe and every user's seen items (blocks 0..``block``)."""
         self.user_ids = self.stream.user_vocab[:n_u] if self.stream.user_vocab is not None else np.arange(n_u).astype(str)
         self.item_ids = self.stream.item_vocab[:n_i] if self.stream.item_vocab is not None else np.arange(n_i).astype(str)
-        self._user_index = id_index(self.user_ids)
+        self._user_index = {str(u): i for i, u in enumerate(self.user_ids)}
         self._item_index: dict[str, int] | None = None
         self._train: sp.csr_matrix | None = None
         seen = [b.split(s) for b in self.stream.blocks[: self.block + 1] for s in ("train", "valid", "test")]
@@ -134,7 +124,7 @@ class ServedRun:
         return f"; it first appears in block {first} of the stream, and the served student has reached block {self.block}"
 
     def user_index(self, user: str | int) -> int:
-        """The row of an original user ID (:func:`id_index`: as given, else without surrounding spaces)."""
+        """The row of an original user ID (as given, else without surrounding spaces, as ``--items`` reads IDs)."""
         key = str(user)
         if key not in self._user_index and key.strip() in self._user_index:
             key = key.strip()
@@ -171,9 +161,8 @@ class ServedRun:
     def item_index(self, item: str | int) -> int | None:
         """The index of original item ID ``item`` in the served universe, or None when it is not in it."""
         if self._item_index is None:
-            self._item_index = id_index(self.item_ids)
-        key = str(item)
-        return self._item_index.get(key, self._item_index.get(key.strip()))
+            self._item_index = {str(x): i for i, x in enumerate(self.item_ids)}
+        return self._item_index.get(str(item))
 
     def _train_graph(self) -> sp.csr_matrix:
         """The train matrix the served model is attached to (its block's, or the union of blocks 0..k)."""

@@ -211,6 +211,37 @@ def test_lwckd_equals_hand_computed_reference_by_id(grown):
     assert model.user_emb.grad is not None and model.user_emb.grad[:U0].abs().sum() > 0
 
 
+def test_lwckd_reads_the_steps_own_propagation(grown, monkeypatch):
+    """LightGCN's propagate(with_layers=True) carries the layers it averaged; LWC-KD (uses_layers) takes
+    them instead of propagating the graph again, with the same loss and gradient as from a separate
+    layer_embeddings(); a plain propagate() holds no layers."""
+    import ccdrec.models.lightgcn as lightgcn
+
+    model, old, _, r_old, _ = grown
+    users, items = np.array([14, 3, 0, 11, 7]), np.array([1, 10, 9, 4, 0])
+    passes = []
+    real = lightgcn.propagate_symmetric
+    monkeypatch.setattr(lightgcn, "propagate_symmetric", lambda adj, x: passes.append(1) or real(adj, x))
+
+    assert model.propagate().layers is None and LWCKD.uses_layers
+    passes.clear()
+    reps = model.propagate(with_layers=True)
+    assert len(passes) == 2 and len(reps.layers) == 3
+    u, i = reps  # unpacks as the (users, items) pair it is
+    assert torch.equal(u, torch.stack([lu for lu, _ in model.layer_embeddings()]).mean(0))
+    passes.clear()
+    shared = LWCKD(old, r_old, tau=2.0, weight=0.5, knn=100)(model, reps, users, items, 0)
+    assert passes == []  # no second propagation
+    shared.backward()
+    grad_shared = model.user_emb.grad.clone()
+    model.user_emb.grad = None
+    fresh = LWCKD(old, r_old, tau=2.0, weight=0.5, knn=100)(model, tuple(model.propagate()), users, items, 0)
+    assert passes == [1, 1, 1, 1]  # a plain pair has no layers: propagate() and layer_embeddings() each pass twice
+    fresh.backward()
+    assert shared.item() == pytest.approx(fresh.item(), rel=1e-6)
+    torch.testing.assert_close(grad_shared, model.user_emb.grad)
+
+
 def test_position_indexed_snapshot_gives_a_different_loss(grown):
     """Rows of the snapshot shuffled, as when old embeddings are fetched by position: the loss must change."""
     model, old, _, r_old, _ = grown

@@ -225,6 +225,7 @@ def contrastive_rows(
     candidates: int | None = None,
     generator: torch.Generator | None = None,
     candidate_set: CandidateSet | None = None,
+    candidate_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row contrastive losses ℓ_r and the boolean mask of rows with Σ_j M_rj > 0.
 
@@ -240,6 +241,7 @@ def contrastive_rows(
     logits of the drawn columns R outside P; the cost is O(B · |C|) instead of O(B · N). A prepared
     ``candidate_set`` (to share one draw across layers) takes precedence over ``candidates``; ``mask``
     is then ignored (the set holds it, re-indexed). ``candidates`` None or >= N: the exact softmax.
+    ``candidate_rows`` (|C|, d): ``cand[candidate_set.index]`` when the caller has gathered it already.
     """
     if candidate_set is None and candidates is not None:
         candidate_set = sample_candidates(mask, cand.shape[0], candidates, generator, a.device)
@@ -247,7 +249,8 @@ def contrastive_rows(
         cs = candidate_set
         if cs.n_rows != a.shape[0]:
             raise ValueError(f"candidate set has {cs.n_rows} rows, anchors {a.shape[0]}")
-        logits = a @ take_rows(cand, cs.index).T / tau + cs.offset.to(a.dtype)
+        rows_c = take_rows(cand, cs.index) if candidate_rows is None else candidate_rows
+        logits = a @ rows_c.T / tau + cs.offset.to(a.dtype)
         vals = cs.vals.to(logits.dtype)
         msum = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals)
         pos = logits.new_zeros(cs.n_rows).index_add(0, cs.rows, vals * take_pairs(logits, cs.rows, cs.cols))
@@ -284,14 +287,16 @@ def contrastive(
     candidates: int | None = None,
     generator: torch.Generator | None = None,
     candidate_set: CandidateSet | None = None,
+    candidate_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L(a, N, M) = −mean_{r: Σ_j M_rj > 0} Σ_j M_rj · log softmax_j(a_r · N_jᵀ / τ) / Σ_j M_rj (method.md 5.4).
 
     ``row_weights`` (B,): optional per-row weights (PIW) multiplying each row's loss before the mean,
-    a (B,) * (B,) product. ``candidates`` / ``generator`` / ``candidate_set``: the sampled-softmax
-    approximation of :func:`contrastive_rows` (None: exact). Returns a scalar; 0 when no row has weight.
+    a (B,) * (B,) product. ``candidates`` / ``generator`` / ``candidate_set`` / ``candidate_rows``: the
+    sampled-softmax approximation of :func:`contrastive_rows` (None: exact). Returns a scalar; 0 when no
+    row has weight.
     """
-    losses, valid = contrastive_rows(a, cand, mask, tau, candidates, generator, candidate_set)
+    losses, valid = contrastive_rows(a, cand, mask, tau, candidates, generator, candidate_set, candidate_rows)
     if row_weights is not None:
         if row_weights.shape != losses.shape:
             raise ValueError(f"row_weights shape {tuple(row_weights.shape)} != per-row losses {tuple(losses.shape)}")
@@ -421,13 +426,16 @@ class LWCKD(Callback):
 
     ``lwc(model, reps, users, pos_items, epoch)`` returns λ_LWC · mean_l Σ_terms L_term,l for the
     batch's *distinct* old users (ID < U_{k-1}) and old positive items (ID < I_{k-1}); new entities are
-    ignored. Current layer embeddings come from ``model.layer_embeddings()`` (MF: ``reps`` itself).
+    ignored. Current layer embeddings come from the step's ``reps.layers`` (``propagate(with_layers=True)``),
+    else from ``model.layer_embeddings()`` (MF: ``reps`` itself).
 
     PIW training: the network's parameters live here, not in the model, so fit()'s optimiser does not
     see them. The loss this call returns depends on them, so fit()'s ``backward()`` fills their
     gradients; the next call applies them with the network's own Adam step and clears them. The
     network thus trains jointly on the same total loss, lagging one minibatch.
     """
+
+    uses_layers = True  # reads the step's per-layer embeddings (Callback.uses_layers)
 
     def __init__(
         self,
@@ -501,6 +509,8 @@ class LWCKD(Callback):
         self.step_piw()
         if self.old.n_layers == 1 and reps is not None and getattr(model, "layers", 0) == 0:
             layers = [tuple(reps)]
+        elif getattr(reps, "layers", None) is not None:
+            layers = reps.layers  # the step's own propagation (Representations): no second pass over the graph
         else:
             layers = model.layer_embeddings()
         final_users = reps[0] if reps is not None else None
@@ -586,22 +596,40 @@ class LWCKD(Callback):
                 if t in self.terms and n_rows[t]:
                     sets[t] = sample_candidates(masks[t], n_side[t], self.candidates, self.generator, dev)
 
+        # Per term: the side of its anchors (old embeddings) and of its candidates (current embeddings).
+        anchor_side = {"ui": "users", "uu": "users", "iu": "items", "ii": "items"}
+        cand_side = {"ui": "items", "ii": "items", "iu": "users", "uu": "users"}
+        n_old = {"users": u_old, "items": i_old}
+        n_anchors = {"users": len(users), "items": len(items)}
+        # The sampled terms of one candidate side gather their candidates' rows of a layer together, once,
+        # from the union of their candidate sets: the backward pass then scatters into each layer's table
+        # once per side, not once per term.
+        union: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # term -> (its side's union U, positions in U)
+        for same in (("ui", "ii"), ("iu", "uu")):
+            present = [t for t in same if sets[t] is not None]
+            if present:
+                ids = torch.unique(torch.cat([sets[t].index for t in present]))  # sorted
+                union.update({t: (ids, torch.searchsorted(ids, sets[t].index)) for t in present})
+
         sums = {t: torch.zeros((), device=dev) for t in self.terms}
         for layer, (cur_u, cur_i) in enumerate(layers):
-            old_u, old_i = self.old.users[layer], self.old.items[layer]
-            cand_u, cand_i = cur_u[:u_old], cur_i[:i_old]
-            if len(users):
-                a_u = old_u[u_t]
-                if "ui" in self.terms:
-                    sums["ui"] = sums["ui"] + contrastive(a_u, cand_i, masks["ui"], self.tau, w, candidate_set=sets["ui"])
-                if "uu" in self.terms:
-                    sums["uu"] = sums["uu"] + contrastive(a_u, cand_u, masks["uu"], self.tau, w, candidate_set=sets["uu"])
-            if len(items):
-                a_i = old_i[i_t]
-                if "iu" in self.terms:
-                    sums["iu"] = sums["iu"] + contrastive(a_i, cand_u, masks["iu"], self.tau, candidate_set=sets["iu"])
-                if "ii" in self.terms:
-                    sums["ii"] = sums["ii"] + contrastive(a_i, cand_i, masks["ii"], self.tau, candidate_set=sets["ii"])
+            current = {"users": cur_u, "items": cur_i}
+            anchors = {"users": self.old.users[layer][u_t], "items": self.old.items[layer][i_t]}
+            gathered: dict[str, torch.Tensor] = {}  # candidate side -> rows of its union
+            for t in self.terms:
+                a_side, c_side = anchor_side[t], cand_side[t]
+                if not n_anchors[a_side]:
+                    continue
+                rows = None
+                if t in union:
+                    ids, positions = union[t]
+                    if c_side not in gathered:
+                        gathered[c_side] = take_rows(current[c_side], ids)
+                    rows = take_rows(gathered[c_side], positions)
+                cand = current[c_side][: n_old[c_side]]
+                weights = w if a_side == "users" else None
+                loss = contrastive(anchors[a_side], cand, masks[t], self.tau, weights, candidate_set=sets[t], candidate_rows=rows)
+                sums[t] = sums[t] + loss
         n_layers = len(layers)
         self.last_terms = {t: (v / n_layers).detach() for t, v in sums.items()}
         total = sum(sums.values()) / n_layers

@@ -24,6 +24,23 @@ InitStrategy = Literal["entity", "one_hop", "random"]
 INIT_STD = 0.01
 
 
+class Representations(tuple):
+    """The (users, items) final representations of one propagation, (U, d) and (I, d), unpacked like a pair.
+
+    ``layers``: the per-layer (users, items) embeddings E^0..E^L they were computed from, in the same
+    autograd graph (LightGCN; None when the model has no layers to share). A regulariser of the same
+    training step (LWC-KD, method.md 5.4) reads them instead of propagating the graph a second time, so
+    that a step propagates once forward and once backward.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+    def __new__(cls, users: torch.Tensor, items: torch.Tensor, layers=None):
+        reps = super().__new__(cls, (users, items))
+        reps.layers = layers
+        return reps
+
+
 class Recommender(nn.Module, ABC):
     """A model over a universe of ``n_users`` x ``n_items`` that scores by user-item affinity."""
 
@@ -94,8 +111,9 @@ class EmbeddingModel(Recommender):
         """Per-layer (users, items) embeddings, layer 0 = ego tables (for LWC-KD)."""
 
     @abstractmethod
-    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final (users, items) representations, differentiable."""
+    def propagate(self, with_layers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (users, items) representations, differentiable; ``with_layers``: a :class:`Representations`
+        that also carries the per-layer embeddings (:meth:`layer_embeddings`) of the same pass."""
 
     @staticmethod
     def scorer_of(reps: tuple[torch.Tensor, torch.Tensor]) -> Scorer:

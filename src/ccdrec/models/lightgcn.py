@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Scorer
+from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Representations, Scorer
 from ccdrec.models.graph import normalized_adjacency, propagate_symmetric, to_torch_sparse
 from ccdrec.models.growth import entity_rows, grow_table
 
@@ -62,13 +62,16 @@ class LightGCN(EmbeddingModel):
                 layers.append(propagate_symmetric(self._adj, layers[-1]))
         return [(x[: self.n_users], x[self.n_users :]) for x in layers]
 
-    def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def propagate(self, with_layers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final representations mean_l E^l; ``with_layers``: a :class:`Representations` that also holds
+        the layers E^0..E^L, for a regulariser of the same step (held only when asked: they are 3 more
+        (U + I, d) tables alive through the step)."""
         if self.layers == 0:
             return self.user_emb, self.item_emb
         per_layer = self.layer_embeddings()
         users = torch.stack([u for u, _ in per_layer]).mean(0)
         items = torch.stack([i for _, i in per_layer]).mean(0)
-        return users, items
+        return Representations(users, items, layers=per_layer if with_layers else None)
 
     @torch.no_grad()
     def scorer(self, context: sp.csr_matrix | None = None) -> Scorer:

@@ -14,7 +14,11 @@ class Callback:
     ``batch_loss(model, out, users, items, epoch)`` is added to every minibatch's loss: ``out`` is the
     objective's forward output (an embedding model's ``propagate()``, a Mult-VAE's logits), ``users`` /
     ``items`` the minibatch's users and positive items (numpy; no items for a Mult-VAE batch).
+    ``uses_layers``: the batch loss reads the per-layer embeddings of ``out`` (an embedding model's
+    ``propagate(with_layers=True)``), so the step keeps them instead of propagating twice.
     """
+
+    uses_layers: bool = False
 
     def on_epoch_start(self, model: Recommender, opt: torch.optim.Optimizer, epoch: int) -> None:
         """Before the epoch's pass (e.g. re-draw a replay set against the current ranking)."""

@@ -43,6 +43,7 @@ def bpr_epoch(
     batch_size = bounded_batch(len(order), cfg.batch_size, cfg.max_steps)
     negs = sampler.sample(pairs[order, 0], cfg.negatives, rng)
     dev = model.device
+    with_layers = any(getattr(cb, "uses_layers", False) for cb in callbacks)
     total = 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -50,7 +51,7 @@ def bpr_epoch(
         users = torch.from_numpy(u_np).to(dev)
         pos = torch.from_numpy(i_np).to(dev)
         neg = torch.from_numpy(negs[start : start + len(idx)]).to(dev)
-        reps = model.propagate()
+        reps = model.propagate(with_layers=with_layers)
         u_rep, i_rep = reps
         eu = take_rows(u_rep, users)
         loss = bpr_loss((eu * take_rows(i_rep, pos)).sum(-1), torch.einsum("bd,bnd->bn", eu, take_rows(i_rep, neg)))

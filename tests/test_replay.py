@@ -182,28 +182,6 @@ def test_rank_labels_are_the_current_models_own_scores_at_the_source_positions()
     np.testing.assert_allclose(rs.labels, 1 / (1 + np.exp(-cur[rs.users, rs.items])), rtol=1e-5)
 
 
-def test_pull_up_draws_only_items_ranked_below_the_source_position_so_rank_labels_only_raise():
-    n_users, n_items, a = 10, 25, 8
-    _, _, current, exclude = _setup(seed=3, n_users=n_users, n_items=n_items)
-    src = _proxy(n_users, n_items, seed=11)
-    excl = _dense_exclude(exclude, n_users, n_items)
-    users = np.arange(n_users)
-    cur = current.scorer()(torch.from_numpy(users)).numpy()
-    full = src.scorer()(torch.from_numpy(users)).numpy()
-    args = (current.scorer(), n_items, [(src.scorer(), a)], users, exclude, a)
-    both = sample_replay(*args, rng=np.random.default_rng(0), labels="rank")
-    up = sample_replay(*args, rng=np.random.default_rng(0), labels="rank", pull="up")
-    below = 0
-    for u in users:
-        listed = [i for i in np.argsort(-full[u], kind="stable") if not excl[u, i]][:a]
-        ranked_below = {i for p, i in enumerate(listed) if (cur[u][~excl[u]] > cur[u, i]).sum() > p}
-        below += len(ranked_below)
-        assert set(up.items[up.users == u].tolist()) == ranked_below  # a = n: every eligible candidate
-    assert 0 < len(up) == below < len(both)  # the source's list holds items on both sides
-    np.testing.assert_array_less(1 / (1 + np.exp(-cur[up.users, up.items])), up.labels)  # every label raises
-    assert (1 / (1 + np.exp(-cur[both.users, both.items])) > both.labels).any()  # "both" also pushes down
-
-
 def test_sample_replay_is_deterministic_given_the_rng():
     sp_, pp_, current, exclude = _setup(seed=7)
     args = (current.scorer(), 30, [(sp_.scorer(), 2), (pp_.scorer(), 3)], np.arange(12), exclude, 8)

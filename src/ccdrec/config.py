@@ -18,7 +18,6 @@ def validation_message(e: ValidationError) -> str:
 
 
 ReplayLabels = Literal["source", "rank"]
-ReplayPull = Literal["both", "up"]
 """How replayed pairs are labelled: ``source`` = σ(s_X(u, i)) as method.md 5.1 / 5.3 write it;
 ``rank`` = σ of the current model's own score at the source's rank position (the teacher default:
 on Yelp, validation H of a teacher member's update at block 2 is 0.0780 with rank labels against
@@ -172,14 +171,6 @@ class ReplayConfig(Strict):
     )
     labels: ReplayLabels = Field(
         "source", description="replay labels: source = σ(s_X); rank = σ(own score at the source's rank position)"
-    )
-    pull: ReplayPull = Field(
-        "both",
-        description=(
-            "both = draw from all of a source's top-A (method.md 5.1); up = only the candidates the trained model ranks "
-            "below the source's position, so that replay raises what the source knows better and never pushes the "
-            "model's own higher-ranked items down (beyond the paper)"
-        ),
     )
     rank_sample: int | None = Field(
         RANK_SAMPLE,

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from ccdrec.config import ReplayLabels, ReplayPull, bounded_batch
+from ccdrec.config import ReplayLabels, bounded_batch
 from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
 from ccdrec.models.indexing import take_rows
@@ -281,7 +281,6 @@ def sample_replay(
     labels: ReplayLabels = "source",
     rank_sample: int | None = None,
     reps: tuple[torch.Tensor, torch.Tensor] | None = None,
-    pull: ReplayPull = "both",
 ) -> ReplaySet:
     """Proxy-guided replay set for ``users`` (method.md 5.1; 5.3 with sources SP, PP and CL_k).
 
@@ -298,11 +297,7 @@ def sample_replay(
     keys is exactly successive sampling without replacement ∝ exp(ε·d)), label σ(s_X(u, i)) for
     ``labels="source"``. ``labels="rank"`` calibrates the label to the current model's own scale: y =
     σ(s_W of the item the current model ranks at position rank_X), i.e. "score the item as you score
-    your rank_X-th item". ``pull="up"`` (beyond the paper) draws only candidates with rank_W > rank_X, the
-    items the current model ranks below the source's position: with ``labels="rank"`` every replayed pair
-    then raises an item, and none pushes the model's own higher-ranked items down to the source's
-    position (``"both"``, the paper, draws from all of the top-A). Sources' logits are not calibrated
-    probabilities: on Yelp a served student
+    your rank_X-th item". Sources' logits are not calibrated probabilities: on Yelp a served student
     CL_2's top logits are about 0.07 (labels ≈ 0.5) while a stability proxy's are about 12 (labels ≈ 1),
     so source labels pull a teacher's scores of its own top items towards 0 (see :data:`ReplayLabels`).
     Sources are merged keeping the larger label of a repeated pair. Deterministic given ``rng``.
@@ -340,10 +335,7 @@ def sample_replay(
         for candidates, n_draw in active:
             top_items, top_scores = (t.to(dev) for t in candidates.rows(batch, a))
             valid = torch.isfinite(top_scores)
-            rank_w = ranking.rank_of(top_items)
-            logits = eps * (rank_w - position)
-            if pull == "up":  # only what the current model ranks below the source's position
-                valid = valid & (rank_w > position)
+            logits = eps * (ranking.rank_of(top_items) - position)
             logits = logits.masked_fill(~valid, -torch.inf)
             logits = logits - logits.max(dim=1, keepdim=True).values.nan_to_num(neginf=0.0)
             gumbel = torch.from_numpy(rng.gumbel(size=logits.shape).astype(np.float32)).to(dev)

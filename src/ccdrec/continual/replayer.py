@@ -91,7 +91,6 @@ class Replayer(Callback):
             labels=self.rc.labels,
             rank_sample=self.rc.rank_sample,
             reps=reps,
-            pull=self.rc.pull,
         )
         self.sizes.append(len(self.replay))
         return self.replay

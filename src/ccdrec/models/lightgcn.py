@@ -64,8 +64,8 @@ class LightGCN(EmbeddingModel):
 
     def propagate(self, with_layers: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Final representations mean_l E^l; ``with_layers``: a :class:`Representations` that also holds
-        the layers E^0..E^L, for a regulariser of the same step (held only when asked: they are 3 more
-        (U + I, d) tables alive through the step)."""
+        the layers E^0..E^L, for a regulariser of the same step (held only when asked: they keep L + 1
+        more (U + I, d) tables alive through the step)."""
         if self.layers == 0:
             return self.user_emb, self.item_emb
         per_layer = self.layer_embeddings()

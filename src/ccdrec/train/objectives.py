@@ -51,7 +51,7 @@ def bpr_epoch(
         users = torch.from_numpy(u_np).to(dev)
         pos = torch.from_numpy(i_np).to(dev)
         neg = torch.from_numpy(negs[start : start + len(idx)]).to(dev)
-        reps = model.propagate(with_layers=with_layers)
+        reps = model.propagate(with_layers=True) if with_layers else model.propagate()
         u_rep, i_rep = reps
         eu = take_rows(u_rep, users)
         loss = bpr_loss((eu * take_rows(i_rep, pos)).sum(-1), torch.einsum("bd,bnd->bn", eu, take_rows(i_rep, neg)))

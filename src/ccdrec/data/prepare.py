@@ -80,6 +80,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
 from ccdrec.errors import CcdrecError
@@ -352,8 +353,8 @@ def _check_params(
     for name, value in (("--blocks (n_blocks)", n_blocks), ("--min-user", min_user), ("--min-item", min_item)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise bad(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= 2**32 - 1:
-        raise bad(f"--seed must be an integer in 0..{2**32 - 1}, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX:
+        raise bad(f"--seed must be an integer in 0..{SEED_MAX}, got {seed!r}")
     cols = [user_col, item_col, time_col] + ([rating_col] if rating_col is not None else [])
     if len(set(cols)) < len(cols):
         raise bad(f"user, item, time (and rating) columns must differ, got {', '.join(map(repr, cols))}")

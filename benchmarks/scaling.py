@@ -14,7 +14,8 @@ process (so that its peak RSS is its own) and is timed:
 * ``student_epoch``    one student-update epoch on the next block (grown student, BPR + proxy replay),
                        the candidates at hand.
 
-Prints ``stage users items interactions seconds peak_rss_mb`` per stage and size, then per stage the
+Prints ``stage users items interactions seconds peak_rss_mb`` per stage and size (with ``--repeat N``:
+the fastest of N runs, each run's seconds last), then per stage the
 log-log slope of seconds against users, against interactions and against users x items (the cells a
 full ranking scores), and of peak RSS against users (least squares over the sizes). ``--max-steps``
 bounds the steps of a BPR or replay epoch (``TrainConfig.max_steps``; the library's default binds only
@@ -234,6 +235,13 @@ def main() -> None:
         default="ccdrec",
         help="the C heap as ccdrec commands use it, or glibc's defaults (default: %(default)s)",
     )
+    ap.add_argument(
+        "--repeat",
+        type=positive,
+        default=1,
+        help="runs of every stage and size, each in a fresh process; seconds = the fastest (on a shared machine other "
+        "work only adds time), peak RSS = the largest, and each run's seconds are printed last (default: 1)",
+    )
     args = ap.parse_args()
     max_steps = args.max_steps
     if len(args.users) < 2:
@@ -242,24 +250,32 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages}
     skipped: set[str] = set()
-    print("stage users items interactions seconds peak_rss_mb rss_before_stage_mb", flush=True)
+    header = "stage users items interactions seconds peak_rss_mb rss_before_stage_mb"
+    print(header + (" seconds_each_run" if args.repeat > 1 else ""), flush=True)
     for n_users in args.users:
         n_items = max(int(n_users * args.items_ratio), 100)
         for stage in results:
             if stage in skipped:
                 continue
-            q = ctx.Queue()
-            stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, args.heap, q)
-            p = ctx.Process(target=run_stage, args=stage_args)
-            p.start()
-            p.join()
-            if p.exitcode != 0:
-                print(f"{stage} {n_users} {n_items} failed (exit {p.exitcode})", flush=True)
-                skipped.add(stage)
+            runs = []
+            for _ in range(args.repeat):
+                q = ctx.Queue()
+                stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, args.heap, q)
+                p = ctx.Process(target=run_stage, args=stage_args)
+                p.start()
+                p.join()
+                if p.exitcode != 0:
+                    print(f"{stage} {n_users} {n_items} failed (exit {p.exitcode})", flush=True)
+                    skipped.add(stage)
+                    break
+                runs.append(q.get())
+            if stage in skipped:
                 continue
-            seconds, peak, before, inter, cells = q.get()
+            seconds = min(r[0] for r in runs)  # the least disturbed run (as timeit): other work only adds time
+            _, peak, before, inter, cells = max(runs, key=lambda r: r[1])
             results[stage].append((n_users, inter, cells, seconds, peak))
-            print(f"{stage} {n_users} {n_items} {inter} {seconds:.2f} {peak:.0f} {before:.0f}", flush=True)
+            each = " " + "/".join(f"{r[0]:.2f}" for r in runs) if args.repeat > 1 else ""
+            print(f"{stage} {n_users} {n_items} {inter} {seconds:.2f} {peak:.0f} {before:.0f}{each}", flush=True)
             if seconds > args.stage_limit:
                 skipped.add(stage)
     print("stage slope_seconds_vs: users interactions users_x_items; slope_rss_vs_users", flush=True)

@@ -241,3 +241,34 @@ def test_covering_epochs_distil_every_listed_row_once():
     assert seen[0] != seen[1]  # a fresh order every epoch
     plain = RRDObjective(user_top, item_top, block.n_items, block.n_users, 20, 20, seed=0)
     assert len(plain._rows(plain.user_side, np.array([1, 1, 2]), plain._generator(model.device))) == 2
+
+
+@pytest.mark.parametrize(
+    ("scores", "patience", "capped"),
+    [
+        ([0.1, 0.2, 0.3, 0.4], 10, True),  # still improving when the cap ends it
+        ([0.1, 0.3, 0.2, 0.2], 10, False),  # the best epoch is not the last
+        ([0.4, 0.3, 0.2, 0.1], 2, False),  # early stopping ended it
+    ],
+)
+def test_fit_says_when_its_epoch_cap_ended_it_still_improving(scores, patience, capped):
+    """``FitResult.capped``: the cap, not early stopping, ended a fit whose last validation was the best;
+    the fit row carries it and the run report names the stage."""
+    from ccdrec.pipeline.context import fit_row
+    from ccdrec.report.tables import capped_note
+    from ccdrec.train.callbacks import Callback
+
+    class Scripted(Callback):
+        def on_validate(self, model, epoch, valid):
+            valid["x"] = scores[epoch]
+
+    block = synthetic_stream(n_blocks=1)[0]
+    cfg = TrainConfig(epochs=4, batch_size=256, eval_every=1, patience=patience)
+    res = fit(MF(block.n_users, block.n_items, dim=4), block, cfg, seed=0, callbacks=[Scripted()], select="x")
+    assert res.capped is capped
+    row = {**fit_row("teacher0", res, 0), "stage": "b0/teacher0"}
+    assert row.get("capped", False) is capped
+    note = capped_note([row, {**row, "kind": "test"}])
+    assert (note is not None) is capped
+    if capped:
+        assert note.startswith("1 training stage(s)") and "b0/teacher0" in note

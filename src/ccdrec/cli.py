@@ -486,6 +486,8 @@ def run(
     summary = tables.summary(rows, tables.lead_metrics(rows))
     if not summary.empty:
         console.print(tables.as_text(summary).to_string())
+    if note := tables.capped_note(rows):
+        console.print(f"note: {note}", markup=False)
 
 
 @app.command("recommend")

@@ -61,6 +61,8 @@ def fit_row(model: str, res: FitResult | None, k: int, **extra) -> dict:
     row = {"kind": "fit", "model": model, "k": k, **extra}
     if res is not None:
         row.update({"best_epoch": res.best_epoch + 1, "epochs": res.epochs_run, "train_seconds": round(res.seconds, 3)})
+        if res.capped:
+            row["capped"] = True
         row.update({f"valid_{m}": v for m, v in res.best_valid.items() if m != "users"})
     return row
 

@@ -78,6 +78,8 @@ def write_report(rd) -> Path:
     lines.append(markdown_table(tables.new_users(rows, lead)))
     lines.append(f"## Training (best epoch by validation {lead} of the block)\n")
     lines.append(markdown_table(tables.fit_table(rows, lead), ".3f"))
+    if note := tables.capped_note(rows):
+        lines.append(f"Note: {note}\n")
     lines.append("## Time and peak memory per stage\n")
     secs = pd.Series(state.get("seconds", {}), name="seconds", dtype=float)
     peaks = pd.Series(state.get("peak_rss_mb", {}), name="peak RSS (MB)", dtype=float)

@@ -109,3 +109,18 @@ def fit_table(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
     cols = ["stage", "model", "best_epoch", "epochs", f"valid_{metric}", "train_seconds"]
     df = pd.DataFrame(sel)
     return df[[c for c in cols if c in df.columns]]
+
+
+def capped_note(rows: list[dict], shown: int = 8) -> str | None:
+    """A sentence naming the training stages whose epoch cap ended them while their last validation was
+    the best (``fit`` rows marked ``capped``, :class:`ccdrec.train.loop.FitResult`), or None if none did."""
+    names = [str(r.get("stage", r.get("model"))) for r in rows if r.get("kind") == "fit" and r.get("capped")]
+    if not names:
+        return None
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return (
+        f"{len(names)} training stage(s) reached their epoch cap still improving (best epoch = last): {listed}. "
+        "Early stopping did not end them: more epochs (the `epochs` of the schedule that trains each: teacher.base / "
+        "teacher.base_vae at block 0, teacher.update / teacher.update_vae after it, student.distill, student.update) "
+        "may learn their block better, at more time; for the updates the cap also bounds forgetting."
+    )

@@ -32,7 +32,9 @@ from ccdrec.train.objectives import objective_for
 @dataclass
 class FitResult:
     """The training summary of :func:`fit`: the best epoch (0-based) and its validation metrics, the
-    per-epoch history, seconds in all and to the best epoch, epochs run."""
+    per-epoch history, seconds in all and to the best epoch, epochs run, and ``capped``: the epoch cap
+    (``TrainConfig.epochs``) ended training while its last validation was the best so far, so early
+    stopping did not decide and more epochs may still have helped."""
 
     best_epoch: int
     best_valid: dict[str, float]
@@ -40,6 +42,7 @@ class FitResult:
     seconds: float = 0.0
     seconds_to_best: float = 0.0
     epochs_run: int = 0
+    capped: bool = False
 
 
 class EarlyStopping:
@@ -146,6 +149,7 @@ def fit(
     finally:
         bar.close()
     result.epochs_run = len(result.history)
+    result.capped = selection.best_state is not None and result.best_epoch == result.epochs_run - 1 == cfg.epochs - 1
     if selection.best_state is not None:
         model.load_state_dict(selection.best_state)
         model.set_graph(r)

@@ -272,3 +272,27 @@ def test_fit_says_when_its_epoch_cap_ended_it_still_improving(scores, patience, 
     assert (note is not None) is capped
     if capped:
         assert note.startswith("1 training stage(s)") and "b0/teacher0" in note
+
+
+def test_stream_selection_reads_every_earlier_blocks_validation():
+    """``select_on = stream``: every validation adds RA over the earlier blocks' validation splits and
+    H(LA, RA) (method.md 8 on validation), and the kept epoch is the one with the best H."""
+    from ccdrec.eval.metrics import evaluate_block
+    from ccdrec.eval.protocol import harmonic
+    from ccdrec.train.loop import stream_validation
+
+    stream = synthetic_stream(n_blocks=3)
+    block, past = stream[2], stream.blocks[:2]
+    cfg = TrainConfig(epochs=4, batch_size=256, eval_every=1, patience=10, select_on="stream")
+    torch.manual_seed(0)
+    model = MF(block.n_users, block.n_items, dim=4)
+    la = evaluate_block(model, block, "valid")["recall@20"]
+    got = stream_validation(model, past, {"recall@20": la}, cfg)
+    ra = np.mean([evaluate_block(model, b, "valid")["recall@20"] for b in past])
+    assert got["stream_ra@20"] == pytest.approx(ra, abs=1e-12) and got["stream_h@20"] == pytest.approx(harmonic(la, ra))
+
+    res = fit(model, block, cfg, seed=0, past=past)
+    hs = [row["valid_stream_h@20"] for row in res.history]
+    assert res.best_epoch == int(np.argmax(hs)) and res.best_valid["stream_h@20"] == max(hs)
+    plain = fit(MF(block.n_users, block.n_items, dim=4), block, cfg, seed=0)  # no earlier blocks: the block alone
+    assert "stream_h@20" not in plain.best_valid

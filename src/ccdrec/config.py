@@ -123,6 +123,15 @@ class TrainConfig(Strict):
         pattern=r"^(recall|ndcg)@[1-9][0-9]*$",
         description="validation metric for model selection: recall@K or ndcg@K",
     )
+    select_on: Literal["block", "stream"] = Field(
+        "block",
+        description=(
+            "what model selection and early stopping read after block 0: block = the validation split of the block "
+            "trained on (method.md 3); stream = the harmonic mean of that and the mean over every earlier block's "
+            "validation split, the protocol's H_k (method.md 8) on validation, so that a training that forgets is "
+            "stopped (beyond the paper)"
+        ),
+    )
 
 
 DevicePref = Literal["auto", "cpu", "cuda"]

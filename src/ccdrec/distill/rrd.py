@@ -18,6 +18,8 @@ with BPR negatives that also avoid the teacher's interesting items.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -247,6 +249,7 @@ def distill_student(
     label: str = "distill",
     retention_users: np.ndarray | None = None,
     cover: bool = False,
+    past: Sequence[Block] = (),
 ) -> FitResult:
     """Stage 1 (method.md 7): train ``student`` with BPR(Tr_k) + weight·RRD + weight·IR-RRD.
 
@@ -257,6 +260,7 @@ def distill_student(
     ``retention_users``: old users on which model selection also weighs the agreement with the
     teacher's lists (:class:`ccdrec.distill.agreement.TeacherAgreement`); None: block k's validation alone.
     ``cover``: every epoch distils every listed user and item once (``RRDObjective(steps_per_epoch=...)``).
+    ``past``: the blocks before ``block``, for ``cfg.select_on = stream`` (:func:`ccdrec.train.loop.fit`).
     The student is trained in place (pass a freshly initialised one) and keeps its best-validation weights.
     """
     if not isinstance(student, EmbeddingModel):
@@ -286,5 +290,14 @@ def distill_student(
         callbacks.append(agreement)
         select = agreement.key
     return fit(
-        student, block, cfg, seed=seed, progress=progress, label=label, callbacks=callbacks, avoid=negatives_avoid, select=select
+        student,
+        block,
+        cfg,
+        seed=seed,
+        progress=progress,
+        label=label,
+        callbacks=callbacks,
+        avoid=negatives_avoid,
+        select=select,
+        past=past,
     )

@@ -40,6 +40,7 @@ every block j <= k and on block k's new users, as rows ``model = "<method>:teach
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ from ccdrec.pipeline.context import RunContext, RunState, StageOutput, fit_row, 
 from ccdrec.pipeline.rundir import UNION_GRAPH, RunDir
 from ccdrec.pipeline.staged import TeacherStudentRun, share_block0
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation
-from ccdrec.pipeline.stages.teacher_update import lwckd_towards, span_meta, teacher_blocks, vae_kl_towards
+from ccdrec.pipeline.stages.teacher_update import earlier_blocks, lwckd_towards, span_meta, teacher_blocks, vae_kl_towards
 from ccdrec.train.loop import FitResult, fit
 
 CL_METHODS = ("finetune", "lwckd", "lwckd-piw", "retrain")
@@ -94,6 +95,7 @@ def cl_update(
     knn_graphs=None,
     progress: bool = False,
     label: str = "",
+    past: Sequence[Block] = (),
 ) -> CLResult:
     """One CL update of ``model`` (trained on block k-1) on block k: ``finetune``, ``lwckd`` or ``lwckd-piw``.
 
@@ -101,7 +103,8 @@ def cl_update(
     ``schedule``; LWC-KD methods add λ·LWC-KD towards the unchanged ``model`` (embedding models only;
     Mult-VAE members are fine-tuned). A Mult-VAE ``model`` carries, with every method, CCD's KL towards
     its own outputs (:func:`vae_kl_towards`, weight ``teacher.vae_kl_weight``) unless
-    ``competitors.vae_kl`` is false. ``knn_graphs``: the UU / II graphs of R_{k-1} to reuse.
+    ``competitors.vae_kl`` is false. ``knn_graphs``: the UU / II graphs of R_{k-1} to reuse; ``past``: the
+    blocks before ``block``, for ``schedule.select_on = stream``.
     """
     if check_method(method) == "retrain":
         raise ValueError("full retraining starts from scratch: use cl_retrain")
@@ -115,7 +118,7 @@ def cl_update(
     if cfg.competitors.vae_kl and model.objective == "vae":  # the Mult-VAE family's own loss
         kl = vae_kl_towards(model, block, prev, block.train_matrix, cfg.teacher.vae_kl_weight)
     callbacks = [c for c in (lwc, kl) if c is not None]
-    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=callbacks)
+    res = fit(new, block, schedule, seed=seed, progress=progress, label=label, callbacks=callbacks, past=past)
     return CLResult(new, res, lwc, kl)
 
 
@@ -178,14 +181,26 @@ class CLStream(TeacherStudentRun):
 
     # --- block k >= 1 ------------------------------------------------------------------------
     def _update(
-        self, model: Recommender, spec: ModelConfig, k: int, schedule: TrainConfig, base: TrainConfig, seed: int, label, blocks
+        self,
+        model: Recommender,
+        spec: ModelConfig,
+        k: int,
+        schedule: TrainConfig,
+        base: TrainConfig,
+        seed: int,
+        label,
+        blocks,
+        past: Sequence[Block],
     ):
-        """``model`` updated on ``blocks`` = (what it learns now, what it learned last time)."""
+        """``model`` updated on ``blocks`` = (what it learns now, what it learned last time); ``past``: the
+        blocks before the first, for ``select_on = stream``."""
         if self.method == "retrain":
             return cl_retrain(spec, self.stream, k, base, seed, self.ctx.device, self.progress, label)
         block, prev = blocks
         key = (prev.index, prev.prev_users, len(prev.train))  # the R_{k-1} whose kNN graphs LWC-KD needs
-        res = cl_update(model, self.method, block, prev, self.cfg, schedule, seed, self._knn.get(key), self.progress, label)
+        res = cl_update(
+            model, self.method, block, prev, self.cfg, schedule, seed, self._knn.get(key), self.progress, label, past=past
+        )
         if res.lwc is not None and key not in self._knn:
             self._knn[key] = (res.lwc.user_knn, res.lwc.item_knn)  # shared by every model updated from R_{k-1}
         return res
@@ -195,7 +210,8 @@ class CLStream(TeacherStudentRun):
         seed = self.ctx.seed(f"b{k}/student_update")
         blocks = (self.stream[k], self.stream[k - 1])
         label = f"{self.method} student D_{k}"
-        res = self._update(self.state.student, s.model, k, s.update, self.cfg.teacher.base, seed, label, blocks)
+        past = self.stream.blocks[:k]
+        res = self._update(self.state.student, s.model, k, s.update, self.cfg.teacher.base, seed, label, blocks, past)
         self.state.student = res.model
         ptr = self.save(f"b{k}_student", res.model, k)
         return StageOutput({"student": ptr}, [fit_row(self.ctx.name("student"), res.fit, k)])
@@ -207,7 +223,8 @@ class CLStream(TeacherStudentRun):
         seed = self.ctx.seed(f"b{k}/teacher{m}", base=member.seed)
         schedule, base = (t.update_vae, t.base_vae) if vae else (t.update, t.base)
         blocks = teacher_blocks(self.ctx, k)  # the blocks since the members' last update
-        res = self._update(self.state.members[m], member, k, schedule, base, seed, f"{self.method} teacher {m} D_{k}", blocks)
+        label = f"{self.method} teacher {m} D_{k}"
+        res = self._update(self.state.members[m], member, k, schedule, base, seed, label, blocks, earlier_blocks(self.ctx, k))
         self.state.members[m] = res.model
         ptr = self.save(f"b{k}_teacher{m}", res.model, k, **({} if self.method == "retrain" else span_meta(self.ctx, k)))
         return StageOutput({f"teacher{m}": ptr}, [fit_row(self.ctx.name(f"teacher{m}"), res.fit, k)])

@@ -22,7 +22,8 @@ import torch
 
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block
-from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block
+from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block, evaluate_many
+from ccdrec.eval.protocol import harmonic
 from ccdrec.memory import reused_step_memory
 from ccdrec.models.base import Recommender
 from ccdrec.train.callbacks import Callback
@@ -103,6 +104,7 @@ def fit(
     avoid: sp.spmatrix | None = None,
     inputs: sp.csr_matrix | None = None,
     select: str | None = None,
+    past: Sequence[Block] = (),
 ) -> FitResult:
     """Train ``model`` on ``block``'s train split with early stopping; restores the best weights.
 
@@ -110,7 +112,9 @@ def fit(
     family's objective: (user, item) pairs the BPR negatives must avoid beyond the user's train items;
     a Mult-VAE's input/target rows (default: the block's train matrix). ``select``: the validation
     figure model selection maximises (default ``cfg.select_metric``; a callback's ``on_validate`` may
-    add it). Raises KeyError if no validation provides ``select``.
+    add it). ``past``: the blocks before ``block``; with ``cfg.select_on = "stream"`` every validation
+    also scores them (:func:`stream_validation`) and selection maximises ``stream_h@K`` unless
+    ``select`` names another figure. Raises KeyError if no validation provides ``select``.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -120,6 +124,9 @@ def fit(
     objective = objective_for(model, block, cfg, avoid=avoid, inputs=inputs)
     result = FitResult(best_epoch=-1, best_valid={})
     start = time.perf_counter()
+    streaming = cfg.select_on == "stream" and len(past) > 0
+    if streaming and select is None:
+        select = f"stream_h@{cfg.select_metric.split('@')[1]}"
     selection = EarlyStopping(cfg, result, start, select)
     bar = _progress(progress, label, cfg.epochs)
     try:
@@ -138,6 +145,8 @@ def fit(
             last = epoch == cfg.epochs - 1
             if (epoch + 1) % cfg.eval_every == 0 or last:
                 valid = evaluate_block(model, block, "valid", ks=selection_ks(cfg.select_metric), chunk=cfg.eval_chunk)
+                if streaming:
+                    valid.update(stream_validation(model, past, valid, cfg))
                 for cb in callbacks:
                     cb.on_validate(model, epoch, valid)
                 row.update({f"valid_{k}": v for k, v in valid.items()})
@@ -156,6 +165,23 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def stream_validation(model: Recommender, past: Sequence[Block], valid: dict, cfg: TrainConfig) -> dict[str, float | None]:
+    """The stream's figures on validation for ``TrainConfig.select_on = "stream"``, from ``valid`` (the
+    trained block's validation, LA) and the validation splits of the ``past`` blocks:
+
+        stream_ra@K = mean over past blocks j with validation users of m_j,   m = cfg.select_metric
+        stream_h@K  = 2 · LA · RA / (LA + RA)   (method.md 8's H_k, on validation)
+
+    One scoring pass serves every past block (:func:`ccdrec.eval.metrics.evaluate_many`). A figure
+    without users is None; ``stream_h`` is then the other one."""
+    metric, k = cfg.select_metric, cfg.select_metric.split("@")[1]
+    scores = evaluate_many(model, [(b, "valid", None) for b in past], ks=selection_ks(metric), chunk=cfg.eval_chunk)
+    seen = [s[metric] for s in scores if s.get(metric) is not None]
+    ra, la = (float(np.mean(seen)) if seen else None), valid.get(metric)
+    h = la if ra is None else ra if la is None else harmonic(la, ra)
+    return {f"stream_ra@{k}": ra, f"stream_h@{k}": h}
 
 
 class _progress:

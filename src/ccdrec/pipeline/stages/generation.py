@@ -4,6 +4,8 @@ SP_{k-1}, PP_{k-1} and CL_k. At block 0, D_0 also starts both proxies (SP_0 = PP
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -37,12 +39,14 @@ def generate_student(
     avoid: sp.csr_matrix | None = None,
     progress=False,
     start: Recommender | None = None,
+    past: Sequence[Block] = (),
 ) -> Trained:
     """A student distilled from the ensemble's lists: BPR + RRD + IR-RRD (method.md 7).
 
     ``avoid``: (user, item) pairs the BPR negatives must avoid. With ``student.distill_select = retention``
     model selection also weighs the agreement with the lists on up to 2,000 old users. ``start``: a student of block's universe
     whose copy is trained (``student.distill_from = served``: CL_k); None: fresh random weights (the paper).
+    ``past``: the blocks before ``block``, for ``student.distill.select_on = stream``.
     Raises ValueError if ``start`` is not of the block's universe."""
     seed_everything(seed)
     s = cfg.student
@@ -71,6 +75,7 @@ def generate_student(
         label=f"distil D_{block.index}",
         retention_users=retention,
         cover=s.distill_cover,
+        past=past,
     )
     return Trained(student, res)
 
@@ -97,7 +102,9 @@ def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         avoid = distil_avoid(ctx, state, k) if k > 0 else None
         start = state.served if k > 0 and ctx.cfg.student.distill_from == "served" else None
         seed = ctx.seed(f"b{k}/student")
-        res = generate_student(user_top, item_top, block, ctx.cfg, seed, ctx.device, avoid, ctx.progress, start)
+        res = generate_student(
+            user_top, item_top, block, ctx.cfg, seed, ctx.device, avoid, ctx.progress, start, past=ctx.stream.blocks[:k]
+        )
         state.student = res.model
         out.rows.append(fit_row(ctx.name("student"), res.fit, k))
     out.pointers["student"] = ctx.save(f"b{k}_student", state.student, k)

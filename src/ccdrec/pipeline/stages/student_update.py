@@ -5,6 +5,8 @@ from SP and PP."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -54,10 +56,12 @@ def update_student(
     cfg: RunConfig,
     seed: int,
     progress=False,
+    past: Sequence[Block] = (),
 ) -> tuple[Trained, Replayer]:
     """CL_k from D_{k-1}: grown with entity initialisation, then BPR + replay from SP and PP (5.1).
 
-    ``avoid``: pairs BPR negatives must avoid (the top-N of E_{k-1}, D_{k-1}, SP and PP for old users).
+    ``avoid``: pairs BPR negatives must avoid (the top-N of E_{k-1}, D_{k-1}, SP and PP for old users);
+    ``past``: the blocks before block k, for ``student.update.select_on = stream``.
     """
     seed_everything(seed)
     s = cfg.student
@@ -83,6 +87,7 @@ def update_student(
         label=f"update CL_{k}",
         callbacks=[replayer] if replayer.active else [],
         avoid=avoid,
+        past=past,
     )
     return Trained(model, res), replayer
 
@@ -103,7 +108,15 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     avoid = student_avoid(ctx, state, k, teacher_top(ctx, state, ctx.cfg.teacher.last_cycle(k - 1)))
     block, prev = ctx.stream[k], ctx.stream[k - 1]
     res, replayer = update_student(
-        state.student, *state.proxies, avoid, block, prev, ctx.cfg, ctx.seed(f"b{k}/student_update"), ctx.progress
+        state.student,
+        *state.proxies,
+        avoid,
+        block,
+        prev,
+        ctx.cfg,
+        ctx.seed(f"b{k}/student_update"),
+        ctx.progress,
+        past=ctx.stream.blocks[:k],
     )
     state.served = res.model
     out.pointers["served"] = ctx.save(f"b{k}_served", state.served, k)

@@ -9,6 +9,8 @@ The replay candidates of SP, PP and CL_k are the same for every member, so stage
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -104,7 +106,15 @@ def teacher_candidates(
 
 
 def _update_vae_member(
-    member: MultVAE, sources, block: Block, prev: Block, cfg: RunConfig, seed: int, progress: bool, label: str
+    member: MultVAE,
+    sources,
+    block: Block,
+    prev: Block,
+    cfg: RunConfig,
+    seed: int,
+    progress: bool,
+    label: str,
+    past: Sequence[Block] = (),
 ) -> Trained:
     """A Mult-VAE member: replayed pairs imputed into its input/target rows (value ``vae_replay_value``)
     and ``vae_kl_weight``·KL(previous output ‖ current) on the users of both blocks (5.3)."""
@@ -118,7 +128,9 @@ def _update_vae_member(
     vae_input = impute_replay(block.train_matrix, replay, t.vae_replay_value) if len(replay) else block.train_matrix
     kl = vae_kl_towards(member, block, prev, vae_input, t.vae_kl_weight)
     callbacks = [kl] if kl is not None else []
-    res = fit(model, block, t.update_vae, seed=seed, progress=progress, label=label, callbacks=callbacks, inputs=vae_input)
+    res = fit(
+        model, block, t.update_vae, seed=seed, progress=progress, label=label, callbacks=callbacks, inputs=vae_input, past=past
+    )
     return Trained(model, res)
 
 
@@ -135,20 +147,22 @@ def update_teacher(
     label: str = "",
     candidates: dict[str, Candidates] | None = None,
     avoid: sp.csr_matrix | None = None,
+    past: Sequence[Block] = (),
 ) -> Trained:
     """One member's update (5.3): grow it, then BPR + λ_LWC·LWC-KD + replay from SP, PP and CL_k.
 
     Replay ranks against the teacher's own current ranking. Pass ``None`` proxies / student for a teacher
     update without student-side knowledge; ``candidates``: the sources' :func:`teacher_candidates` of
     this block, if already computed; ``avoid``: (user, item) pairs a BPR member's negatives avoid
-    (:func:`teacher_avoid`; a Mult-VAE member samples no negatives).
+    (:func:`teacher_avoid`; a Mult-VAE member samples no negatives); ``past``: the blocks before ``block``,
+    for ``select_on = stream`` (:func:`earlier_blocks`).
     """
     seed_everything(seed)
     t = cfg.teacher
     rc = cfg.teacher_replay(block.index)
     sources = list(teacher_replay_sources(sp_proxy, pp_proxy, served, rc, block.n_items, candidates).values())
     if isinstance(member, MultVAE):
-        return _update_vae_member(member, sources, block, prev, cfg, seed, progress, label)
+        return _update_vae_member(member, sources, block, prev, cfg, seed, progress, label, past)
     lwc = lwckd_towards(member, prev, cfg, t.lwc_weight, seed) if t.lwc_weight > 0 else None
     model = member.clone()
     model.grow(block.n_users, block.n_items, block.train_matrix, cfg.student.init)
@@ -162,6 +176,7 @@ def update_teacher(
         label=label,
         callbacks=([lwc] if lwc else []) + ([replayer] if replayer.active else []),
         avoid=avoid,
+        past=past,
     )
     return Trained(model, res)
 
@@ -192,6 +207,11 @@ def teacher_blocks(ctx: RunContext, k: int) -> tuple[Block, Block]:
     prev_last = first - 1
     prev_first = max(prev_last - t.update_every + 1, 0) if prev_last > 0 else 0
     return ctx.stream.span(first, k), ctx.stream.span(prev_first, prev_last)
+
+
+def earlier_blocks(ctx: RunContext, k: int) -> list[Block]:
+    """The blocks before the span a teacher update of teacher cycle k trains on (:func:`teacher_blocks`)."""
+    return ctx.stream.blocks[: ctx.cfg.teacher.span_start(k)]
 
 
 def span_meta(ctx: RunContext, k: int) -> dict:
@@ -243,6 +263,7 @@ def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOut
         label=f"D_{k} teacher {m} update",
         candidates=load_candidates(ctx, state, k) if know else None,
         avoid=teacher_avoid(ctx, state, k) if not isinstance(state.members[m], MultVAE) else None,
+        past=earlier_blocks(ctx, k),
     )
     state.members[m] = res.model
     ptr = ctx.save(f"b{k}_teacher{m}", res.model, k, **span_meta(ctx, k))

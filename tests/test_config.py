@@ -124,3 +124,16 @@ def test_the_command_line_bounds_seeds_as_the_configuration_does():
     from ccdrec import cli, config
 
     assert cli.SEED_MAX == config.SEED_MAX
+
+
+def test_a_stream_directory_starts_from_the_defaults_not_a_bundled_datasets_preset(tmp_path):
+    """Yelp's preset caps block 0's teachers at 50 epochs (its time budget); a user's own stream takes
+    the library defaults, where early stopping decides (up to 150 epochs, patience 6)."""
+    from ccdrec.config import BPR_SCHEDULE
+
+    assert load_config("yelp").teacher.base.epochs == 50
+    assert load_config().teacher.base.epochs == 50  # no dataset: Yelp, with its preset
+    own = load_config(tmp_path)
+    assert own.teacher.base == BPR_SCHEDULE and own.dataset == str(tmp_path.resolve())
+    assert load_config(tmp_path, preset="yelp").teacher.base.epochs == 50  # a named preset still applies
+    assert load_config("gowalla").teacher.base.epochs == 40

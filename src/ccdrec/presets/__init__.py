@@ -46,6 +46,16 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 
 
+def dataset_preset(dataset: str | Path | None) -> str | None:
+    """The preset a run takes when none is named: a bundled dataset's own (``yelp``, ``gowalla``; no
+    dataset at all is Yelp's), and none for a stream directory of the user's (a :class:`~pathlib.Path`,
+    or a name that is not bundled): it starts from the library's defaults, under which early stopping,
+    not a dataset's time budget, decides when block 0's teachers are trained."""
+    if dataset is None:
+        return DATASET_PRESET["yelp"]
+    return DATASET_PRESET.get(dataset) if isinstance(dataset, str) else None
+
+
 def read_preset(name: str) -> dict:
     path = resources.files("ccdrec.presets") / f"{name}.yaml"
     if not path.is_file():
@@ -130,9 +140,9 @@ def load_config(
             dataset = named  # a bundled name, or a directory (relative to the working directory)
         elif resolve_source(named) != resolve_source(dataset):
             raise CcdrecError(f"{file} names the dataset {named!r} and the command line {str(dataset)!r}: give one of them")
-    bundled = dataset if isinstance(dataset, str) else None  # a Path is a directory, never a bundled name
-    name = DATASET_PRESET.get(bundled or "yelp", "yelp") if preset is None else preset
-    data = merge(data, read_preset(name))
+    name = preset if preset is not None else dataset_preset(dataset)
+    if name is not None:
+        data = merge(data, read_preset(name))
     data = merge(data, from_file)
     if dataset is not None:
         data["dataset"] = resolve_source(dataset)  # a directory as an absolute path: the run works from anywhere

@@ -79,6 +79,7 @@ def run_stage(
     rank_sample: int | None,
     heap: str,
     q,
+    rrd_samples: int = 1000,
 ) -> None:
     import contextlib
 
@@ -133,7 +134,14 @@ def run_stage(
         if stage == "distill_epoch":
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             start = time.perf_counter()
-            rrd = RRDObjective(*lists, b0.n_items, b0.n_users, observed=b0.train_matrix)
+            rrd = RRDObjective(
+                *lists,
+                b0.n_items,
+                b0.n_users,
+                user_samples=min(rrd_samples, b0.n_items),
+                item_samples=min(rrd_samples, b0.n_users),
+                observed=b0.train_matrix,
+            )
             epoch(student, b0, cfg, [rrd])
         else:
             from ccdrec.config import ReplayConfig
@@ -224,6 +232,13 @@ def main() -> None:
         "more (ReplayConfig.rank_sample; none or null: always exact; default: %(default)s)",
     )
     ap.add_argument(
+        "--rrd-samples",
+        type=positive,
+        default=1000,
+        help="the distillation epoch's uninteresting samples per minibatch on each side (student.user_samples and "
+        "item_samples, capped at the universe; default: %(default)s)",
+    )
+    ap.add_argument(
         "--stage-limit",
         type=float,
         default=600.0,
@@ -246,7 +261,11 @@ def main() -> None:
     max_steps = args.max_steps
     if len(args.users) < 2:
         print("# one size only: no slope can be fitted", flush=True)
-    print(f"# threads {args.threads}, max_steps {max_steps}, rank_sample {args.rank_sample}, heap {args.heap}", flush=True)
+    print(
+        f"# threads {args.threads}, max_steps {max_steps}, rank_sample {args.rank_sample}, heap {args.heap}, "
+        f"rrd_samples {args.rrd_samples}",
+        flush=True,
+    )
     ctx = mp.get_context("spawn")
     results: dict[str, list[tuple[int, int, int, float, float]]] = {s: [] for s in args.stages}
     skipped: set[str] = set()
@@ -260,7 +279,18 @@ def main() -> None:
             runs = []
             for _ in range(args.repeat):
                 q = ctx.Queue()
-                stage_args = (stage, n_users, n_items, args.per_user, args.threads, max_steps, args.rank_sample, args.heap, q)
+                stage_args = (
+                    stage,
+                    n_users,
+                    n_items,
+                    args.per_user,
+                    args.threads,
+                    max_steps,
+                    args.rank_sample,
+                    args.heap,
+                    q,
+                    args.rrd_samples,
+                )
                 p = ctx.Process(target=run_stage, args=stage_args)
                 p.start()
                 p.join()

@@ -296,3 +296,28 @@ def test_stream_selection_reads_every_earlier_blocks_validation():
     assert res.best_epoch == int(np.argmax(hs)) and res.best_valid["stream_h@20"] == max(hs)
     plain = fit(MF(block.n_users, block.n_items, dim=4), block, cfg, seed=0)  # no earlier blocks: the block alone
     assert "stream_h@20" not in plain.best_valid
+
+
+def test_masked_logsumexp_matches_torch_in_value_and_gradient_and_ignores_masked_entries():
+    from ccdrec.distill.rrd import masked_logsumexp
+
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(5, 7, dtype=torch.float64, generator=gen) * 4
+    keep = torch.rand(5, 7, generator=gen) > 0.4
+    keep[2] = False  # a row with nothing kept
+    keep[3] = True
+    ref_b, b = b.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = torch.logsumexp(torch.where(keep, ref_b, torch.full_like(ref_b, torch.finfo(b.dtype).min / 4)), 1, keepdim=True)
+    got = masked_logsumexp(b, keep)
+    kept = [r for r in range(5) if keep[r].any()]
+    assert torch.allclose(got[kept], ref[kept], rtol=1e-12, atol=0)
+    assert got[2].item() < -1e300  # very negative and finite
+    weights = torch.randn(5, 1, dtype=torch.float64, generator=gen)
+    (got * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(b.grad, ref_b.grad, rtol=1e-12, atol=1e-300)
+    assert (b.grad[~keep] == 0).all() and (b.grad[2] == 0).all()
+    assert torch.autograd.gradcheck(lambda x: masked_logsumexp(x, keep), (b.detach().clone().requires_grad_(),))
+    assert torch.allclose(masked_logsumexp(b.detach()), torch.logsumexp(b.detach(), 1, keepdim=True), rtol=1e-12)
+    with pytest.raises(ValueError, match="bool mask"):
+        masked_logsumexp(b.detach(), keep.double())

@@ -45,6 +45,43 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).min / 4))
 
 
+class _MaskedLogSumExp(torch.autograd.Function):
+    """log Σ_m keep_m · e^{b_m} per row of a (B, M) ``b``, in a few passes over the (B, M) scores.
+
+    ``torch.logsumexp`` of the masked scores costs a masking pass, its own four forward passes and
+    three backward ones besides the mask's; here the forward keeps e^{b − max} (0 where masked out) and
+    the backward is one product, ∂/∂b_m = keep_m · e^{b_m − lse}. The RRD term is most of a
+    distillation step's time, so this is where its time goes (method.md 7). A row with nothing kept
+    gets a very negative finite value and zero gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, b: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        low = torch.finfo(b.dtype).min / 4
+        x = b if keep is None else b.masked_fill(~keep, low)
+        top = x.amax(1, keepdim=True)
+        e = x.sub(top).exp_()
+        total = e.sum(1, keepdim=True)
+        none = top <= low  # nothing kept in the row: e^{b - max} is 1 there, not 0
+        if keep is not None and bool(none.any()):
+            e.masked_fill_(none, 0.0)
+            total = total.masked_fill(none, 1.0)
+        ctx.save_for_backward(e, total)
+        return top + total.log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        e, total = ctx.saved_tensors
+        return e * (grad / total), None
+
+
+def masked_logsumexp(b: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1) log Σ_m e^{b_m} over the entries of each row of ``b`` (B, M) that ``keep`` marks (all when None)."""
+    if keep is not None and (keep.shape != b.shape or keep.dtype != torch.bool):
+        raise ValueError(f"keep must be a bool mask of shape {tuple(b.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+    return _MaskedLogSumExp.apply(b, keep)
+
+
 def rrd_loss(
     interesting: torch.Tensor,
     uninteresting: torch.Tensor,
@@ -58,14 +95,18 @@ def rrd_loss(
     ``mask`` (B, n) and ``uninteresting_mask`` (B, M) mark the valid entries (False = padding or a
     sampled collision): a masked entry takes no part in the list, neither as a term nor in any sum.
     Rows without a valid interesting entry are left out of the mean; with none at all the loss is 0.
-    Computed stably: the suffix sums Σ_{j≥t} e^{a_j} by ``logcumsumexp`` over the reversed list.
+    Computed stably: with c = max(max_j a_j, log Σ_m e^{b_m}) per row, each denominator is
+    c + log(Σ_{j≥t} e^{a_j − c} + e^{log Σ_m e^{b_m} − c}), its suffix sums one reversed ``cumsum`` in
+    float64 (the n list entries are few; the M samples go through :func:`masked_logsumexp`).
     """
     if interesting.dim() != 2 or uninteresting.dim() != 2 or interesting.shape[0] != uninteresting.shape[0]:
         raise ValueError(f"expected (B, n) and (B, M) scores, got {tuple(interesting.shape)} and {tuple(uninteresting.shape)}")
     a = _masked(interesting, mask)
-    suffix = torch.logcumsumexp(a.flip(1), dim=1).flip(1)  # log Σ_{j≥t} e^{a_j}
-    below = torch.logsumexp(_masked(uninteresting, uninteresting_mask), dim=1, keepdim=True)  # log Σ_m e^{b_m}
-    terms = interesting - torch.logaddexp(suffix, below)
+    below = masked_logsumexp(uninteresting, uninteresting_mask)  # log Σ_m e^{b_m}
+    c = torch.maximum(a.amax(1, keepdim=True), below).detach()  # the value does not depend on c
+    wide = torch.float64 if a.dtype != torch.float64 else a.dtype
+    tail = (a - c).to(wide).exp().flip(1).cumsum(1).flip(1) + (below - c).to(wide).exp()
+    terms = interesting - (c + tail.log().to(a.dtype))
     if mask is None:
         return -terms.sum(1).mean()
     terms = torch.where(mask, terms, torch.zeros_like(terms))
@@ -94,6 +135,8 @@ class _Side:
         self.excluded = excluded.tocsr()
         self.excluded.eliminate_zeros()
         self._device: torch.device | None = None
+        self._first: np.ndarray | None = None  # see _excluded
+        self._count: np.ndarray | None = None
 
         self.listed = torch.from_numpy(np.flatnonzero((np.asarray(top) >= 0).any(axis=1)))
         self.order, self.cursor = self.listed, 0
@@ -136,9 +179,27 @@ class _Side:
         return rrd_loss(a, b, mask, ~self._excluded(rows, sampled).to(r.device))
 
     def _excluded(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """(B, M) bool: is sampled column ``cols[m]`` interesting or observed for row ``rows[b]``."""
-        sub = self.excluded[rows.cpu().numpy()][:, cols.cpu().numpy()]
-        return torch.from_numpy(sub.toarray() > 0)
+        """(B, M) bool: is sampled column ``cols[m]`` interesting or observed for row ``rows[b]``.
+
+        Built from the rows' excluded columns (a few dozen per row) looked up in the sorted sample through
+        two column-indexed tables kept between calls, not from a dense (B, M) slice of the matrix; a
+        column sampled several times is marked at each place."""
+        r, c = rows.cpu().numpy(), cols.cpu().numpy()
+        ex = self.excluded
+        if self._first is None:
+            self._first, self._count = np.zeros(self.n_cols, np.int64), np.zeros(self.n_cols, np.int64)
+        order = np.argsort(c, kind="stable")
+        distinct, first, count = np.unique(c[order], return_index=True, return_counts=True)
+        self._first[distinct], self._count[distinct] = first, count
+        starts, lens = ex.indptr[r], np.diff(ex.indptr)[r]
+        within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        col_of = ex.indices[np.repeat(starts, lens) + within]
+        lo, n = self._first[col_of], self._count[col_of]
+        self._count[distinct] = 0  # the tables are all zero again between calls
+        at = np.repeat(lo, n) + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        mask = np.zeros((len(r), len(c)), dtype=bool)
+        mask[np.repeat(np.repeat(np.arange(len(r)), lens), n), order[at]] = True
+        return torch.from_numpy(mask)
 
 
 class RRDObjective(Callback):

@@ -149,14 +149,24 @@ def test_top_lists_pad_short_rows_and_unscored_users():
     scores = np.arange(4 * 5, dtype=np.float32).reshape(4, 5)
     observed = sp.csr_matrix(np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]))
     scores[3, 4] = np.nan  # a broken score is never a candidate (NaN would sort first otherwise)
-    user_top, item_top = top_lists(FixedScores(scores).scorer(), 4, 5, observed, n=6, users=np.array([0, 3]))
-    np.testing.assert_array_equal(user_top[0], [4, 3, -1, -1, -1, -1])
-    np.testing.assert_array_equal(user_top[3], [3, 2, 1, -1, -1, -1])
+    user_top, item_top = top_lists(FixedScores(scores).scorer(), 4, 5, observed, n=4, users=np.array([0, 3]))
+    np.testing.assert_array_equal(user_top[0], [4, 3, -1, -1])
+    np.testing.assert_array_equal(user_top[3], [3, 2, 1, -1])
     assert (user_top[[1, 2]] == -1).all()  # not scored
     assert (item_top[0] == -1).all()  # observed by everyone
-    np.testing.assert_array_equal(item_top[1], [3, -1, -1, -1, -1, -1])  # only scored users, observed ones removed
-    np.testing.assert_array_equal(item_top[4], [0, -1, -1, -1, -1, -1])  # user 3's NaN dropped
-    np.testing.assert_array_equal(item_top[3], [3, 0, -1, -1, -1, -1])
+    np.testing.assert_array_equal(item_top[1], [3, -1])  # only scored users, observed ones removed
+    np.testing.assert_array_equal(item_top[4], [0, -1])  # user 3's NaN dropped
+    np.testing.assert_array_equal(item_top[3], [3, 0])
+
+
+def test_top_lists_are_never_longer_than_what_they_rank():
+    scores, observed = _random_case(seed=2)
+    n_users, n_items = scores.shape
+    user_top, item_top = top_lists(FixedScores(scores).scorer(), n_users, n_items, observed, n=10**9, chunk=5)
+    assert user_top.shape == (n_users, n_items) and item_top.shape == (n_items, n_users)
+    exp_user, exp_item = _dense_top(scores, observed, max(n_users, n_items))
+    np.testing.assert_array_equal(user_top, exp_user[:, :n_items])
+    np.testing.assert_array_equal(item_top, exp_item[:, :n_users])
 
 
 def test_top_lists_of_an_ensemble_on_a_stream_block(block):

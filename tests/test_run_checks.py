@@ -462,3 +462,17 @@ def test_a_user_of_a_block_the_run_has_not_reached_is_named_as_such(cli_run):
     line = one_error_line(res)
     assert f"unknown user '{later}'" in line and "first appears in block 2" in line and "reached block 0" in line
     assert "first appears" not in one_error_line(ccdrec("recommend", str(cli_run / "a" / "runs" / "x"), "--user", "nobody"))
+
+
+def test_a_run_notes_what_of_its_configuration_the_stream_leaves_without_effect(stream):
+    from ccdrec.pipeline.ccd import stream_notes
+
+    last, n_items = len(stream) - 1, stream[0].n_items
+    assert stream_notes(load_config(None, preset="quick"), stream) == []
+    overrides = [f"ks=[20, {n_items}]", "blocks={2: {w_stability: 0.5}, 99: {w_stability: 0.5}}"]
+    cfg = load_config(None, preset="quick", overrides=overrides)
+    notes = stream_notes(cfg.model_copy(update={"max_blocks": last + 3}), stream)
+    assert len(notes) == 3
+    assert f"max_blocks {last + 3}" in notes[0] and f"blocks 0..{last}" in notes[0]
+    assert "block(s) 99," in notes[1] and " 2," not in notes[1]
+    assert f"cut-off(s) {n_items} of ks" in notes[2] and "Recall@K is 1" in notes[2]

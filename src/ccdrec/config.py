@@ -304,7 +304,7 @@ class StudentConfig(Strict):
         default_factory=lambda: TrainConfig(epochs=10, batch_size=1024, lr=5e-3, patience=10),
         description="stage-1 schedule (BPR + RRD + IR-RRD)",
     )
-    topn: int = Field(40, ge=1, description="length of the teacher's interesting lists")
+    topn: int = Field(40, ge=1, description="length of the teacher's interesting lists (capped at the items, users they rank)")
     user_samples: int = Field(1000, ge=1, description="uninteresting items sampled per user (RRD)")
     item_samples: int = Field(1000, ge=1, description="uninteresting users sampled per item (IR-RRD)")
     rrd_weight: float = Field(0.01, ge=0, description="weight of RRD and of IR-RRD")

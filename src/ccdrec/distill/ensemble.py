@@ -206,7 +206,8 @@ def top_lists(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The teacher's interesting lists for RRD (user side) and IR-RRD (item side), method.md 7.
 
-    Returns ``(user_top, item_top)``: ``user_top[u]`` holds the ``n`` highest-scored items of user u
+    Returns ``(user_top, item_top)``, (n_users, min(n, n_items)) and (n_items, min(n, scored users)):
+    ``user_top[u]`` holds the ``n`` highest-scored items of user u
     that u has not observed, in descending score order; ``item_top[i]`` the ``n`` highest-scored users
     (among ``users``) that have not observed item i, in descending score order. Observed pairs (the
     non-zeros of ``observed``; a smaller matrix covers an earlier universe) are masked with ``-inf``
@@ -224,8 +225,8 @@ def top_lists(
     users = np.arange(n_users, dtype=np.int64) if users is None else np.unique(np.asarray(users, dtype=np.int64))
     if len(users) and (users[0] < 0 or users[-1] >= n_users):
         raise ValueError(f"users must lie in [0, {n_users})")
-    k_user = min(n, n_items)
-    user_top = np.full((n_users, n), PAD, dtype=np.int64)
+    k_user, n = min(n, n_items), min(n, max(len(users), 1))  # no list is longer than what it ranks
+    user_top = np.full((n_users, k_user), PAD, dtype=np.int64)
     # the running item-side top lists, one column per item
     best_scores = torch.full((n, n_items), -torch.inf, device=device)
     best_users = torch.full((n, n_items), PAD, dtype=torch.long, device=device)
@@ -238,7 +239,7 @@ def top_lists(
         # user side
         vals, idx = scores.topk(k_user, dim=1)
         idx = torch.where(torch.isfinite(vals), idx, PAD)
-        user_top[batch, :k_user] = idx.cpu().numpy()
+        user_top[batch] = idx.cpu().numpy()
         if not item_side:
             continue
         # item side: this chunk's candidates per item, merged into the running top-n

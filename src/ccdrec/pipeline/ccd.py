@@ -121,6 +121,30 @@ def prepare_run(
     return cfg, rd, stream
 
 
+def stream_notes(cfg: RunConfig, stream: Stream) -> list[str]:
+    """What of the configuration the stream leaves without effect or meaning, each as one line: a
+    ``max_blocks`` or a per-block override past the stream's last block, a cut-off K of Recall@K that
+    ranks every item of block 0 (every held-out item is then in the top K: Recall@K is 1 by construction)."""
+    last, notes = len(stream) - 1, []
+    if cfg.max_blocks is not None and cfg.max_blocks > last:
+        notes.append(
+            f"max_blocks {cfg.max_blocks}, but the stream has blocks 0..{last}: the run ends at block {last} (blocks "
+            "appended later with `ccdrec data append` are taken on with --resume)"
+        )
+    if beyond := sorted(k for k in cfg.blocks if k > last):
+        notes.append(
+            f"per-block overrides for block(s) {', '.join(map(str, beyond))}, but the stream has blocks 0..{last}: they "
+            "apply only to blocks appended later"
+        )
+    n_items = stream[0].n_items
+    if wide := [k for k in cfg.ks if k >= n_items]:
+        notes.append(
+            f"cut-off(s) {', '.join(map(str, wide))} of ks rank all {n_items:,} items of block 0, so Recall@K is 1 by "
+            f"construction there: choose cut-offs below {n_items:,} (--set 'ks=[...]')"
+        )
+    return notes
+
+
 def run_stream(
     cfg: RunConfig | None,
     run_dir: Path,
@@ -143,11 +167,8 @@ def run_stream(
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
     if (note := stream.dropped_note()) and not resume:
         runner.console.print(f"note: {note}")
-    if cfg.max_blocks is not None and cfg.max_blocks > len(stream) - 1:
-        runner.console.print(
-            f"note: max_blocks {cfg.max_blocks}, but the stream has blocks 0..{len(stream) - 1}: the run ends at block "
-            f"{len(stream) - 1} (blocks appended later with `ccdrec data append` are taken on with --resume)"
-        )
+    for note in stream_notes(cfg, stream) if not resume else ():
+        runner.console.print(f"note: {note}")
     runner.run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report
 

@@ -481,3 +481,14 @@ def test_competitors_update_their_teachers_every_teacher_cycle(tmp_path):
     assert meta["first"] == 1 and meta["method"] == "finetune"
     rows = rd.read_metrics()
     assert {r["model"] for r in rows if r["kind"] == "test" and r["k"] == 1} == {"finetune:teacher", "finetune:student"}
+
+
+def test_report_tables_keep_the_numbers_as_formatted():
+    import pandas as pd
+
+    from ccdrec.report.markdown import markdown_table
+
+    df = pd.DataFrame({"method": ["ccd", "finetune"], "H": [0.2330, 0.004], "gain": [0.0040, -0.0011]}).set_index("method")
+    lines = markdown_table(df).splitlines()
+    assert lines[2].split("|")[2:4] == [" 0.2330 ", "  0.0040 "]  # trailing zeros kept, numbers right-aligned
+    assert "-0.0011" in lines[3] and lines[1].startswith("|:-") and lines[1].endswith("-:|")

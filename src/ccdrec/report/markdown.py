@@ -17,7 +17,9 @@ def markdown_table(df: pd.DataFrame, spec: str = ".4f") -> str:
         return "_(none)_\n"
     if df.index.nlevels > 1:  # one column per level, not a tuple per row
         df = df.reset_index().set_index(df.index.names[0])
-    return tables.as_text(df, spec).to_markdown() + "\n"
+    # the numbers as formatted (tabulate would parse them again and drop trailing zeros: 0.0040 -> 0.004)
+    align = ["left"] + ["right" if pd.api.types.is_numeric_dtype(df[c]) else "left" for c in df.columns]
+    return tables.as_text(df, spec).to_markdown(disable_numparse=True, colalign=align) + "\n"
 
 
 def integer_blocks(ax) -> None:

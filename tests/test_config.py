@@ -137,3 +137,17 @@ def test_a_stream_directory_starts_from_the_defaults_not_a_bundled_datasets_pres
     assert own.teacher.base == BPR_SCHEDULE and own.dataset == str(tmp_path.resolve())
     assert load_config(tmp_path, preset="yelp").teacher.base.epochs == 50  # a named preset still applies
     assert load_config("gowalla").teacher.base.epochs == 40
+
+
+def test_an_empty_configuration_file_changes_nothing_and_a_dotted_key_says_how_to_nest_it(tmp_path):
+    for text in ("", "# no fields yet\n"):
+        f = tmp_path / "empty.yaml"
+        f.write_text(text)
+        assert load_config("yelp", file=f) == load_config("yelp")
+    f = tmp_path / "dotted.yaml"
+    f.write_text("student.model.dim: 16\n")
+    with pytest.raises(CcdrecError, match=r"student\.model\.dim: .* \(a file nests fields: student: \{model: \{dim: \.\.\.\}\}"):
+        load_config("yelp", file=f)
+    f.write_text("[1, 2]\n")
+    with pytest.raises(CcdrecError, match="must hold a mapping of fields"):
+        load_config("yelp", file=f)

@@ -14,6 +14,10 @@ def validation_message(e: ValidationError) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if isinstance(err.get("input"), str) and err["input"].strip().lower() == "none":
         msg += " (no value is written null)"
+    last = str(err["loc"][-1]) if err["loc"] else ""
+    if err["type"] == "extra_forbidden" and "." in last:  # a dotted key in a file: student.model.dim: 16
+        nested = last.split(".")
+        msg += f" (a file nests fields: {': {'.join(nested[:-1])}: {{{nested[-1]}: ...}}{'}' * (len(nested) - 2)})"
     return f"{where}: {msg}" if where else msg
 
 

@@ -79,6 +79,8 @@ def read_file(path: Path) -> dict:
         data = _yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
+    if data is None:  # empty, or comments only: no field changed
+        return {}
     if not isinstance(data, dict):
         raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields")
     return data

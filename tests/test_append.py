@@ -181,7 +181,7 @@ def test_append_keeps_the_stream_and_extends_it(parts):
     assert new.prefix_digest(len(old)) == old.digest and new.digest != old.digest
     assert list(new.user_vocab[: len(old.user_vocab)]) == list(old.user_vocab)  # append-only vocabularies
     assert list(new.item_vocab[: len(old.item_vocab)]) == list(old.item_vocab)
-    assert any("already in the stream; dropped" in n for n in notes)
+    assert sum(1 for n in notes if n.startswith("rest.csv: ") and " already in the stream dropped; " in n) == 1
     for k in (len(old), len(old) + 1):  # IDs by first appearance: block k's new users are [U_{k-1}, U_k)
         b = new[k]
         users = np.concatenate([b.split(s) for s in SPLITS])[:, 0]
@@ -220,7 +220,11 @@ def test_append_kcore_counts_the_stream_and_keeps_late_rows(tmp_path):
     assert list(new.user_vocab[len(old.user_vocab) :]) == ["newbie"]
     assert list(new.item_vocab[len(old.item_vocab) :]) == ["hit"]
     assert any("older than the stream's last timestamp" in n and "kept in the first new block" in n for n in notes)
-    assert any("1 interaction(s) of new.csv are already in the stream" in n for n in notes)
+    # one line accounts for the new rows: 15 read, 1 already stored, 4 (shy's 2, brand-new's 2) cut by the k-core filter
+    assert notes[0].startswith(
+        "new.csv: 15 rows read; 1 already in the stream dropped; 4 removed by the k-core filter (min_user=3, min_item=3, "
+        "counting the stream's interactions); 10 interactions kept"
+    ), notes
 
 
 def test_append_on_the_window_grid_gives_the_same_blocks_in_pieces(tmp_path):
@@ -278,6 +282,48 @@ def test_append_failures_change_nothing(parts):
         append_stream(d / "t", d / "rest1.csv")
     res = ccdrec("data", "append", str(d / "s"), str(d / "dup.csv"))
     assert "no new interaction left" in one_error_line(res)
+
+
+def test_append_does_not_depend_on_the_row_order_and_accounts_for_the_rows(parts):
+    d, log = parts
+    rest = pd.read_csv(d / "rest.csv")
+    rest["timestamp"] = rest["timestamp"] // 3600 * 3600  # whole hours: many ties
+    rest = pd.concat([rest, rest.iloc[::10]], ignore_index=True)  # and repeated rows
+    assert rest["timestamp"].duplicated().sum() > 50
+    digests, notes_seen = set(), []
+    for seed in range(3):
+        prepare_stream(d / "first.csv", d / f"s{seed}", n_blocks=2, **KW)
+        rest.sample(frac=1, random_state=seed).to_csv(d / f"new{seed}.csv", index=False)
+        new, notes = notes_of(append_stream, d / f"s{seed}", d / f"new{seed}.csv", n_blocks=2)
+        digests.add(new.digest)
+        notes_seen.append(notes[0].split(": ", 1)[1])
+    assert len(digests) == 1 and len(set(notes_seen)) == 1
+    n_repeats = len(rest) - len(rest.drop_duplicates(["user", "item"]))
+    assert notes_seen[0].startswith(
+        f"{len(rest):,} rows read; {n_repeats:,} repeated user-item row(s) dropped (the earliest kept); "
+    )
+    # prepare.json counts the held-out interactions set aside per block, the appended blocks too: data info shows them
+    record = json.loads((d / "s0" / PREPARE_FILE).read_text())
+    assert len(record["left_out"]) == len(new) and load_stream(d / "s0").summary()["left_out"].tolist() == record["left_out"]
+    kept = int(notes_seen[0].split("; ")[-1].split(" interactions kept")[0].replace(",", ""))
+    assert sum(stored(b) for b in new.blocks[3:]) + sum(record["left_out"][3:]) == kept
+
+
+def test_a_run_directory_is_not_a_stream_to_append_to(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text("{}")
+    (run / "stream.json").write_text(json.dumps({"source": "/data/streams/mine", "sha256": "0", "blocks": 3}))
+    weekly_log().to_csv(tmp_path / "new.csv", index=False)
+    expected = (
+        "run: a run directory, not a stream directory made by `ccdrec data prepare`; "
+        "give the stream it ran on, /data/streams/mine"
+    )
+    with pytest.raises(CcdrecError, match=expected):
+        append_stream(run, tmp_path / "new.csv")
+    assert one_error_line(ccdrec("data", "append", str(run), str(tmp_path / "new.csv"))).endswith(expected)
+    assert one_error_line(ccdrec("data", "append", "", str(tmp_path / "new.csv"))) == "error: the stream directory path is empty"
+    assert sorted(p.name for p in run.iterdir()) == ["state.json", "stream.json"]
 
 
 # --- a run carried on to appended blocks, and cold start -----------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -36,8 +37,8 @@ def make_log(n_users: int = 40, n_items: int = 30, per_user: int = 8, seed: int 
 
 
 def reference(df: pd.DataFrame, min_user: int, min_item: int, **_) -> pd.DataFrame:
-    """Straightforward pandas version of dedup + iterative k-core, in time order."""
-    df = df.sort_values("timestamp", kind="stable").drop_duplicates(["user", "item"])
+    """Straightforward pandas version of dedup + iterative k-core, in time order (ties by user, then item)."""
+    df = df.sort_values(["timestamp", "user", "item"], kind="stable").drop_duplicates(["user", "item"])
     while True:
         ok = (df.groupby("user")["item"].transform("size") >= min_user) & (
             df.groupby("item")["user"].transform("size") >= min_item
@@ -157,14 +158,15 @@ def _chain_log(rows):
     return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
 
 
-def test_duplicates_keep_earliest_and_ties_keep_row_order(tmp_path):
+def test_duplicates_keep_earliest_and_ties_go_by_user_then_item(tmp_path):
     # 12 users x 12 items, all pairs; every interaction at the same time except the duplicates
     rows = [(f"u{u}", f"i{i}", 100) for u in (5, 3, 9, 0, 1, 2, 4, 6, 7, 8, 10, 11) for i in range(12)]
     rows += [("u5", "i0", 500), ("u3", "i1", 50)]  # later duplicate: ignored; earlier duplicate: moves to the front
     _chain_log(rows).to_csv(tmp_path / "log.csv", index=False)
     stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", **KW)
-    assert list(stream.user_vocab[:3]) == ["u3", "u5", "u9"]  # u3 first (earlier duplicate), then row order
-    assert list(stream.item_vocab[:2]) == ["i1", "i0"]
+    # u3 first (its earlier duplicate), then the ties at 100 by user as written ("u10" < "u2"), not by row
+    assert list(stream.user_vocab) == ["u3", "u0", "u1", "u10", "u11", "u2", "u4", "u5", "u6", "u7", "u8", "u9"]
+    assert list(stream.item_vocab[:4]) == ["i1", "i0", "i10", "i11"]
     all_pairs = pd.concat([original_pairs(stream, b) for b in stream])
     assert not all_pairs.duplicated().any()
     assert len(all_pairs) <= 144
@@ -274,7 +276,9 @@ BAD_LOGS = {
         {},
         "Expected 3 fields in line 3, saw 4",
     ),
-    "corrupt parquet": ("log_bad.parquet", None, "not parquet", {}, "cannot be read"),
+    "corrupt parquet": ("log_bad.parquet", None, "PAR1, then not parquet", {}, "cannot be read as PARQUET"),
+    "text named parquet": ("log_txt.parquet", None, "user,item,timestamp\n", {}, "looks like text, not Parquet"),
+    "zip named csv": ("log_zip.csv", None, "PK\x03\x04 and more", {}, "looks like a zip archive, not a log; unpack it"),
 }
 
 
@@ -686,6 +690,7 @@ def test_blocks_without_evaluation_users_or_new_users_are_noted(tmp_path):
         prepare_stream(tmp_path / "log.csv", tmp_path / "out", **DATED_KW)
     notes = [str(w.message) for w in caught if w.category is prepare_mod.PrepareWarning]
     assert [n.split(" (")[0] for n in notes] == [
+        "log.csv: 60 rows read; 60 interactions kept, 36 of them in the splits",  # the rows accounted for, first
         "block 0 has no valid and no test users",
         "block 1 has no valid and no test users",
         "incremental block 1 has no new users",
@@ -695,10 +700,13 @@ def test_blocks_without_evaluation_users_or_new_users_are_noted(tmp_path):
     ]
     growing = make_log(n_users=60)
     growing["timestamp"] += growing["user"].str.removeprefix("u").replace("lonely", "0").astype(int) * 10**6  # users join in turn
+    growing["timestamp"] += 1_600_000_000  # in 2020 (in 1970 they would be noted: a likely wrong unit)
     growing.to_csv(tmp_path / "log2.csv", index=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", prepare_mod.PrepareWarning)
-        prepare_stream(tmp_path / "log2.csv", tmp_path / "out2", **{**KW, "n_blocks": 1})  # a healthy stream: no notes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", prepare_mod.PrepareWarning)
+        prepare_stream(tmp_path / "log2.csv", tmp_path / "out2", **{**KW, "n_blocks": 1})
+    notes = [str(w.message) for w in caught if w.category is prepare_mod.PrepareWarning]
+    assert len(notes) == 1 and notes[0].startswith("log2.csv: 483 rows read; ")  # a healthy stream: the accounting alone
 
 
 def ccdrec(*args, cwd=None):
@@ -881,3 +889,139 @@ def test_a_log_that_is_not_utf8_says_how_to_convert_it(tmp_path):
     with pytest.raises(CcdrecError, match=r"lat.csv: not UTF-8 text \(it holds the byte 0xe9\); convert the log to UTF-8"):
         prepare_stream(tmp_path / "lat.csv", tmp_path / "s", min_user=2, min_item=2)
     assert not (tmp_path / "s").exists()
+
+
+# --- notes on what was read: the rows accounted for, unlikely timestamps, spaced IDs -------------------
+
+
+def prepare_notes(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", prepare_mod.PrepareWarning)
+        stream = prepare_stream(*args, **kwargs)
+    return stream, [str(w.message) for w in caught if w.category is prepare_mod.PrepareWarning]
+
+
+def stored_count(stream) -> int:
+    return sum(len(b.stored(s)) for b in stream for s in SPLITS)
+
+
+def test_a_note_accounts_for_every_row_read(tmp_path):
+    log = udata_like()  # 480 rows, ratings 1..5
+    repeats = log.iloc[:25].assign(timestamp=lambda d: d["timestamp"] + 7)  # 25 pairs again, later
+    lonely = pd.DataFrame({"user": [999, 999], "item": [1, 2], "rating": [5, 5], "timestamp": [880_000_000] * 2})
+    full = pd.concat([log, repeats, lonely], ignore_index=True)
+    full.to_csv(tmp_path / "log.csv", index=False)
+    stream, notes = prepare_notes(tmp_path / "log.csv", tmp_path / "out", rating_col="rating", min_rating=3, **KW)
+    rated = full[full["rating"] >= 3].astype({"user": str, "item": str})
+    unique = rated.drop_duplicates(["user", "item"])
+    kept = reference(rated, **KW)
+    stored = stored_count(stream)
+    assert len(full) > len(rated) > len(unique) > len(kept) > stored  # every step drops something here
+    assert notes[0] == (
+        f"log.csv: {len(full):,} rows read; {len(full) - len(rated):,} rated below 3 dropped (--min-rating); "
+        f"{len(rated) - len(unique):,} repeated user-item row(s) dropped (the earliest kept); "
+        f"{len(unique) - len(kept):,} removed by the k-core filter (min_user=3, min_item=3); {len(kept):,} interactions kept, "
+        f"{stored:,} of them in the splits ({len(kept) - stored:,} held-out ones set aside, see below)"
+    )
+    assert sum(1 for n in notes if "rows read" in n) == 1
+    # the command line prints it as one note line, on stderr
+    res = ccdrec("data", "prepare", "log.csv", "--out", "cli", "--rating-col", "rating", "--min-rating", "3",
+                 "--min-user", "3", "--min-item", "3", "--blocks", "3", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert [line for line in res.stderr.splitlines() if "rows read" in line] == [f"note: {notes[0]}"]
+
+
+def shuffled(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    return df.sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("cut", [{"n_blocks": 3}, {"window": "1h"}])
+def test_the_row_order_of_the_log_does_not_change_the_stream(tmp_path, cut):
+    log = udata_like()  # times in whole minutes over ~8 hours: many interactions share a second
+    log = pd.concat([log, log.iloc[::9].assign(timestamp=lambda d: d["timestamp"] + 60)], ignore_index=True)  # repeats
+    assert log["timestamp"].duplicated().sum() > 100
+    kw = {**KW, "n_blocks": None, **cut}
+    files = []
+    for seed in range(4):
+        shuffled(log, seed).to_csv(tmp_path / f"log{seed}.csv", index=False)
+        prepare_stream(tmp_path / f"log{seed}.csv", tmp_path / f"s{seed}", **kw)
+        out = tmp_path / f"s{seed}"
+        files.append({**stream_files(out), "prepare.json": (out / "prepare.json").read_text()})
+    assert all(f == files[0] for f in files[1:])
+    # the order is time, then user, then item as written: IDs by first appearance along it
+    stream = load_stream(tmp_path / "s0")
+    ref = reference(log.astype({"user": str, "item": str}), **KW)
+    assert list(stream.user_vocab) == list(pd.unique(ref["user"])) and list(stream.item_vocab) == list(pd.unique(ref["item"]))
+
+
+def test_a_log_in_another_format_than_given_says_which_it_looks_like(tmp_path):
+    log = make_log()
+    log.to_parquet(tmp_path / "log.parquet")
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(tmp_path / "log.parquet", tmp_path / "s", file_format="csv", **KW)
+    msg = str(exc.value)
+    assert "looks like Parquet" in msg and "--format parquet" in msg and "UTF-8" not in msg and "iconv" not in msg
+    (tmp_path / "log.parquet").rename(tmp_path / "export.bin")  # a name that does not tell: the content does
+    auto = prepare_stream(tmp_path / "export.bin", tmp_path / "auto", **KW)
+    assert set(auto.user_vocab) <= set(log["user"]) and len(auto) == 4
+    (tmp_path / "log.csv.gz").write_bytes(gzip.compress(log.to_csv(index=False).encode()))
+    with pytest.raises(CcdrecError, match=r"log.csv.gz: looks like gzip-compressed .* --format says Parquet; give --format csv"):
+        prepare_stream(tmp_path / "log.csv.gz", tmp_path / "s", file_format="parquet", **KW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto", "export.bin", "log.csv.gz"]
+
+
+def test_numeric_timestamps_before_1980_or_in_the_future_are_noted_with_the_likely_unit(tmp_path):
+    log = udata_like()  # unix seconds of 1997
+    log.to_csv(tmp_path / "log.csv", index=False)
+    for name, kw in {"ms": {"time_unit": "ms"}, "ms, window": {"time_unit": "ms", "window": "1m"}}.items():
+        _, notes = prepare_notes(tmp_path / "log.csv", tmp_path / name, **{**KW, "n_blocks": None, **kw})
+        odd = [n for n in notes if "numeric timestamps" in n]
+        assert len(odd) == 1 and "read as milliseconds since 1970 (given by --time-unit) span 1970-01-11" in odd[0], notes
+        assert "before 1980" in odd[0] and "--time-unit s (seconds) reads them as 1997-" in odd[0]
+    for unit in ("s", None):
+        _, notes = prepare_notes(tmp_path / "log.csv", tmp_path / f"fine-{unit}", time_unit=unit, **KW)
+        assert not any("numeric timestamps" in n for n in notes), notes
+    log.assign(timestamp=log["timestamp"] + 5_000_000_000).to_csv(tmp_path / "future.csv", index=False)  # seconds in 2155
+    _, notes = prepare_notes(tmp_path / "future.csv", tmp_path / "future", **KW)
+    odd = [n for n in notes if "numeric timestamps" in n]
+    assert len(odd) == 1 and "after tomorrow" in odd[0] and "no unit puts them within 1980 .. tomorrow" in odd[0], notes
+
+
+def test_ids_with_spaces_after_the_separator_are_kept_and_noted_with_how_to_strip_them(tmp_path):
+    log = udata_like()
+    rows = [f"{u}, {i}, {r}, {t}" for u, i, r, t in log.itertuples(index=False)]
+    (tmp_path / "log.csv").write_text("user,item,rating,timestamp\n" + "\n".join(rows) + "\n")
+    stream, notes = prepare_notes(tmp_path / "log.csv", tmp_path / "s", **KW)
+    assert all(i.startswith(" ") for i in stream.item_vocab) and not any(u != u.strip() for u in stream.user_vocab)
+    spaced = [n for n in notes if "whitespace" in n]
+    assert len(spaced) == 1 and spaced[0].startswith(f"{len(stream.item_vocab)} item ID(s) begin or end with whitespace")
+    assert "kept as written" in spaced[0]
+    command = spaced[0].split("e.g. ")[-1]
+    assert command.startswith("sed ") and command.endswith("log.csv > stripped-log.csv")
+    if shutil.which("sed") is None:
+        pytest.skip("no sed to try the command with")
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    clean, notes = prepare_notes(tmp_path / "stripped-log.csv", tmp_path / "clean", **KW)
+    assert not any("whitespace" in n for n in notes)
+    assert list(clean.item_vocab) == [i.strip() for i in stream.item_vocab] and stream_files(tmp_path / "clean").keys()
+
+
+def test_data_info_counts_the_held_out_interactions_prepare_left_out(tmp_path):
+    rng = np.random.default_rng(0)
+    log = pd.DataFrame({"user": [f"u{i % 150}" for i in range(1200)], "item": [f"i{x}" for x in rng.integers(0, 120, 1200)]})
+    log["timestamp"] = 1600000000 + 3600 * np.arange(1200)
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream, notes = prepare_notes(tmp_path / "log.csv", tmp_path / "s", min_user=2, min_item=2, n_blocks=2)
+    left = next(n for n in notes if "left out (per block D_0..D_2: " in n)
+    per_block = [int(x) for x in left.split("D_0..D_2: ")[1].split(")")[0].split(" / ")]
+    assert sum(per_block) > 0
+    table = load_stream(tmp_path / "s").summary()
+    assert table["left_out"].tolist() == per_block  # what prepare left out, per block
+    assert (table["dropped_valid"] == 0).all() and (table["dropped_test"] == 0).all()  # (another count: see the note)
+    kept = int(notes[0].split("; ")[-1].split(" interactions kept")[0].replace(",", ""))
+    assert stored_count(stream) + sum(per_block) == kept
+    res = ccdrec("data", "info", str(tmp_path / "s"))
+    assert res.returncode == 0, res.stderr
+    header = next(line for line in res.stdout.splitlines() if "left_out" in line)
+    assert header.index("test") < header.index("left_out") < header.index("dropped_valid")
+    assert f"left_out: {sum(per_block):,} held-out interaction(s) set aside" in res.stdout

@@ -89,3 +89,40 @@ def test_errors_name_the_file_and_problem(tmp_path):
         f.write("block,split,user,item\n0,holdout,1,1\n")
     with pytest.raises(CcdrecError, match="unknown split"):
         load_stream(d2)
+
+
+def test_a_directory_without_a_stream_says_what_it_is_and_what_to_give(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"  # what `ccdrec run` leaves: state.json, stream.json (its stream), config, checkpoints
+    run.mkdir()
+    (run / "state.json").write_text("{}")
+    (run / "stream.json").write_text(json.dumps({"source": str(tmp_path / "mine"), "sha256": "0", "blocks": 2}))
+    with pytest.raises(CcdrecError) as exc:
+        load_stream(run)
+    assert str(exc.value) == (
+        f"{run}: a run directory, not a stream directory made by `ccdrec data prepare`; "
+        f"give the stream it ran on, {tmp_path / 'mine'}"
+    )
+    cmp = tmp_path / "cmp"  # a comparison: its runs below it
+    shutil.copytree(run, cmp / "ccd")
+    (cmp / "compare.json").write_text("{}")
+    with pytest.raises(CcdrecError, match=r"cmp: a comparison directory, not a stream directory .* it ran on, .*mine$"):
+        load_stream(cmp)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CcdrecError, match=r"empty: not a stream directory \(no universe.csv or interactions.csv.gz\)"):
+        load_stream(tmp_path / "empty")
+    with pytest.raises(CcdrecError, match="the stream path is empty"):
+        load_stream("")
+
+    def info(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "ccdrec", "data", "info", *args], capture_output=True, text=True, cwd=tmp_path
+        )
+
+    for arg, message in (("run", "run: a run directory, not a stream directory"), ("", "the stream path is empty")):
+        res = info(arg)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), res.stderr

@@ -2,6 +2,7 @@
 stream's files and digest stay as they are."""
 
 import gzip
+import json
 
 import numpy as np
 import pandas as pd
@@ -97,3 +98,21 @@ def test_bundled_digests_are_those_of_their_files(name):
         "gowalla": "e8db337953aeadce844d8ff2da2c0a728b28e12930dd25bca35d2eeb497755d8",
     }
     assert load_stream(name).digest == want[name]
+
+
+def test_left_out_counts_come_from_prepare_json_and_only_when_they_fit(tmp_path):
+    s = synthetic_stream(n_blocks=2, seed=3)
+    save_stream(s, tmp_path / "s")
+    assert "left_out" not in load_stream(tmp_path / "s").summary().columns  # unknown: no column
+    assert load_stream(tmp_path / "s").left_out_note() is None
+    for bad in ([1], [1, 2, 3], [1, -2], "3", [1.5, 2]):  # not one count per block: ignored (information only)
+        (tmp_path / "s" / "prepare.json").write_text(json.dumps({"left_out": bad}))
+        assert load_stream(tmp_path / "s").left_out is None
+    (tmp_path / "s" / "prepare.json").write_text(json.dumps({"left_out": [0, 11]}))
+    loaded = load_stream(tmp_path / "s")
+    table = loaded.summary()
+    columns = list(table.columns)
+    assert table["left_out"].tolist() == [0, 11] and columns.index("left_out") == columns.index("test") + 1
+    note = loaded.left_out_note()
+    assert "left_out: 11 held-out interaction(s) set aside" in note and "(per block D_0..D_1: 0 / 11)" in note
+    assert loaded.digest == s.digest  # information only: not part of the stream's content

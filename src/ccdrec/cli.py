@@ -135,15 +135,19 @@ def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gow
             f"{source!r} names both a bundled dataset and ./{source} here: write ./{source} for the directory, "
             "or run from another directory for the bundled stream"
         )
-    print_stream_table(load_stream(source if source in BUNDLED else Path(source)))
+    stream = load_stream(source)  # a bundled name, else a directory ('' is refused, never read as '.')
+    print_stream_table(stream)
+    if note := stream.left_out_note():
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 @data_app.command("prepare")
 def data_prepare(
-    log: Path = typer.Argument(
-        ..., help="interaction log: text (.csv, .tsv, .txt, .dat, .data; any name ending .gz is gzip-compressed text) or Parquet"
+    log: str = typer.Argument(
+        ...,
+        help="interaction log: text (.csv, .tsv, .txt, .dat, .data; any name ending .gz is gzip-compressed text) or Parquet",
     ),
-    out: Path = typer.Option(..., "--out", help="output stream directory"),
+    out: str = typer.Option(..., "--out", help="output stream directory"),
     user_col: str = typer.Option("user", help="user ID column"),
     item_col: str = typer.Option("item", help="item ID column"),
     time_col: str = typer.Option("timestamp", help="timestamp column (unix time or date strings)"),
@@ -187,10 +191,13 @@ def data_prepare(
     """
     from ccdrec.data.prepare import prepare_stream
 
+    for what, given in (("log", log), ("--out", out)):
+        if not given.strip():  # never read as '.', the current directory
+            raise CcdrecError(f"the {what} path is empty")
     with _prepare_notes():
         stream = prepare_stream(
-            log,
-            out,
+            Path(log),
+            Path(out),
             user_col=user_col,
             item_col=item_col,
             time_col=time_col,
@@ -233,8 +240,8 @@ def _prepare_notes() -> Iterator[None]:
 
 @data_app.command("append")
 def data_append(
-    stream_dir: Path = typer.Argument(..., help="a stream directory made by `ccdrec data prepare` (it holds prepare.json)"),
-    log: Path = typer.Argument(..., help="the new interactions: a log in the format of the one the stream was prepared from"),
+    stream_dir: str = typer.Argument(..., help="a stream directory made by `ccdrec data prepare` (it holds prepare.json)"),
+    log: str = typer.Argument(..., help="the new interactions: a log in the format of the one the stream was prepared from"),
     blocks: int | None = typer.Option(None, help="cut the new interactions into this many blocks of equal size"),
     window: str | None = typer.Option(
         None, help="cut them by calendar window instead, e.g. 7d, 12h (default: the stream's window, else one block)"
@@ -246,8 +253,15 @@ def data_append(
     """  # noqa: E501
     from ccdrec.data.append import append_stream
 
+    for what, given in (("stream directory", stream_dir), ("new log", log)):
+        if not given.strip():  # never read as '.', the current directory
+            raise CcdrecError(f"the {what} path is empty")
+    from ccdrec.data.stream import check_stream_dir
+
+    if Path(stream_dir).is_dir():
+        check_stream_dir(Path(stream_dir), bundled=False)  # (not a bundled dataset, which cannot grow)
     with _prepare_notes():
-        before = len(load_stream_dir(stream_dir))
+        before = len(load_stream_dir(Path(stream_dir)))
         stream = append_stream(stream_dir, log, n_blocks=blocks, window=window)
         console.print(
             f"appended blocks {before}..{len(stream) - 1} to {stream_dir}: {len(stream)} blocks, "

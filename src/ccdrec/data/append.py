@@ -12,8 +12,10 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
    timestamps with the stream's *resolved* reading: numbers in the same unit (even when the unit was
    inferred at prepare time), dates in the same format. A log whose timestamps cannot be read that way
    is an error.
-2. Its rows are deduplicated in time order (earliest kept) and pairs already in the stream (any block,
-   any split) are dropped.
+2. Its rows are deduplicated in time order (time, then user, then item as written: the same rows give
+   the same blocks whatever their order; earliest kept) and pairs already in the stream (any block, any
+   split) are dropped. A note accounts for the rows: read, rated below the stream's ``min_rating``,
+   repeated, already in the stream, removed by the k-core filter (4), kept.
 3. Rows older than the stream's last timestamp (late arrivals) are **kept**, with a note: they go into
    the first new block (existing blocks never change).
 4. k-core filter together with the stream's counts: a new interaction (u, i) is kept when u has at
@@ -51,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.data import prepare as P
-from ccdrec.data.stream import SPLITS, Stream, load_stream
+from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, load_stream
 from ccdrec.errors import CcdrecError
 
 
@@ -79,6 +81,9 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     issued as :class:`ccdrec.data.prepare.PrepareWarning` after the stream is written. Every problem
     the user can fix raises :class:`CcdrecError` with a one-line message; the stream is then unchanged.
     """
+    for what, given in (("stream directory", stream_dir), ("new log", log)):
+        if isinstance(given, str) and not given.strip():
+            raise CcdrecError(f"the {what} path is empty")
     stream_dir, log = Path(stream_dir), Path(log)
     if n_blocks is not None and window is not None:
         raise CcdrecError(f"{log}: give either --blocks (equal-count blocks) or --window (calendar windows), not both")
@@ -86,6 +91,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
         raise CcdrecError(f"{log}: --blocks must be an integer >= 1, got {n_blocks!r}")
     if not stream_dir.is_dir():
         raise CcdrecError(f"no stream directory {str(stream_dir)!r}")
+    check_stream_dir(stream_dir, bundled=False)
     record = read_record(stream_dir)
     if log.resolve().is_relative_to(stream_dir.resolve()):
         raise CcdrecError(f"{log}: lies inside the stream directory {stream_dir}, which is rewritten; move it out first")
@@ -96,9 +102,11 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     if stream.user_vocab is None or stream.item_vocab is None:
         raise CcdrecError(f"{stream_dir}: the stream has no vocabularies (users.json, items.json) to extend")
 
-    df, per_second = _read_new(log, record)
+    df, per_second, n_read = _read_new(log, record)
+    n_rated = len(df)
     notes: list[str] = []
     df = P._dedup_in_time_order(df)
+    n_unique = len(df)
     user_pos = {u: i for i, u in enumerate(stream.user_vocab.tolist())}
     item_pos = {v: i for i, v in enumerate(stream.item_vocab.tolist())}
     uid = df["user"].map(user_pos).fillna(-1).to_numpy(dtype=np.int64)
@@ -107,11 +115,20 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     known = (uid >= 0) & (iid >= 0)
     dup = np.zeros(len(df), dtype=bool)
     dup[known] = np.isin(uid[known] * stream.n_items + iid[known], stored[:, 0] * stream.n_items + stored[:, 1])
-    if dup.any():
-        notes.append(f"{int(dup.sum()):,} interaction(s) of {log.name} are already in the stream; dropped")
     df, uid, iid = df[~dup].reset_index(drop=True), uid[~dup], iid[~dup]
     keep = _kcore_with_counts(df, uid, iid, stored, stream, int(record["min_user"]), int(record["min_item"]))
     df, uid, iid = df[keep].reset_index(drop=True), uid[keep], iid[keep]
+    min_rating = record["read"]["min_rating"]
+    steps = [
+        (n_read - n_rated, f"rated below {min_rating:g} dropped (the stream's --min-rating)" if min_rating is not None else ""),
+        (n_rated - n_unique, "repeated user-item row(s) dropped (the earliest kept)"),
+        (int(dup.sum()), "already in the stream dropped"),
+        (
+            int((~keep).sum()),
+            f"removed by the k-core filter (min_user={record['min_user']}, min_item={record['min_item']}, "
+            "counting the stream's interactions)",
+        ),
+    ]
     if len(df) == 0:
         raise CcdrecError(
             f"{log}: no new interaction left after dropping pairs already in the stream and the k-core filter "
@@ -141,6 +158,8 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     blocks, block_notes = P.build_blocks(
         users, items, labels, int(record["seed"]), log, first=first, prev=(stream.n_users, stream.n_items)
     )
+    left_out = [int((labels == b.index - first).sum()) - sum(len(b.stored(s)) for s in SPLITS) for b in blocks]
+    notes.insert(0, P.rows_note(log, n_read, steps, len(df), sum(left_out)))
     new_users = [u for u in pd.unique(df["user"].to_numpy(dtype=object)[uid < 0])]
     new_items = [i for i in pd.unique(df["item"].to_numpy(dtype=object)[iid < 0])]
     grown = Stream(
@@ -149,11 +168,17 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
         np.array(list(stream.user_vocab) + [str(u) for u in new_users], dtype=object),
         np.array(list(stream.item_vocab) + [str(i) for i in new_items], dtype=object),
     )
+    r = record["read"]
+    kind = r["file_format"] or P._kind(log)
+    notes += P.spaced_ids_notes(log, new_users, new_items, kind, r["sep"] or P._default_sep(log))
+    old_left_out = record.get("left_out")
     new_last = max(last, times.max().item())
     record = {
         **record,
         "last_time": new_last,
         "last_time_utc": P._utc(new_last, per_second),
+        # one count per block, or none at all (a stream prepared before they were recorded)
+        "left_out": old_left_out + left_out if isinstance(old_left_out, list) and len(old_left_out) == first else None,
         "appends": [
             *record.get("appends", []),
             {
@@ -184,8 +209,9 @@ def _check_prefix(loaded: Stream, n: int, digest: str, stream_dir: Path) -> None
         raise CcdrecError(f"{stream_dir}: the appended stream would change its first {n} blocks; nothing written")
 
 
-def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int]:
-    """(user, item, time) of ``log`` read as the stream's log was, and the time keys per second."""
+def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int, int]:
+    """(user, item, time) of ``log`` read as the stream's log was (rows rated below the stream's
+    ``min_rating`` dropped), the time keys per second, and the number of rows read."""
     r, t = record["read"], record["time"]
     wanted = (r["user_col"], r["item_col"], r["time_col"]) + ((r["rating_col"],) if r["rating_col"] is not None else ())
     names = tuple(r["columns"]) if r["columns"] is not None else None
@@ -203,9 +229,11 @@ def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int]:
         raise CcdrecError(
             f"{log}: column {r['time_col']!r} reads as {_what(reading.describe())}, the stream's timestamps as {_what(t)}"
         )
-    return P._interactions(
-        raw, r["user_col"], r["item_col"], reading.keys, r["rating_col"], r["min_rating"], log
-    ), reading.per_second
+    return (
+        P._interactions(raw, r["user_col"], r["item_col"], reading.keys, r["rating_col"], r["min_rating"], log),
+        reading.per_second,
+        len(raw),
+    )
 
 
 def _what(t: dict) -> str:

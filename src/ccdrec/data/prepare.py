@@ -25,8 +25,9 @@ The procedure behind ``ccdrec data prepare``:
 
    Every timestamp must be finite and lie in the window 1900-01-01 .. 2199-12-31 UTC
    (:data:`TIME_WINDOW`); anything else, NaN and ``inf`` included, is an unparsable timestamp.
-4. Reject missing values, sort by time (stable: ties keep the original row order) and drop repeated
-   (user, item) pairs, keeping the earliest occurrence.
+4. Reject missing values, sort by time, then user, then item (IDs compared as written, by code point:
+   the same rows give the same stream whatever their order in the file) and drop repeated (user, item)
+   pairs, keeping the earliest occurrence.
 5. Iterative k-core filter: drop users with fewer than ``min_user`` and items with fewer than
    ``min_item`` interactions, repeatedly, until nothing changes.
 6. Cut the timeline: the first ``base_fraction`` of the interactions form block D_0, the rest
@@ -41,7 +42,7 @@ The procedure behind ``ccdrec data prepare``:
    note) and a short last window into the block before it, so blocks follow the same minimum as
    with ``n_blocks`` without failing on a quiet week. Fewer than :data:`MIN_PER_BLOCK` interactions
    after D_0 in all is an error.
-7. Assign integer IDs in order of first appearance along the timeline (users and items
+7. Assign integer IDs in order of first appearance along the timeline of step 4 (users and items
    separately), so the universe is cumulative and block k's new users are exactly the IDs
    [U_{k-1}, U_k) (items likewise).
 8. Split every block per user into train/valid/test with :func:`ccdrec.data.split.split_block`,
@@ -60,7 +61,10 @@ The procedure behind ``ccdrec data prepare``:
    (:mod:`ccdrec.data.append`) reads it to treat new rows the same way.
 
 Every problem the user can fix raises :class:`ccdrec.errors.CcdrecError` with a one-line message that
-names the file.
+names the file. Notes (:class:`PrepareWarning`) account for the rows (read, rated below ``min_rating``,
+duplicate pairs, removed by the k-core filter, kept), flag numeric timestamps that read as dates before
+1980 or after tomorrow (naming the unit that would fit), and IDs that begin or end with whitespace
+(kept as written).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,9 +148,13 @@ def prepare_stream(
     are an error. ``out`` must not exist or be empty unless ``force`` is set, in which case it is
     replaced. The reading options are described in the module docstring; they are recorded with the
     resolved timestamp reading in ``out/prepare.json`` (:data:`PREPARE_FILE`) for ``ccdrec data append``.
-    Notes about the result (blocks without valid/test users or new users, skipped or merged windows)
+    Notes about the result (the rows read, dropped at each step and kept; blocks without valid/test users
+    or new users, skipped or merged windows; unlikely numeric timestamps; IDs with surrounding whitespace)
     are issued as :class:`PrepareWarning` after it is written.
     """
+    for what, given in (("log", log), ("output", out)):
+        if isinstance(given, str) and not given.strip():  # Path("") would be ".", the current directory
+            raise CcdrecError(f"the {what} path is empty")
     log, out = Path(log), Path(out)
     if window is not None and n_blocks is not None:
         raise CcdrecError(f"{log}: give either --blocks (equal-count blocks) or --window (calendar windows), not both")
@@ -160,9 +169,12 @@ def prepare_stream(
     file_format = _file_format(log, file_format)
     _check_out(log, out, force)
     df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names)
+    n_read = len(df)
     reading = _time_reading(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit)
     df = _interactions(df, user_col, item_col, reading.keys, rating_col, min_rating, log)
+    n_rated = len(df)
     df = _dedup_in_time_order(df)
+    n_unique = len(df)
     df = _kcore(df, min_user, min_item)
     notes: list[str] = []
     if window_s is None:
@@ -174,15 +186,24 @@ def prepare_stream(
         inc = window_labels(df["time"].to_numpy()[n0:], anchor, window_s * reading.per_second, window, reading.per_second, log)
         labels = np.concatenate([np.zeros(n0, dtype=np.int64), inc.labels + 1])
         notes += inc.notes
-        if reading.label == "numbers" and time_unit is None:
-            first, last = (_utc(df["time"].iloc[i].item(), reading.per_second) for i in (0, -1))
-            notes.append(
-                f"--window {window}: numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({first} .. {last}); "
-                "give --time-unit if they count something else"
-            )
-    if window_s is None and reading.label == "numbers":  # with --window the reading is always noted (above)
-        notes += _odd_time_span(df["time"], reading, time_unit)
+    odd = _odd_times(df["time"], reading, time_unit) if reading.label == "numbers" else []
+    if window_s is not None and reading.label == "numbers" and time_unit is None and not odd:
+        first, last = (_utc(df["time"].iloc[i].item(), reading.per_second) for i in (0, -1))
+        notes.append(
+            f"--window {window}: numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({first} .. {last}); "
+            "give --time-unit if they count something else"
+        )
+    notes += odd
     stream, block_notes = _build_stream(out.name, df, labels, seed, log)
+    left_out = [int((labels == b.index).sum()) - sum(len(b.stored(s)) for s in SPLITS) for b in stream]
+    steps = [
+        (n_read - n_rated, f"rated below {min_rating:g} dropped (--min-rating)" if min_rating is not None else ""),
+        (n_rated - n_unique, "repeated user-item row(s) dropped (the earliest kept)"),
+        (n_unique - len(df), f"removed by the k-core filter (min_user={min_user}, min_item={min_item})"),
+    ]
+    notes.insert(0, rows_note(log, n_read, steps, len(df), sum(left_out)))
+    kind = file_format or _kind(log)
+    notes += spaced_ids_notes(log, stream.user_vocab, stream.item_vocab, kind, sep or _default_sep(log))
     record = {
         "version": PREPARE_VERSION,
         "read": {
@@ -207,6 +228,7 @@ def prepare_stream(
         "window_anchor": anchor,
         "last_time": df["time"].iloc[-1].item(),
         "last_time_utc": _utc(df["time"].iloc[-1].item(), reading.per_second),
+        "left_out": left_out,
         "appends": [],
     }
     stream = _write_atomically(stream, log, out, force, extra={PREPARE_FILE: record})
@@ -215,19 +237,96 @@ def prepare_stream(
     return stream
 
 
-def _odd_time_span(times: pd.Series, reading, time_unit: str | None) -> list[str]:
-    """A note when numeric timestamps, read in their unit, span less than a minute: most likely the unit is
-    wrong (seconds read as nanoseconds); the blocks follow the order either way, so it is a note, not an
-    error. (Small numbers alone are no sign: a log may count seconds from its own start.)"""
-    first, last = times.iloc[0].item(), times.iloc[-1].item()
+_PLAUSIBLE_FROM_S = 315_532_800  # 1980-01-01 UTC in unix seconds: numeric timestamps before it are suspect
+
+
+def _odd_times(times: pd.Series, reading, time_unit: str | None, now_s: float | None = None) -> list[str]:
+    """A note when numeric timestamps, read in their unit, fall before 1980, after tomorrow (``now_s`` + 1 day,
+    default the clock) or all within a minute: most likely the unit is wrong (seconds read as milliseconds);
+    the unit that puts them all within 1980 .. tomorrow is named if there is one. The blocks follow the
+    order either way, so it is a note, not an error (a log may count seconds from its own start)."""
+    first, last = times.min().item(), times.max().item()
     per = reading.per_second
-    if last - first >= 60 * per:
+    latest_s = (time.time() if now_s is None else now_s) + 86_400
+    reasons = []
+    if first < _PLAUSIBLE_FROM_S * per:
+        reasons.append("before 1980")
+    if last > latest_s * per:
+        reasons.append("after tomorrow")
+    if last - first < 60 * per:
+        reasons.append("within one minute")
+    if not reasons:
         return []
-    how = "given by --time-unit" if time_unit is not None else "guessed; give --time-unit if they count something else"
+
+    def fits(unit: str) -> bool:
+        return first / TIME_UNITS[unit] >= _PLAUSIBLE_FROM_S and last / TIME_UNITS[unit] <= latest_s
+
+    how = "given by --time-unit" if time_unit is not None else "guessed"
+    likely = [u for u in TIME_UNITS if u != reading.unit and fits(u)]
+    if likely:
+        unit = likely[0]
+        hint = (
+            f"--time-unit {unit} ({_UNIT_NAMES[unit]}) reads them as {_utc(first, TIME_UNITS[unit])} .. "
+            f"{_utc(last, TIME_UNITS[unit])}: check the unit"
+        )
+    else:
+        hint = "no unit puts them within 1980 .. tomorrow: check the unit, unless they count from another origin"
     return [
         f"numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({how}) span {_utc(first, per)} .. "
-        f"{_utc(last, per)}: check the unit"
+        f"{_utc(last, per)}, {' and '.join(reasons)}; {hint}"
     ]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def rows_note(log: Path, n_read: int, steps: list[tuple[int, str]], kept: int, left_out: int) -> str:
+    """One line accounting for the rows of ``log``: read, dropped or removed at each of ``steps`` ((count,
+    what) pairs; zero counts are left out), kept, and the held-out interactions of those not stored
+    because their item has no train interaction in the block (``left_out``; the block notes detail them)."""
+    parts = [f"{_plural(n_read, 'row')} read"] + [f"{n:,} {what}" for n, what in steps if n]
+    kept_text = f"{_plural(kept, 'interaction')} kept"
+    if left_out:
+        kept_text += f", {kept - left_out:,} of them in the splits ({left_out:,} held-out ones set aside, see below)"
+    return f"{log.name}: " + "; ".join([*parts, kept_text])
+
+
+def spaced_ids_notes(log: Path, users, items, kind: str, sep: str) -> list[str]:
+    """A note when IDs among ``users`` / ``items`` begin or end with whitespace (``1, 242, ...``: spaces after
+    the separator): they are kept as written, so ``242`` would not find `` 242``; says how to strip them."""
+    counts = {}
+    example = None
+    for what, ids in (("user", users), ("item", items)):
+        spaced = [str(v) for v in ([] if ids is None else ids) if str(v) != str(v).strip()]
+        if spaced:
+            counts[what] = len(spaced)
+            example = example or spaced[0]
+    if not counts:
+        return []
+    which = " and ".join(f"{n:,} {what} ID(s)" for what, n in counts.items())
+    return [
+        f"{which} begin or end with whitespace, e.g. {example!r}: IDs are kept as written, so {example.strip()!r} "
+        f"is not {example!r} (in recommend --items, for instance); {_strip_hint(log, kind, sep)}"
+    ]
+
+
+def _strip_hint(log: Path, kind: str, sep: str) -> str:
+    if kind == "parquet":
+        return "to drop the spaces, strip the ID columns first (pandas: df[col] = df[col].str.strip()) and prepare again"
+    if sep == "\t":
+        script = "s/^ +//; s/ *\\t */\\t/g; s/ +$//"
+    elif sep in "]^\\/&'" or not sep.isprintable():
+        return "to drop them, remove the spaces around the separators in the log and prepare again"
+    else:
+        script = f"s/^ +//; s/ *[{sep}] */{sep}/g; s/ +$//"
+    name = log.name
+    if _is_gzip(log):
+        stripped = f"stripped-{name}" if name.lower().endswith(".gz") else f"stripped-{name}.gz"
+        cmd = f"zcat {name} | sed -E '{script}' | gzip > {stripped}"
+    else:
+        cmd = f"sed -E '{script}' {name} > stripped-{name}"
+    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
 
 
 def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, rating_col, min_rating, log: Path) -> pd.DataFrame:
@@ -437,13 +536,25 @@ def _check_out(log: Path, out: Path, force: bool) -> None:
         raise CcdrecError(f"cannot prepare {log}: it lies inside the output directory {out}, which --force would delete")
 
 
-def _kind(log: Path) -> str:
-    """``csv`` (any text log, also gzip-compressed) or ``parquet``, from the file name."""
+def _name_kind(log: Path) -> str | None:
+    """``csv`` or ``parquet`` as the file name tells, else None."""
     name = log.name.lower()
     if name.endswith(".gz") or name.endswith(TEXT_SUFFIXES):
         return "csv"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
+    return "parquet" if name.endswith(PARQUET_SUFFIXES) else None
+
+
+def _auto_kind(log: Path) -> str | None:
+    """The kind the name tells, else the content (Parquet's or gzip's magic bytes), else None."""
+    return _name_kind(log) or {"parquet": "parquet", "gzip": "csv"}.get(_sniff(log))
+
+
+def _kind(log: Path) -> str:
+    """``csv`` (any text log, also gzip-compressed) or ``parquet``, from the file name; for a name that does
+    not tell, from the content (Parquet's or gzip's magic bytes)."""
+    kind = _auto_kind(log)
+    if kind is not None:
+        return kind
     supported = ", ".join(TEXT_SUFFIXES + PARQUET_SUFFIXES)
     raise CcdrecError(
         f"{log}: unknown file type; expected one of {supported}, any name ending .gz (gzip-compressed text), "
@@ -452,6 +563,60 @@ def _kind(log: Path) -> str:
 
 
 # --- reading ------------------------------------------------------------------------------
+
+_MAGIC = (  # the first bytes of the binary formats a log is mistaken for: (bytes, kind, what it is)
+    (b"PAR1", "parquet", "Parquet"),
+    (b"\x1f\x8b", "gzip", "gzip-compressed"),
+    (b"PK\x03\x04", "zip", "a zip archive"),
+    (b"BZh", "bzip2", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00", "xz", "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstd-compressed"),
+    (b"7z\xbc\xaf\x27\x1c", "7z", "a 7-Zip archive"),
+    (b"SQLite format 3\x00", "sqlite", "an SQLite database"),
+    (b"\x89HDF\r\n\x1a\n", "hdf5", "HDF5"),
+    (b"ARROW1", "arrow", "an Arrow IPC (Feather) file"),
+    (b"\x93NUMPY", "npy", "a NumPy array"),
+)
+
+
+def _sniff(log: Path) -> str | None:
+    """The kind of binary file ``log`` starts like (a key of :data:`_MAGIC`'s second column), or None."""
+    try:
+        with open(log, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    return next((kind for magic, kind, _ in _MAGIC if head.startswith(magic)), None)
+
+
+def _check_content(log: Path, kind: str, given: bool) -> None:
+    """A one-line error when the bytes of ``log`` say it is not what it is about to be read as (``kind``,
+    from ``--format`` when ``given``, else from the name): Parquet read as text, text as Parquet, or an
+    archive or other binary format that is neither."""
+    sniffed = _sniff(log)
+    what = {k: w for _, k, w in _MAGIC}
+    how = "--format" if given else "its name"
+    if kind == "csv" and sniffed == "parquet":
+        auto = given and _auto_kind(log) == "parquet"
+        instead = "leave --format out (the name or the content tells)" if auto else "name it .parquet"
+        raise CcdrecError(
+            f"{log}: looks like Parquet (it starts with PAR1), not text as {how} says; give --format parquet, or {instead}"
+        )
+    if kind == "parquet" and sniffed in (None, "gzip"):
+        looks = "gzip-compressed (text, presumably)" if sniffed == "gzip" else "text, not Parquet (no PAR1 at its start)"
+        instead = ", or leave --format out" if given and _auto_kind(log) == "csv" else ""
+        raise CcdrecError(f"{log}: looks like {looks}, but {how} says Parquet; give --format csv{instead}")
+    if sniffed not in (None, "gzip", "parquet"):
+        hint = "unpack it" if sniffed in ("zip", "7z") else "decompress it" if sniffed in ("bzip2", "xz", "zstd") else "export it"
+        raise CcdrecError(
+            f"{log}: looks like {what[sniffed]}, not a log; {hint} to a text log (.csv, .tsv; gzip-compressed is fine) "
+            "or to Parquet first"
+        )
+
+
+def _default_sep(log: Path) -> str:
+    """The separator of a text log without --sep: tab for a ``.tsv`` (``.tsv.gz``) name, else a comma."""
+    return "\t" if log.name.lower().removesuffix(".gz").endswith(".tsv") else ","
 
 
 def _read_log(
@@ -472,10 +637,10 @@ def _read_log(
         raise CcdrecError(f"{log}: --sep, --no-header and --columns apply to text logs, not Parquet")
     if log.stat().st_size == 0:
         raise CcdrecError(f"{log}: file is empty")
+    _check_content(log, kind, given=file_format is not None)
     text = {}
     if kind == "csv":
-        default = "\t" if log.name.lower().removesuffix(".gz").endswith(".tsv") else ","
-        text = {"sep": sep or default, "compression": "gzip" if _is_gzip(log) else None}
+        text = {"sep": sep or _default_sep(log), "compression": "gzip" if _is_gzip(log) else None}
     try:
         available = _columns(log, kind, text, names)
         _require_columns(log, columns, available, text)
@@ -797,10 +962,17 @@ def _year_day_month(fmt: str) -> bool:
 # --- filtering and cutting ----------------------------------------------------------------
 
 
+def _time_order(df: pd.DataFrame) -> np.ndarray:
+    """The row order by time, then user, then item (IDs compared as written, by code point): one order for
+    a set of rows whatever the order of the file, so IDs, blocks and splits never depend on it."""
+    users = pd.factorize(df["user"].to_numpy(dtype=object), sort=True)[0]
+    items = pd.factorize(df["item"].to_numpy(dtype=object), sort=True)[0]
+    return np.lexsort((items, users, df["time"].to_numpy()))
+
+
 def _dedup_in_time_order(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows sorted by time (stable), each (user, item) pair kept at its earliest occurrence."""
-    order = np.argsort(df["time"].to_numpy(), kind="stable")
-    df = df.iloc[order].reset_index(drop=True)
+    """Rows in :func:`_time_order`, each (user, item) pair kept at its earliest occurrence."""
+    df = df.iloc[_time_order(df)].reset_index(drop=True)
     return df.drop_duplicates(["user", "item"], keep="first").reset_index(drop=True)
 
 
@@ -909,10 +1081,15 @@ def build_blocks(
         prev_u, prev_i = n_u, n_i
     if sum(left_out):
         notes.append(
-            f"{sum(left_out):,} held-out interaction(s) left out (per block {' / '.join(map(str, left_out))}): their item has "
-            "no train interaction in the block, so no model can have learnt the item there"
+            f"{sum(left_out):,} held-out interaction(s) left out (per block {_block_range(first, len(left_out))}: "
+            f"{' / '.join(map(str, left_out))}): their item has no train interaction in the block, so no model can have "
+            "learnt the item there (data info lists them as left_out)"
         )
     return blocks, notes
+
+
+def _block_range(first: int, n: int) -> str:
+    return f"D_{first}" if n == 1 else f"D_{first}..D_{first + n - 1}"
 
 
 # --- writing ------------------------------------------------------------------------------

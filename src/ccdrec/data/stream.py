@@ -160,6 +160,9 @@ class Stream:
     user_vocab: np.ndarray | None = None
     item_vocab: np.ndarray | None = None
     source: Path | None = field(default=None)
+    # per block: held-out interactions that `data prepare` / `data append` set aside because their item has no
+    # train interaction in the block (so they are in no split); from prepare.json, None when unknown
+    left_out: list[int] | None = field(default=None)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -179,25 +182,43 @@ class Stream:
         return self.blocks[-1].n_items
 
     def summary(self) -> pd.DataFrame:
-        """Per-block table: universe, new entities, split sizes, held-out pairs dropped (:class:`Block`)."""
+        """Per-block table: universe, new entities, split sizes, the held-out interactions set aside when the
+        stream was prepared (``left_out``: their item has no train interaction in the block, so they are in
+        no split; only for streams whose ``prepare.json`` records them, see :attr:`left_out`), and the
+        held-out pairs of the files dropped on loading because the block trains on them (``dropped_valid``,
+        ``dropped_test``; :class:`Block`, :meth:`dropped_note`)."""
+        known = self.left_out is not None and len(self.left_out) == len(self.blocks)
         rows = []
         for b in self.blocks:
-            rows.append(
-                {
-                    "block": b.index,
-                    "users": b.n_users,
-                    "items": b.n_items,
-                    "new_users": len(b.new_users),
-                    "new_items": len(b.new_items),
-                    "active_users": int(len(np.unique(b.train[:, 0]))),
-                    "train": len(b.train),
-                    "valid": len(b.valid),
-                    "test": len(b.test),
-                    "dropped_valid": b.dropped["valid"],
-                    "dropped_test": b.dropped["test"],
-                }
-            )
+            row = {
+                "block": b.index,
+                "users": b.n_users,
+                "items": b.n_items,
+                "new_users": len(b.new_users),
+                "new_items": len(b.new_items),
+                "active_users": int(len(np.unique(b.train[:, 0]))),
+                "train": len(b.train),
+                "valid": len(b.valid),
+                "test": len(b.test),
+            }
+            if known:
+                row["left_out"] = int(self.left_out[b.index])
+            row["dropped_valid"] = b.dropped["valid"]
+            row["dropped_test"] = b.dropped["test"]
+            rows.append(row)
         return pd.DataFrame(rows)
+
+    def left_out_note(self) -> str | None:
+        """One line on the held-out interactions set aside when the stream was prepared (:attr:`left_out`),
+        per block, and how they differ from ``dropped_valid`` / ``dropped_test``; None when there are none."""
+        if not self.left_out or not any(self.left_out) or len(self.left_out) != len(self.blocks):
+            return None
+        return (
+            f"stream {self.name}: left_out: {sum(self.left_out):,} held-out interaction(s) set aside when the stream was "
+            f"prepared (per block D_0..D_{len(self.blocks) - 1}: {' / '.join(f'{n:,}' for n in self.left_out)}) because "
+            "their item has no train interaction in the block; they are in no split (dropped_valid / dropped_test count "
+            "held-out pairs of the files that are also train pairs of their block)"
+        )
 
     def dropped_note(self) -> str | None:
         """One line for the user on the held-out pairs dropped because the block trains on them
@@ -302,6 +323,11 @@ def load_stream(source: str | Path) -> Stream:
     Raises :class:`CcdrecError` with a one-line message for anything wrong with the input.
     """
     name = str(source)
+    if isinstance(source, str) and not source.strip():
+        raise CcdrecError(
+            f"the stream path is empty: give a stream directory made by `ccdrec data prepare` or a bundled dataset "
+            f"({', '.join(BUNDLED)})"
+        )
     if isinstance(source, str) and name in BUNDLED:
         path = bundled_path(name)
         digest = file_sha256(path / INTERACTIONS)
@@ -311,8 +337,45 @@ def load_stream(source: str | Path) -> Stream:
         path = Path(source)
         if not path.is_dir():
             raise CcdrecError(f"no stream directory {name!r} (bundled datasets: {', '.join(BUNDLED)})")
+        check_stream_dir(path)
         name = path.name
     return _read_stream_dir(path, name)
+
+
+_RUN_MARKERS = ("state.json", "stream.json")  # ccdrec.pipeline.rundir: every run directory has them
+_PLAN_MARKERS = {"compare.json": "a comparison directory", "sweep.json": "a sweep directory"}  # directories of runs
+
+
+def check_stream_dir(path: Path, bundled: bool = True) -> None:
+    """A one-line :class:`CcdrecError` when the directory ``path`` holds no stream at all (neither
+    ``universe.csv`` nor ``interactions.csv.gz``): it says so, and for a run, comparison or sweep directory
+    (often passed for its stream) that it is one and which stream to pass instead. A directory with one
+    of the two files is a damaged stream, left to the reader to name the missing file. ``bundled``: whether
+    the message offers the bundled datasets instead (not where only a prepared stream will do)."""
+    path = Path(path)
+    if (path / UNIVERSE).exists() or (path / INTERACTIONS).exists():
+        return
+    what = next((w for f, w in _PLAN_MARKERS.items() if (path / f).exists()), None)
+    records = [path / "stream.json"] if what is None else sorted(path.glob("**/stream.json"))
+    if what is None and any((path / f).exists() for f in _RUN_MARKERS):
+        what = "a run directory"
+    if what is None:
+        raise CcdrecError(
+            f"{path}: not a stream directory (no {UNIVERSE} or {INTERACTIONS}): give a directory made by "
+            f"`ccdrec data prepare`" + (f" or a bundled dataset ({', '.join(BUNDLED)})" if bundled else "")
+        )
+    source = next((s for s in map(_recorded_source, records) if s), None)
+    instead = f"the stream it ran on, {source}" if source else "the stream directory it ran on"
+    raise CcdrecError(f"{path}: {what}, not a stream directory made by `ccdrec data prepare`; give {instead}")
+
+
+def _recorded_source(record: Path) -> str | None:
+    """The stream source a run recorded in its ``stream.json`` (None when missing or unreadable)."""
+    try:
+        source = json.loads(record.read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) and source else None
 
 
 def resolve_source(source: str | Path) -> str:
@@ -368,7 +431,24 @@ def _read_stream_dir(path: Path, name: str) -> Stream:
         raise CcdrecError(f"{path / INTERACTIONS}: block numbers outside 0..{n_blocks - 1}")
     user_vocab = _read_vocab(path, "users", prev_u)
     item_vocab = _read_vocab(path, "items", prev_i)
-    return Stream(name, blocks, user_vocab, item_vocab, source=path)
+    return Stream(name, blocks, user_vocab, item_vocab, source=path, left_out=_read_left_out(path, n_blocks))
+
+
+def _read_left_out(directory: Path, n_blocks: int) -> list[int] | None:
+    """The per-block ``left_out`` counts that ``prepare.json`` records (:attr:`Stream.left_out`); None when the
+    file, or the record, is missing, unreadable or not one count per block (it is information only: a
+    stream reads the same without it)."""
+    path = directory / "prepare.json"
+    if not path.exists():
+        return None
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8")).get("left_out")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(counts, list) and len(counts) == n_blocks
+    if not ok or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return None
+    return counts
 
 
 def _read_vocab(directory: Path, kind: str, size: int) -> np.ndarray | None:

@@ -375,6 +375,34 @@ def test_cold_start_from_items(run_dir):
         assert partial["unknown"] == ["no-such-item"] and partial["items"] == body["items"]
 
 
+def test_a_user_of_a_later_block_gets_the_cli_detail(run_copy):
+    """Served at block 0, a user of block 1 is a 404 that says where the user first appears, in the words
+    of ``ccdrec recommend`` (:meth:`ServedRun.user_index`), with the blocks as fields; a plain unknown user
+    gets neither."""
+    state = json.loads((run_copy / "state.json").read_text())
+    state["block"] = 0
+    state["pointers"].update(served="b0_student", student="b0_student")
+    (run_copy / "state.json").write_text(json.dumps(state))
+    served = load_run(run_copy)
+    stream = served.stream
+    later = str(stream.user_vocab[stream[0].n_users]) if stream.user_vocab is not None else str(stream[0].n_users)
+    with pytest.raises(CcdrecError) as cli_error:
+        served.user_index(later)
+    assert "first appears in block 1 of the stream, and the served student has reached block 0" in str(cli_error.value)
+    with Serving(create_app(run_copy, watch=False)) as s, httpx.Client(base_url=s.url) as client:
+        r = client.get(f"/recommend/{encoded(later)}", params={"k": 5})
+        assert r.status_code == 404
+        assert r.json() == {"detail": str(cli_error.value), "users": stream[0].n_users, "first_block": 1, "block": 0}
+        batch = client.post("/recommend", json={"users": [later, "nobody"], "k": 3})
+        assert batch.status_code == 404 and batch.json()["first_block"] == 1
+        assert batch.json()["detail"].startswith(f"2 unknown users, e.g. {later!r}") and "first appears in block 1" in batch.text
+        plain = client.get("/recommend/nobody")
+        assert plain.status_code == 404 and "first appears" not in plain.text and "first_block" not in plain.json()
+        assert client.get("/recommend/3", params={"k": 2}).status_code == 200
+        # one string where a list of item IDs is expected stays a 422, as in the Python API (a TypeError)
+        assert client.post("/recommend/items", json={"items": "242"}).status_code == 422
+
+
 def test_openapi_schema_documents_the_endpoints(run_dir):
     app = create_app(run_dir, watch=False)
     schema = app.openapi()

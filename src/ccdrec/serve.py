@@ -17,6 +17,7 @@ own :meth:`~ccdrec.models.base.Recommender.grow`, without any training.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel
+from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_ids, check_indices, check_int, is_int
 from ccdrec.pipeline.rundir import RunDir, trained_on
 
 
@@ -53,9 +55,10 @@ class ColdStart:
 
 def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the ``k`` best of ``scores`` (an (n_items,) array, modified in place: the
-    ``exclude`` indices become -inf), best first; fewer when fewer than ``k`` are left."""
+    ``exclude`` indices become -inf), best first; fewer when fewer than ``k`` are left. ``k`` must be an
+    int of at least 1."""
+    k = min(check_int("k", k), len(scores))
     scores[exclude[exclude < len(scores)]] = -np.inf
-    k = min(k, len(scores))
     if k < 1:
         return np.empty(0, dtype=np.int64), scores[:0]
     part = np.argpartition(scores, len(scores) - k)[len(scores) - k :]
@@ -71,6 +74,8 @@ class ServedRun:
     read) spare a reload when a service loads a newer student of the same run; by default both are read
     from ``run_dir``. ``checkpoint`` is the name of the checkpoint served, ``meta`` its metadata.
     """
+
+    role = "student"  # what messages call the served model
 
     def __init__(self, run_dir: Path, device: str = "cpu", *, stream: Stream | None = None, state: dict | None = None):
         rd = RunDir.open(run_dir)
@@ -105,42 +110,72 @@ class ServedRun:
         self._user_index = {str(u): i for i, u in enumerate(self.user_ids)}
         self._item_index: dict[str, int] | None = None
         self._train: sp.csr_matrix | None = None
+        self._later: dict[str, int] | None = None  # users of blocks not reached yet (first_block)
         seen = [b.split(s) for b in self.stream.blocks[: self.block + 1] for s in ("train", "valid", "test")]
         pairs = np.concatenate(seen)
         order = np.argsort(pairs[:, 0], kind="stable")
         self._seen_users, self._seen_items = pairs[order, 0], pairs[order, 1]
         self._seen_ptr = np.searchsorted(self._seen_users, np.arange(n_u + 1))
 
-    def _later_hint(self, key: str, vocab: np.ndarray | None, sizes: list[int]) -> str:
-        """``; it first appears in block k, the run has reached block b`` for an ID of a block the served
-        student has not reached yet (``sizes``: the universe's size after each block); else nothing."""
-        ids = vocab if vocab is not None else np.arange(sizes[-1])  # a stream without vocabulary: IDs 0..n-1
-        if len(ids) <= len(self.user_ids):
-            return ""
-        later = np.flatnonzero(ids[len(self.user_ids) :].astype(str) == key)
-        if not len(later):
-            return ""
-        first = int(np.searchsorted(np.asarray(sizes), len(self.user_ids) + later[0], side="right"))
-        return f"; it first appears in block {first} of the stream, and the served student has reached block {self.block}"
-
-    def user_index(self, user: str | int) -> int:
-        """The row of an original user ID (as given, else without surrounding spaces, as ``--items`` reads IDs)."""
+    def _user_key(self, user: str | int) -> str:
+        """An original user ID as the key it is looked up by (as given, else without surrounding spaces)."""
+        if not (isinstance(user, str) or is_int(user)):
+            raise WrongArgumentType(f"user must be one user ID (a str or an int), not {type(user).__name__} {user!r:.60}")
         key = str(user)
         if key not in self._user_index and key.strip() in self._user_index:
             key = key.strip()
+        return key
+
+    def first_block(self, user: str | int) -> int | None:
+        """The block of the stream in which ``user``, an ID outside the served universe, first appears, when
+        it is in a block the served model has not reached yet; else None. (A dictionary of the later users,
+        built at the first call, makes every later call O(1).)"""
+        if self._later is None:
+            n, sizes = len(self.user_ids), np.asarray([b.n_users for b in self.stream])
+            vocab = self.stream.user_vocab
+            ids = vocab[n:].astype(str) if vocab is not None else np.arange(n, sizes[-1]).astype(str)  # no vocabulary: 0..n-1
+            blocks = np.searchsorted(sizes, np.arange(n, n + len(ids)), side="right")
+            self._later = dict(zip(reversed(ids.tolist()), reversed(blocks.tolist()), strict=True))  # the first wins
+        return self._later.get(self._user_key(user))
+
+    def later_hint(self, user: str | int) -> str:
+        """``; it first appears in block k of the stream, and the served student has reached block b`` for an
+        ID of a block the served model has not reached yet (:meth:`first_block`); else nothing. The end of
+        :meth:`user_index`'s error (``ccdrec recommend``) and of the HTTP service's 404."""
+        first = self.first_block(user)
+        if first is None:
+            return ""
+        return f"; it first appears in block {first} of the stream, and the served {self.role} has reached block {self.block}"
+
+    def user_index(self, user: str | int) -> int:
+        """The row of an original user ID (as given, else without surrounding spaces, as ``--items`` reads IDs).
+
+        ``user`` must be one ID, a ``str`` or an int (:class:`WrongArgumentType` otherwise); an unknown one is a
+        :class:`CcdrecError` that names the block a user of a later block first appears in (:meth:`later_hint`)."""
+        key = self._user_key(user)
         if key not in self._user_index:
             raise CcdrecError(
-                f"unknown user {key!r}: not in the served student's universe ({len(self.user_ids):,} users)"
-                + self._later_hint(key, self.stream.user_vocab, [b.n_users for b in self.stream])
+                f"unknown user {key!r}: not in the served {self.role}'s universe ({len(self.user_ids):,} users)"
+                + self.later_hint(key)
             )
         return self._user_index[key]
 
+    def _uid(self, uid: int) -> int:
+        """A user index checked: an int in 0..n_users-1."""
+        if not is_int(uid):
+            raise WrongArgumentType(f"uid must be a user index (an int; user_index(ID) gives it), not {type(uid).__name__}")
+        if not 0 <= uid < len(self._seen_ptr) - 1:
+            raise InvalidArgument(f"uid must be a user index in 0..{len(self._seen_ptr) - 2}, not {uid}")
+        return int(uid)
+
     def seen(self, uid: int) -> np.ndarray:
         """Item indices user ``uid`` has interacted with in any split of blocks 0..``block``."""
+        uid = self._uid(uid)
         return self._seen_items[self._seen_ptr[uid] : self._seen_ptr[uid + 1]]
 
     def scores(self, uid: int) -> np.ndarray:
         """(n_items,) float32 scores of user index ``uid`` against every item (a fresh array)."""
+        uid = self._uid(uid)
         if self._reps is not None:
             users, items_t = self._reps
             return users[uid] @ items_t
@@ -152,9 +187,9 @@ class ServedRun:
         return top_k(self.scores(uid), self.seen(uid), k)
 
     def recommend(self, user: str | int, k: int = 20) -> list[Recommendation]:
-        """Top-``k`` unseen items for ``user`` (an original user ID), best first."""
-        if k < 1:
-            raise CcdrecError("k must be at least 1")
+        """Top-``k`` unseen items for ``user`` (an original user ID, a str or an int), best first; ``k`` must be
+        an int of at least 1 (:class:`~ccdrec.models.checks.InvalidArgument` otherwise)."""
+        check_int("k", k)
         items, scores = self.top(self.user_index(user), k)
         return [Recommendation(str(self.item_ids[i]), float(s)) for i, s in zip(items.tolist(), scores.tolist(), strict=True)]
 
@@ -191,8 +226,8 @@ class ServedRun:
         """
         from ccdrec.models.vae import MultVAE
 
-        idx = np.unique(np.asarray(item_idx, dtype=np.int64))
         n_u, n_i = self.model.n_users, self.model.n_items
+        idx = np.unique(check_indices("item_idx", item_idx, n_i, "item indices"))
         row = sp.csr_matrix((np.ones(len(idx), dtype=np.float32), (np.zeros(len(idx), dtype=np.int64), idx)), shape=(1, n_i))
         with torch.no_grad():
             if isinstance(self.model, EmbeddingModel):
@@ -211,11 +246,12 @@ class ServedRun:
         just interacted with (cold start without retraining; :meth:`cold_start_scores`, method.md 5.2).
 
         The given items are excluded. Unknown IDs are left out of the row and returned in ``.unknown``;
-        none known, no item given, or ``k < 1`` is a :class:`CcdrecError`.
+        none known or no item given is a :class:`CcdrecError`. ``items`` must be a list (any iterable) of
+        IDs, each a ``str`` or an int: one string is a ``TypeError`` (it would be read as its characters),
+        and so is ``None``; ``k`` must be an int of at least 1.
         """
-        if k < 1:
-            raise CcdrecError("k must be at least 1")
-        names = list(dict.fromkeys(str(x) for x in items))
+        check_int("k", k)
+        names = list(dict.fromkeys(str(x) for x in check_ids("items", items)))
         if not names:
             raise CcdrecError("give at least one item the user interacted with")
         pos = [self.item_index(n) for n in names]
@@ -234,4 +270,6 @@ class ServedRun:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> ServedRun:
     """Open a run directory for serving: ``load_run(RUN).recommend(user, k=20)``, ``load_run(RUN).recommend_for_items([...])``."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise WrongArgumentType(f"run_dir must be the path of a run directory (a str or a Path), not {type(run_dir).__name__}")
     return ServedRun(Path(run_dir), device)

@@ -17,6 +17,7 @@ import torch
 
 from ccdrec.data.stream import Block
 from ccdrec.models.base import Recommender, Scorer
+from ccdrec.models.checks import WrongArgumentType, check_indices, check_int, check_ks, check_universe
 
 DEFAULT_KS = (20, 50)
 MASK_OF = {"test": ("train", "valid"), "valid": ("train", "test")}
@@ -28,6 +29,23 @@ def _rows(m: sp.csr_matrix, users: np.ndarray, n_cols: int) -> tuple[np.ndarray,
     rows = np.repeat(np.arange(len(users)), np.diff(sub.indptr))
     keep = sub.indices < n_cols
     return rows[keep], sub.indices[keep]
+
+
+def _check_run(ks, chunk) -> tuple[tuple[int, ...], int]:
+    """The cut-offs ``ks`` (a non-empty tuple of ints >= 1) and ``chunk`` (an int >= 1), checked."""
+    return check_ks("ks", ks), check_int("chunk", chunk)
+
+
+def _check_users(users) -> np.ndarray | None:
+    """``users`` (None, or non-negative integer user indices) as an int64 array."""
+    return None if users is None else check_indices("users", users, None, "user indices")
+
+
+def _check_block(block, split: str | None = None) -> None:
+    if not isinstance(block, Block):
+        raise WrongArgumentType(f"block must be a ccdrec.data.stream.Block (e.g. stream[0]), not {type(block).__name__}")
+    if split is not None and split not in MASK_OF:
+        raise ValueError(f"evaluation split must be 'valid' or 'test', not {split!r}")
 
 
 @dataclass
@@ -54,7 +72,8 @@ def rank_metrics(
     (how many were evaluated). Over no users every metric is ``None`` (missing, not 0).
 
     ``target`` and ``exclude`` are binary CSR matrices whose rows are user IDs; their column count may
-    be smaller than ``n_items`` (an earlier block's universe).
+    be smaller than ``n_items`` (an earlier block's universe). ``ks`` must be a non-empty tuple of ints of at
+    least 1, ``chunk`` an int of at least 1.
     """
     return rank_metrics_many(scorer, [Target(target, exclude, users)], n_items, ks, chunk, device)[0]
 
@@ -66,7 +85,7 @@ class _Tally:
         self.target = sp.csr_matrix(t.target)
         self.exclude, self.n_items, self.ks = t.exclude, n_items, ks
         self.counts = np.diff(self.target.indptr)
-        users = np.flatnonzero(self.counts) if t.users is None else np.unique(np.asarray(t.users, dtype=np.int64))
+        users = np.flatnonzero(self.counts) if t.users is None else np.unique(_check_users(t.users))
         users = users[users < self.target.shape[0]]
         self.users = users[self.counts[users] > 0]
         self.kmax = min(max(ks), n_items)
@@ -150,6 +169,8 @@ def rank_metrics_contexts(
     ensemble ranks its context-free members once per user chunk for all groups). One pass over the
     union of all groups' users; each group scores only the users it evaluates.
     """
+    ks, chunk = _check_run(ks, chunk)
+    n_items = check_int("n_items", n_items)
     tallies = [[_Tally(t, n_items, ks) for t in g] for g in groups]
     every = [t.users for g in tallies for t in g]
     union = np.unique(np.concatenate(every)) if every else np.empty(0, dtype=np.int64)
@@ -175,8 +196,12 @@ def evaluate_block(
 ) -> dict[str, float]:
     """Metrics of ``model`` on one split of ``block`` with the masking of method.md 8.
 
-    Pass ``scorer`` to reuse propagated state across several blocks.
+    Pass ``scorer`` to reuse propagated state across several blocks. The model's universe must hold the
+    block's (a model of an earlier block is grown to it first, :meth:`~ccdrec.models.base.Recommender.grow`);
+    ``users`` (default: every user with a target item) are user indices; ``ks`` a non-empty tuple of ints
+    of at least 1, ``chunk`` an int of at least 1. Mistakes are one-line ``ValueError`` / ``TypeError``.
     """
+    ks, chunk = _check_run(ks, chunk)
     t = block_target(model, block, split, users)
     if scorer is None:
         scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))
@@ -185,8 +210,9 @@ def evaluate_block(
 
 def block_target(model: Recommender, block: Block, split: str, users: np.ndarray | None = None) -> Target:
     """The :class:`Target` of one split of ``block`` in ``model``'s universe, masked as in method.md 8."""
-    if split not in MASK_OF:
-        raise ValueError(f"evaluation split must be 'valid' or 'test', not {split!r}")
+    _check_block(block, split)
+    check_universe(model, block, exact=False, doing=f"evaluate on block {block.index}")
+    users = _check_users(users)
     n_u, n_i = model.n_users, model.n_items
     mask = block.matrix(MASK_OF[split][0], n_u, n_i) + block.matrix(MASK_OF[split][1], n_u, n_i)
     return Target(block.matrix(split, n_u, n_i), mask.tocsr(), users)
@@ -203,6 +229,12 @@ def evaluate_many(
     ensembles) scores each user once; one that reads it (a Mult-VAE reads the block's train rows as its
     input) scores each block's users under that block's context, and a rank ensemble with Mult-VAE
     members (``context_scorer``) still ranks its context-free members once per user."""
+    ks, chunk = _check_run(ks, chunk)
+    if not isinstance(requests, (list, tuple)) or not all(isinstance(r, (list, tuple)) and len(r) == 3 for r in requests):
+        raise WrongArgumentType("requests must be a list of (block, split, users) triples, e.g. [(stream[0], 'test', None)]")
+    for block, split, _ in requests:
+        _check_block(block, split)
+        check_universe(model, block, exact=False, doing=f"evaluate on block {block.index}")
     groups: dict[int, list[int]] = {}
     for n, (block, _, _) in enumerate(requests):
         groups.setdefault(block.index if getattr(model, "uses_context", True) else -1, []).append(n)

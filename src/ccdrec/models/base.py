@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_int
 from ccdrec.models.indexing import take_rows
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -22,6 +23,28 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 InitStrategy = Literal["entity", "one_hop", "random"]
 INIT_STD = 0.01
+
+
+def check_growth(model: Recommender, n_users: int, n_items: int, train_matrix, init: str) -> tuple[int, int, sp.csr_matrix]:
+    """The arguments of :meth:`Recommender.grow` checked: sizes are ints no smaller than the model's,
+    ``train_matrix`` is (n_users x n_items), ``init`` one of :data:`InitStrategy`; returns
+    ``(n_users, n_items, train_matrix as CSR)``."""
+    n_users, n_items = check_int("n_users", n_users), check_int("n_items", n_items)
+    if n_users < model.n_users or n_items < model.n_items:
+        raise InvalidArgument(
+            f"grow: a model of {model.n_users:,} x {model.n_items:,} (users x items) cannot shrink to {n_users:,} x {n_items:,}"
+        )
+    if not (sp.issparse(train_matrix) or hasattr(train_matrix, "shape")):
+        raise WrongArgumentType(f"train_matrix must be a SciPy sparse matrix, not {type(train_matrix).__name__}")
+    if tuple(train_matrix.shape) != (n_users, n_items):
+        shape = " x ".join(f"{n:,}" for n in train_matrix.shape)
+        raise InvalidArgument(
+            f"train_matrix is {shape} but the grown universe is {n_users:,} x {n_items:,} "
+            "(give block.train_matrix of the block grown to)"
+        )
+    if init not in get_args(InitStrategy):
+        raise InvalidArgument(f"init must be one of {', '.join(get_args(InitStrategy))}, not {init!r}")
+    return n_users, n_items, sp.csr_matrix(train_matrix)
 
 
 class Representations(tuple):

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Representations, Scorer
+from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Representations, Scorer, check_growth
+from ccdrec.models.checks import InvalidArgument, check_int
 from ccdrec.models.graph import normalized_adjacency, propagate_symmetric, to_torch_sparse
 from ccdrec.models.growth import entity_rows, grow_table
 
@@ -21,6 +22,10 @@ class LightGCN(EmbeddingModel):
     _graph_attrs = ("_adj",)
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, layers: int = 2):
+        """``n_users`` x ``n_items`` ego tables of ``dim`` columns and ``layers`` propagation layers (0: MF);
+        sizes and ``dim`` must be ints of at least 1, ``layers`` at least 0 (:class:`InvalidArgument` otherwise)."""
+        n_users, n_items = check_int("n_users", n_users), check_int("n_items", n_items)
+        dim, layers = check_int("dim", dim), check_int("layers", layers, minimum=0)
         super().__init__()
         self.dim = dim
         self.layers = layers
@@ -80,7 +85,7 @@ class LightGCN(EmbeddingModel):
     @torch.no_grad()
     def grow(self, n_users: int, n_items: int, train_matrix: sp.csr_matrix, init: InitStrategy = "entity") -> None:
         old_u, old_i = self.n_users, self.n_items
-        r = sp.csr_matrix(train_matrix)
+        n_users, n_items, r = check_growth(self, n_users, n_items, train_matrix, init)
         new_u = entity_rows(self.user_emb, self.item_emb, r, old_u, old_i, n_users, init)
         new_i = entity_rows(self.item_emb, self.user_emb, r.T.tocsr(), old_i, old_u, n_items, init)
         self.user_emb = nn.Parameter(grow_table(self.user_emb, n_users, new_u))
@@ -96,5 +101,5 @@ class MF(LightGCN):
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, layers: int = 0):
         if layers != 0:
-            raise ValueError("MF has no propagation layers")
+            raise InvalidArgument(f"layers must be 0 for MF (it has no propagation layers), not {layers!r}; use LightGCN")
         super().__init__(n_users, n_items, dim, layers=0)

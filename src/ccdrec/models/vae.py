@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccdrec.models.base import InitStrategy, Recommender, Scorer
+from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth
+from ccdrec.models.checks import check_fraction, check_int
 from ccdrec.models.growth import entity_rows
 from ccdrec.models.indexing import take_rows
 
@@ -46,6 +47,10 @@ class MultVAE(Recommender):
     _graph_attrs = ("_context",)
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, dropout: float = 0.5):
+        """A Mult-VAE over ``n_items`` items with a ``dim``-dimensional latent space and input ``dropout``; sizes
+        and ``dim`` must be ints of at least 1, ``dropout`` a number in [0, 1) (:class:`InvalidArgument` otherwise)."""
+        n_users, n_items = check_int("n_users", n_users), check_int("n_items", n_items)
+        dim, dropout = check_int("dim", dim), check_fraction("dropout", dropout)
         super().__init__()
         self.dim = dim
         self.dropout = dropout
@@ -115,6 +120,7 @@ class MultVAE(Recommender):
     def grow(self, n_users: int, n_items: int, train_matrix: sp.csr_matrix, init: InitStrategy = "entity") -> None:
         """Widen the encoder input and decoder output; new items start from the item-side trend."""
         old_i = self.n_items
+        n_users, n_items, train_matrix = check_growth(self, n_users, n_items, train_matrix, init)
         self._n_users = n_users
         if n_items > old_i:
             d = self.dim

@@ -20,7 +20,9 @@ Endpoints (JSON unless said; every recommendation answer names the model version
   ``swaps`` (count), ``history`` (the last versions, oldest first) and ``refused`` (the last refusals);
 * ``GET /``: the HTML page (:mod:`ccdrec.service.page`); ``/openapi.json`` and ``/docs`` as FastAPI makes them.
 
-Errors are JSON ``{"detail": ...}``: 404 for an unknown user (with ``users``, the universe size) or
+Errors are JSON ``{"detail": ...}``: 404 for an unknown user (with ``users``, the universe size; for a user of a
+block the served model has not reached yet, also ``first_block``, the block it first appears in, and ``block``, the
+block reached, both named in ``detail`` as ``ccdrec recommend`` names them) or
 unknown items, none of them known (with ``unknown``, the first 10, and ``items``, the universe size); 422 when k is not an
 integer in 1..``max_k``, a list is empty or too long, a batch asks for more than ``max_batch_items``
 (users x k), or a body is not the documented JSON (FastAPI's
@@ -239,6 +241,10 @@ def create_app(
         users: int | None = Field(None, description="size of the served user universe")
         items: int | None = Field(None, description="size of the served item universe")
         unknown: list[str] | None = Field(None, description="unknown item IDs (the first 10)")
+        first_block: int | None = Field(
+            None, description="an unknown user of a block the served model has not reached yet: the block it first appears in"
+        )
+        block: int | None = Field(None, description="with first_block: the block the served model has reached")
 
     class Message(BaseModel):
         detail: str
@@ -291,10 +297,16 @@ def create_app(
         return key if len(key) <= SHOWN_ID else key[:SHOWN_ID] + "..."
 
     def unknown_users(v, users: list[str]) -> Response:
+        """404 for unknown users; of a user of a block the served model has not reached yet (the example
+        shown), the block it first appears in, as ``ccdrec recommend`` says (:meth:`ServedRun.later_hint`)."""
         what = (
             f"unknown user {shown(users[0])!r}" if len(users) == 1 else f"{len(users):,} unknown users, e.g. {shown(users[0])!r}"
         )
-        return json({"detail": f"{what}: not in the served {v.role}'s universe ({v.n_users:,} users)", "users": v.n_users}, 404)
+        body = {"detail": f"{what}: not in the served {v.role}'s universe ({v.n_users:,} users)", "users": v.n_users}
+        first = v.run.first_block(users[0])
+        if first is not None:
+            body.update(detail=body["detail"] + v.run.later_hint(users[0]), first_block=first, block=v.run.block)
+        return json(body, 404)
 
     k_query = Query(20, ge=1, le=max_k, description=f"number of items, 1 to {max_k}")
     not_found = {404: {"model": Unknown, "description": "unknown user"}}

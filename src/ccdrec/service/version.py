@@ -93,6 +93,8 @@ class EnsembleRun(ServedRun):
     """The run's teacher ensemble (the ``teacherM`` pointers) behind the :class:`ServedRun` interface:
     the same seen-item masking and top-k, scores = rank-ensemble weights (method.md 6)."""
 
+    role = "teacher"
+
     def __init__(self, rd: RunDir, stream: Stream, state: dict, names: tuple[str, ...], exact_top, device: str = "cpu"):
         from ccdrec.checkpoint import read_json
         from ccdrec.distill.ensemble import RankEnsemble

@@ -26,6 +26,7 @@ from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block, evaluate_many
 from ccdrec.eval.protocol import harmonic
 from ccdrec.memory import reused_step_memory
 from ccdrec.models.base import Recommender
+from ccdrec.models.checks import WrongArgumentType, check_int, check_universe
 from ccdrec.train.callbacks import Callback
 from ccdrec.train.objectives import objective_for
 
@@ -73,6 +74,23 @@ class EarlyStopping:
         return self.bad >= self.cfg.patience and epoch + 1 >= self.cfg.min_epochs
 
 
+def check_train_config(cfg) -> TrainConfig:
+    """``cfg`` if it is a :class:`TrainConfig`; else a one-line :class:`WrongArgumentType` saying how to make one."""
+    if not isinstance(cfg, TrainConfig):
+        raise WrongArgumentType(
+            f"cfg must be a ccdrec.config.TrainConfig, not {type(cfg).__name__}: make one with TrainConfig(**settings) "
+            "(e.g. TrainConfig(epochs=20)) or take a model family's schedule with ccdrec.config.default_schedule(kind)"
+        )
+    return cfg
+
+
+def check_blocks(name: str, blocks) -> list[Block]:
+    """``blocks``, a sequence of :class:`Block`, as a list (one Block or anything else is a :class:`WrongArgumentType`)."""
+    if isinstance(blocks, Block) or not isinstance(blocks, (list, tuple)) or not all(isinstance(b, Block) for b in blocks):
+        raise WrongArgumentType(f"{name} must be a list of Blocks (e.g. stream.blocks[:k]), not {type(blocks).__name__}")
+    return list(blocks)
+
+
 def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam / AdamW over the model's parameters, with torch's fused kernel where the device has one.
 
@@ -80,6 +98,7 @@ def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimize
     instead of 2.7 s here, a Mult-VAE step 84 ms instead of 96 ms (the tables are updated densely every
     step, so the update is a large share of a step).
     """
+    cfg = check_train_config(cfg)
     opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
@@ -115,7 +134,19 @@ def fit(
     add it). ``past``: the blocks before ``block``; with ``cfg.select_on = "stream"`` every validation
     also scores them (:func:`stream_validation`) and selection maximises ``stream_h@K`` unless
     ``select`` names another figure. Raises KeyError if no validation provides ``select``.
+
+    Mistakes are one-line errors before any training: ``cfg`` not a :class:`TrainConfig`, ``block`` not a
+    :class:`Block`, a model whose universe is not the block's (a model of an earlier block is grown to it
+    first: :meth:`~ccdrec.models.base.Recommender.grow`), ``past`` not a list of blocks, ``seed`` not an int.
     """
+    cfg = check_train_config(cfg)
+    if not isinstance(model, Recommender):
+        raise WrongArgumentType(f"model must be a ccdrec.models.Recommender (MF, LightGCN, MultVAE), not {type(model).__name__}")
+    if not isinstance(block, Block):
+        raise WrongArgumentType(f"block must be a ccdrec.data.stream.Block (e.g. stream[0]), not {type(block).__name__}")
+    check_universe(model, block, exact=True, doing=f"train on block {block.index}")
+    past = check_blocks("past", past)
+    seed = check_int("seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     r = block.matrix("train", model.n_users, model.n_items)
@@ -176,6 +207,7 @@ def stream_validation(model: Recommender, past: Sequence[Block], valid: dict, cf
 
     One scoring pass serves every past block (:func:`ccdrec.eval.metrics.evaluate_many`). A figure
     without users is None; ``stream_h`` is then the other one."""
+    cfg, past = check_train_config(cfg), check_blocks("past", past)
     metric, k = cfg.select_metric, cfg.select_metric.split("@")[1]
     scores = evaluate_many(model, [(b, "valid", None) for b in past], ks=selection_ks(metric), chunk=cfg.eval_chunk)
     seen = [s[metric] for s in scores if s.get(metric) is not None]

@@ -1,0 +1,123 @@
+"""Checks of the arguments of the public Python API: a user's mistake is one line naming the argument.
+
+A wrong value is an :class:`InvalidArgument` (a ``ValueError``), a wrong type a :class:`WrongArgumentType`
+(a ``TypeError``); both are also :class:`~ccdrec.errors.CcdrecError`, so the CLI prints them as one line
+(exit code 2) like every other user mistake. Used by the models' constructors, ``fit``, the evaluation
+and serving entry points, so that a mistake never surfaces as a NumPy, SciPy or torch message from deep
+inside.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from ccdrec.errors import CcdrecError
+
+
+class InvalidArgument(CcdrecError, ValueError):
+    """An argument of the right type with a value outside what the function accepts."""
+
+
+class WrongArgumentType(CcdrecError, TypeError):
+    """An argument of the wrong type."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _described(value: Any) -> str:
+    """``None``, or the type and the (shortened) repr of ``value``: ``float 2.5``."""
+    return "None" if value is None else f"{type(value).__name__} {_shown(value)}"
+
+
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as a Python int; raises unless it is an integer (not a bool) of at least ``minimum``."""
+    if not is_int(value):
+        raise WrongArgumentType(f"{name} must be an int of at least {minimum}, not {_described(value)}")
+    if value < minimum:
+        raise InvalidArgument(f"{name} must be at least {minimum}, not {int(value)}")
+    return int(value)
+
+
+def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0) -> float:
+    """``value`` as a float in ``[low, high)``; raises otherwise (bools and non-numbers are type errors)."""
+    if not isinstance(value, Real) or isinstance(value, (bool, np.bool_)):
+        raise WrongArgumentType(f"{name} must be a number in [{low:g}, {high:g}), not {_described(value)}")
+    if not low <= float(value) < high:
+        raise InvalidArgument(f"{name} must be in [{low:g}, {high:g}), not {value}")
+    return float(value)
+
+
+def check_ks(name: str, value: Any) -> tuple[int, ...]:
+    """A non-empty tuple (or list) of cut-offs, each an int of at least 1, as a tuple of ints."""
+    if is_int(value) or not isinstance(value, (tuple, list)) or not value:
+        raise WrongArgumentType(f"{name} must be a non-empty tuple of ints, e.g. (20, 50), not {_shown(value)}")
+    return tuple(check_int(f"{name}[{n}]", k) for n, k in enumerate(value))
+
+
+def check_ids(name: str, value: Any, what: str = "item IDs") -> list:
+    """``value``, a collection of IDs, as a list; a single ``str``/``bytes`` (which would be read as its
+    characters), ``None`` or anything not iterable is a :class:`WrongArgumentType`, and so is an element
+    that is not a ``str`` or an int."""
+    if isinstance(value, (str, bytes, bytearray)):
+        one = "one string" if isinstance(value, str) else f"one {type(value).__name__} object"
+        shown = _shown(value)
+        raise WrongArgumentType(f"{name} must be a list of {what}, not {one} ({shown}); for one ID write [{shown}]")
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        raise WrongArgumentType(f"{name} must be a list of {what}, not a {value.ndim}-dimensional array")
+    try:
+        out = list(value)
+    except TypeError:
+        raise WrongArgumentType(f"{name} must be a list of {what}, not {_described(value)}") from None
+    for x in out:
+        if not (isinstance(x, str) or is_int(x)):
+            raise WrongArgumentType(f"{name} must hold {what} (str or int), not {_described(x)}")
+    return out
+
+
+def check_indices(name: str, value: Any, size: int | None, what: str = "indices") -> np.ndarray:
+    """``value``, integer ``what`` in ``[0, size)`` (``size`` None: any non-negative), as a 1-D int64 array (a
+    str, a float array or an index out of range is an error)."""
+    if isinstance(value, (str, bytes, bytearray)) or value is None:
+        raise WrongArgumentType(f"{name} must be an array of {what}, not {_described(value)}")
+    arr = np.asarray(value)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise WrongArgumentType(f"{name} must be a 1-D array of integer {what}, not {arr.ndim}-D of {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if size is None and arr.size and arr.min() < 0:
+        raise InvalidArgument(f"{name}: {what} must be non-negative, not {int(arr.min())}")
+    if size is not None and arr.size and (arr.min() < 0 or arr.max() >= size):
+        bad = int(arr[(arr < 0) | (arr >= size)][0])
+        raise InvalidArgument(f"{name}: {what} must be in 0..{size - 1}, not {bad}")
+    return arr
+
+
+def check_universe(model: Any, block: Any, *, exact: bool, doing: str) -> None:
+    """Raise :class:`InvalidArgument` unless ``model``'s universe (n_users x n_items) fits ``block``'s:
+    equal to it (``exact``: training on the block), or at least as large (evaluation: a model grown past
+    a block still scores that block)."""
+    n_u, n_i = int(model.n_users), int(model.n_items)
+    b_u, b_i = int(block.n_users), int(block.n_items)
+    if (n_u, n_i) == (b_u, b_i) or (not exact and n_u >= b_u and n_i >= b_i):
+        return
+    msg = (
+        f"cannot {doing}: the model has {n_u:,} x {n_i:,} (users x items) but block {block.index}'s universe is {b_u:,} x {b_i:,}"
+    )
+    if n_u <= b_u and n_i <= b_i:
+        msg += (
+            "; grow the model to the block first, as the continual update does: "
+            "model.grow(block.n_users, block.n_items, block.train_matrix)"
+        )
+    elif exact:
+        msg += "; train a model of the block's size: build_model(kind, block.n_users, block.n_items)"
+    raise InvalidArgument(msg)

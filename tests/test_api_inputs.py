@@ -1,0 +1,286 @@
+"""Mistakes in calls of the Python API are one-line ``TypeError`` / ``ValueError`` naming the argument and what
+was expected, never a NumPy, SciPy or torch message from deep inside, and never a silent wrong answer."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ccdrec.config import TrainConfig, default_schedule
+from ccdrec.data.synthetic import synthetic_stream
+from ccdrec.errors import CcdrecError
+from ccdrec.eval import evaluate_block, rank_metrics
+from ccdrec.eval.metrics import block_target, evaluate_many
+from ccdrec.models import MF, LightGCN, MultVAE, build_model
+from ccdrec.serve import load_run, top_k
+from ccdrec.train import fit
+from ccdrec.train.loop import make_optimizer, stream_validation
+
+OVERRIDES = ["student.topn=10", "teacher.members=[{kind: mf, dim: 8, seed: 0}, {kind: lightgcn, dim: 8, seed: 1}]"]
+
+
+def one_line(excinfo) -> str:
+    text = str(excinfo.value)
+    assert "\n" not in text and text, text
+    return text
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, finished_run):
+    """A finished two-block CCD run (a few seconds)."""
+    return finished_run(tmp_path_factory.mktemp("api"), synthetic_stream(n_blocks=2, seed=4), OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    return load_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def block0_run(run_dir, tmp_path_factory):
+    """A copy of the run that serves block 0's student: the users of block 1 are of a block it has not reached."""
+    dst = tmp_path_factory.mktemp("api0") / "run"
+    shutil.copytree(run_dir, dst)
+    state = json.loads((dst / "state.json").read_text())
+    state["block"] = 0
+    state["pointers"].update(served="b0_student", student="b0_student")
+    (dst / "state.json").write_text(json.dumps(state))
+    return dst
+
+
+# --- 1. a sequence of IDs -----------------------------------------------------------------------
+@pytest.mark.parametrize("items", ["242", b"242", bytearray(b"242"), None, 242, np.array([["1"]])])
+def test_recommend_for_items_wants_a_list_of_ids_not_one_string(served, items):
+    with pytest.raises(TypeError, match="^items must be a list of item IDs") as e:
+        served.recommend_for_items(items, k=3)
+    if isinstance(items, str):
+        assert "not one string" in one_line(e)
+
+
+@pytest.mark.parametrize("element", [None, 2.5, b"1", ["1"]])
+def test_recommend_for_items_wants_ids_as_elements(served, element):
+    with pytest.raises(TypeError, match="^items must hold item IDs"):
+        served.recommend_for_items([str(served.item_ids[0]), element], k=3)
+
+
+def test_recommend_for_items_takes_any_list_of_ids(served):
+    given = [str(x) for x in served.item_ids[[3, 10]]]
+    want = [r.item for r in served.recommend_for_items(given, k=5).items]
+    assert len(want) == 5
+    for same in (tuple(given), np.array(given), iter(given), [np.str_(g) for g in given]):
+        assert [r.item for r in served.recommend_for_items(same, k=5).items] == want
+
+
+def test_cold_start_scores_want_item_indices(served):
+    with pytest.raises(TypeError, match="^item_idx must be an array of item indices"):
+        served.cold_start_scores("242")
+    with pytest.raises(TypeError, match="^item_idx must be a 1-D array of integer"):
+        served.cold_start_scores([1.5])
+    with pytest.raises(ValueError, match=f"^item_idx: item indices must be in 0..{served.model.n_items - 1}, not"):
+        served.cold_start_scores([served.model.n_items])
+
+
+@pytest.mark.parametrize("user", [None, ["3"], 2.0, b"3"])
+def test_recommend_wants_one_user_id(served, user):
+    with pytest.raises(TypeError, match="^user must be one user ID"):
+        served.recommend(user, k=2)
+
+
+def test_load_run_wants_a_path():
+    with pytest.raises(TypeError, match="^run_dir must be the path of a run directory"):
+        load_run(None)
+
+
+def test_a_user_index_out_of_range_is_named(served):
+    for uid in (-1, served.model.n_users):
+        with pytest.raises(ValueError, match=f"^uid must be a user index in 0..{served.model.n_users - 1}"):
+            served.top(uid, 3)
+    with pytest.raises(TypeError, match="^uid must be a user index"):
+        served.scores("3")
+
+
+# --- 2. k and other counts ----------------------------------------------------------------------
+BAD_K = [(2.5, TypeError), ("5", TypeError), (True, TypeError), (None, TypeError), (0, ValueError), (-3, ValueError)]
+
+
+@pytest.mark.parametrize(("k", "error"), BAD_K)
+def test_k_must_be_a_positive_int_everywhere(served, k, error):
+    item = str(served.item_ids[0])
+    calls = {
+        "recommend": lambda: served.recommend("3", k=k),
+        "recommend_for_items": lambda: served.recommend_for_items([item], k=k),
+        "top": lambda: served.top(0, k),
+        "top_k": lambda: top_k(np.zeros(5, dtype=np.float32), np.empty(0, dtype=np.int64), k),
+    }
+    for name, call in calls.items():
+        with pytest.raises(error, match="^k must be") as e:
+            call()
+        assert "k" in one_line(e), name
+        assert isinstance(e.value, CcdrecError), name  # one line in the CLI too
+
+
+def test_numpy_integers_are_fine_for_k(served):
+    assert [r.item for r in served.recommend("3", k=np.int64(4))] == [r.item for r in served.recommend("3", k=4)]
+    assert len(served.recommend_for_items([str(served.item_ids[0])], k=np.int32(2)).items) == 2
+
+
+def test_evaluation_counts_are_checked(stream):
+    b = stream[0]
+    model = MF(b.n_users, b.n_items, 4)
+    model.set_graph(b.train_matrix)
+    with pytest.raises(TypeError, match=r"^ks must be a non-empty tuple of ints, e\.g\. \(20, 50\)"):
+        evaluate_block(model, b, "test", ks=20)
+    with pytest.raises(TypeError, match="^ks must be"):
+        evaluate_block(model, b, "test", ks=())
+    with pytest.raises(ValueError, match=r"^ks\[1\] must be at least 1, not 0"):
+        evaluate_block(model, b, "test", ks=(20, 0))
+    with pytest.raises(TypeError, match=r"^ks\[0\] must be an int"):
+        evaluate_many(model, [(b, "test", None)], ks=(2.5,))
+    with pytest.raises(ValueError, match="^chunk must be at least 1, not 0"):
+        evaluate_block(model, b, "test", chunk=0)
+    with pytest.raises(TypeError, match="^chunk must be an int"):
+        rank_metrics(model.scorer(), b.matrix("test"), None, b.n_items, chunk=1.5)
+    with pytest.raises(TypeError, match="^users must be an array of user indices"):
+        evaluate_block(model, b, "test", users="12")
+    with pytest.raises(ValueError, match="^users: user indices must be non-negative"):
+        evaluate_block(model, b, "test", users=[3, -1])
+    with pytest.raises(TypeError, match="^block must be a ccdrec.data.stream.Block"):
+        evaluate_block(model, b.matrix("test"), "test")
+    assert evaluate_block(model, b, "test", ks=[20], chunk=np.int64(64)) == evaluate_block(model, b, "test", ks=(20,))
+
+
+# --- 3. the model's universe against the block's ------------------------------------------------
+def test_fit_refuses_a_model_of_another_size(stream):
+    b = stream[0]
+    with pytest.raises(
+        ValueError, match=rf"^cannot train on block 0: the model has 5 x 5 .* block 0's universe is {b.n_users:,} x"
+    ):
+        fit(LightGCN(5, 5, 4), b, TrainConfig(epochs=1))
+    model = LightGCN(b.n_users, b.n_items, 4)
+    with pytest.raises(ValueError, match=r"block 1's universe is .*; grow the model to the block first.*model\.grow\(") as e:
+        fit(model, stream[1], TrainConfig(epochs=1))
+    assert "\n" not in one_line(e)
+    with pytest.raises(ValueError, match="but block 0's universe is"):  # larger than the block: train a model of its size
+        fit(LightGCN(stream[1].n_users, stream[1].n_items, 4), b, TrainConfig(epochs=1))
+
+
+def test_evaluating_a_model_on_a_block_past_its_universe_says_grow(stream):
+    b0, b3 = stream[0], stream[3]
+    model = LightGCN(b0.n_users, b0.n_items, 4)
+    model.set_graph(b0.train_matrix)
+    want = (
+        rf"^cannot evaluate on block 3: the model has {b0.n_users:,} x {b0.n_items:,} .* "
+        rf"block 3's universe is {b3.n_users:,} x {b3.n_items:,}; grow"
+    )
+    with pytest.raises(ValueError, match=want):
+        evaluate_block(model, b3, "test")
+    with pytest.raises(ValueError, match=want):
+        evaluate_many(model, [(b0, "test", None), (b3, "valid", None)])
+    with pytest.raises(ValueError, match=want):
+        block_target(model, b3, "test")
+    # grown to block 3, it scores block 3 and still every earlier block
+    model.grow(b3.n_users, b3.n_items, b3.train_matrix)
+    assert evaluate_block(model, b3, "test")["users"] > 0
+    assert evaluate_block(model, b0, "test")["users"] > 0
+
+
+def test_grow_checks_its_arguments(stream):
+    b0, b1 = stream[0], stream[1]
+    for model in (LightGCN(b1.n_users, b1.n_items, 4), MultVAE(b1.n_users, b1.n_items, 4)):
+        with pytest.raises(ValueError, match="^grow: a model of .* cannot shrink"):
+            model.grow(b0.n_users, b0.n_items, b0.train_matrix)
+        with pytest.raises(ValueError, match=rf"^train_matrix is {b0.n_users:,} x {b0.n_items:,} but the grown universe is"):
+            model.grow(stream[2].n_users, stream[2].n_items, b0.train_matrix)
+        with pytest.raises(ValueError, match="^init must be one of entity, one_hop, random"):
+            model.grow(stream[2].n_users, stream[2].n_items, stream[2].train_matrix, "bogus")
+        with pytest.raises(TypeError, match="^n_users must be an int"):
+            model.grow(float(stream[2].n_users), stream[2].n_items, stream[2].train_matrix)
+        assert (model.n_users, model.n_items) == (b1.n_users, b1.n_items)  # nothing changed
+
+
+# --- 4. constructors ----------------------------------------------------------------------------
+BAD_ARGS = [
+    ({"n_users": 0}, ValueError, "n_users must be at least 1, not 0"),
+    ({"n_items": -2}, ValueError, "n_items must be at least 1, not -2"),
+    ({"dim": 0}, ValueError, "dim must be at least 1, not 0"),
+    ({"dim": 2.5}, TypeError, "dim must be an int of at least 1, not float 2.5"),
+    ({"dim": True}, TypeError, "dim must be an int"),
+    ({"n_users": "10"}, TypeError, "n_users must be an int"),
+]
+EXTRA = {
+    LightGCN: [
+        ({"layers": -1}, ValueError, "layers must be at least 0, not -1"),
+        ({"layers": 1.0}, TypeError, "layers must be an int"),
+    ],
+    MF: [({"layers": 2}, ValueError, "layers must be 0 for MF")],
+    MultVAE: [
+        ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\), not 1.0"),
+        ({"dropout": -0.1}, ValueError, r"dropout must be in \[0, 1\)"),
+        ({"dropout": "0.5"}, TypeError, r"dropout must be a number in \[0, 1\)"),
+    ],
+}
+
+
+@pytest.mark.parametrize("cls", [LightGCN, MF, MultVAE])
+def test_constructors_refuse_non_positive_sizes_and_out_of_range_settings(cls):
+    for change, error, message in BAD_ARGS + EXTRA[cls]:
+        args = {"n_users": 10, "n_items": 8, "dim": 4, **change}
+        with pytest.raises(error, match="^" + message) as e:
+            cls(**args)
+        one_line(e)
+    model = cls(np.int64(10), 8, dim=4)  # NumPy integers are fine
+    assert (model.n_users, model.n_items) == (10, 8) and isinstance(model.config()["n_users"], int)
+    assert type(model.clone()) is cls
+
+
+def test_build_model_refuses_the_same(stream):
+    with pytest.raises(ValueError, match="^dim must be at least 1"):
+        build_model("vae", 10, 8, dim=-3)
+    with pytest.raises(ValueError, match="^n_users must be at least 1"):
+        build_model("lightgcn", 0, 8)
+
+
+# --- 5. configuration objects -------------------------------------------------------------------
+def test_fit_wants_a_train_config_and_says_how_to_make_one(stream):
+    b = stream[0]
+    model = MF(b.n_users, b.n_items, 4)
+    for cfg in ({"epochs": 1}, None, "bpr"):
+        want = r"^cfg must be a ccdrec.config.TrainConfig, not .*TrainConfig\(\*\*settings\).*default_schedule"
+        with pytest.raises(TypeError, match=want) as e:
+            fit(model, b, cfg)
+        one_line(e)
+    with pytest.raises(TypeError, match="^cfg must be a ccdrec.config.TrainConfig"):
+        make_optimizer(model, {"lr": 1e-3})
+    with pytest.raises(TypeError, match="^cfg must be a ccdrec.config.TrainConfig"):
+        stream_validation(model, [b], {}, {"select_metric": "recall@20"})
+    with pytest.raises(TypeError, match=r"^past must be a list of Blocks \(e\.g\. stream\.blocks\[:k\]\), not Block"):
+        fit(model, stream[0], TrainConfig(epochs=1), past=stream[0])
+    with pytest.raises(ValueError, match="^seed must be at least 0, not -1"):
+        fit(model, b, TrainConfig(epochs=1), seed=-1)
+    with pytest.raises(TypeError, match="^block must be a ccdrec.data.stream.Block"):
+        fit(model, stream, TrainConfig(epochs=1))
+    # what the message suggests works
+    cfg = default_schedule("mf").model_copy(update={"epochs": 1})
+    assert fit(model, b, cfg).epochs_run == 1
+    assert fit(model, b, TrainConfig(**{"epochs": 1, "batch_size": 512})).epochs_run == 1
+
+
+# --- the served student's unknown users ---------------------------------------------------------
+def test_a_user_of_a_later_block_is_named_as_such(block0_run):
+    served = load_run(block0_run)
+    stream = served.stream
+    assert served.block == 0 and served.model.n_users == stream[0].n_users
+    later = str(stream.user_vocab[stream[0].n_users]) if stream.user_vocab is not None else str(stream[0].n_users)
+    with pytest.raises(
+        CcdrecError, match="first appears in block 1 of the stream, and the served student has reached block 0"
+    ) as e:
+        served.recommend(later)
+    assert str(e.value).startswith(f"unknown user {later!r}: not in the served student's universe")
+    assert served.first_block(later) == 1 and served.first_block("nobody") is None and served.first_block("3") is None
+    with pytest.raises(CcdrecError) as e:
+        served.recommend("nobody")
+    assert "first appears" not in str(e.value)
+    torch.manual_seed(0)  # the student of block 0 still serves its own users
+    assert len(served.recommend("3", k=3)) == 3

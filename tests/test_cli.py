@@ -56,6 +56,8 @@ def test_data_info_bundled_table():
         (["run", "--dataset", "yelp", "--set", "teacher.members.0.dim=4"], "teacher.members is a list; set it whole"),
         (["run", "--dataset", "yelp", "--config", "/"], "a directory; --config takes a YAML or TOML file"),
         (["bench-serve", "/nonexistent/run", "--json", "/"], "--json /: a directory"),
+        (["run", "--dataset", "yelp", "--max-blocks", "1", "--max-blocks=0"], "--max-blocks is given twice; give it once"),
+        (["compare", "--dataset", "yelp", "--ablations", "--ablation", "no-replay"], "--ablations runs every ablation"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(args, message):
@@ -141,3 +143,14 @@ def test_an_interruption_a_library_swallowed_still_exits_with_the_signals_code(s
     with pytest.raises(SystemExit), cli._resumable("compare", tmp_path / "never"):
         raise KeyboardInterrupt
     assert "nothing was written yet" in capsys.readouterr().err
+
+
+def test_an_option_given_twice_is_found_before_a_double_dash_and_set_may_repeat():
+    from ccdrec.cli import repeated_option
+
+    assert repeated_option(["run", "--seed", "1", "--threads", "2"]) is None
+    assert repeated_option(["run", "--set", "a=1", "--set", "b=2"]) is None
+    assert repeated_option(["run", "--seed=1", "--threads", "2", "--seed", "3"]) == "--seed"
+    assert repeated_option(["recommend", "RUN", "-k", "5", "-k", "6"]) == "-k"
+    assert repeated_option(["run", "--", "--seed", "--seed"]) is None
+    assert repeated_option(["train", "--lr", "-1", "--dim", "-1"]) is None  # negative numbers are values

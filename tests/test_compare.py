@@ -206,7 +206,9 @@ def test_parse_methods_and_ablations():
     assert parse_ablations(None, True) == list(ABLATIONS) and parse_ablations(None, False) == []
     assert parse_ablations("no-replay", False) == ["no-replay"]
     with pytest.raises(CcdrecError, match="unknown ablation"):
-        parse_ablations("no-such", True)
+        parse_ablations("no-such", False)
+    with pytest.raises(CcdrecError, match="--ablations runs every ablation and --ablation names some: give one of them"):
+        parse_ablations("no-replay", True)
 
 
 # --------------------------------------------------------------------------------------------- report tables

@@ -476,3 +476,34 @@ def test_a_run_notes_what_of_its_configuration_the_stream_leaves_without_effect(
     assert f"max_blocks {last + 3}" in notes[0] and f"blocks 0..{last}" in notes[0]
     assert "block(s) 99," in notes[1] and " 2," not in notes[1]
     assert f"cut-off(s) {n_items} of ks" in notes[2] and "Recall@K is 1" in notes[2]
+
+
+def test_written_files_and_prepared_streams_get_the_umasks_permissions_not_owner_only(tmp_path):
+    import stat
+
+    from ccdrec.checkpoint import atomic_write_json
+    from ccdrec.data.prepare import prepare_stream
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+        rng = np.random.default_rng(0)
+        log = tmp_path / "log.csv"
+        users, items = rng.integers(0, 30, 3000), rng.integers(0, 40, 3000)
+        rows = [f"{u},{i},{1_600_000_000 + n}" for n, (u, i) in enumerate(zip(users, items, strict=True))]
+        log.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+        prepare_stream(log, tmp_path / "s", min_user=2, min_item=2, n_blocks=2)
+        assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o755
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in (tmp_path / "s").iterdir())
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a directory no file can be made in")
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work():
+    from ccdrec.cli import _check_output_file
+
+    with pytest.raises(CcdrecError, match=r"--json /proc/ccdrec-x\.json: no file can be written in /proc"):
+        _check_output_file(Path("/proc/ccdrec-x.json"), "--json")
+    _check_output_file(Path("/tmp/ccdrec-check/x.json"), "--json")  # a directory to be made under a writable one

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ccdrec.errors import CcdrecError
+from ccdrec.filemode import plain_mode
 from ccdrec.models.base import Recommender
 from ccdrec.models.registry import build_model
 
@@ -22,11 +23,14 @@ FORMAT_VERSION = 1
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place. The file
+    gets the permissions a plainly created one would (the temporary file's own are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # (not on Windows before Python 3.13)
+            os.fchmod(fd, plain_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -347,6 +347,14 @@ def _check_output_file(path: Path, option: str) -> None:
     above = next((d for d in path.absolute().parents if d.exists()), None)
     if above is not None and not above.is_dir():
         raise CcdrecError(f"{option} {path}: {above} is a file, not a directory")
+    if above is not None:  # a file can be made there (a trial file, removed at once)
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=above):
+                pass
+        except OSError as e:
+            raise CcdrecError(f"{option} {path}: no file can be written in {above} ({e.strerror or e})") from None
 
 
 def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
@@ -750,9 +758,30 @@ def main() -> None:
         sys.exit(128 + _SIGNALLED[0])
 
 
+REPEATABLE = frozenset({"--set"})  # options that take one value per use
+
+
+def repeated_option(args: list[str]) -> str | None:
+    """The first option of ``args`` (before a ``--``) given twice, other than a :data:`REPEATABLE` one;
+    click would keep the last value without a word, which hides a mistyped command line."""
+    seen: set[str] = set()
+    for token in args:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if not (name.startswith("--") and len(name) > 2 or len(name) == 2 and name[0] == "-" and name[1].isalpha()):
+            continue
+        if name in seen and name not in REPEATABLE:
+            return name
+        seen.add(name)
+    return None
+
+
 def _dispatch() -> None:
     """Run the command line; every way it can fail ends in :class:`SystemExit` with its code and message."""
     try:
+        if twice := repeated_option(sys.argv[1:]):
+            raise CcdrecError(f"{twice} is given twice; give it once")
         app(standalone_mode=False)
     except CcdrecError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,6 +89,7 @@ from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
 from ccdrec.errors import CcdrecError
+from ccdrec.filemode import plain_mode
 
 try:
     from pandas.tseries.api import guess_datetime_format
@@ -1106,6 +1107,7 @@ def _write_atomically(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)).resolve()
+        tmp.chmod(plain_mode(directory=True))  # mkdtemp's is owner-only
     except OSError as e:
         raise CcdrecError(f"{out}: cannot create the output directory ({e})") from None
     try:

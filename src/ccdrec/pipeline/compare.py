@@ -177,9 +177,11 @@ def parse_methods(text: str) -> list[str]:
 
 def parse_ablations(text: str | None, enabled: bool) -> list[str]:
     """All ablations when ``enabled`` and ``text`` is None, else the comma-separated names in ``text``
-    (an unknown, empty or repeated entry is a one-line error)."""
+    (an unknown, empty or repeated entry is a one-line error; so is giving both, which would leave one unsaid)."""
     if text is None:
         return list(ABLATIONS) if enabled else []
+    if enabled:
+        raise CcdrecError("--ablations runs every ablation and --ablation names some: give one of them")
     return comma_values(text, "--ablation", one_of(ABLATIONS, "ablation"))
 
 

@@ -51,7 +51,7 @@ def block0_run(run_dir, tmp_path_factory):
 
 
 # --- 1. a sequence of IDs -----------------------------------------------------------------------
-@pytest.mark.parametrize("items", ["242", b"242", bytearray(b"242"), None, 242, np.array([["1"]])])
+@pytest.mark.parametrize("items", ["242", b"242", bytearray(b"242"), None, 242, np.array([["1"]]), {"242": 1}])
 def test_recommend_for_items_wants_a_list_of_ids_not_one_string(served, items):
     with pytest.raises(TypeError, match="^items must be a list of item IDs") as e:
         served.recommend_for_items(items, k=3)

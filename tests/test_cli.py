@@ -154,3 +154,5 @@ def test_an_option_given_twice_is_found_before_a_double_dash_and_set_may_repeat(
     assert repeated_option(["recommend", "RUN", "-k", "5", "-k", "6"]) == "-k"
     assert repeated_option(["run", "--", "--seed", "--seed"]) is None
     assert repeated_option(["train", "--lr", "-1", "--dim", "-1"]) is None  # negative numbers are values
+    assert repeated_option(["compare", "--bench", "--no-bench"]) == "--bench / --no-bench"  # one on/off option
+    assert repeated_option(["run", "--no-progress", "--threads", "1"]) is None

@@ -762,18 +762,20 @@ REPEATABLE = frozenset({"--set"})  # options that take one value per use
 
 
 def repeated_option(args: list[str]) -> str | None:
-    """The first option of ``args`` (before a ``--``) given twice, other than a :data:`REPEATABLE` one;
-    click would keep the last value without a word, which hides a mistyped command line."""
-    seen: set[str] = set()
+    """The first option of ``args`` (before a ``--``) given twice, other than a :data:`REPEATABLE` one, an
+    on/off pair (``--bench`` and ``--no-bench``) counting as one option; click would keep the last value
+    without a word, which hides a mistyped command line."""
+    seen: dict[str, str] = {}
     for token in args:
         if token == "--":
             break
         name = token.split("=", 1)[0]
         if not (name.startswith("--") and len(name) > 2 or len(name) == 2 and name[0] == "-" and name[1].isalpha()):
             continue
-        if name in seen and name not in REPEATABLE:
-            return name
-        seen.add(name)
+        key = "--" + name[5:] if name.startswith("--no-") else name
+        if key in seen and name not in REPEATABLE:
+            return name if seen[key] == name else f"{seen[key]} / {name}"
+        seen[key] = name
     return None
 
 

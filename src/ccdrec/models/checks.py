@@ -9,6 +9,7 @@ inside.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -73,6 +74,8 @@ def check_ids(name: str, value: Any, what: str = "item IDs") -> list:
         one = "one string" if isinstance(value, str) else f"one {type(value).__name__} object"
         shown = _shown(value)
         raise WrongArgumentType(f"{name} must be a list of {what}, not {one} ({shown}); for one ID write [{shown}]")
+    if isinstance(value, Mapping):  # list() would take its keys and drop the values without a word
+        raise WrongArgumentType(f"{name} must be a list of {what}, not a {type(value).__name__} (its values would be ignored)")
     if isinstance(value, np.ndarray) and value.ndim != 1:
         raise WrongArgumentType(f"{name} must be a list of {what}, not a {value.ndim}-dimensional array")
     try:

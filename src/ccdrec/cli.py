@@ -191,13 +191,10 @@ def data_prepare(
     """
     from ccdrec.data.prepare import prepare_stream
 
-    for what, given in (("log", log), ("--out", out)):
-        if not given.strip():  # never read as '.', the current directory
-            raise CcdrecError(f"the {what} path is empty")
     with _prepare_notes():
         stream = prepare_stream(
-            Path(log),
-            Path(out),
+            log,  # as given: prepare_stream refuses an empty path (Path("") would be ".")
+            out,
             user_col=user_col,
             item_col=item_col,
             time_col=time_col,

@@ -2,8 +2,8 @@
 
 Prints one ``name: value`` line per figure: the wall seconds of every stage, ``total_seconds``,
 ``peak_rss_mb`` (with ``--workers N``: this process's peak plus N times the largest worker's), the
-final stream ``teacher_LA/RA/H`` and ``student_LA/RA/H`` (Recall@20, the served student CL_k), and
-per block the served student's r_(k,k) against a student of the same size trained
+final stream ``teacher_LA/RA/H`` and ``student_LA/RA/H`` (Recall@20, the served student: D_k after a
+teacher cycle, ``student.serve``), and per block the served student's r_(k,k) against a student of the same size trained
 only on block k without a teacher (``baseline_rkk_k``).
 Targets on a 2-core CPU: Yelp <= 30 minutes; Gowalla <= 60 minutes and <= 6 GB peak RSS.
 """
@@ -116,7 +116,7 @@ def print_quality(rd) -> None:
 
 def print_baseline(rd) -> None:
     """Per block k, a student of the same size trained only on block k without a teacher, against the
-    run's served student CL_k (test r_(k,k))."""
+    run's served student (test r_(k,k))."""
     from ccdrec.data import load_stream
     from ccdrec.eval import evaluate_block
     from ccdrec.models import build_model

@@ -3,7 +3,7 @@
 For every seed cell of ``ccdrec compare --seeds ... --cadences M`` (its CCD run trains block 0), runs CCD
 again with each variant's ``--set`` overrides, sharing that cell's block 0 (variants that change D_0, such
 as ``student.distill_cover``, train their own D_0 from the shared teacher members), into
-``CELL/variant-NAME/``; then prints, per variant and role (served student CL_k, distilled D_k, teacher
+``CELL/variant-NAME/``; then prints, per variant and role (served student, distilled D_k, teacher
 E_k), the stream LA / RA / H-mean on the validation splits (on which a setting is chosen) and on the test
 splits (reported, never chosen on), as mean ± sd over the seeds, and D_k's RA as a fraction of E_k's.
 

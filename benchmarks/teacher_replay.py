@@ -2,7 +2,7 @@
 configuration variants; prints the updated member's *validation* Recall@20 on every block so far.
 
 This is how the teacher-side replay defaults are chosen (method.md 5.3; tune on validation, never on
-test). The member, the proxies SP_{k-1} / PP_{k-1} and the served student CL_k are read from the run
+test). The member, the proxies SP_{k-1} / PP_{k-1} and the student cycle's CL_k are read from the run
 directory's checkpoints, so every variant starts from the same state; nothing in the run is changed.
 
     python benchmarks/teacher_replay.py RUN --block 2
@@ -78,7 +78,7 @@ def main() -> None:
     except CcdrecError as e:
         raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - start
-    model = {"teacher": state.members[m], "student": state.served, "distill": state.student}[args.stage]
+    model = {"teacher": state.members[m], "student": state.updated, "distill": state.student}[args.stage]
     out = evaluate_many(model, [(stream[j], "valid", None) for j in range(k + 1)], (20,))
     recall = [o["recall@20"] for o in out]
     for j, r in enumerate(recall):

@@ -64,7 +64,11 @@ def test_served_models_are_the_final_ones(run_dir):
     models = load_serving(run_dir)
     state = json.loads((run_dir / "state.json").read_text())
     assert models.block == 1 and len(models.teacher.members) == 2
-    assert models.student.n_users == models.teacher.n_users and state["pointers"]["served"] == "b1_served"
+    # student.serve = distilled: after block 1's teacher cycle its D_1 is the served student
+    assert models.student.n_users == models.teacher.n_users and state["pointers"]["served"] == "b1_student"
+    served = torch.load(run_dir / "checkpoints" / "b1_student.pt", weights_only=True)
+    got = models.student.state_dict()
+    assert set(got) == set(served) and all(torch.equal(got[key], served[key]) for key in got)
     assert models.teacher.num_parameters() == sum(m.num_parameters() for m in models.teacher.members)
 
 

@@ -63,7 +63,16 @@ def test_run_writes_every_evaluation_and_report(full_run):
         assert set(state["peak_rss_mb"]) == set(state["completed"]) and min(state["peak_rss_mb"].values()) > 50
         assert "peak RSS (MB)" in report
     summary = tables.summary(rows)
-    assert set(summary.index) == {"teacher", "student", "served"}
+    assert set(summary.index) == {"teacher", "student", "served", "updated"}
+    # student.serve = distilled: after a teacher cycle D_k is served (scored once, under both names), and the
+    # student cycle's CL_k is reported beside it; the run's served pointer names D_k
+    scores = {(r["model"], r["kind"], r["k"], r["j"]): r["recall@20"] for r in rows if r["kind"] in ("test", "valid")}
+    for (model, kind, k, j), v in scores.items():
+        if model == "served":
+            assert v == scores[("student", kind, k, j)]
+    assert any(v != scores[("served", kind, k, j)] for (m, kind, k, j), v in scores.items() if m == "updated")
+    assert state["pointers"]["served"] == state["pointers"]["student"] == "b2_student"
+    assert state["pointers"]["updated"] == "b2_served"
     # the served student is far above random on the block it was trained on
     la = [r["recall@20"] for r in rows if r["kind"] == "test" and r["model"] == "served" and r["j"] == r["k"]]
     assert min(la) > 3 * 20 / 160
@@ -212,7 +221,7 @@ def test_student_update_negatives_avoid_the_saved_teacher_lists(full_run, stream
     assert avoid[b.prev_users :].nnz == 0  # new users are not old users
 
 
-@pytest.mark.parametrize(("stage", "model"), [("distill", "student"), ("student", "served")])
+@pytest.mark.parametrize(("stage", "model"), [("distill", "student"), ("student", "updated")])
 def test_stage_replay_benchmark_reproduces_the_runs_validation_recall(full_run, stage, model):
     """benchmarks/teacher_replay.py rebuilds block 1's D_1 / CL_1 from the run's checkpoints."""
     _, out = full_run

@@ -106,7 +106,7 @@ class Serving:
 
 
 def perturbed_student(rd: RunDir, seed: int):
-    """The run's served student CL_1 with noise on its weights (another ranking, the same universe)."""
+    """The run's CL_1 with noise on its weights (another ranking, the same universe)."""
     model, meta = rd.load_model("b1_served", "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -144,7 +144,8 @@ def test_answers_equal_ccdrec_recommend(run_dir):
             pt = run_dir / "checkpoints" / f"{state['pointers']['served']}.pt"
             assert info["checkpoint"] == state["pointers"]["served"] and info["block"] == 1
             assert info["sha256"] == hashlib.sha256(pt.read_bytes()).hexdigest()
-            assert info["stage"] == "b1/student_update" and info["loaded_at"] and info["run"] == run_dir.name
+            assert info["stage"] == "b1/student"  # D_1, served since its teacher cycle (student.serve)
+            assert info["loaded_at"] and info["run"] == run_dir.name
             r = client.get("/recommend/3", params={"k": 7})
             assert r.status_code == 200
             body = r.json()
@@ -489,12 +490,14 @@ def wait_for(cond, timeout=20.0):
         time.sleep(0.02)
 
 
-def test_a_completed_student_stage_is_swapped_in(tmp_path):
-    """The run itself, resumed stage by stage: the service follows the served pointer of state.json."""
+@pytest.mark.parametrize("serve", ["distilled", "update"])
+def test_a_completed_student_stage_is_swapped_in(tmp_path, serve):
+    """The run itself, resumed stage by stage: the service follows the served pointer of state.json (D_1
+    once block 1's teacher cycle has distilled it, unless ``student.serve = update``)."""
     from ccdrec.pipeline.staged import StopRequested
 
     save_stream(synthetic_stream(n_blocks=2, seed=4), tmp_path / "stream")
-    cfg = load_config(str(tmp_path / "stream"), preset="quick", overrides=OVERRIDES)
+    cfg = load_config(str(tmp_path / "stream"), preset="quick", overrides=[*OVERRIDES, f"student.serve={serve}"])
     with pytest.raises(StopRequested):
         run_stream(cfg, tmp_path / "run", progress=False, stop_after="b0/eval")
     rd = RunDir(tmp_path / "run")
@@ -506,8 +509,12 @@ def test_a_completed_student_stage_is_swapped_in(tmp_path):
         run_stream(None, rd.path, resume=True, progress=False, stop_after="b1/student_update")
     assert watcher.check() and slot.current.id.startswith("b1_served@")
     assert (slot.current.block, slot.current.stage) == (1, "b1/student_update")
-    run_stream(None, rd.path, resume=True, progress=False)  # teacher updates, D_1, evaluation: served unchanged
-    assert not watcher.check() and slot.swaps == 1
+    run_stream(None, rd.path, resume=True, progress=False)  # teacher updates, D_1, evaluation
+    if serve == "update":  # CL_1 stays served
+        assert not watcher.check() and slot.swaps == 1
+    else:
+        assert watcher.check() and slot.current.id.startswith("b1_student@") and slot.swaps == 2
+        assert (slot.current.block, slot.current.stage) == (1, "b1/student")
 
 
 def test_the_watcher_refuses_what_may_not_serve(run_copy, caplog):
@@ -639,11 +646,12 @@ def test_page_in_a_headless_browser(run_copy):
             v = app.state.slot.current
             assert driver.find_element(By.ID, "run").text == run_copy.name
             assert driver.find_element(By.ID, "model-id").text == v.id
-            assert driver.find_element(By.ID, "model-stage").text == "b1/student_update"
+            assert driver.find_element(By.ID, "model-stage").text == "b1/student"  # D_1 (student.serve)
             summary = driver.find_element(By.ID, "summary-table").text
-            for name in ("teacher ensemble E_k", "served student CL_k", "distilled student D_k", "H recall@20"):
+            for name in ("teacher ensemble E_k", "served student (D_k", "distilled student D_k", "student update CL_k"):
                 assert name in summary
-            assert len(driver.find_elements(By.CSS_SELECTOR, "#block-plot polyline.series")) == 3
+            assert "H recall@20" in summary
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#block-plot polyline.series")) == 4
 
             driver.find_element(By.ID, "user").send_keys("3")
             k = driver.find_element(By.ID, "k")

@@ -1,6 +1,8 @@
 """Serving the student: top-K recommendations of a finished (or partial) run, in the original IDs.
 
-The served model is the last student update CL_K (before the first incremental block: D_0). Items the
+The served model is the one the run's ``served`` pointer names: the newest student, D_K once block K's
+teacher cycle has distilled it (``student.serve = distilled``, the default), else the student cycle's CL_K
+(before the first incremental block: D_0). Items the
 user has interacted with in any block so far (every split) are never recommended.
 
 A recommendation for one user costs one (n_items,) score vector: an embedding student's propagated

@@ -34,8 +34,6 @@ from ccdrec.pipeline.rundir import RunDir
 from ccdrec.pipeline.staged import TeacherStudentRun, stage_threads
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation, student_update, teacher_update
 
-REPORTED = ("teacher", "served", "student")
-
 
 class CCDStream(TeacherStudentRun):
     """The order of CCD's stages over a stream, backed by a run directory (the stages themselves are
@@ -62,13 +60,16 @@ class CCDStream(TeacherStudentRun):
         return out
 
     def evaluate(self, k: int) -> StageOutput:
-        """r_{k,j} for j <= k of E_k, CL_k and D_k, plus block k's new users (method.md 8). Between teacher
-        cycles the ensemble is the last one (its staleness is measured) and there is no new D_k."""
+        """r_{k,j} for j <= k of E_k, D_k, the served student and (when it is not the one served) CL_k,
+        plus block k's new users (method.md 8). Between teacher cycles the ensemble is the last one (its
+        staleness is measured) and there is no new D_k. A model under two names is scored once."""
         models = {"teacher": self.state.ensemble(self.cfg, self.stream[k])}
         if k == 0 or self.cfg.teacher.is_teacher_cycle(k):
             models["student"] = self.state.student
         if k > 0:
             models["served"] = self.state.served
+            if self.state.updated is not self.state.served:
+                models["updated"] = self.state.updated
         return evaluation.evaluate(self.ctx, models, k)
 
 

@@ -125,12 +125,14 @@ class RunState:
     """The models a run carries between stages (method.md 4-5).
 
     ``members``: the teacher members; ``student``: the distilled student D_k (a competitor's
-    student-size model); ``served``: the served student CL_k; ``proxies``: (SP, PP); ``pointers``: the
-    checkpoint each role currently points to (those of ``state.json``).
+    student-size model); ``updated``: the student cycle's update CL_k; ``served``: the student served now
+    (CL_k, or D_k once a teacher cycle has distilled it, ``student.serve``); ``proxies``: (SP, PP);
+    ``pointers``: the checkpoint each role currently points to (those of ``state.json``).
     """
 
     members: list[Recommender | None]
     student: Recommender | None = None
+    updated: Recommender | None = None
     served: Recommender | None = None
     proxies: tuple[Proxy, Proxy] | None = None
     pointers: dict[str, str] = field(default_factory=dict)
@@ -140,13 +142,23 @@ class RunState:
         """The state that ``pointers`` name, loaded from the run directory (an empty one for a new run)."""
         n = len(ctx.cfg.teacher.members)
         state = cls([None] * n, pointers=pointers)  # the live dict: stages completed later update it
+        loaded: dict[str, Recommender] = {}  # a checkpoint that several roles point to is one model
+
+        def load(name: str) -> Recommender:
+            if name not in loaded:
+                loaded[name] = ctx.load(name)
+            return loaded[name]
+
         for m in range(n):
             if f"teacher{m}" in pointers:
-                state.members[m] = ctx.load(pointers[f"teacher{m}"])
+                state.members[m] = load(pointers[f"teacher{m}"])
         if "student" in pointers:
-            state.student = ctx.load(pointers["student"])
+            state.student = load(pointers["student"])
         if "served" in pointers:
-            state.served = ctx.load(pointers["served"])
+            state.served = load(pointers["served"])
+        updated = pointers.get("updated", pointers.get("served"))  # run directories before the pointer: served = CL_k
+        if updated is not None:
+            state.updated = load(updated)
         if "proxies" in pointers:
             state.proxies = ctx.load_proxies(pointers["proxies"])
         return state

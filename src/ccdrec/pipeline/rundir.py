@@ -48,7 +48,7 @@ def trained_on(stream: Stream, meta: dict) -> Block:
 
 # Defaults that changed after runs were written: a stored configuration without the field was written by
 # code that behaved as the old default, and a resumed run must go on as it started.
-CHANGED_DEFAULTS = {("student", "distill_from"): "scratch"}
+CHANGED_DEFAULTS = {("student", "distill_from"): "scratch", ("student", "serve"): "update"}
 
 
 def stored_defaults(data):

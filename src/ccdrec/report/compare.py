@@ -1,9 +1,10 @@
 """The comparison report of ``ccdrec compare`` (method.md 8): pure tables over metric rows, Markdown, plots.
 
 Every run of a comparison writes its own ``metrics.jsonl``. :func:`label_rows` renames each run's
-reported models to ``"<method>:<role>"`` with role ``student`` (the served student: CCD's CL_k, a
-competitor's student-size model) or ``teacher`` (the ensemble E_k); CCD's distilled D_k is role
-``distilled``. All numbers of the report come from those rows through the functions below:
+reported models to ``"<method>:<role>"`` with role ``student`` (the served student: CCD's D_k after a
+teacher cycle, else CL_k, ``student.serve``; a competitor's student-size model) or ``teacher`` (the
+ensemble E_k); CCD's distilled D_k is role ``distilled`` and its student cycle's CL_k, where it is not the
+one served, role ``updated``. All numbers of the report come from those rows through the functions below:
 
 * :func:`comparison_table`  stream LA / RA / H-mean per method and role (method.md 8);
 * :func:`bold_best`         the table as text with the best value of every column in bold;
@@ -26,9 +27,18 @@ from ccdrec.report import tables
 from ccdrec.report.markdown import integer_blocks, markdown_table
 
 ROLES = ("student", "teacher")
-CCD_ROLES = {"served": "student", "teacher": "teacher", "student": "distilled"}
+CCD_ROLES = {"served": "student", "teacher": "teacher", "student": "distilled", "updated": "updated"}
 REFERENCE = ("retrain",)
-ROLE_NAMES = {"student": "served student", "teacher": "teacher ensemble", "distilled": "distilled student D_k"}
+ROLE_NAMES = {
+    "student": "served student",
+    "teacher": "teacher ensemble",
+    "distilled": "distilled student D_k",
+    "updated": "student update CL_k",
+}
+SERVED_TEXT = (
+    "Student = the served student (CCD: D_k once a teacher cycle has distilled it, CL_k between teacher cycles "
+    "or with student.serve=update; competitors: the student-size model updated by the CL method)"
+)
 
 
 def cl_roles(method: str) -> dict[str, str]:
@@ -258,8 +268,8 @@ def write_compare_report(
     lines = [f"# Comparison: {out.name}\n"]
     lines.append(
         (start or "Every method starts from the same block-0 models (teacher members and D_0, trained once). ")
-        + "Student = the served student (CCD: CL_k; competitors: the student-size model updated by the CL method); "
-        "teacher = the rank ensemble of the members. LA / RA / H-mean over blocks k >= 1 (method.md 8). Best in bold"
+        + SERVED_TEXT
+        + "; teacher = the rank ensemble of the members. LA / RA / H-mean over blocks k >= 1 (method.md 8). Best in bold"
         + (
             f"; {', '.join(r for r in REFERENCE if r in runs)} is a costly reference and does not compete"
             if set(REFERENCE) & set(runs)

@@ -8,7 +8,12 @@ import pandas as pd
 
 from ccdrec.report import tables
 
-NAMES = {"teacher": "teacher ensemble E_k", "served": "served student CL_k", "student": "distilled student D_k"}
+NAMES = {
+    "teacher": "teacher ensemble E_k",
+    "served": "served student (D_k after a teacher cycle, else CL_k; student.serve)",
+    "student": "distilled student D_k",
+    "updated": "student update CL_k",
+}
 
 
 def markdown_table(df: pd.DataFrame, spec: str = ".4f") -> str:

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.report import tables
-from ccdrec.report.compare import REFERENCE, ROLE_NAMES, block_bars, comparison_rows, pyplot, stream_summary
+from ccdrec.report.compare import REFERENCE, ROLE_NAMES, SERVED_TEXT, block_bars, comparison_rows, pyplot, stream_summary
 from ccdrec.report.markdown import markdown_table
 
-CELL_ROLES = ("student", "teacher", "distilled")
+CELL_ROLES = ("student", "teacher", "distilled", "updated")
 _STAGE = re.compile(r"^b(\d+)/(.+)$")
 
 Cells = dict[tuple[int, int], dict]  # (seed, cadence) -> label -> (RunDir, "ccd" | "cl")
@@ -96,8 +96,9 @@ def paired_gains(rows_by_seed: dict[int, list[dict]], rival: str, role: str, met
 
 
 def retention_table(rows_by_seed: dict[int, list[dict]], label: str, metric: str, split: str = "test") -> pd.DataFrame:
-    """Per block k >= 1: RA_k of E_k (teacher), of D_k (distilled from it) and of CL_k (served), means over
-    the seeds, and D_k's RA as a fraction of E_k's (the mean of the per-seed fractions)."""
+    """Per block k >= 1: RA_k of E_k (teacher), of D_k (distilled from it) and of CL_k (the student cycle's
+    update: role ``updated`` where it is not the one served, else the served student), means over the seeds,
+    and D_k's RA as a fraction of E_k's (the mean of the per-seed fractions)."""
     out = []
     teacher = [tables.stream_scores(rows, f"{label}:teacher", metric, split) for rows in rows_by_seed.values()]
     ks = sorted({k for s in teacher for k in s.blocks if k >= 1})
@@ -111,7 +112,8 @@ def retention_table(rows_by_seed: dict[int, list[dict]], label: str, metric: str
             if got["teacher"] > 0 and not math.isnan(got["distilled"]):
                 frac.append(got["distilled"] / got["teacher"])
         row = {"k": k, "E_k RA": mean_sd(ra["teacher"])[0], "D_k RA": mean_sd(ra["distilled"])[0]}
-        row |= {"D_k / E_k": mean_sd(frac)[0], "CL_k RA": mean_sd(ra["student"])[0]}
+        updated = [s if math.isnan(u) else u for u, s in zip(ra["updated"], ra["student"], strict=True)]
+        row |= {"D_k / E_k": mean_sd(frac)[0], "CL_k RA": mean_sd(updated)[0]}
         out.append(row)
     return pd.DataFrame(out).set_index("k") if out else pd.DataFrame()
 
@@ -222,7 +224,8 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
     lines.append(
         f"Seeds {', '.join(map(str, seeds))}; the teacher updated every {', '.join(map(str, cadences))} student cycle(s). "
         f"Test {lead}, LA / RA / H-mean over blocks k >= 1 (method.md 8); mean ± standard deviation over the seeds. "
-        "Student = the served student (CCD: CL_k); distilled = D_k; teacher = the rank ensemble.\n"
+        + SERVED_TEXT
+        + "; distilled = D_k; teacher = the rank ensemble.\n"
     )
     links = [f"[seed {s}, every {c}]({_cell_dir(runs)}/report.md)" for (s, c), runs in cells.items() if runs]
     lines.append("Cells: " + ", ".join(links) + "\n")
@@ -253,7 +256,7 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
             if ret.empty or ret["D_k RA"].isna().all():
                 continue
             lines.append(
-                f"### Retention of {label}: RA_k of the teacher, the student distilled from it, the served one "
+                f"### Retention of {label}: RA_k of the teacher, the student distilled from it, the student cycle's CL_k "
                 f"(test, means over {len(by_seed)} seed(s))\n"
             )
             lines.append(markdown_table(ret))

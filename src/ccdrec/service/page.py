@@ -1,7 +1,8 @@
 """The HTML page at ``/``: a run's summary, a per-block plot, the serving model and a recommendation form.
 
 * the stream summary: LA / RA / H-mean of every evaluated model (teacher ensemble, distilled student
-  D_k, served student CL_k) at the run's lead Recall@K / NDCG@K, from ``metrics.jsonl``
+  D_k, served student, the student cycle's CL_k where it is not the one served) at the run's lead
+  Recall@K / NDCG@K, from ``metrics.jsonl``
   (:func:`ccdrec.report.tables.summary`);
 * the per-block plot: H_k of the lead Recall@K for every incremental block k >= 1 (before the first
   incremental block: LA_0 = r_(0,0)), as inline SVG (no image files, nothing read from a client's path);
@@ -21,8 +22,8 @@ import os
 
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.report import tables
+from ccdrec.report.markdown import NAMES
 
-NAMES = {"teacher": "teacher ensemble E_k", "served": "served student CL_k", "student": "distilled student D_k"}
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 

@@ -15,16 +15,18 @@ from ccdrec.report.tables import fmt
 def evaluate_models(models: dict, stream: Stream, k: int, ks: tuple[int, ...]) -> list[dict]:
     """r_{k,j} rows (``kind: test``, test split of every block j <= k), block k's new-user rows and the
     same r_{k,j} on the validation splits (``kind: valid``), per named model (method.md 8). One scoring
-    pass per model serves every split."""
+    pass per model serves every split, and every name of a model given under several names."""
     rows = []
     block = stream[k]
     requests = [("valid", j, stream[j], "valid", None) for j in range(k + 1)]
     requests += [("test", j, stream[j], "test", None) for j in range(k + 1)]
     if k > 0:
         requests.append(("new_users", k, block, "test", np.arange(block.prev_users, block.n_users)))
+    scored: dict[int, list] = {}  # id(model) -> its results
     for name, model in models.items():
-        results = evaluate_many(model, [(b, split, users) for _, _, b, split, users in requests], ks=ks)
-        for (kind, j, *_), out in zip(requests, results, strict=True):
+        if id(model) not in scored:
+            scored[id(model)] = evaluate_many(model, [(b, split, users) for _, _, b, split, users in requests], ks=ks)
+        for (kind, j, *_), out in zip(requests, scored[id(model)], strict=True):
             rows.append({"kind": kind, "model": name, "k": k, "j": j, **out})
     return rows
 

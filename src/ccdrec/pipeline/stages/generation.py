@@ -82,25 +82,26 @@ def generate_student(
 
 def distil_avoid(ctx: RunContext, state: RunState, k: int) -> sp.csr_matrix | None:
     """Block k's avoid lists for the distillation's negatives: the top items of SP_{k-1}, PP_{k-1}
-    (``state.proxies``) and CL_k (``state.served``)."""
+    (``state.proxies``) and CL_k (``state.updated``)."""
     block = ctx.stream[k]
-    scorers = [p.scorer(n_items=block.n_items) for p in state.proxies] + [state.served.scorer()]
+    scorers = [p.scorer(n_items=block.n_items) for p in state.proxies] + [state.updated.scorer()]
     return avoid_lists(ctx, scorers, block, (block.n_users, block.n_items))
 
 
 def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     """Stage ``bK/student``: D_k from E_k, from scratch or from CL_k (``student.distill_from``); with
-    ``student.redistill`` off, k >= 1: D_k = CL_k."""
+    ``student.redistill`` off, k >= 1: D_k = CL_k. With ``student.serve = distilled``, D_k (k >= 1) is
+    served from then on."""
     block = ctx.stream[k]
     out = StageOutput()
     if k > 0 and not ctx.cfg.student.redistill:
-        state.student = state.served  # ablation: keep updating the same student, never re-distil
+        state.student = state.updated  # ablation: keep updating the same student, never re-distil
     else:
         user_top, item_top = teacher_lists(state.ensemble(ctx.cfg), block, ctx.cfg.student.topn)
         # E_k's top lists also serve block k+1's student update (its negatives avoid them)
         out.pointers["teacher_top"] = ctx.rd.save_tensors(f"b{k}_teacher_top", {"user_top": torch.from_numpy(user_top)})
         avoid = distil_avoid(ctx, state, k) if k > 0 else None
-        start = state.served if k > 0 and ctx.cfg.student.distill_from == "served" else None
+        start = state.updated if k > 0 and ctx.cfg.student.distill_from == "served" else None
         seed = ctx.seed(f"b{k}/student")
         res = generate_student(
             user_top, item_top, block, ctx.cfg, seed, ctx.device, avoid, ctx.progress, start, past=ctx.stream.blocks[:k]
@@ -108,6 +109,9 @@ def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         state.student = res.model
         out.rows.append(fit_row(ctx.name("student"), res.fit, k))
     out.pointers["student"] = ctx.save(f"b{k}_student", state.student, k)
+    if k > 0 and ctx.cfg.student.serve == "distilled":
+        state.served = state.student
+        out.pointers["served"] = out.pointers["student"]
     if k == 0:
         state.proxies = (Proxy.from_model(state.student), Proxy.from_model(state.student))
         out.pointers["proxies"] = ctx.save_proxies("b0_proxies", state.proxies)

@@ -118,12 +118,13 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         ctx.progress,
         past=ctx.stream.blocks[:k],
     )
-    state.served = res.model
-    out.pointers["served"] = ctx.save(f"b{k}_served", state.served, k)
+    state.updated = state.served = res.model  # served until a teacher cycle distils D_k (student.serve)
+    ptr = ctx.save(f"b{k}_served", state.updated, k)
+    out.pointers |= {"updated": ptr, "served": ptr}
     if not ctx.cfg.teacher.is_teacher_cycle(k):
         # a student cycle between teacher cycles: the next cycle (and the proxies' step) starts from CL_k
-        state.student = state.served
-        out.pointers["student"] = out.pointers["served"]
+        state.student = state.updated
+        out.pointers["student"] = ptr
     replayed = int(np.mean(replayer.sizes)) if replayer.sizes else 0
     out.rows.append(fit_row(ctx.name("served"), res.fit, k, replay_pairs=replayed))
     return out
@@ -133,7 +134,7 @@ def carry_student(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     """Stage ``bK/student_update`` with ``student.continual`` off (the kd-only / kd-once baselines): no
     stage 2; CL_k is the last distilled student grown untrained to block k's universe (entity
     initialisation, 5.2), so that it can rank block k's new users and items. The proxies do not step."""
-    state.served = grown(state.student, ctx.stream[k], ctx.cfg)
-    state.student = state.served  # the next cycle carries it on (a teacher cycle may distil a new one)
+    state.student = state.updated = state.served = grown(state.student, ctx.stream[k], ctx.cfg)
+    # the next cycle carries it on (a teacher cycle may distil a new one)
     ptr = ctx.save(f"b{k}_served", state.served, k)
-    return StageOutput({"served": ptr, "student": ptr}, [fit_row(ctx.name("served"), None, k)])
+    return StageOutput({"updated": ptr, "served": ptr, "student": ptr}, [fit_row(ctx.name("served"), None, k)])

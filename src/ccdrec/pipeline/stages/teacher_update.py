@@ -1,6 +1,6 @@
 """Stage 3, teacher update (method.md 5.3, 5.4): every member is grown to block k's universe and
 trained on Tr_k by its own loss plus λ_LWC·LWC-KD towards its previous version, with the student
-side's knowledge (SP, PP and the served student CL_k) replayed into it. Mult-VAE members take the
+side's knowledge (SP, PP and the student cycle's CL_k) replayed into it. Mult-VAE members take the
 replayed pairs into their input/target rows and a KL term towards their previous outputs instead.
 
 The replay candidates of SP, PP and CL_k are the same for every member, so stage
@@ -192,7 +192,7 @@ def teacher_avoid(ctx: RunContext, state: RunState, k: int) -> sp.csr_matrix | N
     shape = (block.n_users, block.n_items)
     scorers = []
     if ctx.cfg.teacher.student_knowledge:
-        scorers = [p.scorer(n_items=block.n_items) for p in state.proxies] + [state.served.scorer()]
+        scorers = [p.scorer(n_items=block.n_items) for p in state.proxies] + [state.updated.scorer()]
     top = teacher_top(ctx, state, ctx.cfg.teacher.span_start(k) - 1)
     lists = [top[:, :n]] if top is not None else []
     return avoid_lists(ctx, scorers, block, shape, lists, n=n, prev=prev)
@@ -223,7 +223,7 @@ def span_meta(ctx: RunContext, k: int) -> dict:
 def replay_candidates_stage(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     """Stage ``bK/replay_candidates``: the candidates of SP, PP and CL_k, shared by every member (5.3)."""
     block, prev = teacher_blocks(ctx, k)
-    found = teacher_candidates(*state.proxies, state.served, block, prev, ctx.cfg, ctx.device)
+    found = teacher_candidates(*state.proxies, state.updated, block, prev, ctx.cfg, ctx.device)
     tensors = {"users": torch.from_numpy(old_active_users(block))}
     for name, c in found.items():
         tensors[f"{name}_items"], tensors[f"{name}_scores"] = c.items, c.scores
@@ -254,7 +254,7 @@ def teacher_update(ctx: RunContext, state: RunState, k: int, m: int) -> StageOut
         state.members[m],
         sp_,
         pp_,
-        state.served if know else None,
+        state.updated if know else None,
         block,
         prev,
         ctx.cfg,

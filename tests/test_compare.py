@@ -494,3 +494,32 @@ def test_report_tables_keep_the_numbers_as_formatted():
     lines = markdown_table(df).splitlines()
     assert lines[2].split("|")[2:4] == [" 0.2330 ", "  0.0040 "]  # trailing zeros kept, numbers right-aligned
     assert "-0.0011" in lines[3] and lines[1].startswith("|:-") and lines[1].endswith("-:|")
+
+
+def test_report_tables_show_metrics_to_four_places_seconds_to_tenths_and_counts_as_integers():
+    """The run report's training table once showed validation Recall with 3 decimals, and the sweep's cost
+    table 12,345 s as 1.235e+04: metrics take 4 places, seconds tenths, epochs stay integers."""
+    import pandas as pd
+
+    from ccdrec.report import tables
+    from ccdrec.report.markdown import markdown_table
+
+    rows = [
+        {
+            "kind": "fit",
+            "stage": "b0/student",
+            "model": "student",
+            "best_epoch": 7,
+            "epochs": 10,
+            "valid_recall@20": 0.12345,
+            "train_seconds": 12.34,
+        },
+        {"kind": "fit", "stage": "b1/student_update", "model": "served", "train_seconds": 0.5},  # untrained: no epochs
+    ]
+    text = markdown_table(tables.fit_table(rows))
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()[2:]]
+    assert cells[0][1:] == ["b0/student", "student", "7", "10", "0.1235", "12.3"]
+    assert cells[1][3:] == ["—", "—", "—", "0.5"]
+    cost = pd.DataFrame({"student cycle (s)": [12345.678], "served student H": [0.07]}, index=pd.Index(["ccd"], name="method"))
+    cells = [c.strip() for c in markdown_table(cost).splitlines()[2].split("|")[1:-1]]
+    assert cells == ["ccd", "12345.7", "0.0700"]

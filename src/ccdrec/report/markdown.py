@@ -17,7 +17,8 @@ NAMES = {
 
 
 def markdown_table(df: pd.DataFrame, spec: str = ".4f") -> str:
-    """A table as Markdown, numbers formatted by ``spec``, missing values "—"."""
+    """A table as Markdown, numbers formatted by ``spec`` (columns of seconds: tenths, :func:`tables.as_text`),
+    missing values "—"."""
     if df.empty:
         return "_(none)_\n"
     if df.index.nlevels > 1:  # one column per level, not a tuple per row
@@ -84,7 +85,7 @@ def write_report(rd) -> Path:
     lines.append(f"## New users of block k (test {lead})\n")
     lines.append(markdown_table(tables.new_users(rows, lead)))
     lines.append(f"## Training (best epoch by validation {lead} of the block)\n")
-    lines.append(markdown_table(tables.fit_table(rows, lead), ".3f"))
+    lines.append(markdown_table(tables.fit_table(rows, lead)))
     if note := tables.capped_note(rows):
         lines.append(f"Note: {note}\n")
     lines.append("## Time and peak memory per stage\n")

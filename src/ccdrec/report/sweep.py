@@ -272,7 +272,7 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
             "distillation of D_k), and the total seconds of the teacher's member updates over the stream; means over the "
             "seeds. H-mean is the stream H-mean of the served student and of the teacher ensemble.\n"
         )
-        lines.append(markdown_table(table, ".4g"))
+        lines.append(markdown_table(table))
         if len(cadences) > 1:
             plot_cadence(table, plots / "cadence.png", lead)
             lines.append("![H-mean against teacher compute](plots/cadence.png)\n")

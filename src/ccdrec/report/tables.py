@@ -27,17 +27,31 @@ def lead_metrics(rows: list[dict]) -> tuple[str, str]:
 
 
 def fmt(value, spec: str = ".4f") -> str:
-    """A number as text; a missing one (None, NaN) as "—"."""
-    if value is None or (isinstance(value, numbers.Real) and math.isnan(value)):
+    """A number as text; a missing one (None, NaN, pandas' NA) as "—"."""
+    if value is None or value is pd.NA or (isinstance(value, numbers.Real) and math.isnan(value)):
         return MISSING
     if isinstance(value, numbers.Integral):
         return str(value)
     return format(value, spec) if isinstance(value, numbers.Real) else str(value)
 
 
+SECONDS_SPEC = ".1f"  # a time in seconds: tenths (milliseconds are below the noise); never in exponent form
+
+
+def is_seconds(column) -> bool:
+    """A column of times in seconds, by its name: ``... (s)`` or one that names seconds."""
+    name = str(column)
+    return name.endswith("(s)") or "seconds" in name
+
+
 def as_text(df: pd.DataFrame, spec: str = ".4f") -> pd.DataFrame:
-    """``df`` with every number formatted by :func:`fmt` (missing values "—", empty strings kept)."""
-    return df.astype(object).map(lambda v: v if isinstance(v, str) else fmt(v, spec))
+    """``df`` with every number formatted by :func:`fmt` with ``spec``, columns of seconds
+    (:func:`is_seconds`) with :data:`SECONDS_SPEC` (missing values "—", empty strings kept)."""
+    out = df.astype(object)
+    for col in out.columns:
+        col_spec = SECONDS_SPEC if is_seconds(col) else spec
+        out[col] = out[col].map(lambda v, s=col_spec: v if isinstance(v, str) else fmt(v, s))
+    return out
 
 
 def test_rows(rows: list[dict], model: str, split: str = "test") -> list[dict]:
@@ -108,6 +122,9 @@ def fit_table(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
         return pd.DataFrame()
     cols = ["stage", "model", "best_epoch", "epochs", f"valid_{metric}", "train_seconds"]
     df = pd.DataFrame(sel)
+    for col in ("best_epoch", "epochs"):  # counts stay integers beside a row without any (an untrained stage)
+        if col in df.columns:
+            df[col] = df[col].astype("Int64")
     return df[[c for c in cols if c in df.columns]]
 
 

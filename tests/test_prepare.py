@@ -247,6 +247,31 @@ BAD_LOGS = {
         {},
         "'item'; available: 'user', 'movie'",
     ),
+    # a name that differs only by case or spaces, or is spelt close, is named; spaces around the header's names
+    # (", " separators) come with a command that strips them (the IDs have them too)
+    "missing column, other case": (
+        "log_case.csv",
+        None,
+        "User,Item,Timestamp\nu,i,5\n",
+        {},
+        "did you mean 'User', 'Item', 'Timestamp'?",
+    ),
+    "missing column, spaces after the separator": (
+        "log_space.csv",
+        None,
+        "user, item, timestamp\nu, i, 5\n",
+        {},
+        "did you mean ' item', ' timestamp'? Column names match exactly, case and spaces included. This header has spaces "
+        "around its names, likely after each ',', and so will the IDs: strip them, e.g. sed 's/ *, */,/g' log_space.csv",
+    ),
+    "missing column, tab-separated with spaces": (
+        "log_space.tsv",
+        None,
+        "user\t item\ttimestamp\nu\t i\t5\n",
+        {},
+        "sed 's/ *\\t */\\t/g' log_space.tsv",
+    ),
+    "missing column, misspelt": ("log_typo.csv", None, "usr,item,timestamp\nu,i,5\n", {}, "did you mean 'usr'?"),
     "missing column parquet": (
         "log_cols.parquet",
         make_log(),

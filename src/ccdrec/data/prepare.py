@@ -707,9 +707,31 @@ def _require_columns(log: Path, wanted: tuple[str, ...], available: list[str], t
         hint = f" (the header has one column: is the file separated by something other than {text['sep']!r}? give --sep)"
     elif text and available and all(_is_number(c) for c in available):
         hint = " (the first line looks like data: for a file without a header line give --no-header --columns)"
+    elif near := _near_names(missing, available):
+        hint = f" (did you mean {', '.join(map(repr, near))}? Column names match exactly, case and spaces included."
+        if any(n != n.strip() for n in near):
+            sep = (text.get("sep", ",") if text else ",").encode("unicode_escape").decode()  # a tab as \t
+            hint += (
+                f" This header has spaces around its names, likely after each {sep!r}, and so will the IDs: strip them, "
+                f"e.g. sed 's/ *{sep} */{sep}/g' {log.name} > stripped.csv, and prepare that"
+            )
+        hint += ")"
     raise CcdrecError(
         f"{log}: missing column(s) {', '.join(map(repr, missing))}; available: {', '.join(map(repr, available)) or 'none'}{hint}"
     )
+
+
+def _near_names(missing: list[str], available: list[str]) -> list[str]:
+    """For each missing column name, the available one it most likely means: the same name up to
+    surrounding spaces and case, else a close spelling (difflib); those found, in order."""
+    import difflib
+
+    found = []
+    for name in missing:
+        same = [a for a in available if a.strip().casefold() == name.strip().casefold()]
+        close = same or difflib.get_close_matches(name, available, n=1, cutoff=0.75)
+        found += [c for c in close[:1] if c not in found]
+    return found
 
 
 def _is_number(text: str) -> bool:

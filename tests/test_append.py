@@ -181,7 +181,14 @@ def test_append_keeps_the_stream_and_extends_it(parts):
     assert new.prefix_digest(len(old)) == old.digest and new.digest != old.digest
     assert list(new.user_vocab[: len(old.user_vocab)]) == list(old.user_vocab)  # append-only vocabularies
     assert list(new.item_vocab[: len(old.item_vocab)]) == list(old.item_vocab)
-    assert sum(1 for n in notes if n.startswith("rest.csv: ") and " already in the stream dropped; " in n) == 1
+    assert (
+        sum(
+            1
+            for n in notes
+            if n.startswith("rest.csv: ") and " already in the stream (in its splits, or set aside as held-out) dropped; " in n
+        )
+        == 1
+    )
     for k in (len(old), len(old) + 1):  # IDs by first appearance: block k's new users are [U_{k-1}, U_k)
         b = new[k]
         users = np.concatenate([b.split(s) for s in SPLITS])[:, 0]
@@ -222,7 +229,8 @@ def test_append_kcore_counts_the_stream_and_keeps_late_rows(tmp_path):
     assert any("older than the stream's last timestamp" in n and "kept in the first new block" in n for n in notes)
     # one line accounts for the new rows: 15 read, 1 already stored, 4 (shy's 2, brand-new's 2) cut by the k-core filter
     assert notes[0].startswith(
-        "new.csv: 15 rows read; 1 already in the stream dropped; 4 removed by the k-core filter (min_user=3, min_item=3, "
+        "new.csv: 15 rows read; 1 already in the stream (in its splits, or set aside as held-out) dropped; "
+        "4 removed by the k-core filter (min_user=3, min_item=3, "
         "counting the stream's interactions); 10 interactions kept"
     ), notes
 
@@ -282,6 +290,34 @@ def test_append_failures_change_nothing(parts):
         append_stream(d / "t", d / "rest1.csv")
     res = ccdrec("data", "append", str(d / "s"), str(d / "dup.csv"))
     assert "no new interaction left" in one_error_line(res)
+
+
+def test_appending_what_the_stream_has_read_adds_nothing(parts):
+    """The same log twice (or the log the stream was prepared from) is refused, the stream unchanged; the
+    held-out pairs a stream set aside (in no split) count as already in it when a later log has them again."""
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=2, **KW)
+    append_stream(d / "s", d / "rest1.csv")
+    before = {p.name: p.read_bytes() for p in (d / "s").iterdir()}
+    for log, used in (("rest1.csv", "appended as block 3"), ("first.csv", "prepared from it")):
+        with pytest.raises(CcdrecError, match=rf"{log}: this very log \(same bytes\) is already in the stream \({used}\)"):
+            append_stream(d / "s", d / log)
+    assert {p.name: p.read_bytes() for p in (d / "s").iterdir()} == before
+    aside = json.loads((d / "s" / P.SET_ASIDE_FILE).read_text())["pairs"]
+    stream = load_stream(d / "s")
+    assert len(aside) == sum(stream.left_out) > 0  # the pairs behind data info's left_out counts
+    stored_pairs = {(stream.user_vocab[u], stream.item_vocab[i]) for b in stream for s in SPLITS for u, i in b.split(s).tolist()}
+    assert not {tuple(p) for p in aside} & stored_pairs
+    again = pd.DataFrame(aside, columns=["user", "item"]).assign(timestamp=T0 + 40 * DAY)
+    more = pd.concat([pd.read_csv(d / "rest2.csv", dtype={"user": str, "item": str}), again])
+    more.to_csv(d / "more.csv", index=False)
+    seen = {tuple(p) for p in more[["user", "item"]].drop_duplicates().itertuples(index=False)} & (
+        stored_pairs | {tuple(p) for p in aside}
+    )
+    new, notes = notes_of(append_stream, d / "s", d / "more.csv")
+    assert f"; {len(seen):,} already in the stream (in its splits, or set aside as held-out) dropped; " in notes[0]
+    added = {(new.user_vocab[u], new.item_vocab[i]) for s in SPLITS for u, i in new[len(stream)].split(s).tolist()}
+    assert not {tuple(p) for p in aside} & added
 
 
 def test_append_does_not_depend_on_the_row_order_and_accounts_for_the_rows(parts):

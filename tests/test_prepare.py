@@ -120,7 +120,7 @@ def test_csv_gz_matches_csv_and_same_seed_is_identical(tmp_path):
     prepare_stream(tmp_path / "log.csv.gz", tmp_path / "b", **KW)
     prepare_stream(tmp_path / "log.csv", tmp_path / "c", **{**KW, "seed": 1})
     a, b, c = (stream_files(tmp_path / x) for x in "abc")
-    assert set(a) == {"interactions.csv.gz", "universe.csv", "users.json", "items.json"}
+    assert set(a) == {"interactions.csv.gz", "universe.csv", "users.json", "items.json", "left_out.json"}
     assert a == b
     assert a["interactions.csv.gz"] != c["interactions.csv.gz"] and a["universe.csv"] == c["universe.csv"]
 
@@ -971,7 +971,9 @@ def test_the_row_order_of_the_log_does_not_change_the_stream(tmp_path, cut):
         shuffled(log, seed).to_csv(tmp_path / f"log{seed}.csv", index=False)
         prepare_stream(tmp_path / f"log{seed}.csv", tmp_path / f"s{seed}", **kw)
         out = tmp_path / f"s{seed}"
-        files.append({**stream_files(out), "prepare.json": (out / "prepare.json").read_text()})
+        record = json.loads((out / "prepare.json").read_text())
+        assert len(record.pop("log_sha256")) == 64  # the log's own bytes (data append refuses it again): differ
+        files.append({**stream_files(out), "prepare.json": record})
     assert all(f == files[0] for f in files[1:])
     # the order is time, then user, then item as written: IDs by first appearance along it
     stream = load_stream(tmp_path / "s0")

@@ -12,9 +12,11 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
    timestamps with the stream's *resolved* reading: numbers in the same unit (even when the unit was
    inferred at prepare time), dates in the same format. A log whose timestamps cannot be read that way
    is an error.
+   A log with the same bytes as the one the stream was prepared from, or as one appended before
+   (their SHA-256 in ``prepare.json``), is refused: everything in it is in the stream or was left out.
 2. Its rows are deduplicated in time order (time, then user, then item as written: the same rows give
    the same blocks whatever their order; earliest kept) and pairs already in the stream (any block, any
-   split) are dropped. A note accounts for the rows: read, rated below the stream's ``min_rating``,
+   split, or set aside as held-out: :data:`ccdrec.data.prepare.SET_ASIDE_FILE`) are dropped. A note accounts for the rows: read, rated below the stream's ``min_rating``,
    repeated, already in the stream, removed by the k-core filter (4), kept.
 3. Rows older than the stream's last timestamp (late arrivals) are **kept**, with a note: they go into
    the first new block (existing blocks never change).
@@ -53,8 +55,35 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.data import prepare as P
-from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, load_stream
+from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, file_sha256, load_stream
 from ccdrec.errors import CcdrecError
+
+
+def read_set_aside(stream_dir: Path) -> list[list[str]]:
+    """The held-out pairs the stream set aside, as written in the log ([user, item]; :data:`P.SET_ASIDE_FILE`);
+    empty for a stream prepared before they were recorded."""
+    path = stream_dir / P.SET_ASIDE_FILE
+    if not path.exists():
+        return []
+    try:
+        pairs = json.loads(path.read_text(encoding="utf-8"))["pairs"]
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            raise ValueError("not a list of [user, item] pairs")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CcdrecError(f"{path}: unreadable ({e}); prepare the stream again") from None
+    return pairs
+
+
+def used_logs(record: dict) -> dict[str, str]:
+    """SHA-256 of each log the stream was prepared from or appended (as recorded; older streams recorded
+    none) -> how it was used, e.g. "appended as block 6"."""
+    used = {record["log_sha256"]: "prepared from it"} if record.get("log_sha256") else {}
+    for a in record.get("appends", []):
+        if a.get("log_sha256"):
+            first, last = a["blocks"]
+            blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
+            used.setdefault(a["log_sha256"], f"appended as {blocks}")
+    return used
 
 
 def read_record(stream_dir: Path) -> dict:
@@ -102,6 +131,12 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     if stream.user_vocab is None or stream.item_vocab is None:
         raise CcdrecError(f"{stream_dir}: the stream has no vocabularies (users.json, items.json) to extend")
 
+    digest = file_sha256(log)
+    if digest in used_logs(record):
+        raise CcdrecError(
+            f"{log}: this very log (same bytes) is already in the stream ({used_logs(record)[digest]}); its rows "
+            "are there, or were left out when it was read"
+        )
     df, per_second, n_read = _read_new(log, record)
     n_rated = len(df)
     notes: list[str] = []
@@ -115,6 +150,11 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     known = (uid >= 0) & (iid >= 0)
     dup = np.zeros(len(df), dtype=bool)
     dup[known] = np.isin(uid[known] * stream.n_items + iid[known], stored[:, 0] * stream.n_items + stored[:, 1])
+    # and the held-out pairs the stream set aside (seen, in no split): appending a log twice adds nothing
+    old_aside = read_set_aside(stream_dir)
+    if old_aside:
+        seen = pd.MultiIndex.from_tuples([tuple(p) for p in old_aside])
+        dup |= pd.MultiIndex.from_arrays([df["user"].astype(str), df["item"].astype(str)]).isin(seen)
     df, uid, iid = df[~dup].reset_index(drop=True), uid[~dup], iid[~dup]
     keep = _kcore_with_counts(df, uid, iid, stored, stream, int(record["min_user"]), int(record["min_item"]))
     df, uid, iid = df[keep].reset_index(drop=True), uid[keep], iid[keep]
@@ -122,7 +162,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     steps = [
         (n_read - n_rated, f"rated below {min_rating:g} dropped (the stream's --min-rating)" if min_rating is not None else ""),
         (n_rated - n_unique, "repeated user-item row(s) dropped (the earliest kept)"),
-        (int(dup.sum()), "already in the stream dropped"),
+        (int(dup.sum()), "already in the stream (in its splits, or set aside as held-out) dropped"),
         (
             int((~keep).sum()),
             f"removed by the k-core filter (min_user={record['min_user']}, min_item={record['min_item']}, "
@@ -158,7 +198,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     blocks, block_notes = P.build_blocks(
         users, items, labels, int(record["seed"]), log, first=first, prev=(stream.n_users, stream.n_items)
     )
-    left_out = [int((labels == b.index - first).sum()) - sum(len(b.stored(s)) for s in SPLITS) for b in blocks]
+    left_out, aside = P.set_aside(users, items, df, labels, blocks)
     notes.insert(0, P.rows_note(log, n_read, steps, len(df), sum(left_out)))
     new_users = [u for u in pd.unique(df["user"].to_numpy(dtype=object)[uid < 0])]
     new_items = [i for i in pd.unique(df["item"].to_numpy(dtype=object)[iid < 0])]
@@ -183,6 +223,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
             *record.get("appends", []),
             {
                 "log": log.name,
+                "log_sha256": digest,
                 "interactions": len(df),
                 "blocks": [first, len(grown) - 1],
                 "window": window,
@@ -196,7 +237,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
         log,
         stream_dir,
         True,
-        extra={P.PREPARE_FILE: record},
+        extra={P.PREPARE_FILE: record, P.SET_ASIDE_FILE: {"pairs": old_aside + aside}},
         check=lambda s: _check_prefix(s, first, old_digest, stream_dir),
     )
     for note in notes + block_notes:

@@ -87,7 +87,7 @@ import pyarrow.parquet as pq
 
 from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
-from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
+from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, file_sha256, load_stream, save_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.filemode import plain_mode
 
@@ -103,6 +103,9 @@ MIN_PER_BLOCK = 10  # fewest interactions a block may have after the k-core filt
 DEFAULT_BLOCKS = 5
 PREPARE_FILE = "prepare.json"  # how the stream was prepared (options, timestamp reading, last time): data append reads it
 PREPARE_VERSION = 1
+# the held-out pairs set aside (item without a train pair in its block), as written in the log, so that
+# data append knows them as already seen: {"pairs": [[user, item], ...]}
+SET_ASIDE_FILE = "left_out.json"
 TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}  # per second
 TIME_WINDOW = ("1900-01-01", "2200-01-01")  # every timestamp must lie in [start, end) UTC
 _WINDOW_S = (-2_208_988_800, 7_258_118_400)  # TIME_WINDOW in unix seconds
@@ -195,8 +198,8 @@ def prepare_stream(
             "give --time-unit if they count something else"
         )
     notes += odd
-    stream, block_notes = _build_stream(out.name, df, labels, seed, log)
-    left_out = [int((labels == b.index).sum()) - sum(len(b.stored(s)) for s in SPLITS) for b in stream]
+    stream, block_notes, (users, items) = _build_stream(out.name, df, labels, seed, log)
+    left_out, aside = set_aside(users, items, df, labels, stream.blocks)
     steps = [
         (n_read - n_rated, f"rated below {min_rating:g} dropped (--min-rating)" if min_rating is not None else ""),
         (n_rated - n_unique, "repeated user-item row(s) dropped (the earliest kept)"),
@@ -230,9 +233,10 @@ def prepare_stream(
         "last_time": df["time"].iloc[-1].item(),
         "last_time_utc": _utc(df["time"].iloc[-1].item(), reading.per_second),
         "left_out": left_out,
+        "log_sha256": file_sha256(log),  # data append refuses this log (and every appended one) a second time
         "appends": [],
     }
-    stream = _write_atomically(stream, log, out, force, extra={PREPARE_FILE: record})
+    stream = _write_atomically(stream, log, out, force, extra={PREPARE_FILE: record, SET_ASIDE_FILE: {"pairs": aside}})
     for note in notes + block_notes:
         warnings.warn(note, PrepareWarning, stacklevel=2)
     return stream
@@ -1048,16 +1052,19 @@ def _block_labels(n: int, base_fraction: float, n_blocks: int, log: Path, min_us
     return np.repeat(np.arange(n_blocks + 1), sizes)
 
 
-def _build_stream(name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, log: Path) -> tuple[Stream, list[str]]:
+def _build_stream(
+    name: str, df: pd.DataFrame, labels: np.ndarray, seed: int, log: Path
+) -> tuple[Stream, list[str], tuple[np.ndarray, np.ndarray]]:
     """IDs by first appearance, cumulative universes and per-block splits (:func:`build_blocks`).
 
-    Also returns notes for the user: blocks without valid or test users, incremental blocks without new users.
+    Also returns notes for the user (blocks without valid or test users, incremental blocks without new
+    users) and the rows' integer (user, item) IDs.
     """
     users, user_vocab = pd.factorize(df["user"])
     items, item_vocab = pd.factorize(df["item"])
     blocks, notes = build_blocks(users, items, labels, seed, log)
     as_str = lambda v: np.array([str(x) for x in v], dtype=object)  # noqa: E731  (object: NULs and widths kept)
-    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab)), notes
+    return Stream(name, blocks, as_str(user_vocab), as_str(item_vocab)), notes, (users, items)
 
 
 def split_rng(seed: int, block: int) -> np.random.Generator:
@@ -1109,6 +1116,25 @@ def build_blocks(
             "learnt the item there (data info lists them as left_out)"
         )
     return blocks, notes
+
+
+def set_aside(
+    users: np.ndarray, items: np.ndarray, written: pd.DataFrame, labels: np.ndarray, blocks: list[Block]
+) -> tuple[list[int], list[list[str]]]:
+    """The held-out interactions that ``blocks`` (:func:`build_blocks` of the integer ``users``, ``items``
+    and 0-based block ``labels`` of time-ordered rows) set aside because their item has no train pair in
+    the block: their count per block, and the pairs as the log writes them (``written``'s ``user`` and
+    ``item`` on the same rows), [user, item] in row order."""
+    counts: list[int] = []
+    pairs: list[list[str]] = []
+    for j, b in enumerate(blocks):
+        rows = np.flatnonzero(labels == j)
+        stored = np.concatenate([b.stored(s) for s in SPLITS]).astype(np.int64)
+        codes = users[rows].astype(np.int64) * b.n_items + items[rows]
+        aside = rows[~np.isin(codes, stored[:, 0] * b.n_items + stored[:, 1])]
+        counts.append(len(aside))
+        pairs += [[str(written["user"].iat[r]), str(written["item"].iat[r])] for r in aside]
+    return counts, pairs
 
 
 def _block_range(first: int, n: int) -> str:

@@ -16,8 +16,9 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
    (their SHA-256 in ``prepare.json``), is refused: everything in it is in the stream or was left out.
 2. Its rows are deduplicated in time order (time, then user, then item as written: the same rows give
    the same blocks whatever their order; earliest kept) and pairs already in the stream (any block, any
-   split, or set aside as held-out: :data:`ccdrec.data.prepare.SET_ASIDE_FILE`) are dropped. A note accounts for the rows: read, rated below the stream's ``min_rating``,
-   repeated, already in the stream, removed by the k-core filter (4), kept.
+   split, or set aside as held-out: :data:`ccdrec.data.prepare.SET_ASIDE_FILE`) are dropped. A note
+   accounts for the rows: read, rated below the stream's ``min_rating``, repeated, already in the
+   stream, removed by the k-core filter (4), kept.
 3. Rows older than the stream's last timestamp (late arrivals) are **kept**, with a note: they go into
    the first new block (existing blocks never change).
 4. k-core filter together with the stream's counts: a new interaction (u, i) is kept when u has at

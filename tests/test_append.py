@@ -4,6 +4,7 @@ and cold-start recommendations from a new user's items (``recommend --items``, `
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -299,8 +300,14 @@ def test_appending_what_the_stream_has_read_adds_nothing(parts):
     prepare_stream(d / "first.csv", d / "s", n_blocks=2, **KW)
     append_stream(d / "s", d / "rest1.csv")
     before = {p.name: p.read_bytes() for p in (d / "s").iterdir()}
-    for log, used in (("rest1.csv", "appended as block 3"), ("first.csv", "prepared from it")):
-        with pytest.raises(CcdrecError, match=rf"{log}: this very log \(same bytes\) is already in the stream \({used}\)"):
+    # the same rows in another order, gzipped, with CRLF line ends: the same rows as read
+    pd.read_csv(d / "first.csv").sample(frac=1, random_state=1).to_csv(d / "first.csv.gz", index=False, lineterminator="\r\n")
+    for log, used in (
+        ("rest1.csv", "appended as block 3"),
+        ("first.csv", "prepared from them"),
+        ("first.csv.gz", "prepared from them"),
+    ):
+        with pytest.raises(CcdrecError, match=rf"{log}: its rows \(as read, .*\) are already in the stream \({used}\)"):
             append_stream(d / "s", d / log)
     assert {p.name: p.read_bytes() for p in (d / "s").iterdir()} == before
     aside = json.loads((d / "s" / P.SET_ASIDE_FILE).read_text())["pairs"]
@@ -318,6 +325,36 @@ def test_appending_what_the_stream_has_read_adds_nothing(parts):
     assert f"; {len(seen):,} already in the stream (in its splits, or set aside as held-out) dropped; " in notes[0]
     added = {(new.user_vocab[u], new.item_vocab[i]) for s in SPLITS for u, i in new[len(stream)].split(s).tolist()}
     assert not {tuple(p) for p in aside} & added
+
+
+def test_a_new_log_with_or_without_a_header_unlike_the_streams_says_how_to_fix_it(parts):
+    """data append has no reading options: its hints name what to change in the new log, never an option."""
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "headed", n_blocks=2, **KW)
+    pd.read_csv(d / "rest1.csv").to_csv(d / "bare.csv", index=False, header=False)
+    with pytest.raises(CcdrecError) as exc:
+        append_stream(d / "headed", d / "bare.csv")
+    assert "the stream's log had a header line naming 'user', 'item', 'timestamp': give the new log the same header" in str(
+        exc.value
+    )
+    assert "--" not in str(exc.value).split("(", 1)[1]
+    pd.read_csv(d / "first.csv").to_csv(d / "first_bare.csv", index=False, header=False)
+    prepare_stream(d / "first_bare.csv", d / "bare", n_blocks=2, header=False, columns="user,item,timestamp", **KW)
+    for name in ("rest1.csv", "rest1.csv.gz"):
+        pd.read_csv(d / "rest1.csv").to_csv(d / f"h-{name}", index=False)
+        with pytest.raises(CcdrecError) as exc:
+            append_stream(d / "bare", d / f"h-{name}")
+        msg = str(exc.value)
+        assert "its first line is a header ('user', 'item', 'timestamp'), but the stream's log had none: drop it" in msg
+        if shutil.which("tail") and shutil.which("zcat"):
+            subprocess.run(msg.split("e.g. ")[-1], shell=True, cwd="/", check=True)
+            append_stream(d / "bare", d / f"body-h-{name}")  # the command's output appends
+            shutil.rmtree(d / "bare")
+            prepare_stream(d / "first_bare.csv", d / "bare", n_blocks=2, header=False, columns="user,item,timestamp", **KW)
+    rename = pd.read_csv(d / "rest1.csv").rename(columns={"user": "User"})
+    rename.to_csv(d / "renamed.csv", index=False)
+    with pytest.raises(CcdrecError, match=r"did you mean 'User'\?.*the stream reads columns 'user', 'item', 'timestamp'"):
+        append_stream(d / "headed", d / "renamed.csv")
 
 
 def test_append_does_not_depend_on_the_row_order_and_accounts_for_the_rows(parts):

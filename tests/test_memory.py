@@ -24,7 +24,9 @@ def mapped_by(nbytes):
     return mapped
 """
 
-PROBE = HELPERS + """
+PROBE = (
+    HELPERS
+    + """
 print(mapped_by(48 << 20))
 print(memory.keep_freed_memory())
 print(mapped_by(48 << 20))
@@ -39,6 +41,7 @@ print(memory.peak_rss_mb() - base)
 memory.release_freed_memory(); memory.reset_peak_rss()
 print(memory.peak_rss_mb() - base)
 """
+)
 
 
 def test_heap_policy_and_stage_peak():
@@ -53,7 +56,9 @@ def test_heap_policy_and_stage_peak():
     assert float(out[7]) < 50  # reset: the peak restarts from the current RSS
 
 
-STEPS = HELPERS + """
+STEPS = (
+    HELPERS
+    + """
 with memory.reused_step_memory():  # the process did not choose ccdrec's heap policy: nothing changes
     print(mapped_by(48 << 20))
 memory.keep_freed_memory()
@@ -64,6 +69,7 @@ with memory.reused_step_memory():
 print(held - rss_mb())  # ... and the heap's free pages are released on leaving
 print(mapped_by(160 << 20))  # outside a training pass such a block is mapped again
 """
+)
 
 
 def test_training_steps_reuse_their_large_blocks():

@@ -262,16 +262,17 @@ BAD_LOGS = {
         "user, item, timestamp\nu, i, 5\n",
         {},
         "did you mean ' item', ' timestamp'? Column names match exactly, case and spaces included. This header has spaces "
-        "around its names, likely after each ',', and so will the IDs: strip them, e.g. sed 's/ *, */,/g' log_space.csv",
-    ),
-    "missing column, tab-separated with spaces": (
-        "log_space.tsv",
-        None,
-        "user\t item\ttimestamp\nu\t i\t5\n",
-        {},
-        "sed 's/ *\\t */\\t/g' log_space.tsv",
+        "around its names, likely after each ',', and so will the IDs: remove them and prepare again, e.g. sed -E ",
     ),
     "missing column, misspelt": ("log_typo.csv", None, "usr,item,timestamp\nu,i,5\n", {}, "did you mean 'usr'?"),
+    "missing column, other names": (
+        "log_ids.csv",
+        None,
+        "user_id,item_id,time\nu,i,5\n",
+        {},
+        "did you mean 'user_id', 'item_id', 'time'? Column names match exactly, case and spaces included: give "
+        "--user-col user_id, --item-col item_id, --time-col time.",
+    ),
     "missing column parquet": (
         "log_cols.parquet",
         make_log(),
@@ -914,6 +915,15 @@ def test_a_log_that_is_not_utf8_says_how_to_convert_it(tmp_path):
     with pytest.raises(CcdrecError, match=r"lat.csv: not UTF-8 text \(it holds the byte 0xe9\); convert the log to UTF-8"):
         prepare_stream(tmp_path / "lat.csv", tmp_path / "s", min_user=2, min_item=2)
     assert not (tmp_path / "s").exists()
+    # a UTF-16 export (its byte order mark says so) is converted from UTF-16, not Latin-1; the command works
+    (tmp_path / "wide.csv").write_text("\n".join(rows) + "\n", encoding="utf-16")
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(tmp_path / "wide.csv", tmp_path / "s", min_user=2, min_item=2)
+    command = str(exc.value).split("e.g. ")[-1]
+    assert command == f"iconv -f utf-16 -t utf-8 {tmp_path / 'wide.csv'} > {tmp_path / 'utf8-wide.csv'}"
+    if shutil.which("iconv"):
+        subprocess.run(command, shell=True, cwd="/", check=True)
+        assert prepare_stream(tmp_path / "utf8-wide.csv", tmp_path / "s", min_user=2, min_item=2).user_vocab[0].endswith("\xe9")
 
 
 # --- notes on what was read: the rows accounted for, unlikely timestamps, spaced IDs -------------------
@@ -972,7 +982,7 @@ def test_the_row_order_of_the_log_does_not_change_the_stream(tmp_path, cut):
         prepare_stream(tmp_path / f"log{seed}.csv", tmp_path / f"s{seed}", **kw)
         out = tmp_path / f"s{seed}"
         record = json.loads((out / "prepare.json").read_text())
-        assert len(record.pop("log_sha256")) == 64  # the log's own bytes (data append refuses it again): differ
+        assert len(record["rows_sha256"]) == 64  # the rows as read (data append refuses them again): the same
         files.append({**stream_files(out), "prepare.json": record})
     assert all(f == files[0] for f in files[1:])
     # the order is time, then user, then item as written: IDs by first appearance along it
@@ -1024,13 +1034,37 @@ def test_ids_with_spaces_after_the_separator_are_kept_and_noted_with_how_to_stri
     assert len(spaced) == 1 and spaced[0].startswith(f"{len(stream.item_vocab)} item ID(s) begin or end with whitespace")
     assert "kept as written" in spaced[0]
     command = spaced[0].split("e.g. ")[-1]
-    assert command.startswith("sed ") and command.endswith("log.csv > stripped-log.csv")
+    assert command.startswith("sed ") and command.endswith(f"{tmp_path / 'log.csv'} > {tmp_path / 'stripped-log.csv'}")
     if shutil.which("sed") is None:
         pytest.skip("no sed to try the command with")
-    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    subprocess.run(command, shell=True, cwd="/", check=True)  # the paths as given: it runs from anywhere
     clean, notes = prepare_notes(tmp_path / "stripped-log.csv", tmp_path / "clean", **KW)
     assert not any("whitespace" in n for n in notes)
     assert list(clean.item_vocab) == [i.strip() for i in stream.item_vocab] and stream_files(tmp_path / "clean").keys()
+
+
+@pytest.mark.parametrize("name", ["log.csv", "log.tsv", "log.csv.gz"])
+def test_a_header_with_spaces_after_the_separator_comes_with_a_command_that_fixes_the_log(tmp_path, name):
+    """The command in the error runs as written from any directory, and the log it writes prepares."""
+    if shutil.which("sed") is None or shutil.which("zcat") is None:
+        pytest.skip("no sed / zcat to try the command with")
+    sep = "\t" if ".tsv" in name else ","
+    log = udata_like()
+    lines = [sep.join(["user", " item", " rating", " timestamp"])]
+    lines += [sep.join([str(u), f" {i}", f" {r}", f" {t}"]) for u, i, r, t in log.itertuples(index=False)]
+    text = "\n".join(lines) + "\n"
+    path = tmp_path / "in dir" / name  # a directory, and a space in it
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(path, tmp_path / "s", **KW)
+    msg = str(exc.value)
+    assert "did you mean ' item', ' timestamp'?" in msg and "\n" not in msg
+    command = msg.split("e.g. ")[-1].removesuffix(")")
+    subprocess.run(command, shell=True, cwd="/", check=True)
+    fixed = path.with_name(f"stripped-{name}")
+    stream = prepare_stream(fixed, tmp_path / "s", **KW)
+    assert not any(i != i.strip() for i in stream.item_vocab) and len(stream.item_vocab) > 0
 
 
 def test_data_info_counts_the_held_out_interactions_prepare_left_out(tmp_path):

@@ -12,8 +12,9 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
    timestamps with the stream's *resolved* reading: numbers in the same unit (even when the unit was
    inferred at prepare time), dates in the same format. A log whose timestamps cannot be read that way
    is an error.
-   A log with the same bytes as the one the stream was prepared from, or as one appended before
-   (their SHA-256 in ``prepare.json``), is refused: everything in it is in the stream or was left out.
+   A log whose rows, as read and deduplicated, are those of the log the stream was prepared from or of
+   one appended before (:func:`ccdrec.data.prepare.rows_sha256` in ``prepare.json``; whatever their
+   order, compression or line endings) is refused: everything in it is in the stream or was left out.
 2. Its rows are deduplicated in time order (time, then user, then item as written: the same rows give
    the same blocks whatever their order; earliest kept) and pairs already in the stream (any block, any
    split, or set aside as held-out: :data:`ccdrec.data.prepare.SET_ASIDE_FILE`) are dropped. A note
@@ -56,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.data import prepare as P
-from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, file_sha256, load_stream
+from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, load_stream
 from ccdrec.errors import CcdrecError
 
 
@@ -76,14 +77,14 @@ def read_set_aside(stream_dir: Path) -> list[list[str]]:
 
 
 def used_logs(record: dict) -> dict[str, str]:
-    """SHA-256 of each log the stream was prepared from or appended (as recorded; older streams recorded
-    none) -> how it was used, e.g. "appended as block 6"."""
-    used = {record["log_sha256"]: "prepared from it"} if record.get("log_sha256") else {}
+    """:func:`ccdrec.data.prepare.rows_sha256` of each log the stream was prepared from or appended (as
+    recorded; older streams recorded none) -> how it was used, e.g. "appended as block 6"."""
+    used = {record["rows_sha256"]: "prepared from them"} if record.get("rows_sha256") else {}
     for a in record.get("appends", []):
-        if a.get("log_sha256"):
+        if a.get("rows_sha256"):
             first, last = a["blocks"]
             blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
-            used.setdefault(a["log_sha256"], f"appended as {blocks}")
+            used.setdefault(a["rows_sha256"], f"appended as {blocks}")
     return used
 
 
@@ -132,17 +133,17 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     if stream.user_vocab is None or stream.item_vocab is None:
         raise CcdrecError(f"{stream_dir}: the stream has no vocabularies (users.json, items.json) to extend")
 
-    digest = file_sha256(log)
-    if digest in used_logs(record):
-        raise CcdrecError(
-            f"{log}: this very log (same bytes) is already in the stream ({used_logs(record)[digest]}); its rows "
-            "are there, or were left out when it was read"
-        )
     df, per_second, n_read = _read_new(log, record)
     n_rated = len(df)
     notes: list[str] = []
     df = P._dedup_in_time_order(df)
     n_unique = len(df)
+    digest = P.rows_sha256(df)
+    if digest in used_logs(record):
+        raise CcdrecError(
+            f"{log}: its rows (as read, whatever their order, compression or line endings) are already in the stream "
+            f"({used_logs(record)[digest]}): stored there, or left out when they were read; nothing to append"
+        )
     user_pos = {u: i for i, u in enumerate(stream.user_vocab.tolist())}
     item_pos = {v: i for i, v in enumerate(stream.item_vocab.tolist())}
     uid = df["user"].map(user_pos).fillna(-1).to_numpy(dtype=np.int64)
@@ -224,7 +225,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
             *record.get("appends", []),
             {
                 "log": log.name,
-                "log_sha256": digest,
+                "rows_sha256": digest,
                 "interactions": len(df),
                 "blocks": [first, len(grown) - 1],
                 "window": window,
@@ -258,6 +259,11 @@ def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int, int]:
     wanted = (r["user_col"], r["item_col"], r["time_col"]) + ((r["rating_col"],) if r["rating_col"] is not None else ())
     names = tuple(r["columns"]) if r["columns"] is not None else None
     raw = P._read_log(log, wanted, file_format=r["file_format"], sep=r["sep"], names=names)
+    if names is not None and len(raw) and all(str(raw[c].iloc[0]).strip().casefold() == c.strip().casefold() for c in wanted):
+        raise CcdrecError(
+            f"{log}: its first line is a header ({', '.join(repr(str(raw[c].iloc[0])) for c in wanted)}), but the stream's "
+            f"log had none: drop it, e.g. {P.rewrite_command(log, 'tail -n +2', 'body')}"
+        )
     col = raw[r["time_col"]]
     if t["kind"] == "numbers":
         reading = P._time_reading(col, log, r["time_col"], time_unit=t["unit"])

@@ -69,9 +69,11 @@ duplicate pairs, removed by the k-core filter, kept), flag numeric timestamps th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import shlex
 import shutil
 import tempfile
 import time
@@ -87,7 +89,7 @@ import pyarrow.parquet as pq
 
 from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
-from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, file_sha256, load_stream, save_stream
+from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.filemode import plain_mode
 
@@ -106,6 +108,7 @@ PREPARE_VERSION = 1
 # the held-out pairs set aside (item without a train pair in its block), as written in the log, so that
 # data append knows them as already seen: {"pairs": [[user, item], ...]}
 SET_ASIDE_FILE = "left_out.json"
+COLUMN_OPTIONS = ("--user-col", "--item-col", "--time-col", "--rating-col")  # data prepare's, in the order read
 TIME_UNITS = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}  # per second
 TIME_WINDOW = ("1900-01-01", "2200-01-01")  # every timestamp must lie in [start, end) UTC
 _WINDOW_S = (-2_208_988_800, 7_258_118_400)  # TIME_WINDOW in unix seconds
@@ -172,13 +175,14 @@ def prepare_stream(
     _check_rating_options(log, rating_col, min_rating)
     file_format = _file_format(log, file_format)
     _check_out(log, out, force)
-    df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names)
+    df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names, options=COLUMN_OPTIONS)
     n_read = len(df)
     reading = _time_reading(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit)
     df = _interactions(df, user_col, item_col, reading.keys, rating_col, min_rating, log)
     n_rated = len(df)
     df = _dedup_in_time_order(df)
     n_unique = len(df)
+    digest = rows_sha256(df)
     df = _kcore(df, min_user, min_item)
     notes: list[str] = []
     if window_s is None:
@@ -233,7 +237,7 @@ def prepare_stream(
         "last_time": df["time"].iloc[-1].item(),
         "last_time_utc": _utc(df["time"].iloc[-1].item(), reading.per_second),
         "left_out": left_out,
-        "log_sha256": file_sha256(log),  # data append refuses this log (and every appended one) a second time
+        "rows_sha256": digest,  # data append refuses these rows (and every appended log's) a second time
         "appends": [],
     }
     stream = _write_atomically(stream, log, out, force, extra={PREPARE_FILE: record, SET_ASIDE_FILE: {"pairs": aside}})
@@ -325,13 +329,19 @@ def _strip_hint(log: Path, kind: str, sep: str) -> str:
         return "to drop them, remove the spaces around the separators in the log and prepare again"
     else:
         script = f"s/^ +//; s/ *[{sep}] */{sep}/g; s/ +$//"
+    cmd = rewrite_command(log, f"sed -E '{script}'", "stripped")
+    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
+
+
+def rewrite_command(log: Path, text_filter: str, prefix: str) -> str:
+    """A shell command that runs ``text_filter`` (a command reading a file argument or standard input,
+    e.g. ``sed -E '...'``) over the log's text and writes ``PREFIX-NAME`` beside it: the paths as given
+    (a directory included, quoted), a gzip log read and written compressed."""
     name = log.name
     if _is_gzip(log):
-        stripped = f"stripped-{name}" if name.lower().endswith(".gz") else f"stripped-{name}.gz"
-        cmd = f"zcat {name} | sed -E '{script}' | gzip > {stripped}"
-    else:
-        cmd = f"sed -E '{script}' {name} > stripped-{name}"
-    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
+        out = log.with_name(f"{prefix}-{name}" if name.lower().endswith(".gz") else f"{prefix}-{name}.gz")
+        return f"zcat {shlex.quote(str(log))} | {text_filter} | gzip > {shlex.quote(str(out))}"
+    return f"{text_filter} {shlex.quote(str(log))} > {shlex.quote(str(log.with_name(f'{prefix}-{name}')))}"
 
 
 def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, rating_col, min_rating, log: Path) -> pd.DataFrame:
@@ -631,8 +641,11 @@ def _read_log(
     file_format: str | None = None,
     sep: str | None = None,
     names: tuple[str, ...] | None = None,
+    options: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """The ``columns`` of the log, as read (IDs of a text log stay strings); checks missing values."""
+    """The ``columns`` of the log, as read (IDs of a text log stay strings); checks missing values.
+    ``options``: the command-line option naming each column, for the errors' hints (None: ``data append``,
+    which reads as the stream's log was read)."""
     if not log.exists():
         raise CcdrecError(f"{log}: file is missing")
     if not log.is_file():
@@ -648,14 +661,15 @@ def _read_log(
         text = {"sep": sep or _default_sep(log), "compression": "gzip" if _is_gzip(log) else None}
     try:
         available = _columns(log, kind, text, names)
-        _require_columns(log, columns, available, text)
+        _require_columns(log, columns, available, text, options)
         df = _read_columns(log, kind, list(columns), text, names)
     except pd.errors.EmptyDataError:
         raise CcdrecError(f"{log}: file is empty") from None
     except UnicodeDecodeError as e:
+        encoding = "utf-16" if e.object[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"  # a UTF-16 byte order mark
         raise CcdrecError(
             f"{log}: not UTF-8 text (it holds the byte 0x{e.object[e.start : e.start + 1].hex()}); "
-            f"convert the log to UTF-8 first, e.g. iconv -f latin1 -t utf-8 {log.name} > utf8-{log.name}"
+            f"convert the log to UTF-8 first, e.g. {rewrite_command(log, f'iconv -f {encoding} -t utf-8', 'utf8')}"
         ) from None
     except _READ_ERRORS as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -702,39 +716,73 @@ def _distinct_header(log: Path, header: list[str]) -> list[str]:
     return header
 
 
-def _require_columns(log: Path, wanted: tuple[str, ...], available: list[str], text: dict) -> None:
+def _require_columns(
+    log: Path, wanted: tuple[str, ...], available: list[str], text: dict, options: Sequence[str] | None = None
+) -> None:
+    """Every ``wanted`` column is ``available``, else a one-line error with what is likely wrong. ``options``:
+    the command-line option that names each wanted column (``data prepare``); None where the reading is
+    the stream's and no option changes it (``data append``)."""
     missing = [c for c in wanted if c not in available]
     if not missing:
         return
     hint = ""
+    fixed = "the stream's log was read that way, so the new one must be too"  # data append: no reading options
     if text and len(available) == 1:
-        hint = f" (the header has one column: is the file separated by something other than {text['sep']!r}? give --sep)"
-    elif text and available and all(_is_number(c) for c in available):
-        hint = " (the first line looks like data: for a file without a header line give --no-header --columns)"
+        hint = f" (the header has one column: is the file separated by something other than {text['sep']!r}? " + (
+            "give --sep)" if options is not None else f"{fixed})"
+        )
+    elif (
+        text
+        and available
+        and (
+            all(_is_number(c) for c in available)
+            or (any(_is_number(c) for c in available) and not _near_names(missing, available))
+        )
+    ):  # numbers (a timestamp) and no name like a wanted one: a data line
+        hint = (
+            " (the first line looks like data: for a file without a header line give --no-header --columns)"
+            if options is not None
+            else " (the first line looks like data, but the stream's log had a header line naming "
+            f"{', '.join(map(repr, wanted))}: give the new log the same header)"
+        )
     elif near := _near_names(missing, available):
-        hint = f" (did you mean {', '.join(map(repr, near))}? Column names match exactly, case and spaces included."
+        hint = f" (did you mean {', '.join(map(repr, near))}? Column names match exactly, case and spaces included"
+        if options is not None and all(n == n.strip() for n in near):
+            flags = dict(zip(wanted, options, strict=False))
+            pairs = [(flags[m], n) for m, n in zip(missing, _near_names(missing, available, keep_missing=True), strict=True) if n]
+            hint += ": give " + ", ".join(f"{flag} {shlex.quote(n)}" for flag, n in pairs)
+        elif options is None:
+            hint += f"; the stream reads columns {', '.join(map(repr, wanted))}: name them so in the new log's header"
+        hint += "."
         if any(n != n.strip() for n in near):
-            sep = (text.get("sep", ",") if text else ",").encode("unicode_escape").decode()  # a tab as \t
-            hint += (
-                f" This header has spaces around its names, likely after each {sep!r}, and so will the IDs: strip them, "
-                f"e.g. sed 's/ *{sep} */{sep}/g' {log.name} > stripped.csv, and prepare that"
-            )
+            sep = text.get("sep", ",") if text else ","
+            hint += f" This header has spaces around its names, likely after each {sep!r}, and so will the IDs: " + _strip_hint(
+                log, "csv", sep
+            ).replace("if they are spaces around the separators, remove", "remove")
         hint += ")"
     raise CcdrecError(
         f"{log}: missing column(s) {', '.join(map(repr, missing))}; available: {', '.join(map(repr, available)) or 'none'}{hint}"
     )
 
 
-def _near_names(missing: list[str], available: list[str]) -> list[str]:
+def _near_names(missing: list[str], available: list[str], keep_missing: bool = False) -> list:
     """For each missing column name, the available one it most likely means: the same name up to
-    surrounding spaces and case, else a close spelling (difflib); those found, in order."""
+    surrounding spaces and case, else one that contains it (``user_id`` for ``user``), else a close
+    spelling (difflib); those found, in order (``keep_missing``: one entry per missing name, None where
+    nothing is near)."""
     import difflib
 
-    found = []
+    found: list = []
     for name in missing:
-        same = [a for a in available if a.strip().casefold() == name.strip().casefold()]
-        close = same or difflib.get_close_matches(name, available, n=1, cutoff=0.75)
-        found += [c for c in close[:1] if c not in found]
+        key = name.strip().casefold()
+        same = [a for a in available if a.strip().casefold() == key]
+        # user_id for user, time for timestamp
+        within = [a for a in available if key and (key in a.casefold() or (len(a.strip()) >= 3 and a.strip().casefold() in key))]
+        close = same or within[:1] or difflib.get_close_matches(name, available, n=1, cutoff=0.75)
+        if keep_missing:
+            found.append(close[0] if close else None)
+        else:
+            found += [c for c in close[:1] if c not in found]
     return found
 
 
@@ -995,6 +1043,13 @@ def _time_order(df: pd.DataFrame) -> np.ndarray:
     users = pd.factorize(df["user"].to_numpy(dtype=object), sort=True)[0]
     items = pd.factorize(df["item"].to_numpy(dtype=object), sort=True)[0]
     return np.lexsort((items, users, df["time"].to_numpy()))
+
+
+def rows_sha256(df: pd.DataFrame) -> str:
+    """SHA-256 (hex) of a log's rows as read: (user, item, time) after :func:`_dedup_in_time_order`, so
+    the same rows give the same digest whatever their order in the file, its compression or line endings."""
+    text = df[["user", "item", "time"]].to_csv(index=False, header=False, lineterminator="\n")
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _dedup_in_time_order(df: pd.DataFrame) -> pd.DataFrame:

@@ -39,7 +39,10 @@ def test_data_info_bundled_table():
     [
         (["data", "info", "no-such-stream"], "no stream directory 'no-such-stream'"),
         (["train", "--dataset", "yelp", "--block", "9"], "--block 9 is out of range"),
-        (["train", "--dataset", "yelp", "--model", "transformer"], "invalid option: kind"),
+        # train's mistakes name its options, not the configuration fields behind them
+        (["train", "--dataset", "yelp", "--model", "transformer"], "--model: Input should be 'mf', 'lightgcn' or 'vae'"),
+        (["train", "--dataset", "yelp", "--model", "mf", "--dim", "0"], "--dim: Input should be greater than or equal to 1"),
+        (["train", "--dataset", "yelp", "--model", "mf", "--batch-size", "0"], "--batch-size: Input should be greater"),
         (["run", "--resume", "/nonexistent/run"], "no such run directory"),
         (["run", "--dataset", "yelp", "--set", "student.model.dim=-3"], "invalid configuration: student.model.dim"),
         (["run", "--dataset", "yelp", "--preset", "nope"], "unknown preset"),

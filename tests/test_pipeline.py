@@ -58,6 +58,7 @@ def test_run_writes_every_evaluation_and_report(full_run):
     assert {r["k"] for r in rows if r["kind"] == "new_users"} == {1, 2}
     report = (out / "report.md").read_text()
     assert "r_(k,j)" in report and (out / "plots" / "h_per_block.png").stat().st_size > 1000
+    assert "The served student is D_k after each teacher cycle" in report and "student.serve: distilled" in report
     state = json.loads((out / "state.json").read_text())
     if sys.platform.startswith("linux"):  # every stage's own peak RSS: at least the interpreter with torch loaded
         assert set(state["peak_rss_mb"]) == set(state["completed"]) and min(state["peak_rss_mb"].values()) > 50

@@ -1085,4 +1085,5 @@ def test_data_info_counts_the_held_out_interactions_prepare_left_out(tmp_path):
     assert res.returncode == 0, res.stderr
     header = next(line for line in res.stdout.splitlines() if "left_out" in line)
     assert header.index("test") < header.index("left_out") < header.index("dropped_valid")
-    assert f"left_out: {sum(per_block):,} held-out interaction(s) set aside" in res.stdout
+    assert f"left_out: {sum(per_block):,} held-out interaction(s) set aside" in res.stderr  # notes on stderr, as prepare's
+    assert "note:" not in res.stdout

@@ -507,3 +507,13 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_work():
     with pytest.raises(CcdrecError, match=r"--json /proc/ccdrec-x\.json: no file can be written in /proc"):
         _check_output_file(Path("/proc/ccdrec-x.json"), "--json")
     _check_output_file(Path("/tmp/ccdrec-check/x.json"), "--json")  # a directory to be made under a writable one
+
+
+def test_resuming_to_a_block_past_the_streams_end_says_where_the_run_ends(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    res = ccdrec("run", "--resume", str(run), "--max-blocks", "9", "--no-progress", cwd=cli_run / "a")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "note: max_blocks 9, but the stream has blocks 0..2: the run ends at block 2" in res.stdout.replace("\n", " ")

@@ -510,6 +510,8 @@ def test_a_completed_student_stage_is_swapped_in(tmp_path, serve):
     assert watcher.check() and slot.current.id.startswith("b1_served@")
     assert (slot.current.block, slot.current.stage) == (1, "b1/student_update")
     run_stream(None, rd.path, resume=True, progress=False)  # teacher updates, D_1, evaluation
+    report = (rd.path / "report.md").read_text()
+    assert f"student.serve: {serve}" in report  # the report says which student its served rows are
     if serve == "update":  # CL_1 stays served
         assert not watcher.check() and slot.swaps == 1
     else:
@@ -648,7 +650,7 @@ def test_page_in_a_headless_browser(run_copy):
             assert driver.find_element(By.ID, "model-id").text == v.id
             assert driver.find_element(By.ID, "model-stage").text == "b1/student"  # D_1 (student.serve)
             summary = driver.find_element(By.ID, "summary-table").text
-            for name in ("teacher ensemble E_k", "served student (D_k", "distilled student D_k", "student update CL_k"):
+            for name in ("teacher ensemble E_k", "served student", "distilled student D_k", "student update CL_k"):
                 assert name in summary
             assert "H recall@20" in summary
             assert len(driver.find_elements(By.CSS_SELECTOR, "#block-plot polyline.series")) == 4

@@ -231,6 +231,10 @@ def test_sweep_over_seeds_and_cadences_shares_block_zero_per_seed_and_resumes(st
     text = report.read_text()
     for part in ("over 2 seed(s)", "paired gain over finetune", "Retention of ccd", "teacher compute (s)", "plots/cadence.png"):
         assert part in text, part
+    # the cost table: teacher cycles counted as integers (2 blocks: 2 cycles every cycle, 1 every 2), never 2.0000
+    cost = text.split("## Cost of a cycle")[1]
+    cycles = [line.split("|")[7].strip() for line in cost.splitlines() if line.startswith("| ccd ")]
+    assert cycles == ["2", "1"], cost
     assert (out / "plots" / "cadence.png").stat().st_size > 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     run_sweep(None, out, resume=True, progress=False)

@@ -45,6 +45,7 @@ def _options(
 
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+note_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # the data commands' notes
 
 # Options shared by `run` and `compare` (and `train`), defined once.
 DatasetOpt = Annotated[str | None, typer.Option(help="bundled dataset: yelp (default) or gowalla")]
@@ -103,7 +104,7 @@ def print_stream_table(stream) -> None:
         table.add_row(*[f"{v:,}" for v in row])
     console.print(table)
     if note := stream.dropped_note():
-        console.print(f"note: {note}")
+        note_console.print(f"note: {note}", soft_wrap=True, markup=False)
 
 
 def _stream_source(dataset: str | None, data: Path | None, default: str | None = "yelp") -> str | Path | None:
@@ -126,7 +127,7 @@ def _stream_source(dataset: str | None, data: Path | None, default: str | None =
 
 @data_app.command("info")
 def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gowalla) or a stream directory")) -> None:
-    """Print a per-block table: universe, new users/items, train/valid/test counts."""
+    """Print a per-block table: universe, new users/items, train/valid/test counts (notes on stderr)."""
     from ccdrec.data import load_stream
     from ccdrec.data.stream import BUNDLED
 
@@ -138,7 +139,7 @@ def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gow
     stream = load_stream(source)  # a bundled name, else a directory ('' is refused, never read as '.')
     print_stream_table(stream)
     if note := stream.left_out_note():
-        console.print(f"note: {note}", soft_wrap=True)
+        note_console.print(f"note: {note}", soft_wrap=True, markup=False)
 
 
 @data_app.command("prepare")
@@ -260,9 +261,9 @@ def data_append(
     with _prepare_notes():
         before = len(load_stream_dir(Path(stream_dir)))
         stream = append_stream(stream_dir, log, n_blocks=blocks, window=window)
+        added = f"block {before}" if len(stream) - 1 == before else f"blocks {before}..{len(stream) - 1}"
         console.print(
-            f"appended blocks {before}..{len(stream) - 1} to {stream_dir}: {len(stream)} blocks, "
-            f"{stream.n_users:,} users, {stream.n_items:,} items"
+            f"appended {added} to {stream_dir}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items"
         )
         print_stream_table(stream)
 
@@ -312,9 +313,16 @@ def train(
     stream = load_stream(_stream_source(dataset, data))
     if not 0 <= block < len(stream):
         raise CcdrecError(f"--block {block} is out of range: {stream.name} has blocks 0..{len(stream) - 1}")
-    mcfg = ModelConfig(kind=model, dim=dim, **({} if layers is None else {"layers": layers}))
-    overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
-    cfg = TrainConfig.model_validate({**default_schedule(mcfg.kind).model_dump(), **overrides})  # checked, unlike a copy
+    try:  # a mistake names the option given, not the configuration field behind it
+        mcfg = ModelConfig(kind=model, dim=dim, **({} if layers is None else {"layers": layers}))
+        overrides = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+        cfg = TrainConfig.model_validate({**default_schedule(mcfg.kind).model_dump(), **overrides})  # checked, unlike a copy
+    except ValidationError as e:
+        from ccdrec.config import validation_message
+
+        field, _, message = validation_message(e).partition(": ")
+        option = {"kind": "--model", "batch_size": "--batch-size"}.get(field, f"--{field}")
+        raise CcdrecError(f"{option}: {message}") from None
     b = stream[block]
     if seed > SEED_MAX:
         raise CcdrecError(f"--seed must be at most {SEED_MAX}, got {seed}")

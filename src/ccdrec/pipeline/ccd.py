@@ -122,16 +122,22 @@ def prepare_run(
     return cfg, rd, stream
 
 
+def max_blocks_note(cfg: RunConfig, stream: Stream) -> str | None:
+    """One line when ``max_blocks`` is past the stream's last block (the run ends there), else None."""
+    last = len(stream) - 1
+    if cfg.max_blocks is None or cfg.max_blocks <= last:
+        return None
+    return (
+        f"max_blocks {cfg.max_blocks}, but the stream has blocks 0..{last}: the run ends at block {last} (blocks "
+        "appended later with `ccdrec data append` are taken on with --resume)"
+    )
+
+
 def stream_notes(cfg: RunConfig, stream: Stream) -> list[str]:
     """What of the configuration the stream leaves without effect or meaning, each as one line: a
     ``max_blocks`` or a per-block override past the stream's last block, a cut-off K of Recall@K that
     ranks every item of block 0 (every held-out item is then in the top K: Recall@K is 1 by construction)."""
-    last, notes = len(stream) - 1, []
-    if cfg.max_blocks is not None and cfg.max_blocks > last:
-        notes.append(
-            f"max_blocks {cfg.max_blocks}, but the stream has blocks 0..{last}: the run ends at block {last} (blocks "
-            "appended later with `ccdrec data append` are taken on with --resume)"
-        )
+    last, notes = len(stream) - 1, [n for n in [max_blocks_note(cfg, stream)] if n]
     if beyond := sorted(k for k in cfg.blocks if k > last):
         notes.append(
             f"per-block overrides for block(s) {', '.join(map(str, beyond))}, but the stream has blocks 0..{last}: they "
@@ -168,7 +174,8 @@ def run_stream(
     runner = CCDStream(cfg, rd, stream, progress=progress, console=console)
     if (note := stream.dropped_note()) and not resume:
         runner.console.print(f"note: {note}")
-    for note in stream_notes(cfg, stream) if not resume else ():
+    resumed_note = max_blocks_note(cfg, stream) if max_blocks is not None else None  # --resume --max-blocks K
+    for note in stream_notes(cfg, stream) if not resume else [n for n in [resumed_note] if n]:
         runner.console.print(f"note: {note}")
     runner.run(stop_after=stop_after)
     from ccdrec.report.markdown import write_report

@@ -37,7 +37,8 @@ ROLE_NAMES = {
 }
 SERVED_TEXT = (
     "Student = the served student (CCD: D_k once a teacher cycle has distilled it, CL_k between teacher cycles "
-    "or with student.serve=update; competitors: the student-size model updated by the CL method)"
+    "or with student.serve=update; competitors: the student-size model updated by the CL method); with the teacher "
+    "updated every m > 1 blocks, the D_k and CL_k rows cover its cycles only"
 )
 
 

@@ -10,9 +10,14 @@ from ccdrec.report import tables
 
 NAMES = {
     "teacher": "teacher ensemble E_k",
-    "served": "served student (D_k after a teacher cycle, else CL_k; student.serve)",
+    "served": "served student",
     "student": "distilled student D_k",
     "updated": "student update CL_k",
+}
+SERVED = {  # what the served student is, by student.serve
+    "distilled": "the served student is D_k after each teacher cycle and the student cycle's CL_k between them "
+    "(student.serve: distilled); CL_k is also reported apart as the student update where D_k is the one served",
+    "update": "the served student is the student cycle's CL_k (student.serve: update, the paper)",
 }
 
 
@@ -73,6 +78,18 @@ def write_report(rd) -> Path:
     lead, lead_ndcg = tables.lead_metrics(rows)
     lines.append("## Stream summary (LA / RA / H-mean over blocks k >= 1; — : no users to evaluate)\n")
     lines.append(markdown_table(tables.summary(rows, (lead, lead_ndcg))))
+    if any(r.get("model") == "served" for r in rows) and rd.config_path.exists():
+        cfg = rd.load_config()
+        serve, teacher_every = cfg.student.serve, cfg.teacher.update_every
+        lines.append(
+            f"{SERVED[serve][0].upper()}{SERVED[serve][1:]}."
+            + (
+                f" The teacher is updated every {teacher_every} blocks, so D_k and CL_k rows cover its cycles only."
+                if teacher_every > 1 and serve == "distilled"
+                else ""
+            )
+            + "\n"
+        )
     if any(r.get("kind") == "test" for r in rows):
         plot_h(rows, plots / "h_per_block.png", lead)
         lines.append("![H_k and LA_k per block](plots/h_per_block.png)\n")

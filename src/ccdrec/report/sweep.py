@@ -163,7 +163,11 @@ def cadence_table(cells: dict[tuple[int, int], tuple[list[dict], dict]], labels:
                 row[f"{ROLE_NAMES[role]} H"] = mean_sd([stream_summary(rows, label, role, metric)["H"] for rows, _ in same])[0]
             secs = [cycle_seconds(states[label], kinds[label]) for _, states in same]
             for key in secs[0]:
-                row[key] = round(mean_sd([s[key] for s in secs])[0], 3)  # milliseconds are below the noise
+                values = [s[key] for s in secs]
+                if all(isinstance(v, int) for v in values) and len(set(values)) == 1:
+                    row[key] = values[0]  # a count (teacher cycles), the same for every seed
+                else:
+                    row[key] = round(mean_sd(values)[0], 3)  # milliseconds are below the noise
             out.append(row)
     return pd.DataFrame(out).set_index(["method", "every"]) if out else pd.DataFrame()
 

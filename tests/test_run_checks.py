@@ -299,7 +299,7 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
     "args, message",
     [
         (["train", "--lr", "nan", "--epochs", "1"], "lr: Input should be a finite number"),
-        (["train", "--batch-size", "0", "--epochs", "1"], "batch_size"),
+        (["train", "--batch-size", "0", "--epochs", "1"], "--batch-size: Input should be greater than or equal to 1"),
         (["run", "--set", "student.update.lr=.inf"], "student.update.lr: Input should be a finite number"),
         (["run", "--set", "teacher.members=[]"], "teacher.members: List should have at least 1 item"),
         (["run", "--set", "blocks={-1: {}}"], "incremental blocks k >= 1"),

@@ -1,7 +1,9 @@
 """The command line: help everywhere, one-line errors with exit code 2, the main commands on tiny data."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -132,7 +134,7 @@ def test_an_interruption_a_library_swallowed_still_exits_with_the_signals_code(s
         except KeyboardInterrupt:
             pass  # as an import machinery or a C reader may do
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     monkeypatch.setattr(cli, "app", swallowing_app)
     monkeypatch.setattr(cli, "_SIGNALLED", [])
     try:
@@ -159,3 +161,49 @@ def test_an_option_given_twice_is_found_before_a_double_dash_and_set_may_repeat(
     assert repeated_option(["train", "--lr", "-1", "--dim", "-1"]) is None  # negative numbers are values
     assert repeated_option(["compare", "--bench", "--no-bench"]) == "--bench / --no-bench"  # one on/off option
     assert repeated_option(["run", "--no-progress", "--threads", "1"]) is None
+
+
+def test_an_interruption_during_an_import_is_raised_once_the_import_is_done(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised inside torch's native initialisation aborted the process from C++
+    ('terminate called ... KeyboardInterrupt', exit 134) or left the import half done (exit 130): the
+    signal handler defers it past the import (SIGALRM), then raises it."""
+    import importlib
+    import signal
+    import time
+
+    from ccdrec import cli
+
+    (tmp_path / "slow_module.py").write_text(
+        "import signal, sys\nfrom ccdrec import cli\ncli._interrupt(signal.SIGTERM, sys._getframe())\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "_SIGNALLED", [])
+    before = signal.signal(signal.SIGALRM, cli._raise_deferred)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            module = importlib.import_module("slow_module")  # the handler returns inside the import
+            assert module.DONE  # the module is whole
+            time.sleep(5)  # the deferred interruption lands here, after the import
+        assert cli._SIGNALLED == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):  # outside an import it is raised at once
+            cli._interrupt(signal.SIGTERM, sys._getframe())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def test_sigterm_at_any_moment_of_startup_ends_with_143_and_no_abort(tmp_path):
+    save_stream(synthetic_stream(n_blocks=2, seed=1), tmp_path / "s")
+    for delay in (0.3, 0.6, 0.8, 0.9, 1.0, 1.2, 1.5):
+        out = tmp_path / f"r{delay}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ccdrec", "run", "--data", str(tmp_path / "s"), "--preset", "quick", "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (143, 0), (delay, proc.returncode, err[-500:])  # 0: it finished first
+        assert "terminate called" not in err and "Traceback" not in err, err[-500:]

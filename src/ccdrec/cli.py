@@ -729,8 +729,32 @@ def bench_serve_command(
 _SIGNALLED: list[int] = []  # the signals received: an interruption is reported even where a library swallowed it
 
 
+RETRY_SECONDS = 0.05  # an interruption that arrives during an import is raised this long after, retried until it is done
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import (a module's body, torch's native initialisation): an
+    exception raised there can leave the module half-initialised, or abort the process from C++."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupt(signum, frame) -> None:
+    """SIGINT / SIGTERM: KeyboardInterrupt, the path of Ctrl-C; during an import it is deferred (SIGALRM
+    after :data:`RETRY_SECONDS`, :func:`_raise_deferred`) until the import is done."""
     _SIGNALLED.append(signum)
+    _raise_deferred(signum, frame)
+
+
+def _raise_deferred(signum, frame) -> None:
+    import signal
+
+    if _importing(frame) and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
+        return
     raise KeyboardInterrupt
 
 
@@ -750,6 +774,8 @@ def main() -> None:
     keep_freed_memory()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    if hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _raise_deferred)  # an interruption deferred past an import
     try:
         _dispatch()
     except SystemExit as e:

@@ -139,10 +139,10 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     df = P._dedup_in_time_order(df)
     n_unique = len(df)
     digest = P.rows_sha256(df)
-    if digest in used_logs(record):
+    if (used := used_logs(record).get(digest)) is not None:
         raise CcdrecError(
             f"{log}: its rows (as read, whatever their order, compression or line endings) are already in the stream "
-            f"({used_logs(record)[digest]}): stored there, or left out when they were read; nothing to append"
+            f"({used}): stored there, or left out when they were read; nothing to append"
         )
     user_pos = {u: i for i, u in enumerate(stream.user_vocab.tolist())}
     item_pos = {v: i for i, v in enumerate(stream.item_vocab.tolist())}

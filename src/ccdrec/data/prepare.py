@@ -323,14 +323,21 @@ def spaced_ids_notes(log: Path, users, items, kind: str, sep: str) -> list[str]:
 def _strip_hint(log: Path, kind: str, sep: str) -> str:
     if kind == "parquet":
         return "to drop the spaces, strip the ID columns first (pandas: df[col] = df[col].str.strip()) and prepare again"
+    if (cmd := _strip_command(log, sep)) is None:
+        return "to drop them, remove the spaces around the separators in the log and prepare again"
+    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
+
+
+def _strip_command(log: Path, sep: str) -> str | None:
+    """A ``sed`` command that removes the spaces around ``sep`` in a text log (:func:`rewrite_command`),
+    or None for a separator a sed script cannot name plainly."""
     if sep == "\t":
         script = "s/^ +//; s/ *\\t */\\t/g; s/ +$//"
     elif sep in "]^\\/&'" or not sep.isprintable():
-        return "to drop them, remove the spaces around the separators in the log and prepare again"
+        return None
     else:
         script = f"s/^ +//; s/ *[{sep}] */{sep}/g; s/ +$//"
-    cmd = rewrite_command(log, f"sed -E '{script}'", "stripped")
-    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
+    return rewrite_command(log, f"sed -E '{script}'", "stripped")
 
 
 def rewrite_command(log: Path, text_filter: str, prefix: str) -> str:
@@ -725,6 +732,8 @@ def _require_columns(
     missing = [c for c in wanted if c not in available]
     if not missing:
         return
+    guesses = _near_names(missing, available)  # per missing name: the available one it likely means, or None
+    near = list(dict.fromkeys(g for g in guesses if g is not None))
     hint = ""
     fixed = "the stream's log was read that way, so the new one must be too"  # data append: no reading options
     if text and len(available) == 1:
@@ -732,12 +741,7 @@ def _require_columns(
             "give --sep)" if options is not None else f"{fixed})"
         )
     elif (
-        text
-        and available
-        and (
-            all(_is_number(c) for c in available)
-            or (any(_is_number(c) for c in available) and not _near_names(missing, available))
-        )
+        text and available and (all(_is_number(c) for c in available) or (any(_is_number(c) for c in available) and not near))
     ):  # numbers (a timestamp) and no name like a wanted one: a data line
         hint = (
             " (the first line looks like data: for a file without a header line give --no-header --columns)"
@@ -745,44 +749,39 @@ def _require_columns(
             else " (the first line looks like data, but the stream's log had a header line naming "
             f"{', '.join(map(repr, wanted))}: give the new log the same header)"
         )
-    elif near := _near_names(missing, available):
+    elif near:
         hint = f" (did you mean {', '.join(map(repr, near))}? Column names match exactly, case and spaces included"
         if options is not None and all(n == n.strip() for n in near):
             flags = dict(zip(wanted, options, strict=False))
-            pairs = [(flags[m], n) for m, n in zip(missing, _near_names(missing, available, keep_missing=True), strict=True) if n]
+            pairs = [(flags[m], n) for m, n in zip(missing, guesses, strict=True) if n]
             hint += ": give " + ", ".join(f"{flag} {shlex.quote(n)}" for flag, n in pairs)
         elif options is None:
             hint += f"; the stream reads columns {', '.join(map(repr, wanted))}: name them so in the new log's header"
         hint += "."
         if any(n != n.strip() for n in near):
             sep = text.get("sep", ",") if text else ","
-            hint += f" This header has spaces around its names, likely after each {sep!r}, and so will the IDs: " + _strip_hint(
-                log, "csv", sep
-            ).replace("if they are spaces around the separators, remove", "remove")
+            cmd = _strip_command(log, sep)
+            fix = f"remove them and prepare again, e.g. {cmd}" if cmd else "remove the spaces around the separators"
+            hint += f" This header has spaces around its names, likely after each {sep!r}, and so will the IDs: {fix}"
         hint += ")"
     raise CcdrecError(
         f"{log}: missing column(s) {', '.join(map(repr, missing))}; available: {', '.join(map(repr, available)) or 'none'}{hint}"
     )
 
 
-def _near_names(missing: list[str], available: list[str], keep_missing: bool = False) -> list:
+def _near_names(missing: list[str], available: list[str]) -> list[str | None]:
     """For each missing column name, the available one it most likely means: the same name up to
-    surrounding spaces and case, else one that contains it (``user_id`` for ``user``), else a close
-    spelling (difflib); those found, in order (``keep_missing``: one entry per missing name, None where
-    nothing is near)."""
+    surrounding spaces and case, else one that contains it or is contained in it (``user_id`` for
+    ``user``, ``time`` for ``timestamp``), else a close spelling (difflib); None where nothing is near."""
     import difflib
 
-    found: list = []
+    found: list[str | None] = []
     for name in missing:
         key = name.strip().casefold()
         same = [a for a in available if a.strip().casefold() == key]
-        # user_id for user, time for timestamp
         within = [a for a in available if key and (key in a.casefold() or (len(a.strip()) >= 3 and a.strip().casefold() in key))]
         close = same or within[:1] or difflib.get_close_matches(name, available, n=1, cutoff=0.75)
-        if keep_missing:
-            found.append(close[0] if close else None)
-        else:
-            found += [c for c in close[:1] if c not in found]
+        found.append(close[0] if close else None)
     return found
 
 

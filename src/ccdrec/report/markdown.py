@@ -15,9 +15,9 @@ NAMES = {
     "updated": "student update CL_k",
 }
 SERVED = {  # what the served student is, by student.serve
-    "distilled": "the served student is D_k after each teacher cycle and the student cycle's CL_k between them "
-    "(student.serve: distilled); CL_k is also reported apart as the student update where D_k is the one served",
-    "update": "the served student is the student cycle's CL_k (student.serve: update, the paper)",
+    "distilled": "The served student is D_k after each teacher cycle and the student cycle's CL_k between them "
+    "(student.serve: distilled); CL_k is also reported apart as the student update where D_k is the one served.",
+    "update": "The served student is the student cycle's CL_k (student.serve: update, the paper).",
 }
 
 
@@ -82,7 +82,7 @@ def write_report(rd) -> Path:
         cfg = rd.load_config()
         serve, teacher_every = cfg.student.serve, cfg.teacher.update_every
         lines.append(
-            f"{SERVED[serve][0].upper()}{SERVED[serve][1:]}."
+            SERVED[serve]
             + (
                 f" The teacher is updated every {teacher_every} blocks, so D_k and CL_k rows cover its cycles only."
                 if teacher_every > 1 and serve == "distilled"

@@ -381,12 +381,12 @@ def test_compare_end_to_end_writes_the_report(comparison):
 
     # the ablations do what their names say: no replayed pair, no fresh D_1
     def replayed(d):
-        return [r["replay_pairs"] for r in read_rows(d) if r["kind"] == "fit" and r["model"] == "served"]
+        return [r["replay_pairs"] for r in read_rows(d) if r["kind"] == "fit" and r["model"] == "updated"]
 
     assert replayed(out / "ccd")[0] > 0 and replayed(out / "ablation-no-replay") == [0]
 
     def same_weights(d):
-        a, b = (torch.load(d / "checkpoints" / f"{n}.pt", weights_only=True) for n in ("b1_student", "b1_served"))
+        a, b = (torch.load(d / "checkpoints" / f"{n}.pt", weights_only=True) for n in ("b1_student", "b1_updated"))
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     assert same_weights(out / "ablation-no-redistill") and not same_weights(out / "ccd")
@@ -514,7 +514,7 @@ def test_report_tables_show_metrics_to_four_places_seconds_to_tenths_and_counts_
             "valid_recall@20": 0.12345,
             "train_seconds": 12.34,
         },
-        {"kind": "fit", "stage": "b1/student_update", "model": "served", "train_seconds": 0.5},  # untrained: no epochs
+        {"kind": "fit", "stage": "b1/student_update", "model": "updated", "train_seconds": 0.5},  # untrained: no epochs
     ]
     text = markdown_table(tables.fit_table(rows))
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()[2:]]

@@ -73,7 +73,7 @@ def test_run_writes_every_evaluation_and_report(full_run):
             assert v == scores[("student", kind, k, j)]
     assert any(v != scores[("served", kind, k, j)] for (m, kind, k, j), v in scores.items() if m == "updated")
     assert state["pointers"]["served"] == state["pointers"]["student"] == "b2_student"
-    assert state["pointers"]["updated"] == "b2_served"
+    assert state["pointers"]["updated"] == "b2_updated"
     # the served student is far above random on the block it was trained on
     la = [r["recall@20"] for r in rows if r["kind"] == "test" and r["model"] == "served" and r["j"] == r["k"]]
     assert min(la) > 3 * 20 / 160
@@ -290,7 +290,7 @@ def test_student_cycles_between_teacher_cycles(stream_dir, tmp_path):
     state = json.loads((out / "state.json").read_text())
     assert [s for s in state["completed"] if s.startswith("b1/")] == ["b1/student_update", "b1/eval"]
     assert {"b2/teacher0", "b2/teacher1", "b2/replay_candidates", "b2/student"} <= set(state["completed"])
-    assert state["outputs"]["b1/student_update"]["student"] == "b1_served"  # CL_1 starts block 2
+    assert state["outputs"]["b1/student_update"]["student"] == "b1_updated"  # CL_1 starts block 2
     rows = metric_lines(out)
     models_1 = {r["model"] for r in rows if r["kind"] == "test" and r["k"] == 1}
     assert models_1 == {"teacher", "served"}  # no new D_1 between teacher cycles

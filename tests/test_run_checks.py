@@ -400,15 +400,16 @@ def test_a_missing_device_or_bad_workers_create_nothing(tmp_path):
 
 
 def test_a_run_written_before_a_default_changed_resumes_with_the_old_default(tmp_path):
-    """student.distill_from became "served"; a stored configuration without it was written by code that
-    distilled from scratch, and a resumed run must go on as it started."""
+    """student.distill_from became "update" (then named "served"); a stored configuration without it was
+    written by code that distilled from scratch, and a resumed run must go on as it started. One written
+    with the old name "served" goes on distilling from CL_k."""
     import yaml
 
     from ccdrec.pipeline.rundir import RunDir
     from ccdrec.presets import load_config
 
     cfg = load_config(preset="quick")
-    assert cfg.student.distill_from == "served"
+    assert cfg.student.distill_from == "update"
     rd = RunDir(tmp_path / "run")
     rd.path.mkdir()
     data = cfg.model_dump(mode="json")
@@ -416,7 +417,11 @@ def test_a_run_written_before_a_default_changed_resumes_with_the_old_default(tmp
     rd.config_path.write_text(yaml.safe_dump(data))
     assert rd.load_config().student.distill_from == "scratch"
     rd.save_config(cfg)
-    assert rd.load_config().student.distill_from == "served"  # written now: the stored value holds
+    assert rd.load_config().student.distill_from == "update"  # written now: the stored value holds
+    data["student"]["distill_from"] = "served"
+    rd.config_path.write_text(yaml.safe_dump(data))
+    assert rd.load_config().student.distill_from == "update"
+    assert load_config(preset="quick", overrides=["student.distill_from=served"]).student.distill_from == "update"
 
 
 def test_a_config_file_names_the_stream_or_agrees_with_the_command_line(tmp_path):

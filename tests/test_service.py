@@ -107,7 +107,7 @@ class Serving:
 
 def perturbed_student(rd: RunDir, seed: int):
     """The run's CL_1 with noise on its weights (another ranking, the same universe)."""
-    model, meta = rd.load_model("b1_served", "cpu")
+    model, meta = rd.load_model("b1_updated", "cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -507,7 +507,7 @@ def test_a_completed_student_stage_is_swapped_in(tmp_path, serve):
     assert slot.current.id.startswith("b0_student@") and slot.current.stage == "b0/student"
     with pytest.raises(StopRequested):
         run_stream(None, rd.path, resume=True, progress=False, stop_after="b1/student_update")
-    assert watcher.check() and slot.current.id.startswith("b1_served@")
+    assert watcher.check() and slot.current.id.startswith("b1_updated@")
     assert (slot.current.block, slot.current.stage) == (1, "b1/student_update")
     run_stream(None, rd.path, resume=True, progress=False)  # teacher updates, D_1, evaluation
     report = (rd.path / "report.md").read_text()

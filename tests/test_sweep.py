@@ -169,10 +169,10 @@ def test_kd_only_and_kd_once_serve_distilled_students_untrained(stream_dir, tmp_
     assert "b0/teacher0" in once.read_state()["shared"]
     c = CCDStream.open_worker(once.path).ctx
     d0 = c.load("b0_student")
-    assert old_rows_equal(c.load("b2_served"), d0, d0.n_users, d0.n_items)  # D_0, grown twice, never trained
+    assert old_rows_equal(c.load("b2_updated"), d0, d0.n_users, d0.n_items)  # D_0, grown twice, never trained
     c = CCDStream.open_worker(only.path).ctx
     d1 = c.load("b1_student")
-    assert old_rows_equal(c.load("b2_served"), d1, d1.n_users, d1.n_items)  # D_1 grown, not trained
+    assert old_rows_equal(c.load("b2_updated"), d1, d1.n_users, d1.n_items)  # D_1 grown, not trained
     assert {"b1/teacher0", "b2/teacher1", "b2/student"} <= set(only.read_state()["completed"])
     assert "b2/replay_candidates" not in only.read_state()["completed"]  # no student-side knowledge
     text = report.read_text()

@@ -324,16 +324,24 @@ class StudentConfig(Strict):
     avoid_top: int = Field(40, ge=0, description="BPR negatives of old users avoid the top-N of E, D, SP, PP")
     redistill: bool = Field(True, description="distil a fresh student D_k from E_k after every block")
     # Beyond the paper, chosen on validation (ml-100k, 5 blocks, 3 seeds, served student H-mean of Recall@20):
-    # served 0.2325 +- 0.0041, scratch 0.2149 +- 0.0089 (finetune 0.2286 +- 0.0036); D_k keeps 0.89-0.99 of E_k's
-    # RA instead of 0.49-0.77. The paper's choice, scratch, stays one switch away (and in the paper-yelp preset).
-    distill_from: Literal["scratch", "served"] = Field(
-        "served",
+    # update (then named served) 0.2325 +- 0.0041, scratch 0.2149 +- 0.0089 (finetune 0.2286 +- 0.0036); D_k
+    # keeps 0.89-0.99 of E_k's RA instead of 0.49-0.77. The paper's choice, scratch, stays one switch away (and in
+    # the paper-yelp preset).
+    distill_from: Literal["scratch", "update"] = Field(
+        "update",
         description=(
-            "where D_k (k >= 1) starts: served = CL_k's weights, so D_k keeps what the served student knows of old "
+            "where D_k (k >= 1) starts: update = the student cycle's CL_k, so D_k keeps what CL_k knows of old "
             "users (beyond the paper; the default, chosen on validation); scratch = fresh random weights (the paper, "
-            "method.md 7)"
+            "method.md 7). `served`, its name before D_k could be served, is read as update"
         ),
     )
+
+    @field_validator("distill_from", mode="before")
+    @classmethod
+    def _distill_from_old_name(cls, value):
+        """``served`` named CL_k when CL_k was always the student served; it is read as ``update``, so that
+        stored configurations and run directories written with it keep their meaning."""
+        return "update" if value == "served" else value
     # Beyond the paper, chosen on validation (stream H-mean of Recall@20, D_k against CL_k, every seed higher):
     # Yelp 0.0762 +- 0.0004 vs 0.0711 +- 0.0006 (3 seeds), Gowalla 0.1400 vs 0.1234 (2 seeds), ml-100k 5 blocks
     # 0.2369 +- 0.0017 vs 0.2340 +- 0.0047 (3 seeds); finetune's student 0.0685, 0.1230, 0.2286. D_k learns the

@@ -10,7 +10,7 @@ the service swaps one reference to it, so a request that took a version at its s
   file (the teacher: the member names joined with ``+`` and the first 12 hex digits of the SHA-256 of
   the members' digests); every answer of the service names the version that computed it;
 * ``block``: the run's block when the version was loaded (seen items: every split of blocks 0..block);
-  ``stage``: the completed stage that wrote the checkpoint (``b3/student_update`` for ``b3_served``,
+  ``stage``: the completed stage that wrote the checkpoint (``b3/student_update`` for ``b3_updated``,
   ``b3/student`` for ``b3_student``, ``b3/teacher1`` for ``b3_teacher1``), else the run's last
   completed stage;
 * ``loaded_at``: when the version was ready (Unix seconds; ISO 8601 with milliseconds in ``GET /model``).
@@ -44,7 +44,8 @@ from ccdrec.pipeline.rundir import RunDir
 from ccdrec.serve import ServedRun
 
 ROLES = ("student", "teacher")
-_STAGE_OF = {"served": "student_update", "student": "student"}
+# bK_updated: CL_k (bK_served in run directories written before D_k could be served)
+_STAGE_OF = {"updated": "student_update", "served": "student_update", "student": "student"}
 
 
 class RefusedVersion(CcdrecError):

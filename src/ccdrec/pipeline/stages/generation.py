@@ -45,7 +45,7 @@ def generate_student(
 
     ``avoid``: (user, item) pairs the BPR negatives must avoid. With ``student.distill_select = retention``
     model selection also weighs the agreement with the lists on up to 2,000 old users. ``start``: a student of block's universe
-    whose copy is trained (``student.distill_from = served``: CL_k); None: fresh random weights (the paper).
+    whose copy is trained (``student.distill_from = update``: CL_k); None: fresh random weights (the paper).
     ``past``: the blocks before ``block``, for ``student.distill.select_on = stream``.
     Raises ValueError if ``start`` is not of the block's universe."""
     seed_everything(seed)
@@ -101,7 +101,7 @@ def distil(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         # E_k's top lists also serve block k+1's student update (its negatives avoid them)
         out.pointers["teacher_top"] = ctx.rd.save_tensors(f"b{k}_teacher_top", {"user_top": torch.from_numpy(user_top)})
         avoid = distil_avoid(ctx, state, k) if k > 0 else None
-        start = state.updated if k > 0 and ctx.cfg.student.distill_from == "served" else None
+        start = state.updated if k > 0 and ctx.cfg.student.distill_from == "update" else None
         seed = ctx.seed(f"b{k}/student")
         res = generate_student(
             user_top, item_top, block, ctx.cfg, seed, ctx.device, avoid, ctx.progress, start, past=ctx.stream.blocks[:k]

@@ -119,14 +119,14 @@ def student_update(ctx: RunContext, state: RunState, k: int) -> StageOutput:
         past=ctx.stream.blocks[:k],
     )
     state.updated = state.served = res.model  # served until a teacher cycle distils D_k (student.serve)
-    ptr = ctx.save(f"b{k}_served", state.updated, k)
+    ptr = ctx.save(f"b{k}_updated", state.updated, k)
     out.pointers |= {"updated": ptr, "served": ptr}
     if not ctx.cfg.teacher.is_teacher_cycle(k):
         # a student cycle between teacher cycles: the next cycle (and the proxies' step) starts from CL_k
         state.student = state.updated
         out.pointers["student"] = ptr
     replayed = int(np.mean(replayer.sizes)) if replayer.sizes else 0
-    out.rows.append(fit_row(ctx.name("served"), res.fit, k, replay_pairs=replayed))
+    out.rows.append(fit_row(ctx.name("updated"), res.fit, k, replay_pairs=replayed))
     return out
 
 
@@ -136,5 +136,5 @@ def carry_student(ctx: RunContext, state: RunState, k: int) -> StageOutput:
     initialisation, 5.2), so that it can rank block k's new users and items. The proxies do not step."""
     state.student = state.updated = state.served = grown(state.student, ctx.stream[k], ctx.cfg)
     # the next cycle carries it on (a teacher cycle may distil a new one)
-    ptr = ctx.save(f"b{k}_served", state.served, k)
-    return StageOutput({"updated": ptr, "served": ptr, "student": ptr}, [fit_row(ctx.name("served"), None, k)])
+    ptr = ctx.save(f"b{k}_updated", state.served, k)
+    return StageOutput({"updated": ptr, "served": ptr, "student": ptr}, [fit_row(ctx.name("updated"), None, k)])

@@ -605,3 +605,16 @@ def test_a_short_last_window_joins_the_block_before_it(counts, blocks):
     cut = P.window_labels(times, 0, 10, "10s", 1, Path("log.csv"))
     expected = np.concatenate([np.full(c, b) for c, b in zip(counts, blocks, strict=True)])
     assert cut.labels.tolist() == expected.tolist()
+
+
+def test_a_new_log_separated_unlike_the_streams_says_so(parts):
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=2, **KW)
+    rest = pd.read_csv(d / "rest1.csv")
+    text = ",".join(rest.columns) + "\n" + "\n".join("\t".join(map(str, r)) for r in rest.itertuples(index=False)) + "\n"
+    (d / "tabs.csv").write_text(text)
+    with pytest.raises(CcdrecError) as exc:
+        append_stream(d / "s", d / "tabs.csv")
+    msg = str(exc.value)
+    assert f"line 2 has 1 field(s), {text.splitlines()[1]!r}, where the header names 3. Split at each tab it has 3" in msg
+    assert msg.endswith("separate the new log's fields by comma, header and rows, as the stream's log was") and "--" not in msg

@@ -1087,3 +1087,64 @@ def test_data_info_counts_the_held_out_interactions_prepare_left_out(tmp_path):
     assert header.index("test") < header.index("left_out") < header.index("dropped_valid")
     assert f"left_out: {sum(per_block):,} held-out interaction(s) set aside" in res.stderr  # notes on stderr, as prepare's
     assert "note:" not in res.stdout
+
+
+def write_log(path: Path, header: str, rows: list[str]) -> Path:
+    text = "\n".join([header, *rows]) + "\n"
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("name, body", [("log.csv", "\t"), ("log.csv.gz", "\t"), ("log.csv", ";")])
+def test_rows_separated_unlike_the_header_are_named_with_a_command_that_fixes_the_header(tmp_path, name, body):
+    """A comma header over tab- (or semicolon-) separated rows reads as one field per row: the error names the
+    line and what it holds, and its command, run from anywhere, gives a log that prepares as a clean one."""
+    if shutil.which("sed") is None or shutil.which("zcat") is None:
+        pytest.skip("no sed / zcat to try the command with")
+    log = udata_like()
+    rows = [body.join(map(str, r)) for r in log.itertuples(index=False)]
+    (tmp_path / "in dir").mkdir()  # a directory, and a space in it
+    path = write_log(tmp_path / "in dir" / name, "user,item,rating,timestamp", rows)
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(path, tmp_path / "s", **KW)
+    msg = str(exc.value)
+    alt = {"\t": "tab", ";": "semicolon"}[body]
+    assert f"column 'item' has {len(log)} missing value(s): line 2 has 1 field(s), {rows[0]!r}, where the header names 4" in msg
+    assert f"the rows are {alt}-separated under a comma-separated header" in msg and "\n" not in msg
+    subprocess.run(msg.split("e.g. ")[-1], shell=True, cwd="/", check=True)
+    flag = msg.split("give --sep ")[1].split(",")[0].strip("'")
+    fixed = prepare_stream(path.with_name(f"header-{name}"), tmp_path / "fixed", sep=flag, **KW)
+    log.to_csv(tmp_path / "clean.csv", index=False)
+    clean = prepare_stream(tmp_path / "clean.csv", tmp_path / "clean", **KW)
+    assert (tmp_path / "fixed" / "interactions.csv.gz").read_bytes() == (tmp_path / "clean" / "interactions.csv.gz").read_bytes()
+    assert list(fixed.item_vocab) == list(clean.item_vocab)
+
+
+def test_short_rows_and_empty_fields_are_named_by_line(tmp_path):
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    short = rows[:6] + ["", "7,3,5"] + rows[6:]  # a blank line (skipped) and a row without its timestamp at line 9
+    with pytest.raises(CcdrecError, match=r"column 'timestamp' has 1 missing value\(s\): line 9 has 3 field\(s\), '7,3,5', "
+                       r"where the header names 4; fill or remove the short rows$"):  # fmt: skip
+        prepare_stream(write_log(tmp_path / "short.csv", "user,item,rating,timestamp", short), tmp_path / "s", **KW)
+    empty = rows[:3] + ["7,,5,880000000"] + rows[3:]
+    with pytest.raises(CcdrecError, match=r"column 'item' has 1 missing value\(s\), e.g. line 5: '7,,5,880000000' \(an empty "
+                       r"field\); fill or remove such rows$"):  # fmt: skip
+        prepare_stream(write_log(tmp_path / "empty.csv", "user,item,rating,timestamp", empty), tmp_path / "s", **KW)
+
+
+def test_rows_with_more_fields_than_the_header_are_refused_and_a_separator_ending_every_line_is_read(tmp_path):
+    """pandas reads a row's surplus leading fields as row labels and shifts every column: refused, naming
+    the line. A separator at the end of every line (an empty last field) is read as the fields it ends."""
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    with pytest.raises(CcdrecError, match=r"the rows have more fields than the header names \(line 2: 4 fields, the header "
+                       r"names 3\), so every column would be read shifted; name every field in the header line$"):  # fmt: skip
+        prepare_stream(write_log(tmp_path / "extra.csv", "user,item,timestamp", rows), tmp_path / "s", **KW)
+    trailing = prepare_stream(
+        write_log(tmp_path / "trailing.csv", "user,item,rating,timestamp", [r + "," for r in rows]), tmp_path / "t", **KW
+    )
+    log.to_csv(tmp_path / "clean.csv", index=False)
+    clean = prepare_stream(tmp_path / "clean.csv", tmp_path / "clean", **KW)
+    assert (tmp_path / "t" / "interactions.csv.gz").read_bytes() == (tmp_path / "clean" / "interactions.csv.gz").read_bytes()
+    assert list(trailing.user_vocab) == list(clean.user_vocab) and list(trailing.item_vocab) == list(clean.item_vocab)

@@ -69,6 +69,8 @@ duplicate pairs, removed by the k-core filter, kept), flag numeric timestamps th
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
 import json
 import math
@@ -683,11 +685,68 @@ def _read_log(
         raise CcdrecError(f"{log}: cannot be read as {kind.upper()} ({detail})") from None
     if len(df) == 0:
         raise CcdrecError(f"{log}: no rows")
-    for col in columns:
-        n_missing = int(df[col].isna().sum())
-        if n_missing:
-            raise CcdrecError(f"{log}: column {col!r} has {n_missing} missing value(s)")
+    n_names, df = len(df.columns), df[list(columns)]
+    missing = df.isna()
+    if missing.to_numpy().any():
+        col = next(c for c in columns if missing[c].any())
+        first = int(np.argmax(missing.any(axis=1).to_numpy()))
+        example = _missing_example(log, text, names, n_names, first, options)
+        raise CcdrecError(f"{log}: column {col!r} has {int(missing[col].sum())} missing value(s){example}")
     return df
+
+
+_SEPARATOR_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
+
+
+def _log_row(log: Path, text: dict, header: bool, position: int) -> tuple[int, list[str]] | None:
+    """The line number (1-based; a quoted field may span lines: its last) and fields of data row ``position``
+    (0-based, blank lines skipped as pandas skips them) of a text log, read by the csv module; None if the
+    log has no such row."""
+    opener = gzip.open if text.get("compression") == "gzip" else open
+    with opener(log, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter=text["sep"])
+        n = -1 if header else 0
+        for fields in reader:
+            if not fields:
+                continue
+            if n == position:
+                return reader.line_num, fields
+            n += 1
+    return None
+
+
+def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_names: int, position: int, options) -> str:
+    """What the first row with a missing value looks like in the log, and what likely made it so: a row with
+    fewer fields than the header (rows separated by another character than the header, a short row) or an
+    empty field; '' for a Parquet log (or a row the csv module does not find)."""
+    if not text:
+        return ""
+    found = _log_row(log, text, names is None, position)
+    if found is None:
+        return ""
+    line, fields = found
+    shown = text["sep"].join(fields)
+    shown = repr(shown if len(shown) <= 60 else shown[:57] + "...")
+    if len(fields) >= n_names:
+        return f", e.g. line {line}: {shown} (an empty field); fill or remove such rows"
+    where = "the header names" if names is None else "--columns name"
+    what = f"line {line} has {len(fields)} field(s), {shown}, where {where} {n_names}"
+    sep = text["sep"]
+    alt = next((c for c in _SEPARATOR_NAMES if c != sep and len(fields) == 1 and len(fields[0].split(c)) == n_names), None)
+    if alt is None:
+        return f": {what}; fill or remove the short rows"
+    alt_name, sep_name = _SEPARATOR_NAMES[alt], _SEPARATOR_NAMES.get(sep, repr(sep))
+    split = f". Split at each {alt_name} it has {n_names}"
+    if options is None:  # data append reads the new log as the stream's log was read
+        return f": {what}{split}: separate the new log's fields by {sep_name}, header and rows, as the stream's log was"
+    if names is not None:  # the first line has every field under sep (checked before reading)
+        return f": {what}{split}: the log mixes separators; separate every row by {sep_name}"
+    flag = {"tab": "tab", "comma": ",", "semicolon": "';'", "pipe": "'|'", "space": "' '"}[alt_name]
+    fix = f"separate the header by {alt_name} too and give --sep {flag}"
+    if sep == "\t" or sep not in "]^\\/&'" and sep.isprintable():  # a separator a sed script can name plainly
+        pattern, replacement = ("\\t" if sep == "\t" else f"[{sep}]"), ("\\t" if alt == "\t" else alt)
+        fix += ", e.g. " + rewrite_command(log, f"sed '1s/{pattern}/{replacement}/g'", "header")
+    return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
 
 
 def _is_gzip(log: Path) -> bool:
@@ -801,7 +860,23 @@ def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: t
     # row with more fields than the header is a tokenizing error naming its line.
     if names is not None:
         text = {**text, "header": None, "names": list(names)}
-    return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **text)[columns]
+    df = pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **text)
+    if isinstance(df.index, pd.RangeIndex):
+        return df
+    # Rows with more fields than names: pandas takes the leading fields as row labels and reads every column
+    # shifted. A separator that ends every line (an empty last field) is read as the fields it ends.
+    if df.index.nlevels == 1 and df[df.columns[-1]].isna().all():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)  # it warns that the empty last field is dropped
+            return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], index_col=False, **text)
+    found = _log_row(log, text, names is None, 0)
+    fields = len(found[1]) if found else df.index.nlevels + len(df.columns)
+    where = "the header names" if names is None else "--columns names"
+    raise CcdrecError(
+        f"{log}: the rows have more fields than {where} (line {found[0] if found else 2}: {fields} fields, "
+        f"{where} {len(df.columns)}), so every column would be read shifted; "
+        + ("name every field in the header line" if names is None else "name every field in --columns")
+    )
 
 
 def _ids(col: pd.Series, log: Path | None = None) -> np.ndarray:

@@ -405,3 +405,34 @@ def test_a_fresh_process_warm_up_is_not_a_stage_time(monkeypatch):
         check=True,
     )
     assert out.stdout.strip() == "True True"  # a fresh process: after the warm-up, an empty stage costs nothing
+
+
+def test_a_small_catalogue_that_users_half_observe_distils_finite_students(tmp_path):
+    """60 users with 25 of 50 items each: a teacher list of 40 is longer than what is left to list and
+    every uninteresting sample is observed or listed. Every student used to become NaN in its first
+    distillation step, score 'well' in the report and recommend nothing."""
+    import torch
+
+    from ccdrec.data.prepare import prepare_stream
+
+    rng = np.random.default_rng(0)
+    picks = [(u, rng.choice(50, 25, replace=False), rng.integers(0, 10**7, 25)) for u in range(60)]
+    rows = [(f"u{u}", f"i{i}", int(t)) for u, items, times in picks for i, t in zip(items, times, strict=True)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,timestamp\n" + "\n".join(f"{u},{i},{1_600_000_000 + t}" for u, i, t in rows) + "\n")
+    prepare_stream(log, tmp_path / "s", min_user=2, min_item=2, n_blocks=1, seed=0)
+    overrides = [o for o in OVERRIDES if not o.startswith("student.topn")]
+    cfg = load_config(str(tmp_path / "s"), preset="quick", overrides=overrides)
+    assert cfg.student.topn == 40
+    run_stream(cfg, tmp_path / "run", progress=False)
+    for name in ("b0_student", "b1_updated", "b1_student"):
+        weights = torch.load(tmp_path / "run" / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values()), name
+    recs = load_run(tmp_path / "run").recommend("u1", k=5)
+    assert len(recs) == 5 and all(np.isfinite(r.score) for r in recs)
+    # a checkpoint written by an earlier version that let the training diverge: refused, not an empty list
+    path = tmp_path / "run" / "checkpoints" / f"{RunDir(tmp_path / 'run').read_state()['pointers']['served']}.pt"
+    weights = torch.load(path, weights_only=True)
+    torch.save({k: torch.full_like(w, float("nan")) for k, w in weights.items()}, path)
+    with pytest.raises(CcdrecError, match=r"has non-finite \(NaN or infinite\) weights: its training diverged, so it cannot"):
+        load_run(tmp_path / "run")

@@ -321,3 +321,40 @@ def test_masked_logsumexp_matches_torch_in_value_and_gradient_and_ignores_masked
     assert torch.allclose(masked_logsumexp(b.detach()), torch.logsumexp(b.detach(), 1, keepdim=True), rtol=1e-12)
     with pytest.raises(ValueError, match="bool mask"):
         masked_logsumexp(b.detach(), keep.double())
+
+
+def test_a_short_list_without_any_uninteresting_entry_has_finite_gradients():
+    """A small catalogue: a user's list is shorter than n (padded) and every sampled column is observed or
+    listed. The padded terms' log(0) used to make NaN gradients, and the student's weights NaN in one step."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    padded = torch.cat([a, torch.zeros(2, 2, dtype=torch.float64)], dim=1).requires_grad_()
+    mask = torch.arange(5).expand(2, -1) < 3
+    nothing = torch.zeros(2, 5, dtype=torch.bool)
+    loss = rrd_loss(padded, b, mask, nothing)
+    loss.backward()
+    assert torch.isfinite(padded.grad).all() and (padded.grad[:, 3:] == 0).all()
+    plain = a.clone().requires_grad_()
+    expected = rrd_loss(plain, b, uninteresting_mask=nothing)  # the list alone: no uninteresting entry
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(padded.grad[:, :3], plain.grad, rtol=1e-12)
+
+
+def test_fit_stops_a_training_whose_weights_become_nan():
+    from ccdrec.errors import TrainingDiverged
+    from ccdrec.train.callbacks import Callback
+
+    class Poison(Callback):
+        def on_epoch_end(self, model, opt, epoch):
+            if epoch == 1:
+                with torch.no_grad():
+                    model.item_emb[3, 0] = float("nan")
+
+    block = synthetic_stream(n_blocks=1)[0]
+    cfg = TrainConfig(epochs=4, batch_size=256, lr=0.02, eval_every=1, patience=10)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 2 \(distil D_0\): its weights are no longer "
+                       r"finite; a smaller learning rate for it \(now 0.02\) may help$"):  # fmt: skip
+        fit(MF(block.n_users, block.n_items, dim=8), block, cfg, seed=0, callbacks=[Poison()], label="distil D_0")
+    with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 1 \(train\): its loss is nan"):
+        fit(MF(block.n_users, block.n_items, dim=8), block, cfg.model_copy(update={"lr": 1e30}), seed=0)

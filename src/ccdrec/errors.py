@@ -9,6 +9,11 @@ class CcdrecError(Exception):
     """A problem the user can fix (a missing column, an unknown dataset, a corrupt run directory)."""
 
 
+class TrainingDiverged(CcdrecError):
+    """A training's loss or weights became NaN or infinite; the message names the training and the epoch.
+    Its weights are not kept (a run directory's stage does not complete, so nothing non-finite is saved)."""
+
+
 class StageLost(Exception):
     """A stage did not complete because the process running it died (killed, out of memory).
 

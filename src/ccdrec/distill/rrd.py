@@ -106,6 +106,11 @@ def rrd_loss(
     c = torch.maximum(a.amax(1, keepdim=True), below).detach()  # the value does not depend on c
     wide = torch.float64 if a.dtype != torch.float64 else a.dtype
     tail = (a - c).to(wide).exp().flip(1).cumsum(1).flip(1) + (below - c).to(wide).exp()
+    if mask is not None:
+        # past a row's last valid entry the sum is 0 when no uninteresting entry is kept either (a list
+        # shorter than n, every sampled column observed or listed: a small catalogue); its log is -inf and,
+        # though torch.where drops the term, the gradient 0 · (1/0) is NaN. Those terms are dropped anyway.
+        tail = tail.masked_fill(~mask, 1.0)
     terms = interesting - (c + tail.log().to(a.dtype))
     if mask is None:
         return -terms.sum(1).mean()

@@ -22,6 +22,7 @@ import torch
 
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block
+from ccdrec.errors import TrainingDiverged
 from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block, evaluate_many
 from ccdrec.eval.protocol import harmonic
 from ccdrec.memory import reused_step_memory
@@ -105,6 +106,19 @@ def make_optimizer(model: Recommender, cfg: TrainConfig) -> torch.optim.Optimize
     return opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def check_finite(model: Recommender, loss, label: str, epoch: int, cfg: TrainConfig) -> None:
+    """Raise :class:`~ccdrec.errors.TrainingDiverged` if epoch ``epoch``'s loss or any weight of ``model`` is
+    NaN or infinite: such a model ranks at random and recommends nothing, and every later step keeps it so."""
+    bad = loss is not None and not np.isfinite(loss)
+    if not bad and all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    what = f"its loss is {loss}" if bad else "its weights are no longer finite"
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch + 1}{f' ({label})' if label else ''}: {what}; a smaller learning rate for it "
+        f"(now {cfg.lr:g}) may help"
+    )
+
+
 def selection_ks(select_metric: str) -> tuple[int, ...]:
     """The cut-offs a validation computes: the default ones and the one of ``select_metric``
     (``recall@K`` / ``ndcg@K``, checked by :class:`ccdrec.config.TrainConfig`)."""
@@ -169,6 +183,7 @@ def fit(
                 loss = objective.epoch(model, opt, rng, epoch, callbacks)
                 for cb in callbacks:
                     cb.on_epoch_end(model, opt, epoch)
+            check_finite(model, loss, label, epoch, cfg)
             for group in opt.param_groups:
                 group["lr"] *= cfg.lr_decay
             model.eval()

@@ -4,6 +4,7 @@ and cold-start recommendations from a new user's items (``recommend --items``, `
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -153,6 +154,26 @@ def test_window_mistakes_are_one_line_errors(tmp_path):
     res = ccdrec("data", "prepare", str(tmp_path / "log.csv"), "--out", str(tmp_path / "s"), "--window", "weekly")
     assert "--window must be" in one_error_line(res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "tiny.csv"]  # nothing left behind
+
+
+def test_window_units_are_lower_case_bounded_and_a_fine_window_over_a_long_span_is_cheap(tmp_path):
+    """``1M`` used to mean one minute (units were lower-cased); a month has no fixed length. A window longer
+    than timestamps may span is refused as such. A 1 s window over a century used to build an array of
+    every empty window (out of memory); the empty ones are counted, and the left-out note lists only the
+    blocks that left something out once there are many."""
+    weekly_log().to_csv(tmp_path / "log.csv", index=False)
+    for window, hint in (("1M", "months and years have no fixed length"), ("2y", "no fixed length"), ("7D", "lower case (d)")):
+        with pytest.raises(CcdrecError, match=rf"--window must be .* got '{window}'; .*{re.escape(hint)}"):
+            prepare_stream(tmp_path / "log.csv", tmp_path / "s", window=window, **KW)
+    with pytest.raises(CcdrecError, match=r"--window 99999999999999w is longer than the 300 years"):
+        prepare_stream(tmp_path / "log.csv", tmp_path / "s", window="99999999999999w", **KW)
+    log = weekly_log()
+    late = log["user"] == log["user"].mode()[0]
+    log.loc[late, "timestamp"] += 150 * 365 * DAY  # one user's interactions 150 years on
+    log.to_csv(tmp_path / "far.csv", index=False)
+    _, notes = notes_of(prepare_stream, tmp_path / "far.csv", tmp_path / "f", window="1s", **KW)
+    skipped = next(n for n in notes if "window(s) without interactions skipped" in n)
+    assert int(skipped.split(" ")[0].replace(",", "")) > 4_000_000_000
 
 
 # --- data append ----------------------------------------------------------------------------------

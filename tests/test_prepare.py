@@ -483,7 +483,11 @@ def test_non_finite_and_out_of_range_timestamps_are_unparsable(tmp_path, case):
     with pytest.raises(CcdrecError) as exc:
         prepare_stream(path, tmp_path / "out", **KW)
     msg = str(exc.value)
-    assert f"{path}: column 'timestamp' has 1 unparsable timestamp(s), e.g. {shown or repr(value)}" in msg
+    if "1e300" in case:  # a number, read in the unit of the other rows
+        assert f"{path}: column 'timestamp' has 1 timestamp(s) outside 1900-01-01..2199-12-31 UTC when read as seconds " in msg
+        assert f"(the unit of the other {len(log) - 1:,} rows), e.g. {shown} in data row 8 (far past 2199): fix or " in msg
+    else:
+        assert f"{path}: column 'timestamp' has 1 unparsable timestamp(s), e.g. {shown or repr(value)}" in msg
     assert "1900-01-01..2199-12-31" in msg and "\n" not in msg
     assert leftovers(tmp_path) == []
 
@@ -500,7 +504,8 @@ def test_millisecond_and_nanosecond_numbers_are_timestamps(tmp_path):
     raw.to_csv(tmp_path / "log2.csv", index=False)
     prepare_stream(tmp_path / "log2.csv", tmp_path / "b", **KW)
     assert stream_files(tmp_path / "a") == stream_files(tmp_path / "b")  # same order as the seconds
-    with pytest.raises(CcdrecError, match=r"unparsable timestamp\(s\), e\.g\. '16\d{11}' .*counts of 's' since 1970"):
+    with pytest.raises(CcdrecError, match=r"outside 1900-01-01..2199-12-31 UTC when read as seconds \(given by --time-unit\), "
+                       r"e\.g\. '16\d{11}' in data row 1 .*; --time-unit ms \(milliseconds\) reads them within"):  # fmt: skip
         prepare_stream(tmp_path / "log.csv", tmp_path / "c", time_unit="s", **KW)
 
 
@@ -1148,3 +1153,37 @@ def test_rows_with_more_fields_than_the_header_are_refused_and_a_separator_endin
     clean = prepare_stream(tmp_path / "clean.csv", tmp_path / "clean", **KW)
     assert (tmp_path / "t" / "interactions.csv.gz").read_bytes() == (tmp_path / "clean" / "interactions.csv.gz").read_bytes()
     assert list(trailing.user_vocab) == list(clean.user_vocab) and list(trailing.item_vocab) == list(clean.item_vocab)
+
+
+def test_per_block_counts_list_every_block_when_few_and_only_the_counted_ones_when_many():
+    assert prepare_mod._per_block(0, [0, 3, 1]) == "per block D_0..D_2: 0 / 3 / 1"
+    assert prepare_mod._per_block(0, [0] * 20 + [2] + [0] * 5 + [1, 0]) == "in D_20: 2, D_26: 1"
+    many = prepare_mod._per_block(1, [1] * 15)
+    assert many.startswith("in D_1: 1, D_2: 1") and many.endswith("D_12: 1 and 3 more blocks")
+
+
+def test_one_timestamp_in_another_unit_is_named_not_a_reason_to_read_the_column_in_another_unit(tmp_path):
+    """Seconds of 2021 with one value that is the year 2300 in seconds: it used to make the whole column
+    milliseconds (every row in 1970) with a vague note; now that row is named."""
+    log = make_log()
+    log["timestamp"] = log["timestamp"] + 1_610_000_000
+    log.loc[5, "timestamp"] = 10_413_792_000
+    log.to_csv(tmp_path / "far.csv", index=False)
+    with pytest.raises(CcdrecError, match=r"has 1 timestamp\(s\) outside 1900-01-01..2199-12-31 UTC when read as seconds "
+                       rf"\(the unit of the other {len(log) - 1:,} rows\), e.g. '10413792000' in data row 6 "
+                       r"\(the year 229\d\): fix or remove"):  # fmt: skip
+        prepare_stream(tmp_path / "far.csv", tmp_path / "s", **KW)
+    log.loc[5, "timestamp"] = 1_610_000_000
+    log.loc[:9, "timestamp"] = log.loc[:9, "timestamp"] * 1000  # ten rows in milliseconds
+    log.to_csv(tmp_path / "mixed.csv", index=False)
+    with pytest.raises(CcdrecError, match=r"has 10 timestamp\(s\) outside .* in milliseconds they would fall within 1980 .. "
+                       r"tomorrow \(a column mixing units\?\)"):  # fmt: skip
+        prepare_stream(tmp_path / "mixed.csv", tmp_path / "s", **KW)
+
+
+def test_timestamps_all_equal_are_noted_as_such_not_as_a_wrong_unit(tmp_path):
+    log = make_log().assign(timestamp=1_600_000_000)
+    log.to_csv(tmp_path / "same.csv", index=False)
+    _, notes = prepare_notes(tmp_path / "same.csv", tmp_path / "s", **KW)
+    same = next(n for n in notes if "within one minute" in n)
+    assert "the blocks follow the order of ties (user, then item), not time" in same and "no unit" not in same

@@ -274,7 +274,9 @@ def _odd_times(times: pd.Series, reading, time_unit: str | None, now_s: float | 
 
     how = "given by --time-unit" if time_unit is not None else "guessed"
     likely = [u for u in TIME_UNITS if u != reading.unit and fits(u)]
-    if likely:
+    if reasons == ["within one minute"]:
+        hint = "so the blocks follow the order of ties (user, then item), not time: check the time column"
+    elif likely:
         unit = likely[0]
         hint = (
             f"--time-unit {unit} ({_UNIT_NAMES[unit]}) reads them as {_utc(first, TIME_UNITS[unit])} .. "
@@ -372,7 +374,8 @@ def _interactions(df: pd.DataFrame, user_col, item_col, times: np.ndarray, ratin
 # --- calendar windows ---------------------------------------------------------------------
 
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
-_WINDOW_RE = re.compile(r"([1-9][0-9]{0,8})([smhdw])")
+_WINDOW_RE = re.compile(r"([0-9]+)([A-Za-z]+)")
+_WINDOW_MAX = 300 * 366 * 86_400  # longer than the 1900 .. 2199 timestamps may span
 _UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 
 
@@ -380,12 +383,22 @@ def parse_window(text: str) -> int:
     """The length in seconds of a calendar window written ``N`` + unit: ``s`` (seconds), ``m`` (minutes),
     ``h`` (hours), ``d`` (days) or ``w`` (weeks), e.g. ``7d``, ``12h``, ``90m``; anything else is a
     :class:`CcdrecError`."""
-    m = _WINDOW_RE.fullmatch(text.strip().lower()) if isinstance(text, str) else None
-    if m is None:
+    m = _WINDOW_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if m is None or int(m.group(1)) == 0 or m.group(2) not in _WINDOW_UNITS:
+        unit = m.group(2) if m else ""
+        hint = ""
+        if unit in ("M", "mo", "mon", "month", "months", "y", "Y", "yr", "year", "years"):
+            hint = "; months and years have no fixed length: give days or weeks (30d, 4w, 365d)"
+        elif unit not in _WINDOW_UNITS and unit.lower() in _WINDOW_UNITS:
+            hint = f"; units are lower case ({unit.lower()})"
         raise CcdrecError(
-            f"--window must be a whole positive number followed by s, m, h, d or w (e.g. 7d, 12h, 90m), got {text!r}"
+            f"--window must be a whole positive number followed by s, m (minutes), h, d or w (e.g. 7d, 12h, 90m), "
+            f"got {text!r}{hint}"
         )
-    return int(m.group(1)) * _WINDOW_UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _WINDOW_UNITS[m.group(2)]
+    if seconds > _WINDOW_MAX:
+        raise CcdrecError(f"--window {text.strip()} is longer than the 300 years timestamps may span (1900 .. 2199)")
+    return seconds
 
 
 def _utc(key, per_second: int) -> str:
@@ -424,11 +437,13 @@ def window_labels(times: np.ndarray, anchor, width: int, window: str, per_second
     win = np.maximum(win, start)
     present, counts = np.unique(win, return_counts=True)
     notes = []
-    empty = np.setdiff1d(np.arange(present[0], present[-1] + 1), present)
-    if len(empty):
-        shown = ", ".join(_window_text(anchor, width, per_second, int(m)) for m in empty[:3])
-        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
-        notes.append(f"{len(empty)} {window} window(s) without interactions skipped: {shown}{more}")
+    gaps = np.diff(present) - 1  # the empty windows between two present ones (never listed whole: 1s over decades)
+    n_empty = int(gaps.sum())
+    if n_empty:
+        first = [int(present[g]) + 1 + j for g in np.flatnonzero(gaps)[:3] for j in range(min(int(gaps[g]), 3))][:3]
+        shown = ", ".join(_window_text(anchor, width, per_second, m) for m in first)
+        more = f" and {n_empty - 3:,} more" if n_empty > 3 else ""
+        notes.append(f"{n_empty:,} {window} window(s) without interactions skipped: {shown}{more}")
     groups: list[list[int]] = []  # windows per block
     size = 0
     for m, c in zip(present.tolist(), counts.tolist(), strict=True):
@@ -997,6 +1012,8 @@ def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, t
                 )
         return first
     best = min(readings, key=lambda r: int(r.bad.sum()))  # the first of the best: numbers before dates
+    if best.label == "numbers" and np.isfinite(best.keys[best.bad]).all():
+        raise CcdrecError(f"{where} has {_out_of_window(best, col, time_unit)}")
     if best.label == "numbers":
         unit = repr(time_unit) if time_unit else "s, ms, us or ns (--time-unit)"
         hint = f"numeric timestamps must be finite counts of {unit} since 1970 within {_WINDOW_TEXT}"
@@ -1013,12 +1030,50 @@ def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, t
     raise CcdrecError(f"{where} has {int(best.bad.sum())} unparsable timestamp(s), e.g. {example!r} ({hint})")
 
 
-def _numeric_reading(numbers: pd.Series, time_unit: str | None) -> _Reading:
-    """Numbers in ``time_unit`` (or the smallest unit that fits them all); NaN, inf and out-of-window are bad."""
+def _plausible(values: np.ndarray, unit: str, now_s: float | None = None) -> np.ndarray:
+    """Per value: does it fall within 1980 .. tomorrow (``now_s`` + 1 day, default the clock) read in ``unit``."""
+    per = TIME_UNITS[unit]
+    latest_s = (time.time() if now_s is None else now_s) + 86_400
+    return np.isfinite(values) & (values >= _PLAUSIBLE_FROM_S * per) & (values <= latest_s * per)
+
+
+def _out_of_window(reading: _Reading, col: pd.Series, time_unit: str | None) -> str:
+    """What numeric timestamps outside ``TIME_WINDOW`` in the reading's unit are: how many, the first (its
+    data row and year), the unit they were read in and why, and a unit that would fit them, if one does."""
+    bad = np.flatnonzero(reading.bad)
+    first = int(bad[0])
+    value, per = float(reading.keys[first]), reading.per_second
+    year = 1970 + value / per / 31_556_952
+    when = f"the year {int(year)}" if abs(year) < 1e6 else ("far past 2199" if year > 0 else "long before 1900")
+    why = "given by --time-unit" if time_unit else f"the unit of the other {len(col) - len(bad):,} rows"
+    values = np.asarray(reading.keys[bad[:1000]], dtype=np.float64)
+    other = [u for u in TIME_UNITS if _plausible(values, u).all()]
+    alt = ""
+    if other and len(bad) == len(col):
+        alt = f"; --time-unit {other[0]} ({_UNIT_NAMES[other[0]]}) reads them within 1980 .. tomorrow"
+    elif other:
+        alt = f"; in {_UNIT_NAMES[other[0]]} they would fall within 1980 .. tomorrow (a column mixing units?)"
+    return (
+        f"{len(bad):,} timestamp(s) outside {_WINDOW_TEXT} when read as {_UNIT_NAMES[reading.unit]} ({why}), e.g. "
+        f"{_plain(col.iloc[first])!r} in data row {first + 1:,} ({when}){alt}: fix or remove those rows"
+    )
+
+
+def _numeric_reading(numbers: pd.Series, time_unit: str | None, now_s: float | None = None) -> _Reading:
+    """Numbers in ``time_unit``, else in the unit that puts the most of them within 1980 .. tomorrow (``now_s``
+    + 1 day), the smallest of those that ties; where no unit puts any there (a log counting from its own
+    start), the smallest unit that fits them all in ``TIME_WINDOW``. NaN, inf and out-of-window are bad: so
+    one value in another unit (a year-2300 second among seconds of 2020) is an error naming it, not a
+    reason to read the whole column in milliseconds, in 1970."""
     values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
     finite = np.isfinite(values)
+    units = [time_unit] if time_unit else list(TIME_UNITS)
+    plausible = {u: int(_plausible(values, u, now_s).sum()) for u in units}
+    most = max(plausible.values())
+    if most > 0:
+        units = [next(u for u in units if plausible[u] == most)]
     bad, chosen = None, None
-    for unit in [time_unit] if time_unit else list(TIME_UNITS):
+    for unit in units:
         lo, hi = (bound * TIME_UNITS[unit] for bound in _WINDOW_S)
         unit_bad = ~(finite & (values >= lo) & (values < hi))
         if bad is None or unit_bad.sum() < bad.sum():
@@ -1240,11 +1295,20 @@ def build_blocks(
         prev_u, prev_i = n_u, n_i
     if sum(left_out):
         notes.append(
-            f"{sum(left_out):,} held-out interaction(s) left out (per block {_block_range(first, len(left_out))}: "
-            f"{' / '.join(map(str, left_out))}): their item has no train interaction in the block, so no model can have "
+            f"{sum(left_out):,} held-out interaction(s) left out ({_per_block(first, left_out)}): their item has no "
+            "train interaction in the block, so no model can have "
             "learnt the item there (data info lists them as left_out)"
         )
     return blocks, notes
+
+
+def _per_block(first: int, counts: list[int], shown: int = 12) -> str:
+    """``per block D_0..D_2: 0 / 3 / 1``; past ``shown`` blocks only those with a count, ``in D_22: 2, D_27: 2``."""
+    if len(counts) <= shown:
+        return f"per block {_block_range(first, len(counts))}: {' / '.join(map(str, counts))}"
+    some = [(first + j, c) for j, c in enumerate(counts) if c]
+    more = f" and {len(some) - shown} more blocks" if len(some) > shown else ""
+    return "in " + ", ".join(f"D_{k}: {c:,}" for k, c in some[:shown]) + more
 
 
 def set_aside(

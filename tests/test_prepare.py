@@ -649,7 +649,8 @@ BAD_OPTIONS = {
     "duplicate column name": ("u.data", UDATA, {"header": False, "columns": "user,item,user,timestamp"}, "'user' more than once"),
     "wrong separator": ("u.data", UDATA, {}, "give --sep"),
     "header looks like data": ("u.data", UDATA, {"sep": "\t"}, "give --no-header --columns"),
-    "multi-char sep": ("u.data", UDATA, {"sep": "::"}, "--sep must be one character"),
+    "blank multi-char sep": ("u.data", UDATA, {"sep": "  "}, "--sep must be one character, 'tab'"),
+    "sep with a quote": ("u.data", UDATA, {"sep": "a\"b"}, "without quotes or line breaks"),
     "min rating without column": ("log.csv", None, {"min_rating": 4}, "--min-rating needs --rating-col"),
     "rating column without min": ("log.csv", None, {"rating_col": "rating"}, "--rating-col needs --min-rating"),
     "rating column missing": ("log.csv", None, {"rating_col": "stars", "min_rating": 4}, "missing column(s) 'stars'"),
@@ -1187,3 +1188,22 @@ def test_timestamps_all_equal_are_noted_as_such_not_as_a_wrong_unit(tmp_path):
     _, notes = prepare_notes(tmp_path / "same.csv", tmp_path / "s", **KW)
     same = next(n for n in notes if "within one minute" in n)
     assert "the blocks follow the order of ties (user, then item), not time" in same and "no unit" not in same
+
+
+@pytest.mark.parametrize("sep, flag", [("::", "'::'"), ("  ", "whitespace"), (" \t ", "whitespace")])
+def test_movielens_1m_and_whitespace_aligned_logs_are_guessed_and_read(tmp_path, sep, flag):
+    """``u::i::r::t`` (MovieLens 1M, no header) and columns aligned by runs of spaces: the errors name the
+    separator that splits the line, and with it the log prepares as the same rows written with tabs do."""
+    log = udata_like()
+    (tmp_path / "ratings.dat").write_text("\n".join(sep.join(map(str, r)) for r in log.itertuples(index=False)) + "\n")
+    cols = "user,item,rating,timestamp"
+    at = "at whitespace" if flag == "whitespace" else f"at each {sep!r}"
+    with pytest.raises(CcdrecError, match=rf"but the file has 1 \(separated by ','\); split {at} it has 4: give --sep {flag}$"):
+        prepare_stream(tmp_path / "ratings.dat", tmp_path / "s", header=False, columns=cols, **KW)
+    with pytest.raises(CcdrecError, match=rf"split {at} it has 4, which look like data: give --sep {flag} --no-header"):
+        prepare_stream(tmp_path / "ratings.dat", tmp_path / "s", **KW)
+    got = prepare_stream(tmp_path / "ratings.dat", tmp_path / "s", sep=flag.strip("'"), header=False, columns=cols, **KW)
+    log.to_csv(tmp_path / "u.tsv", sep="\t", index=False, header=False)
+    want = prepare_stream(tmp_path / "u.tsv", tmp_path / "t", header=False, columns=cols, **KW)
+    assert (tmp_path / "s" / "interactions.csv.gz").read_bytes() == (tmp_path / "t" / "interactions.csv.gz").read_bytes()
+    assert list(got.user_vocab) == list(want.user_vocab) and list(got.item_vocab) == list(want.item_vocab)

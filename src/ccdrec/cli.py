@@ -164,7 +164,9 @@ def data_prepare(
     seed: int = typer.Option(0, min=0, help="seed of the per-user train/valid/test split"),
     force: bool = typer.Option(False, help="replace an existing output directory"),
     sep: str | None = typer.Option(
-        None, help="field separator of a text log: one character, or 'tab' / '\\t' (default: ',' or tab for .tsv)"
+        None,
+        help="field separator of a text log: one character, 'tab' / '\\t', 'whitespace' (runs of spaces and tabs) or a "
+        "string such as '::' (MovieLens 1M) (default: ',' or tab for .tsv)",
     ),
     header: bool = typer.Option(
         True, "--header/--no-header", help="whether a text log starts with a header line (--no-header needs --columns)"

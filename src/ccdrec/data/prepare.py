@@ -337,7 +337,7 @@ def _strip_command(log: Path, sep: str) -> str | None:
     or None for a separator a sed script cannot name plainly."""
     if sep == "\t":
         script = "s/^ +//; s/ *\\t */\\t/g; s/ +$//"
-    elif sep in "]^\\/&'" or not sep.isprintable():
+    elif len(sep) != 1 or sep in "]^\\/&'" or not sep.isprintable():
         return None
     else:
         script = f"s/^ +//; s/ *[{sep}] */{sep}/g; s/ +$//"
@@ -540,14 +540,41 @@ def _column_names(log: Path, header: bool, columns: str | Sequence[str] | None) 
     return names
 
 
+WHITESPACE = "whitespace"  # --sep whitespace: fields separated by runs of spaces and tabs
+
+
 def _separator(log: Path, sep: str | None) -> str | None:
-    """The one-character field separator of a text log (None: the default for its kind)."""
+    """The field separator of a text log: one character, ``tab``, ``whitespace`` (runs of spaces and tabs),
+    or a string such as MovieLens 1M's ``::`` (None: the default for its kind)."""
     if sep is None:
         return None
-    resolved = {"tab": "\t", "\\t": "\t"}.get(sep.lower() if isinstance(sep, str) else sep, sep)
-    if not isinstance(resolved, str) or len(resolved) != 1 or resolved in '"\r\n':
-        raise CcdrecError(f"{log}: --sep must be one character (or 'tab' / '\\t'), not a quote or line break; got {sep!r}")
+    resolved = {"tab": "\t", "\\t": "\t", WHITESPACE: WHITESPACE}.get(sep.lower() if isinstance(sep, str) else sep, sep)
+    blank = isinstance(resolved, str) and len(resolved) > 1 and not resolved.strip()  # "  ": two spaces, ambiguous
+    if not isinstance(resolved, str) or not resolved or any(c in '"\r\n' for c in resolved) or blank:
+        raise CcdrecError(
+            f"{log}: --sep must be one character, 'tab' / '\\t', 'whitespace' (runs of spaces and tabs) or a string "
+            f"such as '::', without quotes or line breaks; got {sep!r}"
+        )
     return resolved
+
+
+def _pandas_text(text: dict) -> dict:
+    """pandas' reading options of a text log: a separator of several characters (``::``) is matched as
+    written, which takes pandas' Python parser (slower than its C parser, which reads one character)."""
+    if text.get("sep") == WHITESPACE:
+        return {**text, "sep": r"\s+"}  # pandas' C parser reads this one pattern
+    if len(text.get("sep", ",")) == 1:
+        return text
+    return {**text, "sep": re.escape(text["sep"]), "engine": "python"}
+
+
+def _split_fields(line: str, sep: str) -> list[str]:
+    """The fields of one line of a text log: the csv module's (quotes) for a one-character separator."""
+    if sep == WHITESPACE:
+        return line.split()
+    if len(sep) == 1:
+        return next(csv.reader([line], delimiter=sep), [])
+    return line.split(sep) if line else []
 
 
 def _file_format(log: Path, file_format: str | None) -> str | None:
@@ -718,15 +745,20 @@ def _log_row(log: Path, text: dict, header: bool, position: int) -> tuple[int, l
     (0-based, blank lines skipped as pandas skips them) of a text log, read by the csv module; None if the
     log has no such row."""
     opener = gzip.open if text.get("compression") == "gzip" else open
+    sep = text["sep"]
     with opener(log, "rt", encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.reader(f, delimiter=text["sep"])
-        n = -1 if header else 0
-        for fields in reader:
+        if len(sep) == 1:
+            reader = csv.reader(f, delimiter=sep)
+            rows = ((reader.line_num, fields) for fields in reader)
+        else:
+            rows = ((n, _split_fields(line.rstrip("\r\n"), sep)) for n, line in enumerate(f, 1))
+        at = -1 if header else 0
+        for line, fields in rows:
             if not fields:
                 continue
-            if n == position:
-                return reader.line_num, fields
-            n += 1
+            if at == position:
+                return line, fields
+            at += 1
     return None
 
 
@@ -740,7 +772,7 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     if found is None:
         return ""
     line, fields = found
-    shown = text["sep"].join(fields)
+    shown = (" " if text["sep"] == WHITESPACE else text["sep"]).join(fields)
     shown = repr(shown if len(shown) <= 60 else shown[:57] + "...")
     if len(fields) >= n_names:
         return f", e.g. line {line}: {shown} (an empty field); fill or remove such rows"
@@ -758,7 +790,7 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
         return f": {what}{split}: the log mixes separators; separate every row by {sep_name}"
     flag = {"tab": "tab", "comma": ",", "semicolon": "';'", "pipe": "'|'", "space": "' '"}[alt_name]
     fix = f"separate the header by {alt_name} too and give --sep {flag}"
-    if sep == "\t" or sep not in "]^\\/&'" and sep.isprintable():  # a separator a sed script can name plainly
+    if sep == "\t" or len(sep) == 1 and sep not in "]^\\/&'" and sep.isprintable():  # a separator sed names plainly
         pattern, replacement = ("\\t" if sep == "\t" else f"[{sep}]"), ("\\t" if alt == "\t" else alt)
         fix += ", e.g. " + rewrite_command(log, f"sed '1s/{pattern}/{replacement}/g'", "header")
     return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
@@ -778,16 +810,44 @@ def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) ->
     if kind == "parquet":
         return _distinct_header(log, [str(c) for c in pq.read_schema(log).names])
     if names is None:
-        header = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **text)
+        header = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **_pandas_text(text))
         return _distinct_header(log, [str(c) for c in header.iloc[0].tolist()])
-    first = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **text)
+    first = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **_pandas_text(text))
     if first.shape[1] != len(names):
-        hint = "; is --sep right?" if first.shape[1] == 1 else ""
+        hint = ""
+        if first.shape[1] == 1:
+            guess = _guess_separator(str(first.iloc[0, 0]), text["sep"], len(names))
+            at = f"at each {guess!r}" if guess != WHITESPACE else "at whitespace"
+            hint = f"; split {at} it has {len(names)}: give --sep {_sep_flag(guess)}" if guess else "; is --sep right?"
         raise CcdrecError(
             f"{log}: --columns names {len(names)} column(s) ({','.join(names)}) but the file has {first.shape[1]} "
             f"(separated by {text['sep']!r}){hint}"
         )
     return list(names)
+
+
+_GUESSED_SEPARATORS = ("\t", ";", "|", "::", ",", " ")
+
+
+def _guess_separator(line: str, sep: str, fields: int | None = None) -> str | None:
+    """The common separator (tab, ``;``, ``|``, ``::``, comma, space, else runs of whitespace) other than
+    ``sep`` that splits ``line`` into ``fields`` non-empty fields, or (None) into the most, at least 2; None
+    if none does."""
+    counts, padded = {}, {}
+    for c in (*_GUESSED_SEPARATORS, WHITESPACE):
+        parts = _split_fields(line.strip(), c)
+        if c != sep and all(x.strip() for x in parts):
+            counts[c], padded[c] = len(parts), any(x != x.strip() for x in parts)
+    counts = dict(sorted(counts.items(), key=lambda kv: padded[kv[0]]))  # fields without spaces around them first
+    if fields is not None:
+        return next((c for c, n in counts.items() if n == fields), None)
+    best = max(counts, key=lambda c: counts[c], default=None)  # the first of the most
+    return best if best is not None and counts[best] >= 2 else None
+
+
+def _sep_flag(sep: str) -> str:
+    """``sep`` as --sep takes it on a shell command line: ``tab``, ``whitespace``, ``,``, else quoted."""
+    return "tab" if sep == "\t" else sep if sep in (",", WHITESPACE) else f"'{sep}'"
 
 
 def _distinct_header(log: Path, header: list[str]) -> list[str]:
@@ -810,7 +870,18 @@ def _require_columns(
     near = list(dict.fromkeys(g for g in guesses if g is not None))
     hint = ""
     fixed = "the stream's log was read that way, so the new one must be too"  # data append: no reading options
-    if text and len(available) == 1:
+    guess = _guess_separator(available[0], text["sep"]) if text and len(available) == 1 else None
+    if guess is not None:
+        fields = _split_fields(available[0].strip(), guess)
+        at = f"at each {guess!r}" if guess != WHITESPACE else "at whitespace"
+        hint = f" (the header has one column: split {at} it has {len(fields)}"
+        if options is None:
+            hint += f"; {fixed})"
+        elif all(_is_number(f) for f in fields if f.strip()) or any(_is_number(f) for f in fields):
+            hint += f", which look like data: give --sep {_sep_flag(guess)} --no-header --columns with a name per field)"
+        else:
+            hint += f": give --sep {_sep_flag(guess)})"
+    elif text and len(available) == 1:
         hint = f" (the header has one column: is the file separated by something other than {text['sep']!r}? " + (
             "give --sep)" if options is not None else f"{fixed})"
         )
@@ -873,9 +944,10 @@ def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: t
     # strings throughout, and only empty cells are missing: IDs such as "007" or "NA" stay as written.
     # Every column is read (not usecols, with which pandas drops a row's extra fields silently), so that a
     # row with more fields than the header is a tokenizing error naming its line.
+    options = _pandas_text(text)
     if names is not None:
-        text = {**text, "header": None, "names": list(names)}
-    df = pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **text)
+        options = {**options, "header": None, "names": list(names)}
+    df = pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], **options)
     if isinstance(df.index, pd.RangeIndex):
         return df
     # Rows with more fields than names: pandas takes the leading fields as row labels and reads every column
@@ -883,7 +955,7 @@ def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: t
     if df.index.nlevels == 1 and df[df.columns[-1]].isna().all():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pd.errors.ParserWarning)  # it warns that the empty last field is dropped
-            return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], index_col=False, **text)
+            return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], index_col=False, **options)
     found = _log_row(log, text, names is None, 0)
     fields = len(found[1]) if found else df.index.nlevels + len(df.columns)
     where = "the header names" if names is None else "--columns names"

@@ -294,15 +294,15 @@ BAD_LOGS = {
     "n_blocks": ("log_p.csv", make_log(), None, {"n_blocks": 0}, "n_blocks"),
     "min_item": ("log_p.csv", make_log(), None, {"min_item": 0}, "--min-item"),
     "same columns": ("log_p.csv", make_log(), None, {"item_col": "user"}, "must differ"),
-    "corrupt gzip": ("log_bad.csv.gz", None, "not gzip at all", {}, "cannot be read"),
+    "text named .gz, read as text": ("log_bad.csv.gz", None, "not gzip at all", {}, "available: 'not gzip at all'"),
     "row with an extra field": (
         "log_rag.csv",
         None,
         "user,item,timestamp\n1,2,3\n4,5,6,7\n",
         {},
-        "Expected 3 fields in line 3, saw 4",
+        "line 3 has 4 fields where the lines before it have 3",
     ),
-    "corrupt parquet": ("log_bad.parquet", None, "PAR1, then not parquet", {}, "cannot be read as PARQUET"),
+    "corrupt parquet": ("log_bad.parquet", None, "PAR1, then not parquet", {}, "the Parquet file is truncated or corrupt"),
     "text named parquet": ("log_txt.parquet", None, "user,item,timestamp\n", {}, "looks like text, not Parquet"),
     "zip named csv": ("log_zip.csv", None, "PK\x03\x04 and more", {}, "looks like a zip archive, not a log; unpack it"),
 }
@@ -1122,7 +1122,7 @@ def test_rows_separated_unlike_the_header_are_named_with_a_command_that_fixes_th
     fixed = prepare_stream(path.with_name(f"header-{name}"), tmp_path / "fixed", sep=flag, **KW)
     log.to_csv(tmp_path / "clean.csv", index=False)
     clean = prepare_stream(tmp_path / "clean.csv", tmp_path / "clean", **KW)
-    assert (tmp_path / "fixed" / "interactions.csv.gz").read_bytes() == (tmp_path / "clean" / "interactions.csv.gz").read_bytes()
+    assert stream_files(tmp_path / "fixed") == stream_files(tmp_path / "clean")
     assert list(fixed.item_vocab) == list(clean.item_vocab)
 
 
@@ -1152,7 +1152,7 @@ def test_rows_with_more_fields_than_the_header_are_refused_and_a_separator_endin
     )
     log.to_csv(tmp_path / "clean.csv", index=False)
     clean = prepare_stream(tmp_path / "clean.csv", tmp_path / "clean", **KW)
-    assert (tmp_path / "t" / "interactions.csv.gz").read_bytes() == (tmp_path / "clean" / "interactions.csv.gz").read_bytes()
+    assert stream_files(tmp_path / "t") == stream_files(tmp_path / "clean")
     assert list(trailing.user_vocab) == list(clean.user_vocab) and list(trailing.item_vocab) == list(clean.item_vocab)
 
 
@@ -1205,5 +1205,38 @@ def test_movielens_1m_and_whitespace_aligned_logs_are_guessed_and_read(tmp_path,
     got = prepare_stream(tmp_path / "ratings.dat", tmp_path / "s", sep=flag.strip("'"), header=False, columns=cols, **KW)
     log.to_csv(tmp_path / "u.tsv", sep="\t", index=False, header=False)
     want = prepare_stream(tmp_path / "u.tsv", tmp_path / "t", header=False, columns=cols, **KW)
-    assert (tmp_path / "s" / "interactions.csv.gz").read_bytes() == (tmp_path / "t" / "interactions.csv.gz").read_bytes()
+    assert stream_files(tmp_path / "s") == stream_files(tmp_path / "t")
     assert list(got.user_vocab) == list(want.user_vocab) and list(got.item_vocab) == list(want.item_vocab)
+
+
+def test_reading_errors_say_what_is_wrong_with_the_log(tmp_path):
+    """The parsers' own messages (tokenizing, EOF inside a string, a truncated gzip or Parquet file, a
+    compressed file of another kind) become what is wrong and what to do; a text log named .gz is read."""
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    header = "user,item,rating,timestamp"
+    cases = {
+        "extra.csv": (write_log(tmp_path / "extra.csv", header, rows[:5] + ["7,3,5,880000000,x"] + rows[5:]),
+                      r"line 7 has 5 fields where the lines before it have 4 \(a separator inside an ID\?"),
+        "quote.csv": (write_log(tmp_path / "quote.csv", header, rows[:5] + ['"7,3,5,880000000'] + rows[5:]),
+                      r"a quote \(\"\) opened on line 7 is never closed"),
+    }  # fmt: skip
+    text = (tmp_path / "extra.csv").read_bytes()
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(text)[:200])
+    cases["cut.csv.gz"] = (tmp_path / "cut.csv.gz", r"the gzip-compressed log is truncated or corrupt \(")
+    log.to_parquet(tmp_path / "full.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "full.parquet").read_bytes()[:300])
+    cases["cut.parquet"] = (tmp_path / "cut.parquet", r"the Parquet file is truncated or corrupt, or not Parquet \(")
+    import bz2
+
+    (tmp_path / "log.csv.bz2").write_bytes(bz2.compress(text))
+    cases["log.csv.bz2"] = (tmp_path / "log.csv.bz2", r"looks like bzip2-compressed, not a log; decompress it")
+    for name, (path, message) in cases.items():
+        with pytest.raises(CcdrecError, match=message):
+            prepare_stream(path, tmp_path / "s", **KW)
+        assert not (tmp_path / "s").exists(), name
+    plain = write_log(tmp_path / "plain.csv", header, rows)
+    (tmp_path / "named.csv.gz").write_bytes(plain.read_bytes())  # text, named as gzip
+    prepare_stream(tmp_path / "named.csv.gz", tmp_path / "a", **KW)
+    prepare_stream(plain, tmp_path / "b", **KW)
+    assert stream_files(tmp_path / "a") == stream_files(tmp_path / "b")

@@ -621,6 +621,7 @@ def _kind(log: Path) -> str:
     kind = _auto_kind(log)
     if kind is not None:
         return kind
+    _check_content(log, "csv", given=False)  # an archive, a compressed or binary file: says what it looks like
     supported = ", ".join(TEXT_SUFFIXES + PARQUET_SUFFIXES)
     raise CcdrecError(
         f"{log}: unknown file type; expected one of {supported}, any name ending .gz (gzip-compressed text), "
@@ -723,8 +724,7 @@ def _read_log(
             f"convert the log to UTF-8 first, e.g. {rewrite_command(log, f'iconv -f {encoding} -t utf-8', 'utf8')}"
         ) from None
     except _READ_ERRORS as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CcdrecError(f"{log}: cannot be read as {kind.upper()} ({detail})") from None
+        raise CcdrecError(f"{log}: {_read_error(e, kind, text)}") from None
     if len(df) == 0:
         raise CcdrecError(f"{log}: no rows")
     n_names, df = len(df.columns), df[list(columns)]
@@ -796,10 +796,31 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
 
 
+def _read_error(e: Exception, kind: str, text: dict) -> str:
+    """What a reading error of pandas, gzip or pyarrow means for the log, and what to do."""
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", detail)
+    if fields:
+        want, line, saw = fields.groups()
+        return (
+            f"line {line} has {saw} fields where the lines before it have {want} (a separator inside an ID? quote that "
+            "field with \", or fix or remove the row)"
+        )
+    quote = re.search(r"EOF inside string starting (?:at|with) (?:row|line) (\d+)", detail)
+    if quote:
+        return (
+            f"a quote (\") opened on line {int(quote.group(1)) + 1} is never closed, so the rest of the file would be "
+            "one field; close it, or remove the quote characters"
+        )
+    if text.get("compression") == "gzip" and isinstance(e, (EOFError, OSError)):
+        return f"the gzip-compressed log is truncated or corrupt ({detail}); copy or compress it again"
+    if kind == "parquet":
+        return f"the Parquet file is truncated or corrupt, or not Parquet ({detail}); write it again"
+    return f"cannot be read as {kind.upper()} ({detail})"
+
+
 def _is_gzip(log: Path) -> bool:
-    """A name ending ``.gz`` is gzip (a corrupt one fails reading); other names are sniffed."""
-    if log.name.lower().endswith(".gz"):
-        return True
+    """Whether the log's bytes are gzip's, whatever its name (a text log named ``.gz`` is read as text)."""
     with open(log, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
 

@@ -639,3 +639,14 @@ def test_a_new_log_separated_unlike_the_streams_says_so(parts):
     msg = str(exc.value)
     assert f"line 2 has 1 field(s), {text.splitlines()[1]!r}, where the header names 3. Split at each tab it has 3" in msg
     assert msg.endswith("separate the new log's fields by comma, header and rows, as the stream's log was") and "--" not in msg
+
+
+def test_new_timestamps_in_another_unit_than_the_streams_say_so(parts):
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=2, **KW)
+    rest = pd.read_csv(d / "rest1.csv")
+    rest.assign(timestamp=rest["timestamp"] * 1000).to_csv(d / "ms.csv", index=False)
+    with pytest.raises(CcdrecError, match=rf"has {len(rest):,} timestamp\(s\) outside .* when read as seconds "
+                       r"\(the stream's unit\), e\.g\. .*; in milliseconds they fall within 1980 \.\. tomorrow: "
+                       r"write them in seconds, as the stream's$"):  # fmt: skip
+        append_stream(d / "s", d / "ms.csv")

@@ -266,7 +266,7 @@ def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int, int]:
         )
     col = raw[r["time_col"]]
     if t["kind"] == "numbers":
-        reading = P._time_reading(col, log, r["time_col"], time_unit=t["unit"])
+        reading = P._time_reading(col, log, r["time_col"], time_unit=t["unit"], appending=True)
     elif t["kind"] == "dates":
         if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_datetime64_any_dtype(col):
             raise CcdrecError(f"{log}: column {r['time_col']!r} must hold dates in the stream's format {t['format']!r}")

@@ -1061,9 +1061,16 @@ def _time_keys(
 
 
 def _time_reading(
-    col: pd.Series, log: Path, name: str, *, time_format: str | None = None, time_unit: str | None = None
+    col: pd.Series,
+    log: Path,
+    name: str,
+    *,
+    time_format: str | None = None,
+    time_unit: str | None = None,
+    appending: bool = False,
 ) -> _Reading:
-    """The one reading of the whole column that :func:`_time_keys` takes: ``.keys``, and ``.per_second``
+    """The one reading of the whole column that :func:`_time_keys` takes (``appending``: in the stream's
+    unit or format, for ``data append``, whose errors say so): ``.keys``, and ``.per_second``
     and ``.describe()`` (to measure windows, and to read more rows the same way)."""
     where = f"{log}: column {name!r}"
     if pd.api.types.is_bool_dtype(col):
@@ -1088,10 +1095,10 @@ def _time_reading(
             texts = values[numbers.isna()]
         if not readings or (readings[0].bad.any() and time_unit is None):
             readings += _datetime_readings(texts, values, log)
-    return _choose(readings, col, where, time_format, time_unit)
+    return _choose(readings, col, where, time_format, time_unit, appending)
 
 
-def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, time_unit) -> _Reading:
+def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, time_unit, appending: bool = False) -> _Reading:
     fits = [r for r in readings if not r.bad.any()]
     if fits:
         first = fits[0]
@@ -1106,7 +1113,7 @@ def _choose(readings: list[_Reading], col: pd.Series, where: str, time_format, t
         return first
     best = min(readings, key=lambda r: int(r.bad.sum()))  # the first of the best: numbers before dates
     if best.label == "numbers" and np.isfinite(best.keys[best.bad]).all():
-        raise CcdrecError(f"{where} has {_out_of_window(best, col, time_unit)}")
+        raise CcdrecError(f"{where} has {_out_of_window(best, col, time_unit, appending)}")
     if best.label == "numbers":
         unit = repr(time_unit) if time_unit else "s, ms, us or ns (--time-unit)"
         hint = f"numeric timestamps must be finite counts of {unit} since 1970 within {_WINDOW_TEXT}"
@@ -1130,7 +1137,7 @@ def _plausible(values: np.ndarray, unit: str, now_s: float | None = None) -> np.
     return np.isfinite(values) & (values >= _PLAUSIBLE_FROM_S * per) & (values <= latest_s * per)
 
 
-def _out_of_window(reading: _Reading, col: pd.Series, time_unit: str | None) -> str:
+def _out_of_window(reading: _Reading, col: pd.Series, time_unit: str | None, appending: bool = False) -> str:
     """What numeric timestamps outside ``TIME_WINDOW`` in the reading's unit are: how many, the first (its
     data row and year), the unit they were read in and why, and a unit that would fit them, if one does."""
     bad = np.flatnonzero(reading.bad)
@@ -1138,17 +1145,21 @@ def _out_of_window(reading: _Reading, col: pd.Series, time_unit: str | None) -> 
     value, per = float(reading.keys[first]), reading.per_second
     year = 1970 + value / per / 31_556_952
     when = f"the year {int(year)}" if abs(year) < 1e6 else ("far past 2199" if year > 0 else "long before 1900")
-    why = "given by --time-unit" if time_unit else f"the unit of the other {len(col) - len(bad):,} rows"
+    why = f"the unit of the other {len(col) - len(bad):,} rows"
+    if time_unit:
+        why = "the stream's unit" if appending else "given by --time-unit"
     values = np.asarray(reading.keys[bad[:1000]], dtype=np.float64)
     other = [u for u in TIME_UNITS if _plausible(values, u).all()]
-    alt = ""
-    if other and len(bad) == len(col):
-        alt = f"; --time-unit {other[0]} ({_UNIT_NAMES[other[0]]}) reads them within 1980 .. tomorrow"
+    named, fix = (_UNIT_NAMES[other[0]], "") if other else ("", ": fix or remove those rows")
+    if other and appending:
+        fix = f"; in {named} they fall within 1980 .. tomorrow: write them in {_UNIT_NAMES[reading.unit]}, as the stream's"
+    elif other and len(bad) == len(col):
+        fix = f"; --time-unit {other[0]} ({named}) reads them within 1980 .. tomorrow"
     elif other:
-        alt = f"; in {_UNIT_NAMES[other[0]]} they would fall within 1980 .. tomorrow (a column mixing units?)"
+        fix = f"; in {named} they would fall within 1980 .. tomorrow (a column mixing units?): fix or remove those rows"
     return (
         f"{len(bad):,} timestamp(s) outside {_WINDOW_TEXT} when read as {_UNIT_NAMES[reading.unit]} ({why}), e.g. "
-        f"{_plain(col.iloc[first])!r} in data row {first + 1:,} ({when}){alt}: fix or remove those rows"
+        f"{_plain(col.iloc[first])!r} in data row {first + 1:,} ({when}){fix}"
     )
 
 

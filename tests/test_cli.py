@@ -207,3 +207,29 @@ def test_sigterm_at_any_moment_of_startup_ends_with_143_and_no_abort(tmp_path):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode in (143, 0), (delay, proc.returncode, err[-500:])  # 0: it finished first
         assert "terminate called" not in err and "Traceback" not in err, err[-500:]
+
+
+def test_empty_paths_files_and_stream_directories_given_as_runs_say_what_they_are(tmp_path):
+    """``--resume ""`` (an unset variable) used to be the current directory; a log or a stream directory
+    given where a run directory goes said only that it is not one."""
+    from ccdrec.cli import empty_path
+
+    assert empty_path(["run", "--resume", ""]) == "--resume" and empty_path(["compare", "--out="]) == "--out"
+    assert empty_path(["recommend", "", "--user", "1"]) == "the run directory of `ccdrec recommend`"
+    assert empty_path(["run", "--resume", "r", "--set", "a="]) is None and empty_path(["recommend", "r", "--items", ""]) is None
+    for args, what in ((["run", "--resume", ""], "--resume"), (["bench-serve", ""], "the run directory of `ccdrec bench-serve`")):
+        res = ccdrec(*args, cwd=tmp_path)
+        assert res.returncode == 2
+        assert res.stderr.strip() == f"error: {what} is an empty path (an unset shell variable?); give the path"
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n")
+    res = ccdrec("recommend", "log.csv", "--user", "1", cwd=tmp_path)
+    assert res.stderr.strip() == "error: log.csv: a file, not a run directory (one that `ccdrec run` wrote)"
+    res = ccdrec("data", "info", "log.csv", cwd=tmp_path)
+    assert "a file, not a stream directory; a log becomes one with `ccdrec data prepare log.csv --out DIR`" in res.stderr
+    from ccdrec.data.stream import save_stream
+    from ccdrec.data.synthetic import synthetic_stream
+
+    save_stream(synthetic_stream(n_blocks=1), tmp_path / "s")
+    res = ccdrec("run", "--resume", "s", cwd=tmp_path)
+    assert res.returncode == 2 and "s: a stream directory (of `ccdrec data prepare`), not a run; run CCD on it with " \
+        "`ccdrec run --data s`" in res.stderr  # fmt: skip

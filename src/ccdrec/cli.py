@@ -812,11 +812,32 @@ def repeated_option(args: list[str]) -> str | None:
     return None
 
 
+PATH_OPTIONS = frozenset({"--resume", "--out", "--from-run", "--json", "--data", "--config"})
+RUN_DIR_COMMANDS = frozenset({"recommend", "serve", "bench-serve"})  # their first argument is a run directory
+
+
+def empty_path(args: list[str]) -> str | None:
+    """What in ``args`` is an empty path (``--resume ""``, ``--out=``, ``recommend ""``: an unset shell
+    variable), or None. Click reads ``""`` as the current directory, which turns the mistake into a
+    puzzling error about ``.``, or worse, a run written into the current directory."""
+    if len(args) > 1 and args[0] in RUN_DIR_COMMANDS and args[1] == "":
+        return f"the run directory of `ccdrec {args[0]}`"
+    for n, token in enumerate(args):
+        if token == "--":
+            break
+        name, eq, value = token.partition("=")
+        if name in PATH_OPTIONS and ((eq and not value) or (not eq and n + 1 < len(args) and args[n + 1] == "")):
+            return name
+    return None
+
+
 def _dispatch() -> None:
     """Run the command line; every way it can fail ends in :class:`SystemExit` with its code and message."""
     try:
         if twice := repeated_option(sys.argv[1:]):
             raise CcdrecError(f"{twice} is given twice; give it once")
+        if empty := empty_path(sys.argv[1:]):
+            raise CcdrecError(f"{empty} is an empty path (an unset shell variable?); give the path")
         app(standalone_mode=False)
     except CcdrecError as e:
         print(f"error: {e}", file=sys.stderr)

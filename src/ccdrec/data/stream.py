@@ -335,6 +335,10 @@ def load_stream(source: str | Path) -> Stream:
             raise CcdrecError(f"bundled stream {name!r} is corrupt: SHA-256 {digest} does not match the release")
     else:
         path = Path(source)
+        if path.is_file():
+            raise CcdrecError(
+                f"{name}: a file, not a stream directory; a log becomes one with `ccdrec data prepare {name} --out DIR`"
+            )
         if not path.is_dir():
             raise CcdrecError(f"no stream directory {name!r} (bundled datasets: {', '.join(BUNDLED)})")
         check_stream_dir(path)

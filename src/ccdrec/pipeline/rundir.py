@@ -85,8 +85,15 @@ class RunDir:
     def open(cls, path: Path) -> RunDir:
         """An existing run directory (a clear error when there is none)."""
         rd = cls(Path(path))
+        if rd.path.is_file():
+            raise CcdrecError(f"{rd.path}: a file, not a run directory (one that `ccdrec run` wrote)")
         if not rd.path.is_dir():
             raise CcdrecError(f"{rd.path}: no such run directory")
+        if not rd.config_path.exists() and all((rd.path / f).exists() for f in ("universe.csv", "interactions.csv.gz")):
+            raise CcdrecError(
+                f"{rd.path}: a stream directory (of `ccdrec data prepare`), not a run; run CCD on it with "
+                f"`ccdrec run --data {rd.path}`"
+            )
         if not rd.state_path.exists():
             for plan, what in (("compare.json", "a comparison"), ("sweep.json", "a sweep over seeds and cadences")):
                 if (rd.path / plan).exists():

@@ -89,7 +89,22 @@ def test_a_boolean_inside_a_list_or_as_a_block_key_is_refused(tmp_path):
 def test_a_key_given_twice_in_a_yaml_file_is_an_error_not_the_last_one_winning(tmp_path, text):
     f = tmp_path / "twice.yaml"
     f.write_text(text)
-    with pytest.raises(CcdrecError, match=r"cannot be parsed \(key '.*' is given twice \(lines \d+ and \d+\)\)"):
+    with pytest.raises(CcdrecError, match=r"cannot be parsed as YAML \(key '.*' is given twice \(lines \d+ and \d+\)\)"):
+        load_config("yelp", file=f)
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("student:\n  topn: [1,\n", "line 3, column 1"),
+        ("student:\n\ttopn: 10\n", "line 2, column 1"),
+        ("a: b: c\n", "line 1, column 5"),
+    ],
+)
+def test_a_yaml_syntax_error_names_its_line_and_column(tmp_path, text, where):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(CcdrecError, match=rf"bad.yaml: cannot be parsed as YAML \(.* at {where}\)$"):
         load_config("yelp", file=f)
 
 

@@ -77,13 +77,24 @@ def read_file(path: Path) -> dict:
         if path.suffix == ".toml":
             return tomllib.loads(text)
         data = _yaml(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
+    except yaml.YAMLError as e:
+        raise CcdrecError(f"{path}: cannot be parsed as YAML ({_yaml_problem(e)})") from None
     if data is None:  # empty, or comments only: no field changed
         return {}
     if not isinstance(data, dict):
         raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is (line and column, 1-based): its first line alone names neither."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from ccdrec.data.stream import save_stream
@@ -233,3 +234,19 @@ def test_empty_paths_files_and_stream_directories_given_as_runs_say_what_they_ar
     res = ccdrec("run", "--resume", "s", cwd=tmp_path)
     assert res.returncode == 2 and "s: a stream directory (of `ccdrec data prepare`), not a run; run CCD on it with " \
         "`ccdrec run --data s`" in res.stderr  # fmt: skip
+
+
+def test_data_info_says_when_a_stream_directory_is_broken(tmp_path):
+    from ccdrec.data.prepare import prepare_stream
+
+    rng = np.random.default_rng(0)
+    pairs = zip(rng.integers(0, 30, 900), rng.integers(0, 25, 900), strict=True)
+    rows = [f"u{u},i{i},{1_600_000_000 + 60 * n}" for n, (u, i) in enumerate(pairs)]
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "\n".join(rows) + "\n")
+    prepare_stream(tmp_path / "log.csv", tmp_path / "s", min_user=2, min_item=2, n_blocks=2)
+    (tmp_path / "s" / "prepare.json").write_text("{")
+    res = ccdrec("data", "info", str(tmp_path / "s"))
+    assert res.returncode == 0 and "prepare.json is not a JSON object, so the left_out counts are not shown" in res.stderr
+    (tmp_path / "s" / "users.json").unlink()
+    res = ccdrec("data", "info", str(tmp_path / "s"))
+    assert res.returncode == 2 and "has the items' original IDs (items.json) but not the users' (users.json)" in res.stderr

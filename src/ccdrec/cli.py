@@ -140,13 +140,30 @@ def data_info(source: str = typer.Argument(..., help="bundled dataset (yelp, gow
     print_stream_table(stream)
     if note := stream.left_out_note():
         note_console.print(f"note: {note}", soft_wrap=True, markup=False)
+    record = Path(source) / "prepare.json" if source not in BUNDLED else None
+    if record is not None and record.exists() and not _json_object(record):
+        note_console.print(
+            f"note: {record} is not a JSON object, so the left_out counts are not shown and `data append` refuses "
+            "the stream; prepare it again from its log",
+            soft_wrap=True,
+            markup=False,
+        )
+
+
+def _json_object(path: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 @data_app.command("prepare")
 def data_prepare(
     log: str = typer.Argument(
         ...,
-        help="interaction log: text (.csv, .tsv, .txt, .dat, .data; any name ending .gz is gzip-compressed text) or Parquet",
+        help="interaction log: text (.csv, .tsv, .txt, .dat, .data; gzip-compressed too) or Parquet",
     ),
     out: str = typer.Option(..., "--out", help="output stream directory"),
     user_col: str = typer.Option("user", help="user ID column"),

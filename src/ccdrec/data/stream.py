@@ -435,6 +435,12 @@ def _read_stream_dir(path: Path, name: str) -> Stream:
         raise CcdrecError(f"{path / INTERACTIONS}: block numbers outside 0..{n_blocks - 1}")
     user_vocab = _read_vocab(path, "users", prev_u)
     item_vocab = _read_vocab(path, "items", prev_i)
+    if (user_vocab is None) != (item_vocab is None):
+        have, lack = ("users", "items") if item_vocab is None else ("items", "users")
+        raise CcdrecError(
+            f"{path}: has the {have}' original IDs ({have}.json) but not the {lack}' ({lack}.json): the stream directory "
+            "is incomplete; prepare it again from its log"
+        )
     return Stream(name, blocks, user_vocab, item_vocab, source=path, left_out=_read_left_out(path, n_blocks))
 
 

@@ -1240,3 +1240,21 @@ def test_reading_errors_say_what_is_wrong_with_the_log(tmp_path):
     prepare_stream(tmp_path / "named.csv.gz", tmp_path / "a", **KW)
     prepare_stream(plain, tmp_path / "b", **KW)
     assert stream_files(tmp_path / "a") == stream_files(tmp_path / "b")
+
+
+def test_ids_that_differ_only_in_unicode_form_or_hold_control_characters_are_noted(tmp_path):
+    import ast
+    import unicodedata
+
+    log = udata_like().astype({"user": str, "item": str})
+    composed, decomposed = "\u00e9", unicodedata.normalize("NFD", "\u00e9")
+    log["item"] = [(composed if n % 2 else decomposed) + i for n, i in enumerate(log["item"])]
+    log.loc[3, "user"] = "7\x00"
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream, notes = prepare_notes(tmp_path / "log.csv", tmp_path / "s", min_user=1, min_item=1, base_fraction=0.5, n_blocks=3)
+    twins = next(n for n in notes if "Unicode form" in n)
+    assert twins.startswith("30 item ID(s) are the same text as another in another Unicode form (e.g. ")
+    a, b = twins.split("(e.g. ")[1].split("), kept")[0].split(" and ")
+    assert a != b and unicodedata.normalize("NFC", ast.literal_eval(a)) == unicodedata.normalize("NFC", ast.literal_eval(b))
+    assert "1 user ID(s) hold control characters (e.g. '7\\x00'), kept as written" in notes
+    assert len(stream.item_vocab) == 60  # kept distinct, as written

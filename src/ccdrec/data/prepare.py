@@ -185,6 +185,7 @@ def prepare_stream(
     df = _dedup_in_time_order(df)
     n_unique = len(df)
     digest = rows_sha256(df)
+    id_notes = lookalike_ids_notes(df["user"], df["item"])
     df = _kcore(df, min_user, min_item)
     notes: list[str] = []
     if window_s is None:
@@ -213,7 +214,7 @@ def prepare_stream(
     ]
     notes.insert(0, rows_note(log, n_read, steps, len(df), sum(left_out)))
     kind = file_format or _kind(log)
-    notes += spaced_ids_notes(log, stream.user_vocab, stream.item_vocab, kind, sep or _default_sep(log))
+    notes += spaced_ids_notes(log, stream.user_vocab, stream.item_vocab, kind, sep or _default_sep(log)) + id_notes
     record = {
         "version": PREPARE_VERSION,
         "read": {
@@ -322,6 +323,32 @@ def spaced_ids_notes(log: Path, users, items, kind: str, sep: str) -> list[str]:
         f"{which} begin or end with whitespace, e.g. {example!r}: IDs are kept as written, so {example.strip()!r} "
         f"is not {example!r} (in recommend --items, for instance); {_strip_hint(log, kind, sep)}"
     ]
+
+
+def lookalike_ids_notes(users, items) -> list[str]:
+    """A note when distinct IDs are the same text in another Unicode form (``é`` composed and decomposed:
+    NFC differs from NFD, so they are two users or items), and when IDs hold control characters (a NUL,
+    a line break), which a terminal does not show; IDs are kept as written either way."""
+    import unicodedata
+
+    notes = []
+    for what, ids in (("user", users), ("item", items)):
+        distinct = pd.unique(pd.Series(ids, dtype=object).astype(str))
+        forms = pd.Series([unicodedata.normalize("NFC", i) for i in distinct])
+        twins = forms.duplicated(keep=False)
+        if twins.any():
+            first = forms[twins].iloc[0]
+            example = [repr(i) for i in distinct[(forms == first).to_numpy()][:2]]
+            n = int(twins.sum() - forms[twins].nunique())
+            notes.append(
+                f"{n:,} {what} ID(s) are the same text as another in another Unicode form (e.g. {' and '.join(example)}), "
+                "kept as distinct IDs; normalise the log to one form (NFC: python's unicodedata.normalize) if they "
+                "name the same"
+            )
+        control = [i for i in distinct if any(unicodedata.category(c) == "Cc" for c in i)]
+        if control:
+            notes.append(f"{len(control):,} {what} ID(s) hold control characters (e.g. {control[0]!r}), kept as written")
+    return notes
 
 
 def _strip_hint(log: Path, kind: str, sep: str) -> str:

@@ -171,11 +171,9 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
             "counting the stream's interactions)",
         ),
     ]
+    account = P.rows_note(log, n_read, steps, len(df), 0).removeprefix(f"{log.name}: ")  # every row read, accounted for
     if len(df) == 0:
-        raise CcdrecError(
-            f"{log}: no new interaction left after dropping pairs already in the stream and the k-core filter "
-            f"(min_user={record['min_user']}, min_item={record['min_item']}, counting the stream's interactions)"
-        )
+        raise CcdrecError(f"{log}: no new interaction left ({account})")
     last = record["last_time"]
     times = df["time"].to_numpy()
     late = times < last
@@ -184,16 +182,19 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
             f"{int(late.sum()):,} new interaction(s) are older than the stream's last timestamp ({record['last_time_utc']} UTC); "
             "kept in the first new block"
         )
-    if window is not None:
-        width = window_s * per_second
-        same_grid = record.get("window_anchor") is not None and record.get("window_seconds") == window_s
-        anchor = record["window_anchor"] if same_grid else last
-        start = int((last - anchor) // width)
-        cut = P.window_labels(times, anchor, width, window, per_second, log, start=start)
-        labels = cut.labels
-        notes += cut.notes
-    else:
-        labels = _equal_parts(len(df), n_blocks or 1, log)
+    try:
+        if window is not None:
+            width = window_s * per_second
+            same_grid = record.get("window_anchor") is not None and record.get("window_seconds") == window_s
+            anchor = record["window_anchor"] if same_grid else last
+            start = int((last - anchor) // width)
+            cut = P.window_labels(times, anchor, width, window, per_second, log, start=start)
+            labels = cut.labels
+            notes += cut.notes
+        else:
+            labels = _equal_parts(len(df), n_blocks or 1, log)
+    except CcdrecError as e:  # too few for a block: say where the rows went
+        raise CcdrecError(f"{e} ({account})") from None
     users = _extend_ids(uid, df["user"].to_numpy(dtype=object), len(stream.user_vocab))
     items = _extend_ids(iid, df["item"].to_numpy(dtype=object), len(stream.item_vocab))
     first = len(stream)

@@ -228,7 +228,7 @@ def _write(tmp_path, name, df=None, text=None):
 
 BAD_LOGS = {
     "missing file": ("log_missing.tsv", None, None, {}, "file is missing"),
-    "unknown extension": ("log.json", None, "{}", {}, "unknown file type"),
+    "json log": ("log.json", None, "{}", {}, "looks like JSON, not a delimited text log"),
     "empty file": ("log_empty.csv", None, "", {}, "empty"),
     "header only": ("log_header.csv", None, "user,item,timestamp\n", {}, "no rows"),
     # pandas would read the first 'item' and call the second 'item.1'
@@ -667,7 +667,7 @@ BAD_OPTIONS = {
         "no interaction has a 'rating' of at least 9",
     ),
     "unknown format": ("u.data", UDATA, {"file_format": "xlsx"}, "--format must be one of csv, parquet"),
-    "unknown extension": ("u.item", UDATA, {}, "or give --format csv|parquet"),
+    "name that tells nothing, text": ("u.item", UDATA, {}, "give --sep tab --no-header --columns"),
     "sep for parquet": ("log.parquet", None, {"sep": ";"}, "apply to text logs, not Parquet"),
     "time unit": ("log.csv", None, {"time_unit": "days"}, "--time-unit must be one of s, ms, us, ns"),
     "format and unit": ("log.csv", None, {"time_unit": "s", "time_format": "%Y"}, "not both"),
@@ -1258,3 +1258,33 @@ def test_ids_that_differ_only_in_unicode_form_or_hold_control_characters_are_not
     assert a != b and unicodedata.normalize("NFC", ast.literal_eval(a)) == unicodedata.normalize("NFC", ast.literal_eval(b))
     assert "1 user ID(s) hold control characters (e.g. '7\\x00'), kept as written" in notes
     assert len(stream.item_vocab) == 60  # kept distinct, as written
+
+
+def test_the_content_of_a_log_decides_and_json_binary_and_comment_lines_are_named(tmp_path):
+    """A text log without a telling name is read (gzip and Parquet already were); JSON, binary data and a
+    comment first line say what they are, with a command for the comment."""
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    header = "user,item,rating,timestamp"
+    write_log(tmp_path / "ratings", header, rows)
+    write_log(tmp_path / "ratings.csv", header, rows)
+    prepare_stream(tmp_path / "ratings", tmp_path / "a", **KW)
+    prepare_stream(tmp_path / "ratings.csv", tmp_path / "b", **KW)
+    assert stream_files(tmp_path / "a") == stream_files(tmp_path / "b")
+    log.to_json(tmp_path / "log.jsonl", orient="records", lines=True)
+    with pytest.raises(CcdrecError, match=r"log.jsonl: looks like JSON, not a delimited text log; convert it"):
+        prepare_stream(tmp_path / "log.jsonl", tmp_path / "s", **KW)
+    (tmp_path / "log.bin").write_bytes(("user,item,rating,timestamp\n" + "\u00e9,1,2,3\n" * 40).encode("latin-1"))
+    with pytest.raises(CcdrecError, match=r"log.bin: not UTF-8 text \(it holds the byte 0xe9\); convert the log to UTF-8"):
+        prepare_stream(tmp_path / "log.bin", tmp_path / "s", **KW)  # a name that tells nothing: text, by its bytes
+    (tmp_path / "blob.csv").write_bytes(b"user,item\x00\x01\x02" * 10)
+    with pytest.raises(CcdrecError, match=r"blob.csv: looks like binary data \(control bytes\), not a text log"):
+        prepare_stream(tmp_path / "blob.csv", tmp_path / "s", **KW)
+    if shutil.which("grep") is None:
+        return
+    write_log(tmp_path / "c.csv", "# exported 2021", [header, *rows])
+    with pytest.raises(CcdrecError, match=r"the first line is a comment: drop the comment lines first, e.g. ") as exc:
+        prepare_stream(tmp_path / "c.csv", tmp_path / "s", **KW)
+    subprocess.run(str(exc.value).split("e.g. ")[-1].removesuffix(")"), shell=True, cwd="/", check=True)
+    prepare_stream(tmp_path / "data-c.csv", tmp_path / "c", **KW)
+    assert stream_files(tmp_path / "c") == stream_files(tmp_path / "b")

@@ -638,8 +638,9 @@ def _name_kind(log: Path) -> str | None:
 
 
 def _auto_kind(log: Path) -> str | None:
-    """The kind the name tells, else the content (Parquet's or gzip's magic bytes), else None."""
-    return _name_kind(log) or {"parquet": "parquet", "gzip": "csv"}.get(_sniff(log))
+    """The kind the name tells, else the content (Parquet's or gzip's magic bytes, or UTF-8 text without
+    NUL bytes), else None."""
+    return _name_kind(log) or {"parquet": "parquet", "gzip": "csv", "text": "csv"}.get(_sniff(log))
 
 
 def _kind(log: Path) -> str:
@@ -680,7 +681,30 @@ def _sniff(log: Path) -> str | None:
             head = f.read(16)
     except OSError:
         return None
-    return next((kind for magic, kind, _ in _MAGIC if head.startswith(magic)), None)
+    kind = next((kind for magic, kind, _ in _MAGIC if head.startswith(magic)), None)
+    if kind is None and _looks_like_text(log):
+        return "text"
+    return kind
+
+
+def _looks_like_text(log: Path) -> bool:
+    """Whether the log's first 64 KiB read as text in some encoding (:func:`_binary_bytes` is false): its
+    reading then says if it is not UTF-8."""
+    try:
+        with open(log, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return bool(head) and not _binary_bytes(head)
+
+
+def _binary_bytes(head: bytes) -> bool:
+    """More than 5% control bytes other than tab and line ends (a NUL inside an ID is text), and no UTF-16
+    byte order mark."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return False
+    control = sum(head.count(bytes([c])) for c in (*range(0, 9), 11, 12, *range(14, 32)))
+    return control > 0.05 * len(head)
 
 
 def _check_content(log: Path, kind: str, given: bool) -> None:
@@ -696,11 +720,19 @@ def _check_content(log: Path, kind: str, given: bool) -> None:
         raise CcdrecError(
             f"{log}: looks like Parquet (it starts with PAR1), not text as {how} says; give --format parquet, or {instead}"
         )
-    if kind == "parquet" and sniffed in (None, "gzip"):
+    if kind == "parquet" and sniffed in (None, "gzip", "text"):
         looks = "gzip-compressed (text, presumably)" if sniffed == "gzip" else "text, not Parquet (no PAR1 at its start)"
         instead = ", or leave --format out" if given and _auto_kind(log) == "csv" else ""
         raise CcdrecError(f"{log}: looks like {looks}, but {how} says Parquet; give --format csv{instead}")
-    if sniffed not in (None, "gzip", "parquet"):
+    if kind == "csv" and sniffed in (None, "text"):
+        with open(log, "rb") as f:
+            head = f.read(65536)
+        if _binary_bytes(head):
+            raise CcdrecError(f"{log}: looks like binary data (control bytes), not a text log; export it to CSV or Parquet")
+        if head.lstrip()[:1] in (b"{", b"["):
+            cmd = f"python -c 'import pandas as pd; pd.read_json(\"{log}\", lines=True).to_parquet(\"{log.stem}.parquet\")'"
+            raise CcdrecError(f"{log}: looks like JSON, not a delimited text log; convert it to Parquet or CSV first, e.g. {cmd}")
+    if sniffed not in (None, "gzip", "parquet", "text"):
         hint = "unpack it" if sniffed in ("zip", "7z") else "decompress it" if sniffed in ("bzip2", "xz", "zstd") else "export it"
         raise CcdrecError(
             f"{log}: looks like {what[sniffed]}, not a log; {hint} to a text log (.csv, .tsv; gzip-compressed is fine) "
@@ -919,7 +951,10 @@ def _require_columns(
     hint = ""
     fixed = "the stream's log was read that way, so the new one must be too"  # data append: no reading options
     guess = _guess_separator(available[0], text["sep"]) if text and len(available) == 1 else None
-    if guess is not None:
+    if text and available and available[0].lstrip().startswith("#"):
+        drop = rewrite_command(log, "grep -v '^#'", "data")
+        hint = f" (the first line is a comment: drop the comment lines first, e.g. {drop})"
+    elif guess is not None:
         fields = _split_fields(available[0].strip(), guess)
         at = f"at each {guess!r}" if guess != WHITESPACE else "at whitespace"
         hint = f" (the header has one column: split {at} it has {len(fields)}"

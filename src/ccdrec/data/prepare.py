@@ -638,8 +638,8 @@ def _name_kind(log: Path) -> str | None:
 
 
 def _auto_kind(log: Path) -> str | None:
-    """The kind the name tells, else the content (Parquet's or gzip's magic bytes, or UTF-8 text without
-    NUL bytes), else None."""
+    """The kind the name tells, else the content (Parquet's or gzip's magic bytes, or text:
+    :func:`_looks_like_text`), else None."""
     return _name_kind(log) or {"parquet": "parquet", "gzip": "csv", "text": "csv"}.get(_sniff(log))
 
 
@@ -796,7 +796,17 @@ def _read_log(
     return df
 
 
-_SEPARATOR_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}
+_SEPARATOR_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space", "whitespace": "whitespace"}
+
+
+def _split_at(sep: str) -> str:
+    """``at each tab``, ``at each '::'``, ``at whitespace``: where a line is split."""
+    return "at whitespace" if sep == WHITESPACE else f"at each {_separator_name(sep)}"
+
+
+def _separator_name(sep: str) -> str:
+    """``tab``, ``comma``, ...; else the separator quoted (``'::'``)."""
+    return _SEPARATOR_NAMES.get(sep, repr(sep))
 
 
 def _log_row(log: Path, text: dict, header: bool, position: int) -> tuple[int, list[str]] | None:
@@ -838,18 +848,18 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     where = "the header names" if names is None else "--columns name"
     what = f"line {line} has {len(fields)} field(s), {shown}, where {where} {n_names}"
     sep = text["sep"]
-    alt = next((c for c in _SEPARATOR_NAMES if c != sep and len(fields) == 1 and len(fields[0].split(c)) == n_names), None)
+    alt = _guess_separator(fields[0], sep, n_names) if len(fields) == 1 else None
     if alt is None:
         return f": {what}; fill or remove the short rows"
-    alt_name, sep_name = _SEPARATOR_NAMES[alt], _SEPARATOR_NAMES.get(sep, repr(sep))
-    split = f". Split at each {alt_name} it has {n_names}"
+    alt_name, sep_name = _separator_name(alt), _separator_name(sep)
+    split = f". Split {_split_at(alt)} it has {n_names}"
     if options is None:  # data append reads the new log as the stream's log was read
         return f": {what}{split}: separate the new log's fields by {sep_name}, header and rows, as the stream's log was"
     if names is not None:  # the first line has every field under sep (checked before reading)
         return f": {what}{split}: the log mixes separators; separate every row by {sep_name}"
-    flag = {"tab": "tab", "comma": ",", "semicolon": "';'", "pipe": "'|'", "space": "' '"}[alt_name]
-    fix = f"separate the header by {alt_name} too and give --sep {flag}"
-    if sep == "\t" or len(sep) == 1 and sep not in "]^\\/&'" and sep.isprintable():  # a separator sed names plainly
+    fix = f"separate the header by {alt_name} too and give --sep {_sep_flag(alt)}"
+    plain = len(alt) == 1 and alt not in "]^\\/&'"
+    if plain and (sep == "\t" or len(sep) == 1 and sep not in "]^\\/&'" and sep.isprintable()):  # sed can name them
         pattern, replacement = ("\\t" if sep == "\t" else f"[{sep}]"), ("\\t" if alt == "\t" else alt)
         fix += ", e.g. " + rewrite_command(log, f"sed '1s/{pattern}/{replacement}/g'", "header")
     return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
@@ -897,8 +907,9 @@ def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) ->
         hint = ""
         if first.shape[1] == 1:
             guess = _guess_separator(str(first.iloc[0, 0]), text["sep"], len(names))
-            at = f"at each {guess!r}" if guess != WHITESPACE else "at whitespace"
-            hint = f"; split {at} it has {len(names)}: give --sep {_sep_flag(guess)}" if guess else "; is --sep right?"
+            hint = "; is --sep right?"
+            if guess:
+                hint = f"; split {_split_at(guess)} it has {len(names)}: give --sep {_sep_flag(guess)}"
         raise CcdrecError(
             f"{log}: --columns names {len(names)} column(s) ({','.join(names)}) but the file has {first.shape[1]} "
             f"(separated by {text['sep']!r}){hint}"
@@ -956,8 +967,7 @@ def _require_columns(
         hint = f" (the first line is a comment: drop the comment lines first, e.g. {drop})"
     elif guess is not None:
         fields = _split_fields(available[0].strip(), guess)
-        at = f"at each {guess!r}" if guess != WHITESPACE else "at whitespace"
-        hint = f" (the header has one column: split {at} it has {len(fields)}"
+        hint = f" (the header has one column: split {_split_at(guess)} it has {len(fields)}"
         if options is None:
             hint += f"; {fixed})"
         elif all(_is_number(f) for f in fields if f.strip()) or any(_is_number(f) for f in fields):

@@ -1288,3 +1288,18 @@ def test_the_content_of_a_log_decides_and_json_binary_and_comment_lines_are_name
     subprocess.run(str(exc.value).split("e.g. ")[-1].removesuffix(")"), shell=True, cwd="/", check=True)
     prepare_stream(tmp_path / "data-c.csv", tmp_path / "c", **KW)
     assert stream_files(tmp_path / "c") == stream_files(tmp_path / "b")
+
+
+def test_dates_without_a_time_are_noted_unless_a_window_of_days_cuts_the_blocks(tmp_path):
+    log = make_log()
+    log["timestamp"] = (T0 + pd.to_timedelta(log["timestamp"] // 86_400 * 3, unit="D")).dt.strftime("%Y-%m-%d")
+    log.to_csv(tmp_path / "days.csv", index=False)
+    _, notes = prepare_notes(tmp_path / "days.csv", tmp_path / "a", **KW)
+    days = [n for n in notes if n.startswith("every timestamp is a whole day (")]
+    assert len(days) == 1 and "a block may begin or end inside a day; --window 1d (or a multiple)" in days[0]
+    weekly = {k: v for k, v in KW.items() if k != "n_blocks"}
+    _, notes = prepare_notes(tmp_path / "days.csv", tmp_path / "b", window="7d", **weekly)
+    assert not any("whole day" in n for n in notes)
+    log.assign(timestamp=make_log()["timestamp"] + 1_600_000_000).to_csv(tmp_path / "secs.csv", index=False)
+    _, notes = prepare_notes(tmp_path / "secs.csv", tmp_path / "c", **KW)
+    assert not any("whole day" in n for n in notes)

@@ -204,7 +204,7 @@ def prepare_stream(
             f"--window {window}: numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({first} .. {last}); "
             "give --time-unit if they count something else"
         )
-    notes += odd
+    notes += odd + _whole_days_notes(df["time"], reading.per_second, window_s)
     stream, block_notes, (users, items) = _build_stream(out.name, df, labels, seed, log)
     left_out, aside = set_aside(users, items, df, labels, stream.blocks)
     steps = [
@@ -288,6 +288,26 @@ def _odd_times(times: pd.Series, reading, time_unit: str | None, now_s: float | 
     return [
         f"numeric timestamps read as {_UNIT_NAMES[reading.unit]} since 1970 ({how}) span {_utc(first, per)} .. "
         f"{_utc(last, per)}, {' and '.join(reasons)}; {hint}"
+    ]
+
+
+def _whole_days_notes(times: pd.Series, per_second: int, window_s: int | None) -> list[str]:
+    """A note when every timestamp is a whole day (dates without a time) and days repeat: the interactions
+    of one day are then ordered by user and item, and a block of ``--blocks`` may begin or end inside a day;
+    a ``--window`` of whole days cuts at midnight instead."""
+    keys = times.to_numpy()
+    day = 86_400 * per_second
+    if window_s is not None and window_s % 86_400 == 0 or not np.issubdtype(keys.dtype, np.integer):
+        return []
+    if len(keys) < 2 or (keys % day).any():
+        return []
+    days = len(np.unique(keys))
+    if days >= len(keys):
+        return []
+    return [
+        f"every timestamp is a whole day ({days:,} distinct days for {len(keys):,} interactions): the interactions of "
+        "one day are ordered by user, then item, so a block may begin or end inside a day; --window 1d (or a "
+        "multiple) cuts the blocks at midnight instead"
     ]
 
 

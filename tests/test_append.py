@@ -169,11 +169,11 @@ def test_window_units_are_lower_case_bounded_and_a_fine_window_over_a_long_span_
         prepare_stream(tmp_path / "log.csv", tmp_path / "s", window="99999999999999w", **KW)
     log = weekly_log()
     late = log["user"] == log["user"].mode()[0]
-    log.loc[late, "timestamp"] += 150 * 365 * DAY  # one user's interactions 150 years on
+    log.loc[~late, "timestamp"] -= 40 * 365 * DAY  # every other user's interactions 40 years before
     log.to_csv(tmp_path / "far.csv", index=False)
     _, notes = notes_of(prepare_stream, tmp_path / "far.csv", tmp_path / "f", window="1s", **KW)
     skipped = next(n for n in notes if "window(s) without interactions skipped" in n)
-    assert int(skipped.split(" ")[0].replace(",", "")) > 4_000_000_000
+    assert int(skipped.split(" ")[0].replace(",", "")) > 1_000_000_000
 
 
 # --- data append ----------------------------------------------------------------------------------
@@ -652,3 +652,16 @@ def test_new_timestamps_in_another_unit_than_the_streams_say_so(parts):
                        r"\(the stream's unit\), e\.g\. .*; in milliseconds they fall within 1980 \.\. tomorrow: "
                        r"write them in seconds, as the stream's$"):  # fmt: skip
         append_stream(d / "s", d / "ms.csv")
+
+
+def test_new_timestamps_in_seconds_for_a_millisecond_stream_are_refused(tmp_path):
+    log = weekly_log()
+    log["timestamp"] = log["timestamp"] * 1000
+    first, rest = log[log["timestamp"] < log["timestamp"].quantile(0.7)], log[log["timestamp"] >= log["timestamp"].quantile(0.7)]
+    first.to_csv(tmp_path / "first.csv", index=False)
+    rest.assign(timestamp=rest["timestamp"] // 1000).to_csv(tmp_path / "secs.csv", index=False)
+    prepare_stream(tmp_path / "first.csv", tmp_path / "s", n_blocks=2, **KW)
+    with pytest.raises(CcdrecError, match=r"timestamp\(s\) outside 1980 \.\. tomorrow, where the stream's timestamps fall, "
+                       r"read as milliseconds \(the stream's unit\), .*in seconds they would fall within: write them in "
+                       r"milliseconds"):  # fmt: skip
+        append_stream(tmp_path / "s", tmp_path / "secs.csv")

@@ -1303,3 +1303,20 @@ def test_dates_without_a_time_are_noted_unless_a_window_of_days_cuts_the_blocks(
     log.assign(timestamp=make_log()["timestamp"] + 1_600_000_000).to_csv(tmp_path / "secs.csv", index=False)
     _, notes = prepare_notes(tmp_path / "secs.csv", tmp_path / "c", **KW)
     assert not any("whole day" in n for n in notes)
+
+
+@pytest.mark.parametrize("odd, shown", [(0, "1970-01-01 00:00:00"), (-1_603_223_255, "1919-03-14 04:12:25"), (1_610_000, None)])
+def test_one_timestamp_before_1980_among_plausible_ones_is_named(tmp_path, odd, shown):
+    """One 0, one negative value or one value in another unit among seconds of 2021 used to be kept at the
+    start of the timeline, with a note that no unit fits; it is an error naming its row."""
+    log = make_log()
+    log["timestamp"] = log["timestamp"] + 1_610_000_000
+    log.loc[4, "timestamp"] = odd
+    log.to_csv(tmp_path / "log.csv", index=False)
+    with pytest.raises(CcdrecError, match=rf"has 1 timestamp\(s\) outside 1980 \.\. tomorrow, where the other {len(log) - 1:,} "
+                       rf"fall, read as seconds, e\.g\. '{odd}' in data row 5 \({shown or '.*'} UTC\)"):  # fmt: skip
+        prepare_stream(tmp_path / "log.csv", tmp_path / "s", **KW)
+    log.loc[:40, "timestamp"] = 0  # more than 1%: a column mostly counting from its own origin is a note, not an error
+    log.to_csv(tmp_path / "many.csv", index=False)
+    _, notes = prepare_notes(tmp_path / "many.csv", tmp_path / "m", **KW)
+    assert any("before 1980" in n for n in notes)

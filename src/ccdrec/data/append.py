@@ -50,6 +50,7 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -274,6 +275,8 @@ def _read_new(log: Path, record: dict) -> tuple[pd.DataFrame, int, int]:
         reading = P._time_reading(col, log, r["time_col"], time_format=t["format"])
     else:
         reading = P._time_reading(col, log, r["time_col"])
+    last_s = record["last_time"] / reading.per_second
+    P.check_time_outliers(reading, col, f"{log}: column {r['time_col']!r}", P._PLAUSIBLE_FROM_S <= last_s <= time.time() + 86_400)
     if reading.describe() != t:
         raise CcdrecError(
             f"{log}: column {r['time_col']!r} reads as {_what(reading.describe())}, the stream's timestamps as {_what(t)}"

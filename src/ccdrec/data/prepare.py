@@ -180,6 +180,7 @@ def prepare_stream(
     df = _read_log(log, wanted, file_format=file_format, sep=sep, names=names, options=COLUMN_OPTIONS)
     n_read = len(df)
     reading = _time_reading(df[time_col], log, time_col, time_format=time_format, time_unit=time_unit)
+    check_time_outliers(reading, df[time_col], f"{log}: column {time_col!r}")
     df = _interactions(df, user_col, item_col, reading.keys, rating_col, min_rating, log)
     n_rated = len(df)
     df = _dedup_in_time_order(df)
@@ -1227,6 +1228,40 @@ def _plausible(values: np.ndarray, unit: str, now_s: float | None = None) -> np.
     per = TIME_UNITS[unit]
     latest_s = (time.time() if now_s is None else now_s) + 86_400
     return np.isfinite(values) & (values >= _PLAUSIBLE_FROM_S * per) & (values <= latest_s * per)
+
+
+OUTLIER_SHARE = 0.01  # at most this share of numeric timestamps off the plausible range is an error, not a note
+
+
+def check_time_outliers(reading: _Reading, col: pd.Series, where: str, stream_plausible: bool = False) -> None:
+    """A one-line error for numeric timestamps before 1980 or after tomorrow in the reading's unit when the
+    others fall within: at most 1% of them (one second count of 0, one value in seconds among milliseconds),
+    or, with ``stream_plausible`` (``data append`` to a stream whose timestamps fall within), any of them. A
+    column mostly off the range is not an error (a log may count from its own start): a note says so."""
+    if reading.label != "numbers" or reading.unit is None:
+        return
+    values = np.asarray(reading.keys, dtype=np.float64)
+    ok = _plausible(values, reading.unit)
+    off = np.flatnonzero(~ok)
+    if not len(off) or not (stream_plausible or ok.any() and len(off) <= max(1, OUTLIER_SHARE * len(values))):
+        return
+    first = int(off[0])
+    unit = _UNIT_NAMES[reading.unit]
+    other = [u for u in TIME_UNITS if u != reading.unit and _plausible(values[off[:1000]], u).all()]
+    if stream_plausible:
+        within = f"where the stream's timestamps fall, read as {unit} (the stream's unit)"
+    else:
+        within = f"where the other {int(ok.sum()):,} fall, read as {unit}"
+    if other and stream_plausible:
+        fix = f"; in {_UNIT_NAMES[other[0]]} they would fall within: write them in {unit}, as the stream's"
+    elif other:
+        fix = f"; in {_UNIT_NAMES[other[0]]} they would fall within (a column mixing units?): fix or remove those rows"
+    else:
+        fix = ": fix or remove those rows"
+    raise CcdrecError(
+        f"{where} has {len(off):,} timestamp(s) outside 1980 .. tomorrow, {within}, e.g. {_plain(col.iloc[first])!r} "
+        f"in data row {first + 1:,} ({_utc(values[first], reading.per_second)} UTC){fix}"
+    )
 
 
 def _out_of_window(reading: _Reading, col: pd.Series, time_unit: str | None, appending: bool = False) -> str:

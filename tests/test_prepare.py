@@ -1320,3 +1320,57 @@ def test_one_timestamp_before_1980_among_plausible_ones_is_named(tmp_path, odd, 
     log.to_csv(tmp_path / "many.csv", index=False)
     _, notes = prepare_notes(tmp_path / "many.csv", tmp_path / "m", **KW)
     assert any("before 1980" in n for n in notes)
+
+
+def test_second_probe_inputs_say_what_they_are_and_their_commands_work(tmp_path):
+    """A gzip-compressed tar or Parquet file, a JSON array, a headerless log whose first row repeats a
+    value, a header line starting with '#', rows that switch separator part-way, a wrong one-letter --sep."""
+    import io
+    import tarfile
+
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    header = "user,item,rating,timestamp"
+    clean = write_log(tmp_path / "clean.csv", header, rows)
+    prepare_stream(clean, tmp_path / "clean", **KW)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(clean, arcname="clean.csv")
+    (tmp_path / "logs.tar.gz").write_bytes(buf.getvalue())
+    log.to_parquet(tmp_path / "log.parquet")
+    (tmp_path / "log.parquet.gz").write_bytes(gzip.compress((tmp_path / "log.parquet").read_bytes()))
+    for name, message in (
+        ("logs.tar.gz", "a gzip-compressed tar archive, not a log; unpack it"),
+        ("log.parquet.gz", "gzip-compressed Parquet; decompress it first"),
+    ):
+        with pytest.raises(CcdrecError, match=message):
+            prepare_stream(tmp_path / name, tmp_path / "s", **KW)
+    log.to_json(tmp_path / "arr.json", orient="records", indent=2)
+    with pytest.raises(CcdrecError, match="looks like JSON") as exc:
+        prepare_stream(tmp_path / "arr.json", tmp_path / "s", **KW)
+    subprocess.run(str(exc.value).split("e.g. ")[-1], shell=True, cwd=tmp_path, check=True)
+    prepare_stream(tmp_path / "arr.parquet", tmp_path / "j", **KW)
+    assert stream_files(tmp_path / "j") == stream_files(tmp_path / "clean")
+    write_log(tmp_path / "bare.csv", "4,45,4,1600211476", rows)
+    with pytest.raises(CcdrecError, match=r"the first line \('4', '45', '4', '1600211476'\) looks like data, not a header: "
+                       r"give --no-header --columns$"):  # fmt: skip
+        prepare_stream(tmp_path / "bare.csv", tmp_path / "s", **KW)
+    if shutil.which("sed") is None:
+        return
+    write_log(tmp_path / "hash.csv", "#" + header, rows)
+    with pytest.raises(CcdrecError, match=r"the header line starts with '#': remove it, e.g. ") as exc:
+        prepare_stream(tmp_path / "hash.csv", tmp_path / "s", **KW)
+    subprocess.run(str(exc.value).split("e.g. ")[-1].removesuffix(")"), shell=True, cwd="/", check=True)
+    prepare_stream(tmp_path / "header-hash.csv", tmp_path / "h", **KW)
+    assert stream_files(tmp_path / "h") == stream_files(tmp_path / "clean")
+    half = len(rows) // 2
+    write_log(tmp_path / "mixed.csv", header, rows[:half] + [r.replace(",", "\t") for r in rows[half:]])
+    mixes = r"while the rows before it are comma-separated: the log mixes separators; separate every row by comma, e.g. "
+    with pytest.raises(CcdrecError, match=rf"line {half + 2} has 1 field\(s\), .* Split at each tab it has 4, {mixes}") as exc:
+        prepare_stream(tmp_path / "mixed.csv", tmp_path / "s", **KW)
+    subprocess.run(str(exc.value).split("e.g. ")[-1], shell=True, cwd="/", check=True)
+    prepare_stream(tmp_path / "one-sep-mixed.csv", tmp_path / "m", **KW)
+    assert stream_files(tmp_path / "m") == stream_files(tmp_path / "clean")
+    with pytest.raises(CcdrecError) as exc:
+        prepare_stream(clean, tmp_path / "s", sep="a", **KW)
+    assert "--user-col" not in str(exc.value) and "did you mean" not in str(exc.value)

@@ -745,13 +745,27 @@ def _check_content(log: Path, kind: str, given: bool) -> None:
         looks = "gzip-compressed (text, presumably)" if sniffed == "gzip" else "text, not Parquet (no PAR1 at its start)"
         instead = ", or leave --format out" if given and _auto_kind(log) == "csv" else ""
         raise CcdrecError(f"{log}: looks like {looks}, but {how} says Parquet; give --format csv{instead}")
+    if kind == "csv" and sniffed == "gzip":
+        try:
+            with gzip.open(log, "rb") as f:
+                inner = f.read(65536)
+        except (OSError, EOFError):
+            inner = b""  # a truncated or corrupt gzip file: its reading says so
+        if inner.startswith(b"PAR1"):
+            raise CcdrecError(f"{log}: gzip-compressed Parquet; decompress it first (gunzip -k), Parquet is compressed inside")
+        if inner[257:262] == b"ustar":
+            raise CcdrecError(f"{log}: a gzip-compressed tar archive, not a log; unpack it (tar xzf) and prepare the log inside")
+        if inner and _binary_bytes(inner):
+            raise CcdrecError(f"{log}: gzip-compressed binary data (control bytes), not a text log; export it to CSV or Parquet")
     if kind == "csv" and sniffed in (None, "text"):
         with open(log, "rb") as f:
             head = f.read(65536)
         if _binary_bytes(head):
             raise CcdrecError(f"{log}: looks like binary data (control bytes), not a text log; export it to CSV or Parquet")
         if head.lstrip()[:1] in (b"{", b"["):
-            cmd = f"python -c 'import pandas as pd; pd.read_json(\"{log}\", lines=True).to_parquet(\"{log.stem}.parquet\")'"
+            lines = head.lstrip()[:1] == b"{"  # JSON Lines: one object per line; else one array
+            read = f"pd.read_json({str(log)!r}{', lines=True' if lines else ''})"
+            cmd = f"python -c \"import pandas as pd; {read}.to_parquet({log.stem + '.parquet'!r})\""
             raise CcdrecError(f"{log}: looks like JSON, not a delimited text log; convert it to Parquet or CSV first, e.g. {cmd}")
     if sniffed not in (None, "gzip", "parquet", "text"):
         hint = "unpack it" if sniffed in ("zip", "7z") else "decompress it" if sniffed in ("bzip2", "xz", "zstd") else "export it"
@@ -792,7 +806,7 @@ def _read_log(
     if kind == "csv":
         text = {"sep": sep or _default_sep(log), "compression": "gzip" if _is_gzip(log) else None}
     try:
-        available = _columns(log, kind, text, names)
+        available = _columns(log, kind, text, names, appending=options is None)
         _require_columns(log, columns, available, text, options)
         df = _read_columns(log, kind, list(columns), text, names)
     except pd.errors.EmptyDataError:
@@ -876,8 +890,14 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     split = f". Split {_split_at(alt)} it has {n_names}"
     if options is None:  # data append reads the new log as the stream's log was read
         return f": {what}{split}: separate the new log's fields by {sep_name}, header and rows, as the stream's log was"
-    if names is not None:  # the first line has every field under sep (checked before reading)
-        return f": {what}{split}: the log mixes separators; separate every row by {sep_name}"
+    first = _log_row(log, text, names is None, 0) if position > 0 else None
+    if names is not None or (first is not None and len(first[1]) >= n_names):  # earlier rows split under sep
+        fix = ""
+        if len(alt) == 1 and len(sep) == 1 and alt not in "]^\\/&'" and sep not in "]^\\/&'" and sep.isprintable():
+            pattern = "\\t" if alt == "\t" else f"[{alt}]"
+            fix = ", e.g. " + rewrite_command(log, f"sed 's/{pattern}/{sep}/g'", "one-sep")
+        mixes = f"while the rows before it are {sep_name}-separated: the log mixes separators"
+        return f": {what}{split}, {mixes}; separate every row by {sep_name}{fix}"
     fix = f"separate the header by {alt_name} too and give --sep {_sep_flag(alt)}"
     plain = len(alt) == 1 and alt not in "]^\\/&'"
     if plain and (sep == "\t" or len(sep) == 1 and sep not in "]^\\/&'" and sep.isprintable()):  # sed can name them
@@ -915,21 +935,26 @@ def _is_gzip(log: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
-def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None) -> list[str]:
+def _columns(log: Path, kind: str, text: dict, names: tuple[str, ...] | None, appending: bool = False) -> list[str]:
     """The log's column names: its header's (a name given twice is an error: pandas would rename the
     second ``item.1`` and read the first silently), or ``names`` for a headerless text log."""
     if kind == "parquet":
         return _distinct_header(log, [str(c) for c in pq.read_schema(log).names])
     if names is None:
         header = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **_pandas_text(text))
-        return _distinct_header(log, [str(c) for c in header.iloc[0].tolist()])
+        return _distinct_header(log, [str(c) for c in header.iloc[0].tolist()], appending)
     first = pd.read_csv(log, header=None, nrows=1, dtype=str, keep_default_na=False, **_pandas_text(text))
     if first.shape[1] != len(names):
         hint = ""
         if first.shape[1] == 1:
             guess = _guess_separator(str(first.iloc[0, 0]), text["sep"], len(names))
             hint = "; is --sep right?"
-            if guess:
+            if guess and appending:
+                hint = (
+                    f"; split {_split_at(guess)} it has {len(names)}: separate its fields by {_separator_name(text['sep'])}, "
+                    "as the stream's log was"
+                )
+            elif guess:
                 hint = f"; split {_split_at(guess)} it has {len(names)}: give --sep {_sep_flag(guess)}"
         raise CcdrecError(
             f"{log}: --columns names {len(names)} column(s) ({','.join(names)}) but the file has {first.shape[1]} "
@@ -962,8 +987,11 @@ def _sep_flag(sep: str) -> str:
     return "tab" if sep == "\t" else sep if sep in (",", WHITESPACE) else f"'{sep}'"
 
 
-def _distinct_header(log: Path, header: list[str]) -> list[str]:
+def _distinct_header(log: Path, header: list[str], appending: bool = False) -> list[str]:
     twice = next((c for i, c in enumerate(header) if c in header[:i]), None)
+    if twice is not None and any(_is_number(c) for c in header):
+        fix = "the stream's log had a header line: give the new log one" if appending else "give --no-header --columns"
+        raise CcdrecError(f"{log}: the first line ({', '.join(map(repr, header))}) looks like data, not a header: {fix}")
     if twice is not None:
         raise CcdrecError(f"{log}: the header names column {twice!r} twice; rename one of them")
     return header
@@ -979,11 +1007,18 @@ def _require_columns(
     if not missing:
         return
     guesses = _near_names(missing, available)  # per missing name: the available one it likely means, or None
+    if len({g for g in guesses if g is not None}) < sum(g is not None for g in guesses):
+        guesses = [None] * len(guesses)  # one column for several: a wrong --sep, not a misspelt name
     near = list(dict.fromkeys(g for g in guesses if g is not None))
     hint = ""
-    fixed = "the stream's log was read that way, so the new one must be too"  # data append: no reading options
+    sep_text = _separator_name(text["sep"]) if text else ""
+    fixed = f"the stream's log is {sep_text}-separated: separate the new log's fields so too"  # data append: no options
     guess = _guess_separator(available[0], text["sep"]) if text and len(available) == 1 else None
-    if text and available and available[0].lstrip().startswith("#"):
+    commented = text and available and available[0].lstrip().startswith("#")
+    if commented and available[0].lstrip().lstrip("#").strip() in wanted:
+        uncomment = rewrite_command(log, "sed '1s/^ *#//'", "header")
+        hint = f" (the header line starts with '#': remove it, e.g. {uncomment})"
+    elif commented:
         drop = rewrite_command(log, "grep -v '^#'", "data")
         hint = f" (the first line is a comment: drop the comment lines first, e.g. {drop})"
     elif guess is not None:

@@ -436,3 +436,7 @@ def test_a_small_catalogue_that_users_half_observe_distils_finite_students(tmp_p
     torch.save({k: torch.full_like(w, float("nan")) for k, w in weights.items()}, path)
     with pytest.raises(CcdrecError, match=r"has non-finite \(NaN or infinite\) weights: its training diverged, so it cannot"):
         load_run(tmp_path / "run")
+    from ccdrec.serve_bench import bench_serve
+
+    with pytest.raises(CcdrecError, match=r"has non-finite \(NaN or infinite\) weights"):
+        bench_serve(tmp_path / "run", repeats=1)

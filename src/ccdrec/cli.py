@@ -199,7 +199,9 @@ def data_prepare(
         None, help="strftime format of date strings, e.g. '%d/%m/%Y %H:%M' (default: ISO 8601 or the one format that fits all)"
     ),
     time_unit: str | None = typer.Option(
-        None, help="unit of numeric timestamps since 1970: s, ms, us or ns (default: the smallest that fits 1900-2199)"
+        None,
+        help="unit of numeric timestamps since 1970: s, ms, us or ns (default: the one that puts the most of them "
+        "within 1980 .. tomorrow)",
     ),
     file_format: str | None = typer.Option(
         None, "--format", help="csv (text, gzip-compressed or not) or parquet, when the file name does not tell"

@@ -94,11 +94,6 @@ class ServedRun:
         self.stream: Stream = rd.open_stream(cfg) if stream is None else stream
         self.model, self.meta = rd.load_attached(name, self.stream, device, with_meta=True)
         self.checkpoint = str(name)
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise CcdrecError(
-                f"{rd.path}: the {self.role}'s checkpoint {name} has non-finite (NaN or infinite) weights: its training "
-                "diverged, so it cannot rank; run it again: a training that diverges now stops the run with an error naming it"
-            )
         self.init = cfg.student.init if cfg.student.init != "random" else "entity"  # cold start (recommend_for_items)
         self.model.eval()
         self._reps: tuple[np.ndarray, np.ndarray] | None = None  # (users (n_u, d), items transposed (d, n_i))

@@ -305,10 +305,12 @@ def _whole_days_notes(times: pd.Series, per_second: int, window_s: int | None) -
     days = len(np.unique(keys))
     if days >= len(keys):
         return []
+    if days == 1:
+        return ["every timestamp is the same day: the blocks follow the order of ties (user, then item), not time"]
     return [
         f"every timestamp is a whole day ({days:,} distinct days for {len(keys):,} interactions): the interactions of "
         "one day are ordered by user, then item, so a block may begin or end inside a day; --window 1d (or a "
-        "multiple) cuts the blocks at midnight instead"
+        "multiple) cuts the incremental blocks at midnight (the base block still ends where --base-fraction puts it)"
     ]
 
 
@@ -912,9 +914,10 @@ def _read_error(e: Exception, kind: str, text: dict) -> str:
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", detail)
     if fields:
         want, line, saw = fields.groups()
+        quote = "quote that field with \", or " if len(text.get("sep", ",")) == 1 and text.get("sep") != WHITESPACE else ""
         return (
-            f"line {line} has {saw} fields where the lines before it have {want} (a separator inside an ID? quote that "
-            "field with \", or fix or remove the row)"
+            f"line {line} has {saw} fields where the lines before it have {want} (a separator inside an ID? {quote}fix or "
+            "remove the row)"
         )
     quote = re.search(r"EOF inside string starting (?:at|with) (?:row|line) (\d+)", detail)
     if quote:

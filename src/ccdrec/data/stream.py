@@ -435,7 +435,7 @@ def _read_stream_dir(path: Path, name: str) -> Stream:
         raise CcdrecError(f"{path / INTERACTIONS}: block numbers outside 0..{n_blocks - 1}")
     user_vocab = _read_vocab(path, "users", prev_u)
     item_vocab = _read_vocab(path, "items", prev_i)
-    if (user_vocab is None) != (item_vocab is None):
+    if (user_vocab is None) != (item_vocab is None) and (path / "prepare.json").exists():  # data prepare writes both
         have, lack = ("users", "items") if item_vocab is None else ("items", "users")
         raise CcdrecError(
             f"{path}: has the {have}' original IDs ({have}.json) but not the {lack}' ({lack}.json): the stream directory "

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import ValidationError
 
@@ -246,8 +247,14 @@ class RunDir:
         or with ``meta["graph"] == "union"`` (full retraining) the train pairs of blocks 0..k, or with
         ``meta["first"]`` the span of blocks first..k (a teacher updated every few cycles); with
         ``with_meta``, (model, meta). The one place that re-attaches a checkpoint (runs, resume, workers,
-        serving)."""
+        serving). Raises CcdrecError for a checkpoint with NaN or infinite weights (a training that diverged
+        in a version that did not stop it): it would rank at random and recommend nothing."""
         model, meta = self.load_model(name, device)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise CcdrecError(
+                f"{self.path}: checkpoint {name} has non-finite (NaN or infinite) weights: its training diverged, so it "
+                "cannot rank; run it again: a training that diverges now stops the run with an error naming it"
+            )
         model.set_graph(trained_on(stream, meta).matrix("train", model.n_users, model.n_items))
         return (model, meta) if with_meta else model
 

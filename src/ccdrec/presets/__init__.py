@@ -94,6 +94,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     context = getattr(e, "context", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    opened = getattr(e, "context_mark", None)
+    if opened is not None and mark is not None and opened.line != mark.line:
+        where += f" (begun at line {opened.line + 1}, column {opened.column + 1})"
     return f"{context + ': ' if context else ''}{problem}{where}"
 
 

@@ -1256,7 +1256,7 @@ def test_ids_that_differ_only_in_unicode_form_or_hold_control_characters_are_not
     assert twins.startswith("30 item ID(s) are the same text as another in another Unicode form (e.g. ")
     a, b = twins.split("(e.g. ")[1].split("), kept")[0].split(" and ")
     assert a != b and unicodedata.normalize("NFC", ast.literal_eval(a)) == unicodedata.normalize("NFC", ast.literal_eval(b))
-    assert "1 user ID(s) hold control characters (e.g. '7\\x00'), kept as written" in notes
+    assert "1 user ID(s) hold control or invisible characters (e.g. '7\\x00'), kept as written" in notes
     assert len(stream.item_vocab) == 60  # kept distinct, as written
 
 
@@ -1374,3 +1374,16 @@ def test_second_probe_inputs_say_what_they_are_and_their_commands_work(tmp_path)
     with pytest.raises(CcdrecError) as exc:
         prepare_stream(clean, tmp_path / "s", sep="a", **KW)
     assert "--user-col" not in str(exc.value) and "did you mean" not in str(exc.value)
+
+
+def test_a_field_of_spaces_is_empty_and_invisible_characters_are_noted(tmp_path):
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    write_log(tmp_path / "blank.csv", "user,item,rating,timestamp", rows[:3] + ["7, ,3,880000000"] + rows[3:])
+    with pytest.raises(CcdrecError, match=r"column 'item' has 1 missing value\(s\), e.g. line 5: '7, ,3,880000000' \(an empty"):
+        prepare_stream(tmp_path / "blank.csv", tmp_path / "s", **KW)
+    log = log.astype({"item": str})
+    log.loc[0, "item"] = "1\u200b"  # a zero-width space
+    log.to_csv(tmp_path / "zw.csv", index=False)
+    _, notes = prepare_notes(tmp_path / "zw.csv", tmp_path / "z", min_user=1, min_item=1, base_fraction=0.5, n_blocks=3)
+    assert "1 item ID(s) hold control or invisible characters (e.g. '1\\u200b'), kept as written" in notes

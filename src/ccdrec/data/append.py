@@ -215,6 +215,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     r = record["read"]
     kind = r["file_format"] or P._kind(log)
     notes += P.spaced_ids_notes(log, new_users, new_items, kind, r["sep"] or P._default_sep(log))
+    notes += P.lookalike_ids_notes([*stream.user_vocab, *map(str, new_users)], [*stream.item_vocab, *map(str, new_items)])
     old_left_out = record.get("left_out")
     new_last = max(last, times.max().item())
     record = {

@@ -361,16 +361,18 @@ def lookalike_ids_notes(users, items) -> list[str]:
         twins = forms.duplicated(keep=False)
         if twins.any():
             first = forms[twins].iloc[0]
-            example = [repr(i) for i in distinct[(forms == first).to_numpy()][:2]]
+            example = [ascii(i) for i in distinct[(forms == first).to_numpy()][:2]]  # escaped: they look the same
             n = int(twins.sum() - forms[twins].nunique())
             notes.append(
                 f"{n:,} {what} ID(s) are the same text as another in another Unicode form (e.g. {' and '.join(example)}), "
                 "kept as distinct IDs; normalise the log to one form (NFC: python's unicodedata.normalize) if they "
                 "name the same"
             )
-        control = [i for i in distinct if any(unicodedata.category(c) == "Cc" for c in i)]
+        control = [i for i in distinct if any(unicodedata.category(c) in ("Cc", "Cf") for c in i)]
         if control:
-            notes.append(f"{len(control):,} {what} ID(s) hold control characters (e.g. {control[0]!r}), kept as written")
+            notes.append(
+                f"{len(control):,} {what} ID(s) hold control or invisible characters (e.g. {ascii(control[0])}), kept as written"
+            )
     return notes
 
 
@@ -825,6 +827,8 @@ def _read_log(
         raise CcdrecError(f"{log}: no rows")
     n_names, df = len(df.columns), df[list(columns)]
     missing = df.isna()
+    if text:  # a field of spaces (tabs) only is as empty as an empty one: an ID ' ' would look like none
+        missing |= df.apply(lambda c: c.str.fullmatch(r"[ \t]+").fillna(False) if pd.api.types.is_string_dtype(c) else False)
     if missing.to_numpy().any():
         col = next(c for c in columns if missing[c].any())
         first = int(np.argmax(missing.any(axis=1).to_numpy()))

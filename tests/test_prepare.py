@@ -1387,3 +1387,22 @@ def test_a_field_of_spaces_is_empty_and_invisible_characters_are_noted(tmp_path)
     log.to_csv(tmp_path / "zw.csv", index=False)
     _, notes = prepare_notes(tmp_path / "zw.csv", tmp_path / "z", min_user=1, min_item=1, base_fraction=0.5, n_blocks=3)
     assert "1 item ID(s) hold control or invisible characters (e.g. '1\\u200b'), kept as written" in notes
+
+
+def test_a_separator_ending_some_lines_is_named_with_a_command_that_removes_it(tmp_path):
+    if shutil.which("sed") is None:
+        pytest.skip("no sed to try the command with")
+    log = udata_like()
+    rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
+    header = "user,item,rating,timestamp"
+    prepare_stream(write_log(tmp_path / "clean.csv", header, rows), tmp_path / "clean", **KW)
+    write_log(tmp_path / "even.csv", header, [r + "," if n % 2 else r for n, r in enumerate(rows)])
+    with pytest.raises(CcdrecError, match=r"line 3 ends with a separator \(an empty last field\) and not every line") as exc:
+        prepare_stream(tmp_path / "even.csv", tmp_path / "s", **KW)
+    subprocess.run(str(exc.value).split("e.g. ")[-1], shell=True, cwd="/", check=True)
+    prepare_stream(tmp_path / "trimmed-even.csv", tmp_path / "even", **KW)
+    assert stream_files(tmp_path / "even") == stream_files(tmp_path / "clean")
+    # from the first data row on, every other line: each field read under its name, the empty one dropped
+    write_log(tmp_path / "odd.csv", header, [r + "," if n % 2 == 0 else r for n, r in enumerate(rows)])
+    prepare_stream(tmp_path / "odd.csv", tmp_path / "odd", **KW)
+    assert stream_files(tmp_path / "odd") == stream_files(tmp_path / "clean")

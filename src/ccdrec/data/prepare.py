@@ -822,7 +822,7 @@ def _read_log(
             f"convert the log to UTF-8 first, e.g. {rewrite_command(log, f'iconv -f {encoding} -t utf-8', 'utf8')}"
         ) from None
     except _READ_ERRORS as e:
-        raise CcdrecError(f"{log}: {_read_error(e, kind, text)}") from None
+        raise CcdrecError(f"{log}: {_read_error(e, kind, text, log)}") from None
     if len(df) == 0:
         raise CcdrecError(f"{log}: no rows")
     n_names, df = len(df.columns), df[list(columns)]
@@ -912,12 +912,35 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
 
 
-def _read_error(e: Exception, kind: str, text: dict) -> str:
+def _line(log: Path, text: dict, number: int) -> str | None:
+    """Line ``number`` (1-based) of a text log, without its line end; None past the end."""
+    opener = gzip.open if text.get("compression") == "gzip" else open
+    with opener(log, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        for n, line in enumerate(f, 1):
+            if n == number:
+                return line.rstrip("\r\n")
+    return None
+
+
+def _trailing_separator_hint(log: Path, text: dict, number: int) -> str | None:
+    """When line ``number`` ends with the separator (an empty last field) and so does not every line: what
+    to do, with a sed command that removes separators at line ends; else None."""
+    sep, line = text.get("sep", ","), _line(log, text, number)
+    if line is None or len(sep) != 1 or sep == WHITESPACE or not line.endswith(sep) or sep in "]^\\/&'":
+        return None
+    pattern = "\\t" if sep == "\t" else f"[{sep}]"
+    fix = rewrite_command(log, f"sed -E 's/{pattern}+$//'", "trimmed")
+    return f"line {number} ends with a separator (an empty last field) and not every line does: remove them, e.g. {fix}"
+
+
+def _read_error(e: Exception, kind: str, text: dict, log: Path) -> str:
     """What a reading error of pandas, gzip or pyarrow means for the log, and what to do."""
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", detail)
     if fields:
         want, line, saw = fields.groups()
+        if trailing := _trailing_separator_hint(log, text, int(line)):
+            return trailing
         quote = "quote that field with \", or " if len(text.get("sep", ",")) == 1 and text.get("sep") != WHITESPACE else ""
         return (
             f"line {line} has {saw} fields where the lines before it have {want} (a separator inside an ID? {quote}fix or "
@@ -1113,6 +1136,8 @@ def _read_columns(log: Path, kind: str, columns: list[str], text: dict, names: t
             warnings.simplefilter("ignore", pd.errors.ParserWarning)  # it warns that the empty last field is dropped
             return pd.read_csv(log, dtype=str, keep_default_na=False, na_values=[""], index_col=False, **options)
     found = _log_row(log, text, names is None, 0)
+    if found and (trailing := _trailing_separator_hint(log, text, found[0])):
+        raise CcdrecError(f"{log}: {trailing}")
     fields = len(found[1]) if found else df.index.nlevels + len(df.columns)
     where = "the header names" if names is None else "--columns names"
     raise CcdrecError(

@@ -343,7 +343,7 @@ class StudentConfig(Strict):
         stored configurations and run directories written with it keep their meaning."""
         return "update" if value == "served" else value
     # Beyond the paper, chosen on validation (stream H-mean of Recall@20, D_k against CL_k, every seed higher):
-    # Yelp 0.0762 +- 0.0004 vs 0.0711 +- 0.0006 (3 seeds), Gowalla 0.1400 vs 0.1234 (2 seeds), ml-100k 5 blocks
+    # Yelp 0.0762 +- 0.0004 vs 0.0711 +- 0.0006 (3 seeds), Gowalla 0.1400 vs 0.1231 (3 seeds), ml-100k 5 blocks
     # 0.2369 +- 0.0017 vs 0.2340 +- 0.0047 (3 seeds); finetune's student 0.0685, 0.1230, 0.2286. D_k learns the
     # block far better (LA 0.10 vs 0.08 Yelp, 0.146 vs 0.106 Gowalla) at about CL_k's RA.
     serve: Literal["update", "distilled"] = Field(

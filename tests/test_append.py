@@ -639,7 +639,8 @@ def test_a_new_log_separated_unlike_the_streams_says_so(parts):
     with pytest.raises(CcdrecError) as exc:
         append_stream(d / "s", d / "tabs.csv")
     msg = str(exc.value)
-    assert f"line 2 has 1 field(s), {text.splitlines()[1]!r}, where the header names 3. Split at each tab it has 3" in msg
+    line = text.splitlines()[1]
+    assert f"line 2 (data row 1) has 1 field(s), {line!r}, where the header names 3. Split at each tab it has 3" in msg
     assert msg.endswith("separate the new log's fields by comma, header and rows, as the stream's log was") and "--" not in msg
 
 

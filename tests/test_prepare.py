@@ -1115,7 +1115,8 @@ def test_rows_separated_unlike_the_header_are_named_with_a_command_that_fixes_th
         prepare_stream(path, tmp_path / "s", **KW)
     msg = str(exc.value)
     alt = {"\t": "tab", ";": "semicolon"}[body]
-    assert f"column 'item' has {len(log)} missing value(s): line 2 has 1 field(s), {rows[0]!r}, where the header names 4" in msg
+    what = f"line 2 (data row 1) has 1 field(s), {rows[0]!r}, where the header names 4"
+    assert f"column 'item' has {len(log)} missing value(s): {what}" in msg
     assert f"the rows are {alt}-separated under a comma-separated header" in msg and "\n" not in msg
     subprocess.run(msg.split("e.g. ")[-1], shell=True, cwd="/", check=True)
     flag = msg.split("give --sep ")[1].split(",")[0].strip("'")
@@ -1130,11 +1131,13 @@ def test_short_rows_and_empty_fields_are_named_by_line(tmp_path):
     log = udata_like()
     rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
     short = rows[:6] + ["", "7,3,5"] + rows[6:]  # a blank line (skipped) and a row without its timestamp at line 9
-    with pytest.raises(CcdrecError, match=r"column 'timestamp' has 1 missing value\(s\): line 9 has 3 field\(s\), '7,3,5', "
+    with pytest.raises(CcdrecError, match=r"column 'timestamp' has 1 missing value\(s\): line 9 \(data row 7\) has 3 "
+                       r"field\(s\), '7,3,5', "
                        r"where the header names 4; fill or remove the short rows$"):  # fmt: skip
         prepare_stream(write_log(tmp_path / "short.csv", "user,item,rating,timestamp", short), tmp_path / "s", **KW)
     empty = rows[:3] + ["7,,5,880000000"] + rows[3:]
-    with pytest.raises(CcdrecError, match=r"column 'item' has 1 missing value\(s\), e.g. line 5: '7,,5,880000000' \(an empty "
+    with pytest.raises(CcdrecError, match=r"column 'item' has 1 missing value\(s\), e.g. line 5 \(data row 4\): "
+                       r"'7,,5,880000000' \(an empty "
                        r"field\); fill or remove such rows$"):  # fmt: skip
         prepare_stream(write_log(tmp_path / "empty.csv", "user,item,rating,timestamp", empty), tmp_path / "s", **KW)
 
@@ -1366,7 +1369,8 @@ def test_second_probe_inputs_say_what_they_are_and_their_commands_work(tmp_path)
     half = len(rows) // 2
     write_log(tmp_path / "mixed.csv", header, rows[:half] + [r.replace(",", "\t") for r in rows[half:]])
     mixes = r"while the rows before it are comma-separated: the log mixes separators; separate every row by comma, e.g. "
-    with pytest.raises(CcdrecError, match=rf"line {half + 2} has 1 field\(s\), .* Split at each tab it has 4, {mixes}") as exc:
+    where = rf"line {half + 2} \(data row {half + 1}\) has 1 field\(s\), .* Split at each tab it has 4"
+    with pytest.raises(CcdrecError, match=rf"{where}, {mixes}") as exc:
         prepare_stream(tmp_path / "mixed.csv", tmp_path / "s", **KW)
     subprocess.run(str(exc.value).split("e.g. ")[-1], shell=True, cwd="/", check=True)
     prepare_stream(tmp_path / "one-sep-mixed.csv", tmp_path / "m", **KW)
@@ -1380,7 +1384,7 @@ def test_a_field_of_spaces_is_empty_and_invisible_characters_are_noted(tmp_path)
     log = udata_like()
     rows = [",".join(map(str, r)) for r in log.itertuples(index=False)]
     write_log(tmp_path / "blank.csv", "user,item,rating,timestamp", rows[:3] + ["7, ,3,880000000"] + rows[3:])
-    with pytest.raises(CcdrecError, match=r"column 'item' has 1 missing value\(s\), e.g. line 5: '7, ,3,880000000' \(an empty"):
+    with pytest.raises(CcdrecError, match=r"has 1 missing value\(s\), e.g. line 5 \(data row 4\): '7, ,3,880000000' \(an empty"):
         prepare_stream(tmp_path / "blank.csv", tmp_path / "s", **KW)
     log = log.astype({"item": str})
     log.loc[0, "item"] = "1\u200b"  # a zero-width space
@@ -1406,3 +1410,13 @@ def test_a_separator_ending_some_lines_is_named_with_a_command_that_removes_it(t
     write_log(tmp_path / "odd.csv", header, [r + "," if n % 2 == 0 else r for n, r in enumerate(rows)])
     prepare_stream(tmp_path / "odd.csv", tmp_path / "odd", **KW)
     assert stream_files(tmp_path / "odd") == stream_files(tmp_path / "clean")
+
+
+def test_a_header_split_at_single_spaces_where_runs_separate_it_suggests_whitespace(tmp_path):
+    log = udata_like()
+    rows = ["  ".join(map(str, r)) for r in log.itertuples(index=False)]
+    write_log(tmp_path / "aligned.txt", "  ".join(["user", "item", "rating", "timestamp"]), rows)
+    with pytest.raises(CcdrecError, match=r"the header has empty names \(separators side by side\); if the fields are "
+                       r"separated by runs of spaces or tabs, give --sep whitespace$"):  # fmt: skip
+        prepare_stream(tmp_path / "aligned.txt", tmp_path / "s", sep=" ", **KW)
+    prepare_stream(tmp_path / "aligned.txt", tmp_path / "s", sep="whitespace", **KW)

@@ -885,9 +885,9 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     shown = (" " if text["sep"] == WHITESPACE else text["sep"]).join(fields)
     shown = repr(shown if len(shown) <= 60 else shown[:57] + "...")
     if len(fields) >= n_names:
-        return f", e.g. line {line}: {shown} (an empty field); fill or remove such rows"
+        return f", e.g. line {line} (data row {position + 1:,}): {shown} (an empty field); fill or remove such rows"
     where = "the header names" if names is None else "--columns name"
-    what = f"line {line} has {len(fields)} field(s), {shown}, where {where} {n_names}"
+    what = f"line {line} (data row {position + 1:,}) has {len(fields)} field(s), {shown}, where {where} {n_names}"
     sep = text["sep"]
     alt = _guess_separator(fields[0], sep, n_names) if len(fields) == 1 else None
     if alt is None:
@@ -1022,6 +1022,11 @@ def _distinct_header(log: Path, header: list[str], appending: bool = False) -> l
     if twice is not None and any(_is_number(c) for c in header):
         fix = "the stream's log had a header line: give the new log one" if appending else "give --no-header --columns"
         raise CcdrecError(f"{log}: the first line ({', '.join(map(repr, header))}) looks like data, not a header: {fix}")
+    if twice == "":
+        raise CcdrecError(
+            f"{log}: the header has empty names (separators side by side); if the fields are separated by runs of "
+            "spaces or tabs, give --sep whitespace"
+        )
     if twice is not None:
         raise CcdrecError(f"{log}: the header names column {twice!r} twice; rename one of them")
     return header

@@ -384,16 +384,23 @@ def _strip_hint(log: Path, kind: str, sep: str) -> str:
     return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
 
 
+def _sed(sep: str) -> tuple[str, str] | None:
+    """``sep`` in a sed script: (as a pattern, as a replacement), ``\\t`` for a tab, ``[c]`` / ``c`` for a
+    printable character; None for one a script cannot name plainly (several characters, ``] ^ \\ / & '``)."""
+    if sep == "\t":
+        return "\\t", "\\t"
+    if len(sep) != 1 or sep in "]^\\/&'" or not sep.isprintable():
+        return None
+    return f"[{sep}]", sep
+
+
 def _strip_command(log: Path, sep: str) -> str | None:
     """A ``sed`` command that removes the spaces around ``sep`` in a text log (:func:`rewrite_command`),
     or None for a separator a sed script cannot name plainly."""
-    if sep == "\t":
-        script = "s/^ +//; s/ *\\t */\\t/g; s/ +$//"
-    elif len(sep) != 1 or sep in "]^\\/&'" or not sep.isprintable():
+    if (named := _sed(sep)) is None:
         return None
-    else:
-        script = f"s/^ +//; s/ *[{sep}] */{sep}/g; s/ +$//"
-    return rewrite_command(log, f"sed -E '{script}'", "stripped")
+    pattern, replacement = named
+    return rewrite_command(log, f"sed -E 's/^ +//; s/ *{pattern} */{replacement}/g; s/ +$//'", "stripped")
 
 
 def rewrite_command(log: Path, text_filter: str, prefix: str) -> str:
@@ -899,16 +906,13 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
     first = _log_row(log, text, names is None, 0) if position > 0 else None
     if names is not None or (first is not None and len(first[1]) >= n_names):  # earlier rows split under sep
         fix = ""
-        if len(alt) == 1 and len(sep) == 1 and alt not in "]^\\/&'" and sep not in "]^\\/&'" and sep.isprintable():
-            pattern = "\\t" if alt == "\t" else f"[{alt}]"
-            fix = ", e.g. " + rewrite_command(log, f"sed 's/{pattern}/{sep}/g'", "one-sep")
+        if _sed(alt) and _sed(sep):
+            fix = ", e.g. " + rewrite_command(log, f"sed 's/{_sed(alt)[0]}/{_sed(sep)[1]}/g'", "one-sep")
         mixes = f"while the rows before it are {sep_name}-separated: the log mixes separators"
         return f": {what}{split}, {mixes}; separate every row by {sep_name}{fix}"
     fix = f"separate the header by {alt_name} too and give --sep {_sep_flag(alt)}"
-    plain = len(alt) == 1 and alt not in "]^\\/&'"
-    if plain and (sep == "\t" or len(sep) == 1 and sep not in "]^\\/&'" and sep.isprintable()):  # sed can name them
-        pattern, replacement = ("\\t" if sep == "\t" else f"[{sep}]"), ("\\t" if alt == "\t" else alt)
-        fix += ", e.g. " + rewrite_command(log, f"sed '1s/{pattern}/{replacement}/g'", "header")
+    if _sed(alt) and _sed(sep):
+        fix += ", e.g. " + rewrite_command(log, f"sed '1s/{_sed(sep)[0]}/{_sed(alt)[1]}/g'", "header")
     return f": {what}{split}: the rows are {alt_name}-separated under a {sep_name}-separated header; {fix}"
 
 
@@ -926,10 +930,9 @@ def _trailing_separator_hint(log: Path, text: dict, number: int) -> str | None:
     """When line ``number`` ends with the separator (an empty last field) and so does not every line: what
     to do, with a sed command that removes separators at line ends; else None."""
     sep, line = text.get("sep", ","), _line(log, text, number)
-    if line is None or len(sep) != 1 or sep == WHITESPACE or not line.endswith(sep) or sep in "]^\\/&'":
+    if line is None or not line.endswith(sep) or _sed(sep) is None:
         return None
-    pattern = "\\t" if sep == "\t" else f"[{sep}]"
-    fix = rewrite_command(log, f"sed -E 's/{pattern}+$//'", "trimmed")
+    fix = rewrite_command(log, f"sed -E 's/{_sed(sep)[0]}+$//'", "trimmed")
     return f"line {number} ends with a separator (an empty last field) and not every line does: remove them, e.g. {fix}"
 
 

@@ -166,3 +166,13 @@ def test_an_empty_configuration_file_changes_nothing_and_a_dotted_key_says_how_t
     f.write_text("[1, 2]\n")
     with pytest.raises(CcdrecError, match="must hold a mapping of fields"):
         load_config("yelp", file=f)
+
+
+def test_a_number_of_thousands_of_digits_is_an_error_not_a_traceback(tmp_path):
+    huge = "9" * 5000
+    with pytest.raises(CcdrecError, match=r"^override seed=\.\.\.: a number of thousands of digits"):
+        load_config("yelp", overrides=[f"seed={huge}"])
+    for name, text in (("big.yaml", f"seed: {huge}\n"), ("big.toml", f"seed = {huge}\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(CcdrecError, match=r"big\.(yaml|toml): a number of thousands of digits"):
+            load_config("yelp", file=tmp_path / name)

@@ -79,6 +79,8 @@ def read_file(path: Path) -> dict:
         data = _yaml(text)
     except tomllib.TOMLDecodeError as e:
         raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
+        raise CcdrecError(f"{path}: {_too_long(e)}") from None
     except yaml.YAMLError as e:
         raise CcdrecError(f"{path}: cannot be parsed as YAML ({_yaml_problem(e)})") from None
     if data is None:  # empty, or comments only: no field changed
@@ -86,6 +88,12 @@ def read_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields")
     return data
+
+
+def _too_long(e: ValueError) -> str:
+    if "digits" in str(e):
+        return "a number of thousands of digits; no setting takes one that large"
+    return f"a value that cannot be read ({str(e).splitlines()[0]})"
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -125,6 +133,8 @@ def apply_override(data: dict, item: str) -> dict:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
+        raise CcdrecError(f"override {key}=...: {_too_long(e)}") from None
     parts = key.split(".")
     at = data
     for depth, part in enumerate(parts[:-1]):  # a list is set whole: teacher.members=[...], not teacher.members.0.dim

@@ -430,6 +430,13 @@ def test_a_small_catalogue_that_users_half_observe_distils_finite_students(tmp_p
         assert all(bool(torch.isfinite(w).all()) for w in weights.values()), name
     recs = load_run(tmp_path / "run").recommend("u1", k=5)
     assert len(recs) == 5 and all(np.isfinite(r.score) for r in recs)
+    res = subprocess.run(
+        [sys.executable, "-m", "ccdrec", "recommend", str(tmp_path / "run"), "--user", "u1", "-k", "1000"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    n = len(res.stdout.splitlines())
+    assert res.returncode == 0 and 0 < n < 50
+    assert f"note: only {n} item(s) are left to recommend (seen and given items are not recommended), 1000 asked" in res.stderr
     # a checkpoint written by an earlier version that let the training diverge: refused, not an empty list
     path = tmp_path / "run" / "checkpoints" / f"{RunDir(tmp_path / 'run').read_state()['pointers']['served']}.pt"
     weights = torch.load(path, weights_only=True)
@@ -440,3 +447,20 @@ def test_a_small_catalogue_that_users_half_observe_distils_finite_students(tmp_p
 
     with pytest.raises(CcdrecError, match=r"has non-finite \(NaN or infinite\) weights"):
         bench_serve(tmp_path / "run", repeats=1)
+
+
+def test_held_out_pairs_prepare_set_aside_are_never_recommended(tmp_path):
+    """A held-out pair whose item had no train pair in its block is set aside (left_out.json), not stored;
+    it is the user's interaction all the same, so recommend must not offer it as unseen."""
+    from ccdrec.data.prepare import prepare_stream
+
+    rng = np.random.default_rng(0)
+    log = [f"u{n % 150},i{x},{1_600_000_000 + 3600 * n}" for n, x in enumerate(rng.integers(0, 120, 1200))]
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n" + "\n".join(log) + "\n")
+    prepare_stream(tmp_path / "log.csv", tmp_path / "s", min_user=2, min_item=2, n_blocks=2)
+    aside = json.loads((tmp_path / "s" / "left_out.json").read_text())["pairs"]
+    assert aside
+    run_stream(load_config(str(tmp_path / "s"), preset="quick", overrides=OVERRIDES), tmp_path / "run", progress=False)
+    served = load_run(tmp_path / "run")
+    offered = {u: {r.item for r in served.recommend(u, k=200)} for u in {u for u, _ in aside}}
+    assert not any(i in offered[u] for u, i in aside)

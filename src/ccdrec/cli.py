@@ -572,6 +572,9 @@ def recommend(
         recs = got.items
     for rank, rec in enumerate(recs, 1):
         print(f"{rank}\t{rec.item}\t{rec.score:.4f}")
+    if len(recs) < k:
+        left = "no item is" if not recs else f"only {len(recs)} item(s) are"
+        print(f"note: {left} left to recommend (seen and given items are not recommended), {k} asked for", file=sys.stderr)
 
 
 @app.command("compare")

@@ -114,10 +114,24 @@ class ServedRun:
         self._train: sp.csr_matrix | None = None
         self._later: dict[str, int] | None = None  # users of blocks not reached yet (first_block)
         seen = [b.split(s) for b in self.stream.blocks[: self.block + 1] for s in ("train", "valid", "test")]
-        pairs = np.concatenate(seen)
+        pairs = np.concatenate([*seen, self._set_aside_seen()])
         order = np.argsort(pairs[:, 0], kind="stable")
         self._seen_users, self._seen_items = pairs[order, 0], pairs[order, 1]
         self._seen_ptr = np.searchsorted(self._seen_users, np.arange(n_u + 1))
+
+    def _set_aside_seen(self) -> np.ndarray:
+        """(m, 2) user and item indices of the held-out pairs ``data prepare`` set aside in blocks 0..``block``
+        (``left_out.json``, in block order; their item had no train pair in its block): interactions of the
+        log all the same, so never recommended. Empty for a stream without the record."""
+        from ccdrec.data.append import read_set_aside
+
+        counts, source = self.stream.left_out, getattr(self.stream, "source", None)
+        pairs = read_set_aside(Path(source)) if counts and source is not None else []
+        if not pairs or sum(counts) != len(pairs):
+            return np.empty((0, 2), dtype=np.int64)
+        items = {str(i): n for n, i in enumerate(self.item_ids)}
+        known = [(self._user_index.get(u), items.get(i)) for u, i in pairs[: sum(counts[: self.block + 1])]]
+        return np.array([p for p in known if None not in p], dtype=np.int64).reshape(-1, 2)
 
     def _user_key(self, user: str | int) -> str:
         """An original user ID as the key it is looked up by (as given, else without surrounding spaces)."""

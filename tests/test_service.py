@@ -231,6 +231,10 @@ def test_malformed_inputs_get_the_right_status(run_dir):
         too_much = client.post("/recommend", json={"users": ["3"] * 50, "k": 1000})  # 50,000 items > 20,000
         assert too_much.status_code == 422 and "more than 20,000 items" in too_much.text
         assert client.post("/recommend", json={"users": ["3"], "k": 0}).status_code == 422
+        for k in (True, "5", 2.0):  # a JSON number for k, as the GET query's k is one: no true for 1, no "5"
+            assert client.post("/recommend", json={"users": ["3"], "k": k}).status_code == 422, k
+            assert client.post("/recommend/items", json={"items": ["1"], "k": k}).status_code == 422, k
+        assert client.post("/recommend", json={"users": [True]}).status_code == 422
         assert client.post("/recommend", json={"users": "3"}).status_code == 422
         assert client.post("/recommend", json={"users": [["3"]]}).status_code == 422
         assert client.post("/recommend", json={"users": ["3"], "extra": 1}).status_code == 422

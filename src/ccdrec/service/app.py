@@ -250,7 +250,7 @@ def create_app(
         detail: str
 
     class BatchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)  # no true for k=1, no "5" for 5
         users: list[str | int] = Field(min_length=1, max_length=max_batch, description=f"original user IDs (1 to {max_batch})")
         k: int = Field(20, ge=1, le=max_k, description=f"items per user; users x k at most {max_batch_items:,}")
 
@@ -272,7 +272,7 @@ def create_app(
         results: list[BatchResult] = Field(description="in the order of the request")
 
     class ItemsRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)  # no true for k=1, no "5" for 5
         items: list[str | int] = Field(
             min_length=1,
             max_length=max_items,

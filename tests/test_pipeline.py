@@ -464,3 +464,7 @@ def test_held_out_pairs_prepare_set_aside_are_never_recommended(tmp_path):
     served = load_run(tmp_path / "run")
     offered = {u: {r.item for r in served.recommend(u, k=200)} for u in {u for u, _ in aside}}
     assert not any(i in offered[u] for u, i in aside)
+    for ask in (lambda: served.recommend("y" * 100_000), lambda: served.recommend_for_items(["x" * 100_000] * 3)):
+        with pytest.raises(CcdrecError) as exc:  # an unknown ID of any length is shown cut, not echoed whole
+            ask()
+        assert len(str(exc.value)) < 300

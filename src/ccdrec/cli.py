@@ -567,8 +567,9 @@ def recommend(
     else:
         got = served.recommend_for_items(given, k)
         if got.unknown:
-            shown = ", ".join(repr(x) for x in got.unknown[:10]) + (" ..." if len(got.unknown) > 10 else "")
-            print(f"note: {len(got.unknown)} unknown item(s) left out: {shown}", file=sys.stderr)
+            from ccdrec.serve import shown_ids
+
+            print(f"note: {len(got.unknown)} unknown item(s) left out: {shown_ids(got.unknown, 10)}", file=sys.stderr)
         recs = got.items
     for rank, rec in enumerate(recs, 1):
         print(f"{rank}\t{rec.item}\t{rec.score:.4f}")

@@ -55,6 +55,12 @@ class ColdStart:
     unknown: list[str]
 
 
+def shown_ids(ids: Sequence[str], n: int) -> str:
+    """The first ``n`` of ``ids`` as a message shows them: quoted, each cut to 60 characters, `` ...`` after."""
+    cut = [repr(x) if len(repr(x)) <= 60 else repr(x)[:57] + "..." for x in list(ids)[:n]]
+    return ", ".join(cut) + (" ..." if len(ids) > n else "")
+
+
 def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of the ``k`` best of ``scores`` (an (n_items,) array, modified in place: the
     ``exclude`` indices become -inf), best first; fewer when fewer than ``k`` are left. ``k`` must be an
@@ -171,7 +177,7 @@ class ServedRun:
         key = self._user_key(user)
         if key not in self._user_index:
             raise CcdrecError(
-                f"unknown user {key!r}: not in the served {self.role}'s universe ({len(self.user_ids):,} users)"
+                f"unknown user {shown_ids([key], 1)}: not in the served {self.role}'s universe ({len(self.user_ids):,} users)"
                 + self.later_hint(key)
             )
         return self._user_index[key]
@@ -274,7 +280,7 @@ class ServedRun:
         unknown = [n for n, i in zip(names, pos, strict=True) if i is None]
         used = [n for n, i in zip(names, pos, strict=True) if i is not None]
         if not used:
-            shown = ", ".join(repr(n) for n in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            shown = shown_ids(unknown, 5)
             raise CcdrecError(
                 f"none of the {len(names)} item(s) is in the served student's universe ({len(self.item_ids):,} items): {shown}"
             )

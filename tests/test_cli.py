@@ -86,12 +86,16 @@ def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
         "--epochs",
         "3",
         "--no-progress",
+        "--threads",
+        "1",
         "--out",
         str(tmp_path / "m"),
     )
     assert out.returncode == 0, out.stderr
     assert "valid recall@20" in out.stdout and "test  recall@20" in out.stdout
     assert (tmp_path / "m.pt").exists() and (tmp_path / "m.json").exists()
+    refused = ccdrec("train", "--data", str(stream_dir), "--threads", "0")  # concurrent jobs cap theirs, as with run
+    assert refused.returncode == 2 and "--threads must be between 1 and" in refused.stderr
 
 
 def test_run_then_recommend(stream_dir, tmp_path):

@@ -311,6 +311,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     out: Path | None = typer.Option(None, help="write the best model here as OUT.pt + OUT.json"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train one model on one block with early stopping; print validation and test metrics."""
     from ccdrec.checkpoint import save_model
@@ -321,6 +322,7 @@ def train(
     from ccdrec.models import build_model
     from ccdrec.pipeline.context import seed_everything
 
+    _set_threads(threads)
     if layers is not None and model != "lightgcn":
         raise CcdrecError(f"--layers is the number of LightGCN propagation layers; --model {model} has none")
     if out is not None:

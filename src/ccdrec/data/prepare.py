@@ -298,7 +298,7 @@ def _whole_days_notes(times: pd.Series, per_second: int, window_s: int | None) -
     a ``--window`` of whole days cuts at midnight instead."""
     keys = times.to_numpy()
     day = 86_400 * per_second
-    if window_s is not None and window_s % 86_400 == 0 or not np.issubdtype(keys.dtype, np.integer):
+    if (window_s is not None and window_s % 86_400 == 0) or not np.issubdtype(keys.dtype, np.integer):
         return []
     if len(keys) < 2 or (keys % day).any():
         return []
@@ -670,8 +670,8 @@ def _name_kind(log: Path) -> str | None:
 
 
 def _auto_kind(log: Path) -> str | None:
-    """The kind the name tells, else the content (Parquet's or gzip's magic bytes, or text:
-    :func:`_looks_like_text`), else None."""
+    """The kind the name tells, else the content (Parquet's or gzip's magic bytes, or text: no more
+    control bytes than text has, :func:`_binary_bytes`), else None."""
     return _name_kind(log) or {"parquet": "parquet", "gzip": "csv", "text": "csv"}.get(_sniff(log))
 
 
@@ -708,26 +708,20 @@ _MAGIC = (  # the first bytes of the binary formats a log is mistaken for: (byte
 
 def _sniff(log: Path) -> str | None:
     """The kind of binary file ``log`` starts like (a key of :data:`_MAGIC`'s second column), or None."""
-    try:
-        with open(log, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return None
+    head = _head(log)
     kind = next((kind for magic, kind, _ in _MAGIC if head.startswith(magic)), None)
-    if kind is None and _looks_like_text(log):
-        return "text"
+    if kind is None and head and not _binary_bytes(head):
+        return "text"  # in some encoding: its reading says if it is not UTF-8
     return kind
 
 
-def _looks_like_text(log: Path) -> bool:
-    """Whether the log's first 64 KiB read as text in some encoding (:func:`_binary_bytes` is false): its
-    reading then says if it is not UTF-8."""
+def _head(log: Path, size: int = 65536) -> bytes:
+    """The log's first ``size`` bytes (empty if it cannot be read)."""
     try:
         with open(log, "rb") as f:
-            head = f.read(65536)
+            return f.read(size)
     except OSError:
-        return False
-    return bool(head) and not _binary_bytes(head)
+        return b""
 
 
 def _binary_bytes(head: bytes) -> bool:
@@ -769,8 +763,7 @@ def _check_content(log: Path, kind: str, given: bool) -> None:
         if inner and _binary_bytes(inner):
             raise CcdrecError(f"{log}: gzip-compressed binary data (control bytes), not a text log; export it to CSV or Parquet")
     if kind == "csv" and sniffed in (None, "text"):
-        with open(log, "rb") as f:
-            head = f.read(65536)
+        head = _head(log)
         if _binary_bytes(head):
             raise CcdrecError(f"{log}: looks like binary data (control bytes), not a text log; export it to CSV or Parquet")
         if head.lstrip()[:1] in (b"{", b"["):
@@ -857,13 +850,18 @@ def _separator_name(sep: str) -> str:
     return _SEPARATOR_NAMES.get(sep, repr(sep))
 
 
+def _open_text(log: Path, text: dict):
+    """The text log open for reading lines as written (gzip-compressed or not; bad UTF-8 replaced)."""
+    opener = gzip.open if text.get("compression") == "gzip" else open
+    return opener(log, "rt", encoding="utf-8", errors="replace", newline="")
+
+
 def _log_row(log: Path, text: dict, header: bool, position: int) -> tuple[int, list[str]] | None:
     """The line number (1-based; a quoted field may span lines: its last) and fields of data row ``position``
     (0-based, blank lines skipped as pandas skips them) of a text log, read by the csv module; None if the
     log has no such row."""
-    opener = gzip.open if text.get("compression") == "gzip" else open
     sep = text["sep"]
-    with opener(log, "rt", encoding="utf-8", errors="replace", newline="") as f:
+    with _open_text(log, text) as f:
         if len(sep) == 1:
             reader = csv.reader(f, delimiter=sep)
             rows = ((reader.line_num, fields) for fields in reader)
@@ -918,8 +916,7 @@ def _missing_example(log: Path, text: dict, names: tuple[str, ...] | None, n_nam
 
 def _line(log: Path, text: dict, number: int) -> str | None:
     """Line ``number`` (1-based) of a text log, without its line end; None past the end."""
-    opener = gzip.open if text.get("compression") == "gzip" else open
-    with opener(log, "rt", encoding="utf-8", errors="replace", newline="") as f:
+    with _open_text(log, text) as f:
         for n, line in enumerate(f, 1):
             if n == number:
                 return line.rstrip("\r\n")

@@ -1,5 +1,6 @@
 """The command line: help everywhere, one-line errors with exit code 2, the main commands on tiny data."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -254,3 +255,32 @@ def test_data_info_says_when_a_stream_directory_is_broken(tmp_path):
     (tmp_path / "s" / "users.json").unlink()
     res = ccdrec("data", "info", str(tmp_path / "s"))
     assert res.returncode == 2 and "has the items' original IDs (items.json) but not the users' (users.json)" in res.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="deferral needs setitimer")
+def test_an_interruption_during_a_checkpoint_write_waits_until_the_file_is_written(tmp_path):
+    """SIGTERM inside torch.save's write used to come out of torch's C++ writer as a RuntimeError with a
+    traceback (exit 1); it is raised once the file is in place."""
+    import torch
+
+    from ccdrec import cli
+    from ccdrec.checkpoint import atomic_write_bytes
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGTERM, cli._interrupt)
+    signal.signal(signal.SIGALRM, cli._raise_deferred)
+
+    def write(f):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the write
+        torch.save({"w": torch.arange(1000.0)}, f)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(tmp_path / "m.pt", write)  # the write completes first
+            time.sleep(5)  # the deferred interruption comes here
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.arange(1000.0))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in old.items():
+            signal.signal(s, h)
+        cli._SIGNALLED.clear()

@@ -756,22 +756,27 @@ def bench_serve_command(
 _SIGNALLED: list[int] = []  # the signals received: an interruption is reported even where a library swallowed it
 
 
-RETRY_SECONDS = 0.05  # an interruption that arrives during an import is raised this long after, retried until it is done
+RETRY_SECONDS = 0.05  # an interruption that arrives during an import or a file write is raised this long after, retried
 
 
-def _importing(frame) -> bool:
-    """Whether ``frame`` runs inside an import (a module's body, torch's native initialisation): an
-    exception raised there can leave the module half-initialised, or abort the process from C++."""
+def _uninterruptible(frame) -> bool:
+    """Whether ``frame`` runs inside an import (a module's body, torch's native initialisation) or an atomic
+    file write (:func:`ccdrec.checkpoint.atomic_write_bytes`; ``torch.save`` calls back into Python from
+    C++): an exception raised there can leave a module half-initialised, abort the process from C++, or
+    come out of torch's writer as a RuntimeError ("unexpected pos") with a traceback."""
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib") or (
+            code.co_name == "atomic_write_bytes" and code.co_filename.endswith("checkpoint.py")
+        ):
             return True
         frame = frame.f_back
     return False
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGINT / SIGTERM: KeyboardInterrupt, the path of Ctrl-C; during an import it is deferred (SIGALRM
-    after :data:`RETRY_SECONDS`, :func:`_raise_deferred`) until the import is done."""
+    """SIGINT / SIGTERM: KeyboardInterrupt, the path of Ctrl-C; during an import or a file write it is
+    deferred (SIGALRM after :data:`RETRY_SECONDS`, :func:`_raise_deferred`) until that is done."""
     _SIGNALLED.append(signum)
     _raise_deferred(signum, frame)
 
@@ -779,7 +784,7 @@ def _interrupt(signum, frame) -> None:
 def _raise_deferred(signum, frame) -> None:
     import signal
 
-    if _importing(frame) and hasattr(signal, "setitimer"):
+    if _uninterruptible(frame) and hasattr(signal, "setitimer"):
         signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS)
         return
     raise KeyboardInterrupt

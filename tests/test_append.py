@@ -519,6 +519,9 @@ def test_cold_start_equals_the_grown_model_and_excludes_the_given_items(grown_ru
     assert not np.allclose(old[[served.item_index(n) for n in names]], scores)
     with pytest.raises(CcdrecError, match="none of the 1 item"):
         served.recommend_for_items(["no-such-item"])
+    # an item ID with spaces around it is found as a user ID is (the HTTP service passes IDs as sent)
+    padded = served.recommend_for_items([f" {g}\t" for g in given], k=15)
+    assert padded.unknown == [] and [r.item for r in padded.items] == names
     # the CLI prints the same list, and a note naming the unknown item
     res = ccdrec("recommend", str(d / "run"), "--items", ",".join(given + ["no-such-item"]), "-k", "15")
     assert res.returncode == 0, res.stderr

@@ -284,3 +284,36 @@ def test_an_interruption_during_a_checkpoint_write_waits_until_the_file_is_writt
         for s, h in old.items():
             signal.signal(s, h)
         cli._SIGNALLED.clear()
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="deferral needs setitimer")
+def test_an_interruption_during_a_checkpoint_read_waits_until_it_is_read(tmp_path, monkeypatch):
+    """torch.load calls back into Python from C++ as torch.save does: an interruption inside it is raised
+    once the checkpoint is read, not out of torch's reader."""
+    import torch
+
+    from ccdrec import cli
+    from ccdrec.checkpoint import load_tensors, save_tensors
+
+    save_tensors(tmp_path / "m.pt", {"w": torch.arange(1000.0)})
+    real_load, got = torch.load, {}
+
+    def load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the read
+        got["inside"] = True  # the handler has run by now, and deferred the interruption
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGTERM, cli._interrupt)
+    signal.signal(signal.SIGALRM, cli._raise_deferred)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            got["tensors"] = load_tensors(tmp_path / "m.pt")  # the read completes first
+            time.sleep(5)  # the deferred interruption comes here
+        assert got["inside"] and torch.equal(got["tensors"]["w"], torch.arange(1000.0))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, h in old.items():
+            signal.signal(s, h)
+        cli._SIGNALLED.clear()

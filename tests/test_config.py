@@ -176,3 +176,21 @@ def test_a_number_of_thousands_of_digits_is_an_error_not_a_traceback(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(CcdrecError, match=r"big\.(yaml|toml): a number of thousands of digits"):
             load_config("yelp", file=tmp_path / name)
+
+
+@pytest.mark.parametrize("text", ["seed = 3\n", "[student]\ntopn = 20\n", 'dataset = "yelp"\n[teacher]\nlwc_weight = 0.001\n'])
+def test_a_toml_file_not_named_toml_says_how_to_name_it_and_toml_is_read_whatever_the_suffix_case(tmp_path, text):
+    f = tmp_path / "run.cfg"
+    f.write_text(text)
+    with pytest.raises(
+        CcdrecError, match=r"run\.cfg: .*; it reads as TOML: name it run\.toml \(TOML is read from files ending in \.toml\)$"
+    ):
+        load_config("yelp", file=f)
+    upper, lower = tmp_path / "run.TOML", tmp_path / "run.toml"
+    upper.write_text(text)
+    lower.write_text(text)
+    assert load_config("yelp", file=upper) == load_config("yelp", file=lower) != load_config("yelp")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("[1, 2]\n")  # not TOML either: no hint
+    with pytest.raises(CcdrecError, match=r"must hold a mapping of fields$"):
+        load_config("yelp", file=plain)

@@ -738,7 +738,10 @@ def bench_serve_command(
         _check_output_file(json_out, "--json")
     df = bench_serve(run_dir, batch=batch, repeats=repeats, k=k, device=device)
     text = format_bench(df)
-    table = Table(title=f"serving cost of {run_dir} (top-{k}, seen items excluded, median of {repeats})")
+    listed = df.attrs.get("k", k)
+    if listed < k:
+        print(f"note: -k {k} is more than the {listed:,} items there are; the lists measured hold all", file=sys.stderr)
+    table = Table(title=f"serving cost of {run_dir} (top-{listed}, seen items excluded, median of {repeats})")
     table.add_column("model")
     for col in text.columns:
         table.add_column(col, justify="right")
@@ -759,15 +762,19 @@ _SIGNALLED: list[int] = []  # the signals received: an interruption is reported 
 RETRY_SECONDS = 0.05  # an interruption that arrives during an import or a file write is raised this long after, retried
 
 
+UNINTERRUPTIBLE_IO = frozenset({"atomic_write_bytes", "load_tensors"})  # of ccdrec/checkpoint.py
+
+
 def _uninterruptible(frame) -> bool:
-    """Whether ``frame`` runs inside an import (a module's body, torch's native initialisation) or an atomic
-    file write (:func:`ccdrec.checkpoint.atomic_write_bytes`; ``torch.save`` calls back into Python from
-    C++): an exception raised there can leave a module half-initialised, abort the process from C++, or
-    come out of torch's writer as a RuntimeError ("unexpected pos") with a traceback."""
+    """Whether ``frame`` runs inside an import (a module's body, torch's native initialisation) or a
+    checkpoint's write or read (:func:`ccdrec.checkpoint.atomic_write_bytes`, :func:`~ccdrec.checkpoint.load_tensors`;
+    ``torch.save`` and ``torch.load`` call back into Python from C++): an exception raised there can leave a
+    module half-initialised, abort the process from C++, or come out of torch's reader or writer as a
+    RuntimeError with a traceback."""
     while frame is not None:
         code = frame.f_code
         if code.co_filename.startswith("<frozen importlib") or (
-            code.co_name == "atomic_write_bytes" and code.co_filename.endswith("checkpoint.py")
+            code.co_name in UNINTERRUPTIBLE_IO and code.co_filename.endswith("checkpoint.py")
         ):
             return True
         frame = frame.f_back

@@ -216,10 +216,13 @@ class ServedRun:
         return [Recommendation(str(self.item_ids[i]), float(s)) for i, s in zip(items.tolist(), scores.tolist(), strict=True)]
 
     def item_index(self, item: str | int) -> int | None:
-        """The index of original item ID ``item`` in the served universe, or None when it is not in it."""
+        """The index of original item ID ``item`` in the served universe (as given, else without surrounding
+        spaces, as a user ID is looked up), or None when it is not in it."""
         if self._item_index is None:
             self._item_index = {str(x): i for i, x in enumerate(self.item_ids)}
-        return self._item_index.get(str(item))
+        key = str(item)
+        found = self._item_index.get(key)
+        return self._item_index.get(key.strip()) if found is None else found
 
     def _train_graph(self) -> sp.csr_matrix:
         """The train matrix the served model is attached to (its block's, or the union of blocks 0..k)."""

@@ -158,7 +158,8 @@ def measure(model, seen: sp.csr_matrix, users: np.ndarray, batch: int, repeats: 
 
 
 def bench_models(teacher, student, seen: sp.csr_matrix, batch: int = 1024, repeats: int = 10, k: int = 20, seed: int = 0):
-    """The serving-cost table of ``teacher`` and ``student`` (rows teacher, student, teacher / student)."""
+    """The serving-cost table of ``teacher`` and ``student`` (rows teacher, student, teacher / student);
+    ``df.attrs["k"]`` is the length of the lists measured: ``k``, or every item where there are fewer."""
     if batch < 1 or repeats < 1:
         raise CcdrecError("batch and repeats must be at least 1")
     n_users = min(teacher.n_users, student.n_users)
@@ -169,6 +170,7 @@ def bench_models(teacher, student, seen: sp.csr_matrix, batch: int = 1024, repea
     ratio = {c: t[c] / s[c] if s[c] else float("nan") for c in ("parameters", "serving_mb", "one_user_ms", "batch_ms")}
     ratio["batch_users"] = float("nan")
     df = pd.DataFrame([t, s, ratio], index=pd.Index(["teacher ensemble", "student", "teacher / student"], name="model"))
+    df.attrs["k"] = min(k, teacher.n_items)  # a list is never longer than the items there are
     return df
 
 

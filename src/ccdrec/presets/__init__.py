@@ -74,20 +74,31 @@ def read_file(path: Path) -> dict:
     except UnicodeDecodeError:
         raise CcdrecError(f"{path}: not UTF-8 text; --config takes a YAML or TOML file") from None
     try:
-        if path.suffix == ".toml":
+        if path.suffix.lower() == ".toml":
             return tomllib.loads(text)
         data = _yaml(text)
     except tomllib.TOMLDecodeError as e:
-        raise CcdrecError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from None
+        raise CcdrecError(f"{path}: cannot be parsed as TOML ({str(e).splitlines()[0]})") from None
     except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
         raise CcdrecError(f"{path}: {_too_long(e)}") from None
     except yaml.YAMLError as e:
-        raise CcdrecError(f"{path}: cannot be parsed as YAML ({_yaml_problem(e)})") from None
+        raise CcdrecError(f"{path}: cannot be parsed as YAML ({_yaml_problem(e)}){_toml_hint(path, text)}") from None
     if data is None:  # empty, or comments only: no field changed
         return {}
     if not isinstance(data, dict):
-        raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields")
+        raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields{_toml_hint(path, text)}")
     return data
+
+
+def _toml_hint(path: Path, text: str) -> str:
+    """A hint for a TOML file read as YAML (its name does not end in .toml), else ''. Such a file fails as
+    YAML (``[teacher]`` then ``lwc_weight = 0.01``) or reads as one string (``seed = 3``)."""
+    try:
+        if not tomllib.loads(text):
+            return ""
+    except (tomllib.TOMLDecodeError, ValueError):
+        return ""
+    return f"; it reads as TOML: name it {path.with_suffix('.toml').name} (TOML is read from files ending in .toml)"
 
 
 def _too_long(e: ValueError) -> str:

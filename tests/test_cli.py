@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from ccdrec.checkpoint import load_model
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
 
@@ -90,11 +91,14 @@ def test_train_prints_metrics_and_saves(stream_dir, tmp_path):
         "--threads",
         "1",
         "--out",
-        str(tmp_path / "m"),
+        str(tmp_path / "m_lr0.01"),  # a dot in the name is part of it: OUT.pt is m_lr0.01.pt, not m_lr0.pt
     )
     assert out.returncode == 0, out.stderr
     assert "valid recall@20" in out.stdout and "test  recall@20" in out.stdout
-    assert (tmp_path / "m.pt").exists() and (tmp_path / "m.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_lr0.01.json", "m_lr0.01.pt"]
+    assert "m_lr0.01.pt" in out.stdout and "m_lr0.pt" not in out.stdout
+    model, _ = load_model(tmp_path / "m_lr0.01")
+    assert model.kind == "mf" and model.dim == 8
     refused = ccdrec("train", "--data", str(stream_dir), "--threads", "0")  # concurrent jobs cap theirs, as with run
     assert refused.returncode == 2 and "--threads must be between 1 and" in refused.stderr
 

@@ -1,5 +1,8 @@
 """Typed configuration: defaults, per-block overrides and their resolution."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from ccdrec.config import RunConfig
@@ -194,3 +197,76 @@ def test_a_toml_file_not_named_toml_says_how_to_name_it_and_toml_is_read_whateve
     plain.write_text("[1, 2]\n")  # not TOML either: no hint
     with pytest.raises(CcdrecError, match=r"must hold a mapping of fields$"):
         load_config("yelp", file=plain)
+
+
+def test_one_block_under_two_keys_is_an_error_and_a_block_names_the_fields_it_can_override(tmp_path):
+    f = tmp_path / "blocks.yaml"
+    f.write_text('blocks:\n  1: {w_stability: 0.5}\n  "01": {w_plasticity: 0.5}\n')  # one override used to be lost
+    with pytest.raises(CcdrecError, match=r"blocks: block 1 is given twice \(keys 1 and '01'\)"):
+        load_config("yelp", file=f)
+    both = load_config("yelp", overrides=["blocks.1.w_stability=0.5", "blocks.01.w_plasticity=0.5"]).blocks[1]
+    assert (both.w_stability, both.w_plasticity) == (0.5, 0.5)
+    for field in ("student", "seed"):
+        with pytest.raises(
+            CcdrecError,
+            match=rf"blocks\.1: a per-block override takes student_replay, teacher_replay, "
+            rf"w_stability, w_plasticity; not '{field}'",
+        ):
+            load_config("yelp", overrides=[f"blocks.1.{field}=3"])
+
+
+@pytest.mark.parametrize("written, read", [("010", 10), ("007", 7), ("+12", 12), ("12", 12)])
+def test_whole_numbers_are_decimal_in_files_and_overrides_never_octal(tmp_path, written, read):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"teacher:\n  base: {{epochs: {written}}}\n")  # YAML 1.1 read 010 as 8
+    assert load_config("yelp", file=f).teacher.base.epochs == read
+    assert load_config("yelp", overrides=[f"teacher.base.epochs={written}"]).teacher.base.epochs == read
+
+
+@pytest.mark.parametrize("written", ["0x10", "0o10", "1:30", "0b11"])
+def test_hexadecimal_octal_and_sexagesimal_numbers_are_refused_not_converted(tmp_path, written):
+    with pytest.raises(CcdrecError, match="teacher.base.epochs: Input should be a valid integer"):
+        load_config("yelp", overrides=[f"teacher.base.epochs={written}"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["teacher.members=[{kind: mf, dim: 8}", "student.model={kind: mf, dim: 8", "teacher.members=[", "ks=[20, 50"],
+)
+def test_a_list_or_mapping_that_does_not_parse_says_so_instead_of_being_read_as_text(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(
+        CcdrecError,
+        match=rf"^override {re.escape(key)}=\.\.\.: {re.escape(repr(value))} cannot be parsed \(.* at line 1, column \d+\)$",
+    ):
+        load_config("yelp", overrides=[override])
+
+
+def test_a_byte_order_mark_is_read_in_toml_as_in_yaml_and_a_device_is_not_a_missing_file(tmp_path):
+    for name, text in (("bom.toml", "seed = 3\n"), ("bom.yaml", "seed: 3\n")):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_config("yelp", file=tmp_path / name).seed == 3
+    with pytest.raises(CcdrecError, match=r"^/dev/null: not a regular file; --config takes a YAML or TOML file$"):
+        load_config("yelp", file=Path("/dev/null"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "student.model={kind: mf, dim: 8, layers: 5}",
+            "student.model: .*layers is the number of LightGCN propagation layers; kind mf has none",
+        ),
+        ("teacher.members=[{kind: vae, dim: 8, layers: 7}]", "teacher.members.0: .*kind vae has none"),
+        (
+            "teacher.members=[{kind: mf, dim: 8, dropout: 0.1}]",
+            "teacher.members.0: .*dropout is the Mult-VAE's input dropout; kind mf has none",
+        ),
+    ],
+)
+def test_a_part_the_model_family_does_not_have_is_refused_not_ignored(override, message):
+    with pytest.raises(CcdrecError, match=message):
+        load_config("yelp", overrides=[override])
+    # a stored configuration writes every field at its default, and still loads
+    stored = load_config("yelp", overrides=["student.model={kind: mf, dim: 8}"]).model_dump()
+    assert stored["student"]["model"]["layers"] == 2 and RunConfig.model_validate(stored).student.model.kind == "mf"

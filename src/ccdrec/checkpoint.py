@@ -68,26 +68,31 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CcdrecError(f"{path}: corrupt or incompatible tensor file ({type(e).__name__})") from None
 
 
+def stem_file(stem: Path, suffix: str) -> Path:
+    """``stem`` + ``suffix`` (``m_lr0.01`` -> ``m_lr0.01.pt``): the suffix is added to the name as given,
+    never put in place of what follows its last dot (``Path.with_suffix`` made ``m_lr0.pt`` of it)."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + suffix)
+
+
 def save_model(model: Recommender, stem: Path, meta: dict | None = None) -> None:
     """Write ``stem.pt`` (weights) and then ``stem.json`` (architecture + ``meta``)."""
     stem = Path(stem)
-    save_tensors(stem.with_suffix(".pt"), model.state_dict())
-    atomic_write_json(stem.with_suffix(".json"), {"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}})
+    save_tensors(stem_file(stem, ".pt"), model.state_dict())
+    atomic_write_json(stem_file(stem, ".json"), {"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}})
 
 
 def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Recommender, dict]:
     """Rebuild a model saved by :func:`save_model`; returns (model, meta). Call ``set_graph`` before use."""
     stem = Path(stem)
-    info = read_json(stem.with_suffix(".json"))
+    info = read_json(stem_file(stem, ".json"))
     if info.get("format") != FORMAT_VERSION or "model" not in info:
-        raise CcdrecError(f"{stem.with_suffix('.json')}: not a ccdrec model checkpoint of format {FORMAT_VERSION}")
+        raise CcdrecError(f"{stem_file(stem, '.json')}: not a ccdrec model checkpoint of format {FORMAT_VERSION}")
     cfg = dict(info["model"])
     model = build_model(cfg.pop("kind"), cfg.pop("n_users"), cfg.pop("n_items"), **cfg)
-    state = load_tensors(stem.with_suffix(".pt"))
+    state = load_tensors(stem_file(stem, ".pt"))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CcdrecError(
-            f"{stem.with_suffix('.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})"
-        ) from None
+        raise CcdrecError(f"{stem_file(stem, '.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
     return model.to(device), info.get("meta", {})

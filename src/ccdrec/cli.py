@@ -314,7 +314,7 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train one model on one block with early stopping; print validation and test metrics."""
-    from ccdrec.checkpoint import save_model
+    from ccdrec.checkpoint import save_model, stem_file
     from ccdrec.config import ModelConfig, TrainConfig, default_schedule
     from ccdrec.data import load_stream
     from ccdrec.device import resolve_device
@@ -329,7 +329,7 @@ def train(
         if out.is_dir():
             raise CcdrecError(f"--out {out}: a directory; give a file name (OUT.pt and OUT.json are written)")
         out = out.with_suffix("") if out.suffix in (".pt", ".json") else out
-        for written in (out.with_suffix(".pt"), out.with_suffix(".json")):
+        for written in (stem_file(out, ".pt"), stem_file(out, ".json")):
             _check_output_file(written, "--out")
             if written.exists():
                 raise CcdrecError(f"--out {written}: exists; remove it or give another name")
@@ -364,7 +364,7 @@ def train(
         console.print(f"{name} recall@20 {recall}  ndcg@20 {ndcg}  ({got.get('users', 0):,} users)")
     if out is not None:
         save_model(m, out, {"dataset": stream.name, "block": block, "seed": seed, "valid": res.best_valid, "test": test})
-        console.print(f"saved {out.with_suffix('.pt')} / {out.with_suffix('.json')}")
+        console.print(f"saved {stem_file(out, '.pt')} / {stem_file(out, '.json')}")
 
 
 def _check_output_file(path: Path, option: str) -> None:

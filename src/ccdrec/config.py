@@ -70,6 +70,18 @@ class ModelConfig(Strict):
     layers: int = Field(2, ge=0, description="LightGCN propagation layers (ignored by MF and VAE)")
     dropout: float = Field(0.5, ge=0, lt=1, description="Mult-VAE input dropout")
 
+    @model_validator(mode="after")
+    def _fields_of_its_family(self):
+        """``layers`` other than the default on an MF or Mult-VAE model (``dropout`` on an embedding model)
+        is an error: the model has no such part, and the value was silently ignored (as ``train`` refuses
+        ``--layers`` for ``--model mf``). The defaults stay valid: a stored configuration writes every field."""
+        default = type(self).model_fields
+        if self.kind != "lightgcn" and self.layers != default["layers"].default:
+            raise ValueError(f"layers is the number of LightGCN propagation layers; kind {self.kind} has none")
+        if self.kind != "vae" and self.dropout != default["dropout"].default:
+            raise ValueError(f"dropout is the Mult-VAE's input dropout; kind {self.kind} has none")
+        return self
+
     def kwargs(self) -> dict:
         if self.kind == "lightgcn":
             return {"dim": self.dim, "layers": self.layers}
@@ -342,6 +354,7 @@ class StudentConfig(Strict):
         """``served`` named CL_k when CL_k was always the student served; it is read as ``update``, so that
         stored configurations and run directories written with it keep their meaning."""
         return "update" if value == "served" else value
+
     # Beyond the paper, chosen on validation (stream H-mean of Recall@20, D_k against CL_k, every seed higher):
     # Yelp 0.0762 +- 0.0004 vs 0.0711 +- 0.0006 (3 seeds), Gowalla 0.1400 vs 0.1231 (3 seeds), ml-100k 5 blocks
     # 0.2369 +- 0.0017 vs 0.2340 +- 0.0047 (3 seeds); finetune's student 0.0685, 0.1230, 0.2286. D_k learns the
@@ -390,6 +403,19 @@ class BlockOverride(Strict):
     w_stability: float | None = Field(None, ge=0, le=1)
     w_plasticity: float | None = Field(None, ge=0, le=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        """A field a block cannot override (``student``, ``seed``, ...) is named with the ones it can."""
+        if isinstance(data, dict):
+            unknown = [str(k) for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(
+                    f"a per-block override takes {', '.join(cls.model_fields)}; not {', '.join(map(repr, unknown))} "
+                    "(the other fields apply to every block)"
+                )
+        return data
+
 
 class RunConfig(Strict):
     """A whole CCD run over a stream."""
@@ -429,6 +455,23 @@ class RunConfig(Strict):
     competitors: CompetitorConfig = Field(
         default_factory=lambda: CompetitorConfig(), description="the continual-learning competitors (ccdrec compare)"
     )
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _one_key_per_block(cls, blocks):
+        """Two keys of one block (``1`` and ``"01"``, ``"1"`` and ``" 1"``) are an error: pydantic would keep
+        the last one's override and silently drop the other's."""
+        if isinstance(blocks, dict):
+            seen: dict[object, object] = {}
+            for key in blocks:
+                try:
+                    block = int(str(key).strip()) if not isinstance(key, bool | float) else key
+                except ValueError:
+                    continue  # not a block number: pydantic names it
+                if block in seen:
+                    raise ValueError(f"block {block} is given twice (keys {seen[block]!r} and {key!r})")
+                seen[block] = key
+        return blocks
 
     @field_validator("blocks")
     @classmethod

@@ -769,7 +769,7 @@ def _check_content(log: Path, kind: str, given: bool) -> None:
         if head.lstrip()[:1] in (b"{", b"["):
             lines = head.lstrip()[:1] == b"{"  # JSON Lines: one object per line; else one array
             read = f"pd.read_json({str(log)!r}{', lines=True' if lines else ''})"
-            cmd = f"python -c \"import pandas as pd; {read}.to_parquet({log.stem + '.parquet'!r})\""
+            cmd = f'python -c "import pandas as pd; {read}.to_parquet({log.stem + ".parquet"!r})"'
             raise CcdrecError(f"{log}: looks like JSON, not a delimited text log; convert it to Parquet or CSV first, e.g. {cmd}")
     if sniffed not in (None, "gzip", "parquet", "text"):
         hint = "unpack it" if sniffed in ("zip", "7z") else "decompress it" if sniffed in ("bzip2", "xz", "zstd") else "export it"
@@ -941,7 +941,7 @@ def _read_error(e: Exception, kind: str, text: dict, log: Path) -> str:
         want, line, saw = fields.groups()
         if trailing := _trailing_separator_hint(log, text, int(line)):
             return trailing
-        quote = "quote that field with \", or " if len(text.get("sep", ",")) == 1 and text.get("sep") != WHITESPACE else ""
+        quote = 'quote that field with ", or ' if len(text.get("sep", ",")) == 1 and text.get("sep") != WHITESPACE else ""
         return (
             f"line {line} has {saw} fields where the lines before it have {want} (a separator inside an ID? {quote}fix or "
             "remove the row)"
@@ -949,7 +949,7 @@ def _read_error(e: Exception, kind: str, text: dict, log: Path) -> str:
     quote = re.search(r"EOF inside string starting (?:at|with) (?:row|line) (\d+)", detail)
     if quote:
         return (
-            f"a quote (\") opened on line {int(quote.group(1)) + 1} is never closed, so the rest of the file would be "
+            f'a quote (") opened on line {int(quote.group(1)) + 1} is never closed, so the rest of the file would be '
             "one field; close it, or remove the quote characters"
         )
     if text.get("compression") == "gzip" and isinstance(e, (EOFError, OSError)):

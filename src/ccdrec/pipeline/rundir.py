@@ -24,7 +24,16 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from ccdrec.checkpoint import atomic_write_bytes, atomic_write_json, load_model, load_tensors, read_json, save_model, save_tensors
+from ccdrec.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_model,
+    load_tensors,
+    read_json,
+    save_model,
+    save_tensors,
+    stem_file,
+)
 from ccdrec.config import RunConfig, validation_message
 from ccdrec.data.stream import Block, Stream, load_stream
 from ccdrec.errors import CcdrecError
@@ -259,11 +268,11 @@ class RunDir:
         return (model, meta) if with_meta else model
 
     def save_tensors(self, name: str, tensors: dict) -> str:
-        save_tensors(self.ckpt(name).with_suffix(".pt"), tensors)
+        save_tensors(stem_file(self.ckpt(name), ".pt"), tensors)
         return name
 
     def load_tensors(self, name: str) -> dict:
-        return load_tensors(self.ckpt(name).with_suffix(".pt"))
+        return load_tensors(stem_file(self.ckpt(name), ".pt"))
 
     # --- metrics -----------------------------------------------------------------------------
     def append_metrics(self, rows: list[dict]) -> None:

@@ -8,6 +8,7 @@ overrides are ``dotted.key=value`` strings whose value is parsed as YAML (``stud
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads 010 as 8 (octal), 0x10 as 16 and 1:30 as 90, so `epochs: 010` trained 8 epochs without a
+# word. Here a whole number is decimal digits only, read in base 10 (010 is 10); the other forms stay text,
+# which a number field refuses (0x10, 1:30).
+_INT = "tag:yaml.org,2002:int"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_UniqueKeyLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
 def _yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
 
@@ -68,9 +81,11 @@ def read_file(path: Path) -> dict:
     if path.is_dir():
         raise CcdrecError(f"{path}: a directory; --config takes a YAML or TOML file")
     if not path.is_file():
+        if path.exists():  # /dev/null, a pipe: nothing a run could read again on --resume
+            raise CcdrecError(f"{path}: not a regular file; --config takes a YAML or TOML file")
         raise CcdrecError(f"{path}: configuration file is missing")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the text (TOML refused it)
     except UnicodeDecodeError:
         raise CcdrecError(f"{path}: not UTF-8 text; --config takes a YAML or TOML file") from None
     try:
@@ -141,8 +156,10 @@ def apply_override(data: dict, item: str) -> dict:
     key = override_key(item)
     raw = item.split("=", 1)[1]
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+        value = _yaml(raw)
+    except yaml.YAMLError as e:
+        if raw.strip()[:1] in ("[", "{"):  # meant as a list or a mapping: not read as text
+            raise CcdrecError(f"override {key}=...: {raw.strip()!r} cannot be parsed ({_yaml_problem(e)})") from None
         value = raw
     except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
         raise CcdrecError(f"override {key}=...: {_too_long(e)}") from None

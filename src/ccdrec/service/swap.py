@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ccdrec.checkpoint import stem_file
 from ccdrec.data.stream import Stream
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
@@ -106,7 +107,7 @@ class RunWatcher:
 
     # --- the look ----------------------------------------------------------------------------
     def _files(self, names: tuple[str, ...]) -> tuple:
-        return tuple(_stat_key(self.rd.ckpt(n).with_suffix(s)) for n in names for s in (".pt", ".json"))
+        return tuple(_stat_key(stem_file(self.rd.ckpt(n), s)) for n in names for s in (".pt", ".json"))
 
     def check(self) -> bool:
         """Look once; True when a newer version was swapped in."""

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ccdrec.checkpoint import stem_file
 from ccdrec.data.stream import Stream, file_sha256
 from ccdrec.errors import CcdrecError
 from ccdrec.pipeline.rundir import RunDir
@@ -71,7 +72,7 @@ def role_pointers(state: dict, role: str, n_members: int) -> tuple[str, ...]:
 def checkpoint_digest(rd: RunDir, names: tuple[str, ...]) -> str:
     """SHA-256 (hex) of the ``.pt`` file of one checkpoint, or of the digests of several in order."""
     try:
-        digests = [file_sha256(rd.ckpt(n).with_suffix(".pt")) for n in names]
+        digests = [file_sha256(stem_file(rd.ckpt(n), ".pt")) for n in names]
     except OSError as e:
         raise RefusedVersion(f"checkpoint {'+'.join(names)}: {e.strerror or e} ({Path(e.filename or '').name})") from None
     if len(digests) == 1:
@@ -103,7 +104,7 @@ class EnsembleRun(ServedRun):
         members, metas = [], []
         for name in names:
             members.append(rd.load_attached(name, stream, device).eval())
-            metas.append(read_json(rd.ckpt(name).with_suffix(".json")).get("meta", {}))
+            metas.append(read_json(stem_file(rd.ckpt(name), ".json")).get("meta", {}))
         self.model = RankEnsemble(members, exact_top=exact_top)
         self.checkpoint, self.meta = "+".join(names), metas[0]
         self.block = int(state.get("block", 0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ccdrec.config import TrainConfig, default_schedule
+from ccdrec.data import load_stream
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.eval import evaluate_block, rank_metrics
@@ -88,9 +89,62 @@ def test_recommend_wants_one_user_id(served, user):
         served.recommend(user, k=2)
 
 
-def test_load_run_wants_a_path():
+def test_load_run_wants_a_path_and_a_device_there_is(run_dir):
     with pytest.raises(TypeError, match="^run_dir must be the path of a run directory"):
         load_run(None)
+    with pytest.raises(CcdrecError, match="^run_dir is an empty path"):  # never read as '.', as the CLI refuses it
+        load_run(" ")
+    with pytest.raises(CcdrecError, match="^unknown device 'gpu'; expected auto, cpu or cuda$"):
+        load_run(run_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CcdrecError, match="no CUDA device is available"):
+            load_run(run_dir, device="cuda")
+
+
+def test_a_stream_is_indexed_by_block_numbers_that_it_has(stream):
+    last = len(stream) - 1
+    assert stream[-1] is stream[last] and stream[np.int64(0)] is stream[0] and stream[0:2] == stream.blocks[:2]
+    for k in (last + 1, -(last + 2)):
+        with pytest.raises(IndexError, match=rf"^block {k} is out of range: synthetic has blocks 0\.\.{last}$") as e:
+            stream[k]
+        assert isinstance(e.value, CcdrecError)
+    for k in ("0", True, 1.0, None):  # stream[True] was block 1
+        with pytest.raises(TypeError, match=r"^a block is indexed by a whole number \(stream\[0\]\)") as e:
+            stream[k]
+        assert isinstance(e.value, CcdrecError)
+    with pytest.raises(TypeError, match="^source must be a bundled stream's name"):
+        load_stream(None)
+
+
+def test_evaluation_names_what_is_wrong_with_its_model_split_and_users(stream):
+    b0 = stream[0]
+    fresh = LightGCN(b0.n_users, b0.n_items, dim=8)  # never trained: no graph set
+    with pytest.raises(CcdrecError, match=r"no graph to propagate over: call model.set_graph\(block.train_matrix\)") as e:
+        evaluate_block(fresh, b0, "test")
+    assert isinstance(e.value, RuntimeError)
+    fresh.set_graph(b0.train_matrix)
+    assert evaluate_block(fresh, b0, "test")["users"] > 0
+    vae = MultVAE(b0.n_users, b0.n_items, 8)
+    with pytest.raises(CcdrecError, match=r"no input rows: call model.set_graph\(block.train_matrix\)"):
+        vae.scorer()(torch.tensor([0]))
+    for split in (None, "tst", 0):
+        with pytest.raises(ValueError, match=f"^evaluation split must be 'valid' or 'test', not {split!r}$"):
+            evaluate_block(fresh, b0, split)
+    with pytest.raises(TypeError, match="^model must be a ccdrec model"):
+        evaluate_block(None, b0, "test")
+    for users in (np.array([b0.n_users]), np.array([99999])):  # were left out silently (0 users, every metric missing)
+        with pytest.raises(ValueError, match=rf"^users: user indices must be in 0\.\.{b0.n_users - 1}, not {users[0]}$"):
+            evaluate_block(fresh, b0, "test", users=users)
+        with pytest.raises(ValueError, match="user indices must be in"):
+            evaluate_many(fresh, [(b0, "test", users)])
+
+
+def test_fit_names_the_figures_it_can_select_on_and_the_schedules_there_are(stream):
+    b0 = stream[0]
+    with pytest.raises(ValueError, match=r"^select='bogus' is not a figure the validation gives; it gives 'recall@20'"):
+        fit(MF(b0.n_users, b0.n_items, 8), b0, TrainConfig(epochs=1), select="bogus")
+    with pytest.raises(ValueError, match="^no default schedule for 'bogus': the model families are mf, lightgcn, vae$"):
+        default_schedule("bogus")
 
 
 def test_a_user_index_out_of_range_is_named(served):
@@ -144,7 +198,7 @@ def test_evaluation_counts_are_checked(stream):
         rank_metrics(model.scorer(), b.matrix("test"), None, b.n_items, chunk=1.5)
     with pytest.raises(TypeError, match="^users must be an array of user indices"):
         evaluate_block(model, b, "test", users="12")
-    with pytest.raises(ValueError, match="^users: user indices must be non-negative"):
+    with pytest.raises(ValueError, match=r"^users: user indices must be in 0\.\.199, not -1"):
         evaluate_block(model, b, "test", users=[3, -1])
     with pytest.raises(TypeError, match="^block must be a ccdrec.data.stream.Block"):
         evaluate_block(model, b.matrix("test"), "test")

@@ -321,3 +321,35 @@ def test_an_interruption_during_a_checkpoint_read_waits_until_it_is_read(tmp_pat
         for s, h in old.items():
             signal.signal(s, h)
         cli._SIGNALLED.clear()
+
+
+def test_running_out_of_memory_is_one_line_and_a_run_says_how_to_resume(stream_dir, tmp_path, capsys):
+    from ccdrec import cli
+
+    assert cli.out_of_memory(ValueError("bad")) is None and cli.out_of_memory(RuntimeError("shape mismatch")) is None
+    torch_cpu = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 80000000000 bytes. Error code 12"
+    )
+    assert cli.out_of_memory(torch_cpu).startswith("out of memory (a step asked for 74.5 GiB; ")
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)")
+    assert "a step asked for 2.00 GiB" in cli.out_of_memory(cuda) and cli.out_of_memory(MemoryError()).startswith(
+        "out of memory (a smaller"
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "state.json").write_text("{}")
+    for where, kept in (
+        (tmp_path / "run", "the completed stages are kept; continue with: ccdrec run --resume"),
+        (tmp_path / "new", "nothing was written yet"),
+    ):
+        with pytest.raises(SystemExit) as stop, cli._resumable("run", where):
+            raise torch_cpu
+        assert stop.value.code == 1 and kept in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", tmp_path / "run"):  # not memory: as it was
+        raise RuntimeError("shape mismatch")
+    # a model far larger than memory (tens of GiB of embeddings): one line, no traceback
+    out = ccdrec("train", "--data", str(stream_dir), "--threads", "1", "--epochs", "1", "--dim", "100000000", "--no-progress")
+    assert (
+        out.returncode == 1 and out.stderr.startswith("error: out of memory (a step asked for ") and "Traceback" not in out.stderr
+    )
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -428,19 +429,41 @@ def _run_config(data, dataset, preset, config, set_, seed, device, max_blocks, *
     return cfg, Path(cfg.dataset).name
 
 
+def out_of_memory(e: BaseException) -> str | None:
+    """``out of memory (...)`` for an allocation that failed (Python's MemoryError, torch's CPU allocator or
+    CUDA), naming the size asked for where torch says it; None for any other error."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text)
+    size = ""
+    if asked:
+        size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1)
+        size = f"a step asked for {size}; "
+    return f"out of memory ({size}a smaller model, batch or --threads, or a machine with more memory, may fit)"
+
+
 @contextmanager
 def _resumable(command: str, path: Path) -> Iterator[None]:
-    """An interruption (Ctrl-C, SIGTERM) or a lost worker stage ends ``command`` with the line that resumes it."""
+    """An interruption (Ctrl-C, SIGTERM), a lost worker stage or memory running out ends ``command`` with
+    the line that resumes it."""
     hint = f"continue with: ccdrec {command} --resume {path}"
+    written = lambda: any((Path(path) / f).exists() for f in ("state.json", "compare.json", "sweep.json"))  # noqa: E731
     try:
         yield
     except KeyboardInterrupt:
-        if not any((Path(path) / f).exists() for f in ("state.json", "compare.json", "sweep.json")):
+        if not written():
             hint = "nothing was written yet: start the command again"
         print(f"interrupted; {hint}", file=sys.stderr)
         raise SystemExit(130) from None
     except StageLost as e:
         print(f"error: {e}; {hint}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (MemoryError, RuntimeError) as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        kept = f"the completed stages are kept; {hint}" if written() else "nothing was written yet"
+        print(f"error: {oom}; {kept}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -904,8 +927,10 @@ def _dispatch() -> None:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
         sys.exit(2)
-    except MemoryError:
-        print("error: out of memory (try fewer --threads or a smaller configuration)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:
+        if (oom := out_of_memory(e)) is None:
+            raise
+        print(f"error: {oom}", file=sys.stderr)
         sys.exit(1)
 
 

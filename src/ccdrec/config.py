@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ccdrec.errors import InvalidArgument
+
 
 def validation_message(e: ValidationError) -> str:
     """The first problem of a pydantic validation error, as ``field.path: message``."""
@@ -169,7 +171,10 @@ DEFAULT_SCHEDULES = {"mf": BPR_SCHEDULE, "lightgcn": BPR_SCHEDULE, "vae": VAE_SC
 
 
 def default_schedule(kind: str) -> TrainConfig:
-    """The block-0 schedule of a model family (``mf``, ``lightgcn`` or ``vae``), a fresh copy."""
+    """The block-0 schedule of a model family (``mf``, ``lightgcn`` or ``vae``), a fresh copy; another
+    ``kind`` is an :class:`~ccdrec.errors.InvalidArgument`."""
+    if not isinstance(kind, str) or kind not in DEFAULT_SCHEDULES:
+        raise InvalidArgument(f"no default schedule for {kind!r}: the model families are {', '.join(DEFAULT_SCHEDULES)}")
     return DEFAULT_SCHEDULES[kind].model_copy()
 
 

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from ccdrec.data.stream import Stream
+from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import EmbeddingModel
 from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_ids, check_indices, check_int, is_int
@@ -297,4 +298,6 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> ServedRun:
     """Open a run directory for serving: ``load_run(RUN).recommend(user, k=20)``, ``load_run(RUN).recommend_for_items([...])``."""
     if not isinstance(run_dir, (str, os.PathLike)):
         raise WrongArgumentType(f"run_dir must be the path of a run directory (a str or a Path), not {type(run_dir).__name__}")
-    return ServedRun(Path(run_dir), device)
+    if not str(run_dir).strip():  # never read as '.', the current directory (as the command line refuses it)
+        raise InvalidArgument("run_dir is an empty path; give the path of a run directory")
+    return ServedRun(Path(run_dir), resolve_device(device))

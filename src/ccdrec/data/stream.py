@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import BlockOutOfRange, CcdrecError, WrongArgumentType
 
 SPLITS = ("train", "valid", "test")
 BUNDLED = ("yelp", "gowalla")
@@ -168,6 +169,15 @@ class Stream:
         return len(self.blocks)
 
     def __getitem__(self, k: int) -> Block:
+        """Block ``k`` (negative from the end, as a list's); a slice gives a list of blocks. A ``k`` that is
+        not a whole number is a :class:`~ccdrec.errors.WrongArgumentType` (a TypeError), one out of range a
+        :class:`~ccdrec.errors.BlockOutOfRange` (an IndexError) naming the blocks there are."""
+        if isinstance(k, slice):
+            return self.blocks[k]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise WrongArgumentType(f"a block is indexed by a whole number (stream[0]), not {type(k).__name__} {k!r:.40}")
+        if not -len(self.blocks) <= k < len(self.blocks):
+            raise BlockOutOfRange(f"block {k} is out of range: {self.name} has blocks 0..{len(self.blocks) - 1}")
         return self.blocks[k]
 
     def __iter__(self):
@@ -322,6 +332,11 @@ def load_stream(source: str | Path) -> Stream:
     directory ``./yelp``); a string is a bundled name when it is one, else a directory.
     Raises :class:`CcdrecError` with a one-line message for anything wrong with the input.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise WrongArgumentType(
+            f"source must be a bundled stream's name ({', '.join(BUNDLED)}) or a stream directory (a str or a Path), "
+            f"not {type(source).__name__}"
+        )
     name = str(source)
     if isinstance(source, str) and not source.strip():
         raise CcdrecError(

@@ -17,7 +17,7 @@ import torch
 
 from ccdrec.data.stream import Block
 from ccdrec.models.base import Recommender, Scorer
-from ccdrec.models.checks import WrongArgumentType, check_indices, check_int, check_ks, check_universe
+from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_indices, check_int, check_ks, check_universe
 
 DEFAULT_KS = (20, 50)
 MASK_OF = {"test": ("train", "valid"), "valid": ("train", "test")}
@@ -36,16 +36,27 @@ def _check_run(ks, chunk) -> tuple[tuple[int, ...], int]:
     return check_ks("ks", ks), check_int("chunk", chunk)
 
 
-def _check_users(users) -> np.ndarray | None:
-    """``users`` (None, or non-negative integer user indices) as an int64 array."""
-    return None if users is None else check_indices("users", users, None, "user indices")
+def _check_users(users, n_users: int | None = None) -> np.ndarray | None:
+    """``users`` (None, or integer user indices in 0..n_users-1; any non-negative ones without
+    ``n_users``) as an int64 array."""
+    return None if users is None else check_indices("users", users, n_users, "user indices")
 
 
-def _check_block(block, split: str | None = None) -> None:
+_NO_SPLIT = object()
+
+
+def _check_block(block, split=_NO_SPLIT) -> None:
     if not isinstance(block, Block):
         raise WrongArgumentType(f"block must be a ccdrec.data.stream.Block (e.g. stream[0]), not {type(block).__name__}")
-    if split is not None and split not in MASK_OF:
-        raise ValueError(f"evaluation split must be 'valid' or 'test', not {split!r}")
+    if split is not _NO_SPLIT and (not isinstance(split, str) or split not in MASK_OF):
+        raise InvalidArgument(f"evaluation split must be 'valid' or 'test', not {split!r}")
+
+
+def _check_model(model) -> None:
+    if not all(hasattr(model, a) for a in ("n_users", "n_items", "scorer")):
+        raise WrongArgumentType(
+            f"model must be a ccdrec model (MF, LightGCN, MultVAE, a RankEnsemble), not {type(model).__name__}"
+        )
 
 
 @dataclass
@@ -210,9 +221,10 @@ def evaluate_block(
 
 def block_target(model: Recommender, block: Block, split: str, users: np.ndarray | None = None) -> Target:
     """The :class:`Target` of one split of ``block`` in ``model``'s universe, masked as in method.md 8."""
+    _check_model(model)
     _check_block(block, split)
     check_universe(model, block, exact=False, doing=f"evaluate on block {block.index}")
-    users = _check_users(users)
+    users = _check_users(users, model.n_users)
     n_u, n_i = model.n_users, model.n_items
     mask = block.matrix(MASK_OF[split][0], n_u, n_i) + block.matrix(MASK_OF[split][1], n_u, n_i)
     return Target(block.matrix(split, n_u, n_i), mask.tocsr(), users)
@@ -232,9 +244,11 @@ def evaluate_many(
     ks, chunk = _check_run(ks, chunk)
     if not isinstance(requests, (list, tuple)) or not all(isinstance(r, (list, tuple)) and len(r) == 3 for r in requests):
         raise WrongArgumentType("requests must be a list of (block, split, users) triples, e.g. [(stream[0], 'test', None)]")
-    for block, split, _ in requests:
+    _check_model(model)
+    for block, split, users in requests:
         _check_block(block, split)
         check_universe(model, block, exact=False, doing=f"evaluate on block {block.index}")
+        _check_users(users, model.n_users)
     groups: dict[int, list[int]] = {}
     for n, (block, _, _) in enumerate(requests):
         groups.setdefault(block.index if getattr(model, "uses_context", True) else -1, []).append(n)

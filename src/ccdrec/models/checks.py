@@ -15,15 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType  # noqa: F401 - the argument errors, re-exported
 
 
-class InvalidArgument(CcdrecError, ValueError):
-    """An argument of the right type with a value outside what the function accepts."""
-
-
-class WrongArgumentType(CcdrecError, TypeError):
-    """An argument of the wrong type."""
+class ModelNotReady(CcdrecError, RuntimeError):
+    """A model used before what it needs is set (a LightGCN's graph, a Mult-VAE's input rows)."""
 
 
 def _shown(value: Any) -> str:

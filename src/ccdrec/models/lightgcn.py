@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Representations, Scorer, check_growth
-from ccdrec.models.checks import InvalidArgument, check_int
+from ccdrec.models.checks import InvalidArgument, ModelNotReady, check_int
 from ccdrec.models.graph import normalized_adjacency, propagate_symmetric, to_torch_sparse
 from ccdrec.models.growth import entity_rows, grow_table
 
@@ -62,7 +62,10 @@ class LightGCN(EmbeddingModel):
         layers = [ego]
         if self.layers > 0:
             if self._adj is None:
-                raise RuntimeError("LightGCN needs set_graph(train_matrix) before propagation")
+                raise ModelNotReady(
+                    "this LightGCN has no graph to propagate over: call model.set_graph(block.train_matrix) with the "
+                    "train matrix of the block it is sized for (fit does; a model built or loaded by hand needs it)"
+                )
             for _ in range(self.layers):
                 layers.append(propagate_symmetric(self._adj, layers[-1]))
         return [(x[: self.n_users], x[self.n_users :]) for x in layers]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth
-from ccdrec.models.checks import check_fraction, check_int
+from ccdrec.models.checks import ModelNotReady, check_fraction, check_int
 from ccdrec.models.growth import entity_rows
 from ccdrec.models.indexing import take_rows
 
@@ -81,7 +81,10 @@ class MultVAE(Recommender):
     def input_rows(self, users: torch.Tensor, context: sp.csr_matrix | None = None) -> torch.Tensor:
         ctx = context if context is not None else self._context
         if ctx is None:
-            raise RuntimeError("MultVAE needs set_graph(train_matrix) or a context matrix")
+            raise ModelNotReady(
+                "this Mult-VAE has no input rows: call model.set_graph(block.train_matrix) with the train matrix of the "
+                "block it is sized for (fit does), or pass a context matrix"
+            )
         return rows_tensor(ctx, users, self.n_items, self.device)
 
     def _encode_sparse(self, x: torch.Tensor, stochastic: bool) -> torch.Tensor:

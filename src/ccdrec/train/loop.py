@@ -22,7 +22,7 @@ import torch
 
 from ccdrec.config import TrainConfig
 from ccdrec.data.stream import Block
-from ccdrec.errors import TrainingDiverged
+from ccdrec.errors import InvalidArgument, TrainingDiverged
 from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block, evaluate_many
 from ccdrec.eval.protocol import harmonic
 from ccdrec.memory import reused_step_memory
@@ -60,6 +60,10 @@ class EarlyStopping:
         self.best_score, self.bad = -1.0, 0
 
     def observe(self, model: Recommender, epoch: int, valid: dict) -> None:
+        if self.key not in valid:
+            raise InvalidArgument(
+                f"select={self.key!r} is not a figure the validation gives; it gives {', '.join(map(repr, valid))}"
+            )
         score = valid[self.key]
         if score is None:  # no validation users: nothing to select on, the last epoch is kept
             self.result.best_epoch, self.result.best_valid = epoch, valid
@@ -147,7 +151,8 @@ def fit(
     figure model selection maximises (default ``cfg.select_metric``; a callback's ``on_validate`` may
     add it). ``past``: the blocks before ``block``; with ``cfg.select_on = "stream"`` every validation
     also scores them (:func:`stream_validation`) and selection maximises ``stream_h@K`` unless
-    ``select`` names another figure. Raises KeyError if no validation provides ``select``.
+    ``select`` names another figure. Raises :class:`~ccdrec.errors.InvalidArgument` (a ValueError) at the
+    first validation if it does not give ``select``, naming the figures it gives.
 
     Mistakes are one-line errors before any training: ``cfg`` not a :class:`TrainConfig`, ``block`` not a
     :class:`Block`, a model whose universe is not the block's (a model of an earlier block is grown to it

@@ -9,6 +9,7 @@ from contextlib import suppress
 
 import numpy as np
 import pytest
+import torch
 
 from ccdrec import CcdrecError, load_run
 from ccdrec.data.stream import save_stream
@@ -106,7 +107,11 @@ def test_a_finished_run_goes_on_to_later_blocks(full_run, tmp_path):
 def test_teacher_members_in_worker_processes_give_the_same_metrics(full_run, tmp_path):
     cfg, out = full_run
     par = tmp_path / "par"
-    run_stream(cfg, par, progress=False, workers=2)
+    torch.set_num_threads(2)  # two worker processes need two threads: with one, they are capped at one (next test)
+    try:
+        run_stream(cfg, par, progress=False, workers=2)
+    finally:
+        torch.set_num_threads(1)
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731 - member stages may finish in any order
     assert sorted(metric_lines(par), key=key) == sorted(metric_lines(out), key=key)
     state = json.loads((par / "state.json").read_text())
@@ -127,7 +132,7 @@ def test_workers_fall_back_to_one_process_for_a_script_read_from_stdin(full_run,
         f"cfg = RunConfig.model_validate_json(Path({str(tmp_path / 'config.json')!r}).read_text())\n"
         f"run_stream(cfg, Path({str(tmp_path / 'run')!r}), progress=True, workers=2)\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     res = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "one process: workers cannot re-import a program read from stdin" in " ".join(res.stdout.split())

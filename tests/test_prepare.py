@@ -650,7 +650,7 @@ BAD_OPTIONS = {
     "wrong separator": ("u.data", UDATA, {}, "give --sep"),
     "header looks like data": ("u.data", UDATA, {"sep": "\t"}, "give --no-header --columns"),
     "blank multi-char sep": ("u.data", UDATA, {"sep": "  "}, "--sep must be one character, 'tab'"),
-    "sep with a quote": ("u.data", UDATA, {"sep": "a\"b"}, "without quotes or line breaks"),
+    "sep with a quote": ("u.data", UDATA, {"sep": 'a"b'}, "without quotes or line breaks"),
     "min rating without column": ("log.csv", None, {"min_rating": 4}, "--min-rating needs --rating-col"),
     "rating column without min": ("log.csv", None, {"rating_col": "rating"}, "--rating-col needs --min-rating"),
     "rating column missing": ("log.csv", None, {"rating_col": "stars", "min_rating": 4}, "missing column(s) 'stars'"),

@@ -264,6 +264,30 @@ def _spawned_workers(parent: int) -> list[int]:
     return found
 
 
+def test_more_workers_than_threads_are_capped_at_the_threads(tmp_path):
+    """--workers 3 --threads 1 ran two 1-thread worker processes, two threads under --threads 1: the worker
+    processes are capped at the run's threads, with a note (the metrics do not depend on them)."""
+    save_stream(synthetic_stream(n_blocks=2, seed=4), tmp_path / "s")
+    args = [
+        sys.executable,
+        "-m",
+        "ccdrec",
+        "run",
+        "--data",
+        str(tmp_path / "s"),
+        "--out",
+        str(tmp_path / "r"),
+        "--max-blocks",
+        "0",
+    ]
+    args += ["--preset", "quick", "--threads", "1", "--workers", "3", "--no-progress", "--set", MEMBERS]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = " ".join(res.stdout.split())
+    assert "3 worker processes capped at 1: each takes at least one of the 1 thread(s) this run may use (--threads)" in text
+    assert "processes," not in text and "b0/teacher1" in text  # the members ran one after the other, in this process
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
     save_stream(synthetic_stream(n_blocks=2, seed=4), tmp_path / "s")

@@ -61,9 +61,11 @@ ODD_USERS = [
 
 @pytest.fixture(scope="module")
 def odd_run_dir(tmp_path_factory, finished_run):
-    """A finished run whose first users have IDs with "/", dots, spaces at either end, "<", "?", "#", "%"."""
+    """A finished run whose first users have IDs with "/", dots, spaces at either end, "<", "?", "#", "%", and
+    whose first item's ID begins with a space (`` i0``)."""
     stream = synthetic_stream(n_blocks=2, seed=5)
     stream.user_vocab = np.array([*ODD_USERS, *(f"u{i}" for i in range(len(ODD_USERS), stream.n_users))], dtype=object)
+    stream.item_vocab = np.array([" i0", *(f"i{i}" for i in range(1, stream.n_items))], dtype=object)
     return finished_run(tmp_path_factory.mktemp("odd"), stream, OVERRIDES)
 
 
@@ -378,6 +380,11 @@ def test_cold_start_from_items(run_dir):
         assert body["unknown"] == []
         partial = client.post("/recommend/items", json={"items": [*given, "no-such-item"], "k": 10}).json()
         assert partial["unknown"] == ["no-such-item"] and partial["items"] == body["items"]
+        # an ID with spaces around it is found as load_run and `ccdrec recommend --items` find it: alone it
+        # was a 404, beside a known item an answer
+        alone = client.post("/recommend/items", json={"items": [f" {given[0]} "], "k": 10})
+        assert alone.status_code == 200 and alone.json()["unknown"] == []
+        assert alone.json()["items"] == client.post("/recommend/items", json={"items": [given[0]], "k": 10}).json()["items"]
 
 
 def test_a_user_of_a_later_block_gets_the_cli_detail(run_copy):
@@ -731,3 +738,19 @@ def test_page_form_asks_for_the_id_as_typed(odd_run_dir):
             assert "404" in driver.find_element(By.ID, "error").text and "'padded'" in driver.find_element(By.ID, "error").text
         finally:
             driver.quit()
+
+
+def test_an_item_id_is_looked_up_as_written_everywhere_then_without_surrounding_spaces(odd_run_dir):
+    """`recommend --items` stripped every ID, so " i0" (an ID that begins with a space) could not be asked
+    for from the command line, though load_run and the HTTP service found it."""
+    served = load_run(odd_run_dir)
+    assert served.item_index(" i0") == 0 and served.item_index("i0") is None and served.item_index(" i1 ") == 1
+    expected = served.recommend_for_items([" i0", "i1"], 5)
+    assert expected.used == [" i0", "i1"] and expected.unknown == []
+    cmd = [sys.executable, "-m", "ccdrec", "recommend", str(odd_run_dir), "--items", " i0, i1", "-k", "5"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert [line.split("\t")[1] for line in out.stdout.strip().splitlines()] == [r.item for r in expected.items]
+    with Serving(create_app(odd_run_dir, watch=False)) as s, httpx.Client(base_url=s.url) as client:
+        r = client.post("/recommend/items", json={"items": [" i0", " i1"], "k": 5})
+        assert r.status_code == 200 and [x["item"] for x in r.json()["items"]] == [r.item for r in expected.items]

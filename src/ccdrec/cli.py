@@ -585,7 +585,9 @@ def recommend(
     if (user is None) == (items is None):
         raise CcdrecError("give --user (a known user) or --items (a new user's items), one of them")
     if items is not None:
-        given = comma_list(items, "--items", repeats=True)  # a user may have interacted with an item twice
+        # a user may have interacted with an item twice; an ID is looked up as written, else without the
+        # spaces around it (IDs may begin with a space; "12, 40" names 40), as the HTTP service and load_run do
+        given = comma_list(items, "--items", repeats=True, strip=False)
     served = load_run(run_dir)
     if items is None:
         recs = served.recommend(user, k)

@@ -15,16 +15,17 @@ from ccdrec.errors import CcdrecError
 T = TypeVar("T")
 
 
-def comma_list(text: str, option: str, *, repeats: bool = False) -> list[str]:
-    """``" a, b "`` -> ``["a", "b"]`` (entries stripped).
+def comma_list(text: str, option: str, *, repeats: bool = False, strip: bool = True) -> list[str]:
+    """``" a, b "`` -> ``["a", "b"]`` (entries stripped; with ``strip=False`` kept as written, ``[" a", " b "]``,
+    for IDs that may hold spaces).
 
-    Errors: no entry at all, an empty entry, or (unless ``repeats``) an entry given twice.
+    Errors: no entry at all, an empty (or blank) entry, or (unless ``repeats``) an entry given twice.
     """
-    entries = [x.strip() for x in text.split(",")]
-    if not any(entries):
+    entries = [x.strip() if strip else x for x in text.split(",")]
+    if not any(x.strip() for x in entries):
         raise CcdrecError(f"{option} names no value")
     for pos, x in enumerate(entries, 1):
-        if not x:
+        if not x.strip():
             raise CcdrecError(
                 f"{option} has an empty entry ({_ordinal(pos)} of {len(entries)} in {text!r}): one value between commas"
             )

@@ -130,6 +130,12 @@ class StagedRun:
             cluster.connect(address)
             cluster.check_resources(self.stage_threads(min(groups.values()), on_ray), int(self.stage_device() == "cuda"))
         workers = self.workers
+        if workers > (threads := torch.get_num_threads()) and not on_ray:  # --workers 3 --threads 1 ran 2 threads
+            self.console.print(
+                f"{workers} worker processes capped at {threads}: each takes at least one of the {threads} thread(s) "
+                "this run may use (--threads)"
+            )
+            workers = self.workers = threads
         if workers > 1 and not on_ray and not _main_can_be_spawned():
             self.console.print("one process: workers cannot re-import a program read from stdin")
             workers = 1
@@ -183,7 +189,8 @@ class StagedRun:
         then reload the models their pointers name."""
         workers = min(self.workers, len(names))
         threads = self.stage_threads(len(names))
-        self.console.print(f"[bold]{', '.join(names)}[/bold] ({workers} processes, {threads} threads each)")
+        each = f"{threads} thread{'s' if threads > 1 else ''} each"
+        self.console.print(f"[bold]{', '.join(names)}[/bold] ({workers} processes, {each})")
         pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),

@@ -361,7 +361,7 @@ def create_app(
         if not v.has_cold_start:
             return json({"detail": f"the served {v.role} has no cold-start path; serve the student"}, 501)
         names = [str(i) for i in request.items]
-        missing = [n for n in names if v.item_pos.get(n) is None]
+        missing = [n for n in names if v.run.item_index(n) is None]  # as written, else without surrounding spaces
         if len(missing) == len(names):
             return json(
                 {

@@ -172,10 +172,16 @@ def test_resume_rejects_a_corrupt_run_directory(full_run, tmp_path):
         run_stream(None, tmp_path / "missing", resume=True, progress=False)
 
 
-def test_new_run_refuses_a_non_empty_directory(full_run):
+def test_new_run_refuses_a_non_empty_directory_and_says_what_it_is(full_run, stream_dir, tmp_path):
     cfg, out = full_run
-    with pytest.raises(CcdrecError, match="not empty"):
+    with pytest.raises(CcdrecError, match=r"run directory exists and is not empty \(use --resume to continue it\)$"):
         run_stream(cfg, out, progress=False)
+    # --resume would not help with a stream directory, or a directory of other files
+    with pytest.raises(CcdrecError, match="a stream directory, not a place for a new run directory; give --out a new directory$"):
+        run_stream(cfg, stream_dir, progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CcdrecError, match=r"not empty \(not one of ccdrec's; give --out a new or empty directory\)$"):
+        run_stream(cfg, tmp_path, progress=False)
 
 
 def test_recommend_serves_unseen_items_in_original_ids(full_run, stream_dir):

@@ -178,6 +178,31 @@ def test_a_run_works_from_any_working_directory(cli_run):
     assert json.loads((run / "stream.json").read_text())["source"] == str(cli_run / "a" / "streams" / "base")
 
 
+def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_place(cli_run, tmp_path):
+    """It used to say "no stream directory '...' (bundled datasets: yelp, gowalla)", nothing about the run
+    or how to point it at the stream's new place."""
+    import shutil
+
+    run, moved = tmp_path / "x", tmp_path / "moved"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)
+    shutil.copytree(cli_run / "a" / "streams" / "base", moved)
+    config = run / "config.yaml"
+    old = str(cli_run / "a" / "streams" / "base")
+    config.write_text(config.read_text().replace(old, str(tmp_path / "gone")))  # as if the stream had moved
+    for args in (["recommend", str(run), "--user", "0"], ["run", "--resume", str(run), "--max-blocks", "1"]):
+        line = one_error_line(ccdrec(*args, cwd=cli_run / "b"))
+        assert f"the stream directory the run started on, {tmp_path / 'gone'}, is not there (moved or removed)" in line
+        assert f"write its new path as `dataset:` in {config}" in line
+    config.write_text(config.read_text().replace(str(tmp_path / "gone"), str(moved)))  # what the message says to do
+    rec = ccdrec("recommend", str(run), "--user", "0", "-k", "5", cwd=cli_run / "b")
+    assert rec.returncode == 0, rec.stderr
+    assert json.loads((run / "stream.json").read_text())["source"] == str(moved)  # the record follows it
+    other = tmp_path / "other"
+    save_stream(synthetic_stream(n_blocks=3, seed=5), other)  # another stream is not taken for it
+    config.write_text(config.read_text().replace(str(moved), str(other)))
+    assert "has changed since the run started" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
+
+
 def test_a_changed_stream_is_refused_and_nothing_changes(cli_run, tmp_path):
     import shutil
 
@@ -335,6 +360,7 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
         (["compare", "--workers", "2", "--set", "workers=1"], "--workers and --set workers: give one of them"),
         (["run", "--executor", "local", "--set", "executor=ray"], "--executor and --set executor: give one of them"),
         (["run", "--set", "student.model.kind=vae"], "the student is an embedding model"),
+        (["run", "--set", "student.model.kind=foo"], "the student is an embedding model: kind mf or lightgcn, not 'foo'"),
         (["compare", "--seeds", "0,4294967296"], "--seeds: every value must be at most 4294967295"),
         (["run", "--set", "seed=4294967296"], "seed: Input should be less than or equal to 4294967295"),
     ],

@@ -938,7 +938,10 @@ def _dispatch() -> None:
 
 @app.command("serve")
 def serve_command(
-    run_dir: Path = typer.Argument(..., help="a run directory written by `ccdrec run` (finished or still running)"),
+    run_dir: Path = typer.Argument(
+        ...,
+        help="a run directory written by `ccdrec run` (finished, or still running once its first student D_0 is distilled)",
+    ),
     host: str = typer.Option("127.0.0.1", help="address to listen on: loopback by default; 0.0.0.0 for every interface"),
     port: int = typer.Option(8000, help="TCP port"),
     teacher: bool = typer.Option(False, "--teacher", help="serve the teacher ensemble instead of the student (to compare costs)"),

@@ -310,12 +310,16 @@ class StudentConfig(Strict):
 
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(kind="lightgcn", dim=8), description="architecture")
 
-    @field_validator("model")
+    @field_validator("model", mode="before")
     @classmethod
-    def _embedding_student(cls, model: ModelConfig) -> ModelConfig:
-        """The student is distilled by ranking (RRD, method.md 4) and replays through its embeddings: MF or LightGCN."""
-        if model.kind == "vae":
-            raise ValueError("the student is an embedding model (kind mf or lightgcn); a Mult-VAE can be a teacher member")
+    def _embedding_student(cls, model):
+        """The student is distilled by ranking (RRD, method.md 4) and replays through its embeddings: MF or
+        LightGCN; another kind (``vae``, a typo) is named with the two it can be, not the teachers' three."""
+        kind = model.get("kind", "lightgcn") if isinstance(model, dict) else getattr(model, "kind", None)
+        if kind not in ("mf", "lightgcn"):
+            raise ValueError(
+                f"the student is an embedding model: kind mf or lightgcn, not {kind!r} (a Mult-VAE can be a teacher member)"
+            )
         return model
 
     distill: TrainConfig = Field(

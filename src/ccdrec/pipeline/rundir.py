@@ -35,7 +35,7 @@ from ccdrec.checkpoint import (
     stem_file,
 )
 from ccdrec.config import RunConfig, validation_message
-from ccdrec.data.stream import Block, Stream, load_stream
+from ccdrec.data.stream import BUNDLED, INTERACTIONS, UNIVERSE, Block, Stream, load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
 
@@ -120,7 +120,11 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise CcdrecError(f"{self.path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()):
-            raise CcdrecError(f"{self.path}: {what} exists and is not empty (use --resume to continue it)")
+            if (self.path / UNIVERSE).exists() or (self.path / INTERACTIONS).exists():
+                raise CcdrecError(f"{self.path}: a stream directory, not a place for a new {what}; give --out a new directory")
+            ours = any((self.path / f).exists() for f in ("state.json", "compare.json", "sweep.json"))
+            hint = "use --resume to continue it" if ours else "not one of ccdrec's; give --out a new or empty directory"
+            raise CcdrecError(f"{self.path}: {what} exists and is not empty ({hint})")
 
     def create(self, cfg: RunConfig, stream: Stream) -> None:
         """A new run of ``cfg`` on ``stream`` (its content hash is recorded, :meth:`open_stream`)."""
@@ -145,7 +149,16 @@ class RunDir:
         count was written: any prefix) equals the recorded hash. The record is then moved on to the
         longer stream (best effort: a read-only run directory keeps its old record), so that the
         appended blocks, which the run may go on to use, are protected from then on too.
+
+        A stream directory that has moved is named as gone, with the line of ``config.yaml`` that points the
+        run at its new place (the content hash is checked there as anywhere); the record follows it.
         """
+        if cfg.dataset not in BUNDLED and not Path(cfg.dataset).is_dir():
+            raise CcdrecError(
+                f"{self.path}: the stream directory the run started on, {cfg.dataset}, is not there (moved or removed); "
+                f"move it back, or write its new path as `dataset:` in {self.config_path} (its content is still checked "
+                "against the stream the run started on)"
+            )
         stream = load_stream(cfg.dataset)
         recorded = self.path / STREAM_FILE
         if not recorded.exists():
@@ -155,6 +168,7 @@ class RunDir:
             )
         record = read_json(recorded)
         expected = record.get("sha256")
+        updated = {**record, "source": cfg.dataset}
         if expected != stream.digest:
             if not _is_prefix(stream, expected, record.get("blocks")):
                 raise CcdrecError(
@@ -162,8 +176,10 @@ class RunDir:
                     f"{str(expected)[:12]} recorded, {stream.digest[:12]} now; appending blocks is the only "
                     "change a run follows); restore the stream or start a new run"
                 )
+            updated.update(sha256=stream.digest, blocks=len(stream))
+        if updated != record:  # grown (data append) or moved (a new `dataset:`): recorded, best effort
             try:
-                atomic_write_json(recorded, {**record, "sha256": stream.digest, "blocks": len(stream)})
+                atomic_write_json(recorded, updated)
             except OSError:
                 pass
         return stream

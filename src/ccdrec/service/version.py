@@ -229,7 +229,7 @@ def load_version(
     names = role_pointers(state, role, n_members)
     if not names:
         what = (
-            "no student yet (D_0 is distilled once block 0's teachers are trained)"
+            "no student yet (D_0 is distilled once block 0's teachers are trained; serve it from then on)"
             if role == "student"
             else "not every teacher member yet"
         )

@@ -558,8 +558,15 @@ def test_cli_append_resume_recommend(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     res = ccdrec("data", "append", str(d / "s"), str(d / "rest.csv"), "--blocks", "2")
     assert res.returncode == 0 and "appended blocks 2..3" in res.stdout, res.stderr[-3000:]
+    res = ccdrec("run", "--resume", str(d / "run"), "--max-blocks", "2", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = ccdrec("run", "--resume", str(d / "run"), "--no-progress")  # nothing to do: says how to go on
+    hint = "note: the run stops at block 2 (--max-blocks) and its stream has blocks 0..3; "
+    hint += f"ccdrec run --resume {d / 'run'} --max-blocks 3 takes it on"
+    assert again.returncode == 0 and hint in " ".join(again.stdout.split()), again.stdout[-2000:]
     res = ccdrec("run", "--resume", str(d / "run"), "--max-blocks", "3", "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "note: the run stops" not in res.stdout
     assert json.loads((d / "run" / "state.json").read_text())["block"] == 3
     rec = ccdrec("recommend", str(d / "run"), "--user", "u0", "-k", "5")
     assert rec.returncode == 0 and len(rec.stdout.strip().splitlines()) == 5, rec.stderr

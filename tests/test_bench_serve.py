@@ -121,10 +121,12 @@ def test_cli_bench_serve(run_dir, tmp_path):
     assert records[1]["model"] == "student" and records[2]["batch_users"] is None
     out = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "no such run directory" in out.stderr
-    # a -k past the catalogue measures lists of every item, and says so instead of naming a top-K it did not measure
-    n_items = load_serving(run_dir, "cpu").teacher.n_items
+    # a -k past the catalogue measures lists of every item, and says so instead of naming a top-K it did not
+    # measure; so does a --batch past the users; --threads as every command that computes has it
+    models = load_serving(run_dir, "cpu")
+    n_items, n_users = models.teacher.n_items, min(models.teacher.n_users, models.student.n_users)
     out = subprocess.run(
-        [*cmd, str(run_dir), "--batch", "8", "--repeats", "1", "-k", "100000"],
+        [*cmd, str(run_dir), "--batch", "100000", "--repeats", "1", "-k", "100000", "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -132,3 +134,4 @@ def test_cli_bench_serve(run_dir, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert f"-k 100000 is more than the {n_items:,} items" in out.stderr and f"top-{n_items}," in out.stdout
+    assert f"--batch 100,000 is more than the {n_users:,} users there are" in out.stderr

@@ -461,8 +461,10 @@ def test_compare_resume_adds_methods_and_takes_every_run_on_to_later_blocks(comp
     got = tmp_path / "cmp"
     run_compare(cfg.model_copy(update={"max_blocks": 0}), got, ["ccd", "finetune"], progress=False, bench=False)
     assert {r["k"] for r in read_rows(got / "finetune")} == {0}
-    run_compare(None, got, ["lwckd", "finetune"], resume=True, progress=False, bench=False, max_blocks=1)
-    assert json.loads((got / "compare.json").read_text())["methods"] == ["ccd", "finetune", "lwckd"]
+    run_compare(None, got, ["lwckd", "finetune"], resume=True, progress=False, max_blocks=1)  # bench as started
+    plan = json.loads((got / "compare.json").read_text())
+    assert plan["methods"] == ["ccd", "finetune", "lwckd"] and plan["bench"] is False
+    assert not (got / "bench_serve.json").exists()  # a resume measured it although the comparison was started without
     for m in ("ccd", "finetune", "lwckd"):  # the same runs as a comparison started with every block
         assert read_rows(got / m) == read_rows(out / m)
         assert RunDir(got / m).load_config().max_blocks == 1

@@ -178,6 +178,19 @@ def test_a_run_works_from_any_working_directory(cli_run):
     assert json.loads((run / "stream.json").read_text())["source"] == str(cli_run / "a" / "streams" / "base")
 
 
+def test_a_run_that_stops_before_its_streams_end_says_how_to_go_on(cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "x"
+    shutil.copytree(cli_run / "a" / "runs" / "x", run)  # --max-blocks 0 on a stream of blocks 0..2
+    res = ccdrec("run", "--resume", str(run), "--no-progress", cwd=cli_run / "b")
+    assert res.returncode == 0, res.stderr[-2000:]
+    hint = (
+        f"note: the run stops at block 0 (--max-blocks) and its stream has blocks 0..2; ccdrec run --resume {run} --max-blocks 2"
+    )
+    assert hint in " ".join(res.stdout.split())
+
+
 def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_place(cli_run, tmp_path):
     """It used to say "no stream directory '...' (bundled datasets: yelp, gowalla)", nothing about the run
     or how to point it at the stream's new place."""

@@ -561,6 +561,13 @@ def run(
         console.print(tables.as_text(summary).to_string())
     if note := tables.capped_note(rows):
         console.print(f"note: {note}", markup=False)
+    stopped, last = rd.load_config().max_blocks, rd.stream_blocks() - 1
+    if stopped is not None and stopped < last:  # e.g. after `ccdrec data append`: the stream went on
+        console.print(
+            f"note: the run stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
+            f"ccdrec run --resume {rd.path} --max-blocks {last} takes it on",
+            markup=False,
+        )
 
 
 @app.command("recommend")
@@ -644,7 +651,12 @@ def compare(
     from_run: Path | None = typer.Option(
         None, help="use this `ccdrec run` directory as the CCD run (its configuration is the comparison's)"
     ),
-    bench: bool = typer.Option(True, help="measure CCD's serving cost (teacher ensemble vs student) for the report"),
+    bench: bool | None = typer.Option(
+        None,
+        "--bench/--no-bench",
+        help="measure CCD's serving cost (teacher ensemble vs student) for the report [default: bench; --resume: as started]",
+        show_default=False,
+    ),
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
     workers: WorkersOpt = None,
@@ -755,15 +767,22 @@ def bench_serve_command(
     k: int = typer.Option(20, "-k", min=1, help="recommendation list length"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serving cost of the final teacher ensemble vs the final served student: parameters, memory, top-K latency."""
     from ccdrec.serve_bench import TARGET_SPEEDUP, bench_records, bench_serve, format_bench, speedup
 
+    _set_threads(threads)
     if json_out is not None:
         _check_output_file(json_out, "--json")
     df = bench_serve(run_dir, batch=batch, repeats=repeats, k=k, device=device)
     text = format_bench(df)
-    listed = df.attrs.get("k", k)
+    listed, measured = df.attrs.get("k", k), int(df.loc["student", "batch_users"])
+    if measured < batch:
+        print(
+            f"note: --batch {batch:,} is more than the {measured:,} users there are; the batch measured has them all",
+            file=sys.stderr,
+        )
     if listed < k:
         print(f"note: -k {k} is more than the {listed:,} items there are; the lists measured hold all", file=sys.stderr)
     table = Table(title=f"serving cost of {run_dir} (top-{listed}, seen items excluded, median of {repeats})")

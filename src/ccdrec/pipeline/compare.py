@@ -233,7 +233,7 @@ def run_compare(
     resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
-    bench: bool = True,
+    bench: bool | None = None,
     bench_repeats: int = 3,
     from_run: Path | None = None,
     workers: int | None = None,
@@ -245,7 +245,8 @@ def run_compare(
 
     ``methods``: some of :data:`METHODS`; ``ablations``: some of :data:`ABLATIONS` (CCD takes part
     whenever ablations do). ``bench``: measure the serving cost of CCD's final teacher and student
-    (:func:`ccdrec.serve_bench.bench_serve`) for the report. ``from_run``: an existing CCD run
+    (:func:`ccdrec.serve_bench.bench_serve`) for the report (None: as the comparison was started, which
+    ``compare.json`` records; a new one measures it). ``from_run``: an existing CCD run
     directory that becomes the comparison's CCD run (:func:`adopt_run`); its configuration replaces ``cfg``.
     On ``resume``, ``methods`` and ``ablations`` are added to the comparison's, and ``max_blocks`` takes
     every run on to that block (:meth:`RunDir.set_max_blocks`). ``base_from``: a CCD run directory of the
@@ -262,6 +263,11 @@ def run_compare(
     if cfg is not None and not resume:
         check_run_tasks(cfg)  # before anything is created
     cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console)
+    if bench is None:  # as the comparison was started: --resume keeps a --no-bench
+        bench = plan.get("bench", True)
+    elif plan.get("bench", True) != bench:
+        plan = {**plan, "bench": bench}
+        atomic_write_json(out / COMPARE_FILE, plan)
     if opened is not None:
         opened(out)
     comparison = Comparison(out, cfg, stream, plan["methods"], plan["ablations"], base_from)

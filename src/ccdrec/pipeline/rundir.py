@@ -140,6 +140,10 @@ class RunDir:
         blocks (the hash is also the prefix digest of those blocks, :meth:`Stream.prefix_digest`)."""
         atomic_write_json(self.path / STREAM_FILE, {"source": cfg.dataset, "sha256": stream.digest, "blocks": len(stream)})
 
+    def stream_blocks(self) -> int:
+        """The number of blocks of the run's stream as last opened (``stream.json``; 0 if not recorded)."""
+        return int(read_json(self.path / STREAM_FILE).get("blocks") or 0)
+
     def open_stream(self, cfg: RunConfig) -> Stream:
         """The stream of this run, checked against the content hash recorded when it started: a run never
         goes on (resume, compare, recommend, serve) on a stream that has changed under it.

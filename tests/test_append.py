@@ -306,6 +306,18 @@ def test_append_failures_change_nothing(parts):
     pd.read_csv(d / "rest1.csv").rename(columns={"item": "thing"}).to_csv(d / "cols.csv", index=False)
     with pytest.raises(CcdrecError, match="missing column"):
         append_stream(d / "s", d / "cols.csv")
+    # the stream's IDs with a space before them name new users and items, which k-core removes: said so
+    few = dup.head(3)  # three new users of one interaction each: too few for the k-core filter
+    spaced = pd.DataFrame(
+        {"user": " " + few["user"].astype(str), "item": " " + few["item"].astype(str), "timestamp": T0 + 40 * DAY}
+    )
+    spaced.to_csv(d / "spaced.csv", index=False)
+    example = repr(" " + str(few["user"].iloc[0]))
+    said = r"removed by the k-core filter .*; \d+ user ID\(s\) of the log are the stream's user IDs with spaces around "
+    said += rf"them \(e\.g\. {re.escape(example)} for .*\), so they name new users; remove the spaces in the log if they "
+    said += r"are the same; \d+ item ID\(s\) of the log"
+    with pytest.raises(CcdrecError, match=said):
+        append_stream(d / "s", d / "spaced.csv")
     assert snapshot() == before
     assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temporary directory left
     (d / "t").mkdir()

@@ -507,7 +507,7 @@ def run(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     max_blocks: int | None = typer.Option(
-        None, help="stop after this incremental block (with --resume: take a finished run on to this block)"
+        None, min=0, help="stop after this incremental block (with --resume: take a finished run on to this block)"
     ),
     out: Path | None = typer.Option(None, help="run directory (default: runs/DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(None, help="continue an interrupted run directory from its last completed stage"),
@@ -642,7 +642,7 @@ def compare(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     max_blocks: int | None = typer.Option(
-        None, help="stop after this incremental block (with --resume: take every run of the comparison on to this block)"
+        None, min=0, help="stop after this incremental block (with --resume: take every run of the comparison on to this block)"
     ),
     out: Path | None = typer.Option(None, help="comparison directory (default: runs/compare-DATASET-PRESET-TIME)"),
     resume: Path | None = typer.Option(

@@ -147,6 +147,8 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
         )
     user_pos = {u: i for i, u in enumerate(stream.user_vocab.tolist())}
     item_pos = {v: i for i, v in enumerate(stream.item_vocab.tolist())}
+    spaced = [n for col, pos in (("user", user_pos), ("item", item_pos)) if (n := _spaced_ids_note(df[col], pos, col))]
+    notes += spaced
     uid = df["user"].map(user_pos).fillna(-1).to_numpy(dtype=np.int64)
     iid = df["item"].map(item_pos).fillna(-1).to_numpy(dtype=np.int64)
     stored = np.concatenate([b.stored(s) for b in stream for s in SPLITS])  # as in the files
@@ -174,7 +176,7 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     ]
     account = P.rows_note(log, n_read, steps, len(df), 0).removeprefix(f"{log.name}: ")  # every row read, accounted for
     if len(df) == 0:
-        raise CcdrecError(f"{log}: no new interaction left ({account})")
+        raise CcdrecError(f"{log}: no new interaction left ({account})" + "".join(f"; {n}" for n in spaced))
     last = record["last_time"]
     times = df["time"].to_numpy()
     late = times < last
@@ -248,6 +250,19 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     for note in notes + block_notes:
         warnings.warn(note, P.PrepareWarning, stacklevel=2)
     return loaded
+
+
+def _spaced_ids_note(ids: pd.Series, known: dict, what: str) -> str | None:
+    """A note when new ``what`` IDs are stored IDs with spaces around them (``' 12'`` for ``'12'``): IDs are
+    kept as written, so they name new users or items, which the k-core filter then often removes."""
+    unknown = pd.unique(ids[~ids.isin(known.keys())].astype(str))
+    near = [i for i in unknown if i.strip() != i and i.strip() in known]
+    if not near:
+        return None
+    return (
+        f"{len(near):,} {what} ID(s) of the log are the stream's {what} IDs with spaces around them (e.g. {near[0]!r} "
+        f"for {near[0].strip()!r}), so they name new {what}s; remove the spaces in the log if they are the same"
+    )
 
 
 def _check_prefix(loaded: Stream, n: int, digest: str, stream_dir: Path) -> None:

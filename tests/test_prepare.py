@@ -760,7 +760,9 @@ def test_cli_prints_the_stream_it_wrote_and_notes(tmp_path):
         ["1", "6", "45", "0", "15"],
         ["2", "6", "60", "0", "15"],
     ]
-    assert res.stderr.count("note: block ") == 3 and res.stderr.count("note: incremental block ") == 2
+    # the same note of several blocks is given once (merged_block_notes)
+    assert "note: blocks 0-2 (3 blocks) have no valid and no test users" in res.stderr
+    assert "note: incremental blocks 1-2 (2 blocks) have no new users (every user in them appeared" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -1420,3 +1422,20 @@ def test_a_header_split_at_single_spaces_where_runs_separate_it_suggests_whitesp
                        r"separated by runs of spaces or tabs, give --sep whitespace$"):  # fmt: skip
         prepare_stream(tmp_path / "aligned.txt", tmp_path / "s", sep=" ", **KW)
     prepare_stream(tmp_path / "aligned.txt", tmp_path / "s", sep="whitespace", **KW)
+
+
+def test_notes_that_say_the_same_of_many_blocks_are_said_once():
+    from ccdrec.data.prepare import merged_block_notes
+
+    why = "(a user needs 3 or more interactions in a block, ...); its evaluation will be empty"
+    notes = ["u.csv: 10 rows read", *(f"block {k} has no test users {why}" for k in (3, 4, 5, 9)), "block 7 has no valid users"]
+    notes += [f"incremental block {k} has no new users (every user in it appeared in an earlier block)" for k in (2, 6)]
+    assert merged_block_notes(notes) == [
+        "u.csv: 10 rows read",
+        "blocks 3-5, 9 (4 blocks) have no test users (a user needs 3 or more interactions in a block, ...); "
+        "their evaluation will be empty",
+        "block 7 has no valid users",
+        "incremental blocks 2, 6 (2 blocks) have no new users (every user in them appeared in an earlier block)",
+    ]
+    many = merged_block_notes([f"block {k} has no test users" for k in range(0, 100, 2)], shown=3)
+    assert many == ["blocks 0, 2, 4 and 47 more range(s) (50 blocks) have no test users"]

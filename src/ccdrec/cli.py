@@ -246,16 +246,16 @@ def _prepare_notes() -> Iterator[None]:
     """Print the :class:`PrepareWarning` notes of the block as `note:` lines on stderr (after its output)."""
     import warnings
 
-    from ccdrec.data.prepare import PrepareWarning
+    from ccdrec.data.prepare import PrepareWarning, merged_block_notes
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PrepareWarning)
         yield
     for w in caught:
-        if issubclass(w.category, PrepareWarning):
-            print(f"note: {w.message}", file=sys.stderr)
-        else:
+        if not issubclass(w.category, PrepareWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for note in merged_block_notes([str(w.message) for w in caught if issubclass(w.category, PrepareWarning)]):
+        print(f"note: {note}", file=sys.stderr)
 
 
 @data_app.command("append")

@@ -124,6 +124,54 @@ class PrepareWarning(UserWarning):
     """Something about a prepared stream worth knowing that is not an error (e.g. a block without test users)."""
 
 
+_BLOCK_NOTE = re.compile(r"^((?:incremental )?)block (\d+) has (.*)$", re.S)
+
+
+def merged_block_notes(notes: list[str], shown: int = 12) -> list[str]:
+    """``notes`` with the per-block ones that say the same of several blocks given once, in the place of
+    the first: ``block 3 has no test users (...)`` and ``block 7 has ...`` become ``blocks 3 and 7 have
+    no test users (...)``, the block numbers as ranges (``3-5, 9``), at most ``shown`` of them and a count
+    (a ``--window 1h`` over months made thousands of notes). Other notes are kept as they are."""
+    order: list[str | tuple[str, str]] = []
+    blocks: dict[tuple[str, str], list[int]] = {}
+    for note in notes:
+        m = _BLOCK_NOTE.match(note)
+        if m is None:
+            order.append(note)
+            continue
+        key = (m.group(1), m.group(3))
+        if key not in blocks:
+            blocks[key] = []
+            order.append(key)
+        blocks[key].append(int(m.group(2)))
+    out = []
+    for entry in order:
+        if isinstance(entry, str):
+            out.append(entry)
+            continue
+        (prefix, rest), ks = entry, blocks[entry]
+        if len(ks) == 1:
+            out.append(f"{prefix}block {ks[0]} has {rest}")
+            continue
+        runs = _ranges(sorted(set(ks)))
+        listed = ", ".join(runs[:shown]) + (f" and {len(runs) - shown} more range(s)" if len(runs) > shown else "")
+        rest = rest.replace("; its ", "; their ").replace(" in it ", " in them ")  # said of several blocks
+        out.append(f"{prefix}blocks {listed} ({len(set(ks)):,} blocks) have {rest}")
+    return out
+
+
+def _ranges(ks: list[int]) -> list[str]:
+    """Sorted block numbers as ranges: [3, 4, 5, 9] -> ['3-5', '9']."""
+    out, start = [], None
+    for i, k in enumerate(ks):
+        if start is None:
+            start = k
+        if i + 1 == len(ks) or ks[i + 1] != k + 1:
+            out.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return out
+
+
 def prepare_stream(
     log: str | Path,
     out: str | Path,

@@ -385,3 +385,35 @@ def test_sampled_rank_is_used_only_past_rank_sample_items_and_keeps_the_draw_det
     # a strong preference for forgotten items survives the estimate: the draws mostly agree with the exact ones
     overlap = len(set(zip(a.users, a.items, strict=True)) & set(zip(exact.users, exact.items, strict=True))) / len(exact)
     assert overlap > 0.5
+
+
+def test_a_replay_pass_with_its_own_first_moment_does_not_carry_the_epochs_momentum_on():
+    """momentum: own. With the epoch's Adam state, steps whose loss has no gradient still move the weights
+    along the BPR pass's momentum; with the pass's own first moment they do not, and the epoch's momentum
+    is back for the next epoch (the second moment stays shared)."""
+    from ccdrec.continual.replay import own_first_moment
+
+    def trained():
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.Adam([w], lr=0.1)
+        (w * torch.tensor([1.0, -2.0, 3.0, 0.5])).sum().backward()
+        opt.step()  # an epoch's step: momentum and second moment set
+        return w, opt
+
+    def idle_steps(w, opt, n=3):
+        for _ in range(n):  # a replay pass whose loss gives no gradient
+            opt.zero_grad()
+            (w * 0).sum().backward()
+            opt.step()
+
+    w, opt = trained()
+    before = w.detach().clone()
+    idle_steps(w, opt)
+    assert not torch.equal(w.detach(), before)  # shared: carried on by the momentum
+    w, opt = trained()
+    before, epoch_m = w.detach().clone(), opt.state[w]["exp_avg"].clone()
+    kept: dict = {}
+    with own_first_moment(opt, kept):
+        idle_steps(w, opt)
+    assert torch.equal(w.detach(), before)  # own: no gradient, no move
+    assert torch.equal(opt.state[w]["exp_avg"], epoch_m) and torch.equal(kept[id(w)], torch.zeros(4))

@@ -202,6 +202,14 @@ class ReplayConfig(Strict):
     labels: ReplayLabels = Field(
         "source", description="replay labels: source = σ(s_X); rank = σ(own score at the source's rank position)"
     )
+    momentum: Literal["shared", "own"] = Field(
+        "shared",
+        description=(
+            "Adam's first moment in the replay pass: shared = the epoch's, so the replay steps carry the BPR pass's "
+            "momentum on and move every row in its direction; own = one of the replay pass's own, kept from pass to "
+            "pass, swapped in for the pass (the second moment stays shared; beyond the paper)"
+        ),
+    )
     rank_sample: int | None = Field(
         RANK_SAMPLE,
         ge=1,

@@ -7,12 +7,22 @@ The replay set is drawn against the *current* model's ranking and re-drawn as th
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from ccdrec.config import ReplayConfig
-from ccdrec.continual.replay import Candidates, ReplaySet, replay_candidates, replay_pass, replay_weight, sample_replay
+from ccdrec.continual.replay import (
+    Candidates,
+    ReplaySet,
+    own_first_moment,
+    replay_candidates,
+    replay_pass,
+    replay_weight,
+    sample_replay,
+)
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.models.base import EmbeddingModel, Recommender, Scorer
 from ccdrec.train.callbacks import Callback
@@ -56,6 +66,7 @@ class Replayer(Callback):
         self.replay = ReplaySet.empty()
         self.sizes: list[int] = []
         self.candidates: list[tuple[Candidates, int]] | None = None  # the fixed sources' candidates, once
+        self.moments: dict[int, torch.Tensor] = {}  # the replay pass's own Adam first moments (momentum: own)
 
     @property
     def active(self) -> bool:
@@ -101,4 +112,5 @@ class Replayer(Callback):
 
     def on_epoch_end(self, model, opt, epoch: int) -> None:
         weight = replay_weight(epoch, self.rc.scale, self.rc.decay)
-        replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng, self.rc.max_steps)
+        with own_first_moment(opt, self.moments) if self.rc.momentum == "own" else nullcontext():
+            replay_pass(model, opt, self.replay, weight, self.rc.batch_size, self.rng, self.rc.max_steps)

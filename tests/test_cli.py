@@ -336,16 +336,20 @@ def test_running_out_of_memory_is_one_line_and_a_run_says_how_to_resume(stream_d
     assert "a step asked for 2.00 GiB" in cli.out_of_memory(cuda) and cli.out_of_memory(MemoryError()).startswith(
         "out of memory (a smaller"
     )
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "state.json").write_text("{}")
+    run = tmp_path / "my run"  # a printed command quotes a path the shell would split
+    run.mkdir()
+    (run / "state.json").write_text("{}")
     for where, kept in (
-        (tmp_path / "run", "the completed stages are kept; continue with: ccdrec run --resume"),
+        (
+            run,
+            f"the completed stages are kept; continue with: ccdrec run --resume '{run}' once more memory is free, or after making the model or batch smaller in {run / 'config.yaml'}",
+        ),
         (tmp_path / "new", "nothing was written yet"),
     ):
         with pytest.raises(SystemExit) as stop, cli._resumable("run", where):
             raise torch_cpu
         assert stop.value.code == 1 and kept in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", tmp_path / "run"):  # not memory: as it was
+    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", run):  # not memory: as it was
         raise RuntimeError("shape mismatch")
     # a model far larger than memory (tens of GiB of embeddings): one line, no traceback
     out = ccdrec("train", "--data", str(stream_dir), "--threads", "1", "--epochs", "1", "--dim", "100000000", "--no-progress")

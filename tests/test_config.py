@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ccdrec.config import RunConfig
 from ccdrec.errors import CcdrecError
@@ -202,10 +203,28 @@ def test_a_toml_file_not_named_toml_says_how_to_name_it_and_toml_is_read_whateve
 def test_one_block_under_two_keys_is_an_error_and_a_block_names_the_fields_it_can_override(tmp_path):
     f = tmp_path / "blocks.yaml"
     f.write_text('blocks:\n  1: {w_stability: 0.5}\n  "01": {w_plasticity: 0.5}\n')  # one override used to be lost
-    with pytest.raises(CcdrecError, match=r"blocks: block 1 is given twice \(keys 1 and '01'\)"):
+    with pytest.raises(CcdrecError, match=r"blocks.yaml: block 1 is given twice \(keys 1 and '01'\)"):
         load_config("yelp", file=f)
     both = load_config("yelp", overrides=["blocks.1.w_stability=0.5", "blocks.01.w_plasticity=0.5"]).blocks[1]
     assert (both.w_stability, both.w_plasticity) == (0.5, 0.5)
+    with pytest.raises(CcdrecError, match="--set names blocks.1.w_stability twice"):  # one field, two spellings
+        load_config("yelp", overrides=["blocks.1.w_stability=0.4", "blocks.01.w_stability=0.2"])
+    with pytest.raises(CcdrecError, match="key '1.0' is given twice"):  # a dict takes 1 and 1.0 for one key
+        load_config("yelp", overrides=["blocks={1: {w_stability: 0.3}, 1.0: {w_plasticity: 0.2}}"])
+    # across layers the keys name one block, the later layer's fields winning: a TOML file's string keys
+    # over a preset's integer keys, --set over a file, a run's stored config.yaml ('1') reused as a file
+    toml = tmp_path / "b.toml"
+    toml.write_text("[blocks.1]\nw_stability = 0.3\n")
+    paper = load_config("yelp", preset="paper-yelp").blocks[1]
+    over = load_config("yelp", preset="paper-yelp", file=toml).blocks[1]
+    assert over.w_stability == 0.3 and over.student_replay == paper.student_replay
+    assert load_config("yelp", file=toml, overrides=["blocks.1.w_stability=0.5"]).blocks[1].w_stability == 0.5
+    stored = tmp_path / "stored.yaml"
+    stored.write_text(yaml.safe_dump(load_config("yelp", preset="paper-yelp").model_dump(mode="json")))
+    assert "'1':" in stored.read_text()
+    assert (
+        load_config("yelp", preset="paper-yelp", file=stored, overrides=["blocks.1.w_stability=0.5"]).blocks[1].w_stability == 0.5
+    )
     for field in ("student", "seed"):
         with pytest.raises(
             CcdrecError,

@@ -19,6 +19,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from ccdrec.errors import CcdrecError, StageLost
+from ccdrec.option_values import shell_word
 
 app = typer.Typer(
     help="Continual Collaborative Distillation for recommenders on a stream.",
@@ -438,7 +439,8 @@ def out_of_memory(e: BaseException) -> str | None:
     asked = re.search(r"tried to allocate (\d+) bytes", text) or re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text)
     size = ""
     if asked:
-        size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked.group(1).isdigit() else asked.group(1)
+        n = int(asked.group(1)) if asked.group(1).isdigit() else None
+        size = asked.group(1) if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
         size = f"a step asked for {size}; "
     return f"out of memory ({size}a smaller model, batch or --threads, or a machine with more memory, may fit)"
 
@@ -447,7 +449,7 @@ def out_of_memory(e: BaseException) -> str | None:
 def _resumable(command: str, path: Path) -> Iterator[None]:
     """An interruption (Ctrl-C, SIGTERM), a lost worker stage or memory running out ends ``command`` with
     the line that resumes it."""
-    hint = f"continue with: ccdrec {command} --resume {path}"
+    hint = f"continue with: ccdrec {command} --resume {shell_word(path)}"
     written = lambda: any((Path(path) / f).exists() for f in ("state.json", "compare.json", "sweep.json"))  # noqa: E731
     try:
         yield
@@ -462,7 +464,10 @@ def _resumable(command: str, path: Path) -> Iterator[None]:
     except (MemoryError, RuntimeError) as e:
         if (oom := out_of_memory(e)) is None:
             raise
-        kept = f"the completed stages are kept; {hint}" if written() else "nothing was written yet"
+        kept = "nothing was written yet"
+        if written():  # a resume keeps the stored configuration: a model too large for memory is made smaller there
+            smaller = f"after making the model or batch smaller in {Path(path) / 'config.yaml'}"
+            kept = f"the completed stages are kept; {hint} once more memory is free, or {smaller}"
         print(f"error: {oom}; {kept}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -565,7 +570,7 @@ def run(
     if stopped is not None and stopped < last:  # e.g. after `ccdrec data append`: the stream went on
         console.print(
             f"note: the run stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
-            f"ccdrec run --resume {rd.path} --max-blocks {last} takes it on",
+            f"ccdrec run --resume {shell_word(rd.path)} --max-blocks {last} takes it on",
             markup=False,
         )
 

@@ -7,12 +7,19 @@ typo more often than a wish.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from ccdrec.errors import CcdrecError
 
 T = TypeVar("T")
+
+
+def shell_word(value) -> str:
+    """``value`` (a path, a name) as one word of a shell command a message prints: quoted when it holds spaces,
+    quotes or other characters the shell reads (``my run`` -> ``'my run'``), so the command can be copied."""
+    return shlex.quote(str(value))
 
 
 def comma_list(text: str, option: str, *, repeats: bool = False, strip: bool = True) -> list[str]:

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ccdrec.errors import BlockOutOfRange, CcdrecError, WrongArgumentType
+from ccdrec.option_values import shell_word
 
 SPLITS = ("train", "valid", "test")
 BUNDLED = ("yelp", "gowalla")
@@ -352,7 +353,8 @@ def load_stream(source: str | Path) -> Stream:
         path = Path(source)
         if path.is_file():
             raise CcdrecError(
-                f"{name}: a file, not a stream directory; a log becomes one with `ccdrec data prepare {name} --out DIR`"
+                f"{name}: a file, not a stream directory; a log becomes one with "
+                f"`ccdrec data prepare {shell_word(name)} --out DIR`"
             )
         if not path.is_dir():
             raise CcdrecError(f"no stream directory {name!r} (bundled datasets: {', '.join(BUNDLED)})")

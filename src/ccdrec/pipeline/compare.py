@@ -50,7 +50,7 @@ from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, StageLost
-from ccdrec.option_values import comma_values, one_of
+from ccdrec.option_values import comma_values, one_of, shell_word
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor, start_competitor
@@ -218,7 +218,9 @@ def read_plan(out: Path) -> tuple[RunConfig, dict]:
     if not out.is_dir():
         raise CcdrecError(f"{out}: no such comparison directory to resume")
     if not (out / COMPARE_FILE).exists():
-        hint = f": a run directory; continue it with ccdrec run --resume {out}" if (out / "state.json").exists() else ""
+        hint = ""
+        if (out / "state.json").exists():
+            hint = f": a run directory; continue it with ccdrec run --resume {shell_word(out)}"
         raise CcdrecError(f"{out}: not a comparison directory (no {COMPARE_FILE}){hint}")
     plan = read_json(out / COMPARE_FILE)
     cfg = RunDir(out).load_config()

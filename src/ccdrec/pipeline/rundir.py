@@ -38,6 +38,7 @@ from ccdrec.config import RunConfig, validation_message
 from ccdrec.data.stream import BUNDLED, INTERACTIONS, UNIVERSE, Block, Stream, load_stream
 from ccdrec.errors import CcdrecError
 from ccdrec.models.base import Recommender
+from ccdrec.option_values import shell_word
 
 STATE_VERSION = 1
 STREAM_FILE = "stream.json"
@@ -102,7 +103,7 @@ class RunDir:
         if not rd.config_path.exists() and all((rd.path / f).exists() for f in ("universe.csv", "interactions.csv.gz")):
             raise CcdrecError(
                 f"{rd.path}: a stream directory (of `ccdrec data prepare`), not a run; run CCD on it with "
-                f"`ccdrec run --data {rd.path}`"
+                f"`ccdrec run --data {shell_word(rd.path)}`"
             )
         if not rd.state_path.exists():
             for plan, what in (("compare.json", "a comparison"), ("sweep.json", "a sweep over seeds and cadences")):

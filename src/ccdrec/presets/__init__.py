@@ -32,14 +32,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     ``"1"`` in ``blocks``) is an error instead of the last one silently winning."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict[str, int] = {}
+        seen: dict[object, int] = {}
         for key_node, _ in node.value:
-            key = str(self.construct_object(key_node, deep=True))
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
-                )
-            seen[key] = key_node.start_mark.line
+            key = self.construct_object(key_node, deep=True)
+            # by text ("1" and 1) and by value (1 and 1.0, which a dict takes for one key)
+            for form in (str(key), key) if isinstance(key, int | float) else (str(key),):
+                if form in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {str(key)!r} is given twice (lines {seen[form] + 1} and {key_node.start_mark.line + 1})"
+                    )
+            for form in (str(key), key) if isinstance(key, int | float) else (str(key),):
+                seen[form] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -142,6 +145,30 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def block_keys(layer: dict, where: str) -> dict:
+    """``layer`` with the keys of its ``blocks`` mapping as block numbers (``"1"``, ``"01"``, ``1`` -> 1), so
+    that a TOML file's string keys, a stored ``config.yaml``'s and a preset's integer keys name one block
+    when the layers are merged (the later one's fields winning). Two keys of one block in one layer are an
+    error (``where`` names the layer); a key that is no block number is left to the validation."""
+    blocks = layer.get("blocks") if isinstance(layer, dict) else None
+    if not isinstance(blocks, dict):
+        return layer
+    out: dict = {}
+    named: dict[object, object] = {}
+    for key, value in blocks.items():
+        text = str(key).strip()
+        block = int(text) if not isinstance(key, bool | float) and text.isdigit() else key
+        if block in out:
+            raise CcdrecError(f"{where}: block {block} is given twice (keys {named[block]!r} and {key!r})")
+        out[block], named[block] = value, key
+    return {**layer, "blocks": out}
+
+
+def canonical_key(key: str) -> str:
+    """A dotted override key with its block numbers as numbers (``blocks.01.w_stability`` -> ``blocks.1.w_stability``)."""
+    return ".".join(str(int(part)) if part.isdigit() else part for part in key.split("."))
+
+
 def override_key(item: str) -> str:
     """The dotted key of an override ``key.sub=value``; CcdrecError when it names none."""
     if "=" not in item:
@@ -173,7 +200,7 @@ def apply_override(data: dict, item: str) -> dict:
     nested: dict = value
     for part in reversed(parts):
         nested = {int(part) if part.isdigit() else part: nested}
-    return merge(data, nested)
+    return merge(data, block_keys(nested, f"override {key}=..."))
 
 
 def load_config(
@@ -196,11 +223,11 @@ def load_config(
             raise CcdrecError(f"{file} names the dataset {named!r} and the command line {str(dataset)!r}: give one of them")
     name = preset if preset is not None else dataset_preset(dataset)
     if name is not None:
-        data = merge(data, read_preset(name))
-    data = merge(data, from_file)
+        data = merge(data, block_keys(read_preset(name), f"preset {name}"))
+    data = merge(data, block_keys(from_file, str(file)))
     if dataset is not None:
         data["dataset"] = resolve_source(dataset)  # a directory as an absolute path: the run works from anywhere
-    keys = [override_key(item) for item in overrides]
+    keys = [canonical_key(override_key(item)) for item in overrides]  # blocks.1.x and blocks.01.x: one field
     for key in {k for k in keys if keys.count(k) > 1}:
         raise CcdrecError(f"--set names {key} twice; give it once")
     for item in overrides:

@@ -342,7 +342,8 @@ def test_running_out_of_memory_is_one_line_and_a_run_says_how_to_resume(stream_d
     for where, kept in (
         (
             run,
-            f"the completed stages are kept; continue with: ccdrec run --resume '{run}' once more memory is free, or after making the model or batch smaller in {run / 'config.yaml'}",
+            f"the completed stages are kept; continue with: ccdrec run --resume '{run}' once more memory is free, or "
+            f"after making the model or batch smaller in {run / 'config.yaml'}",
         ),
         (tmp_path / "new", "nothing was written yet"),
     ):

@@ -400,7 +400,7 @@ def test_compare_resume_runs_nothing_again(comparison):
     report = run_compare(None, out, resume=True, progress=False, bench=False)
     assert {m: read_rows(out / m) for m in before} == before
     assert "Serving cost" in report.read_text()  # the earlier measurement is kept
-    with pytest.raises(CcdrecError, match="not empty"):
+    with pytest.raises(CcdrecError, match=r"a comparison directory exists there; continue it with ccdrec compare --resume "):
         run_compare(load_config(preset="quick"), out, ["ccd"], progress=False)
     with pytest.raises(CcdrecError, match=r"not a comparison directory .*continue it with ccdrec run --resume"):
         run_compare(None, out / "ccd", resume=True, progress=False)

@@ -194,6 +194,10 @@ def test_a_toml_file_not_named_toml_says_how_to_name_it_and_toml_is_read_whateve
     upper.write_text(text)
     lower.write_text(text)
     assert load_config("yelp", file=upper) == load_config("yelp", file=lower) != load_config("yelp")
+    yml = tmp_path / "y.toml"
+    yml.write_text("seed: 3\nstudent:\n  topn: 20\n")  # the other way round
+    with pytest.raises(CcdrecError, match=r"y\.toml: cannot be parsed as TOML \(.*\); it reads as YAML: name it y\.yaml$"):
+        load_config("yelp", file=yml)
     plain = tmp_path / "plain.yaml"
     plain.write_text("[1, 2]\n")  # not TOML either: no hint
     with pytest.raises(CcdrecError, match=r"must hold a mapping of fields$"):
@@ -246,6 +250,8 @@ def test_whole_numbers_are_decimal_in_files_and_overrides_never_octal(tmp_path, 
 def test_hexadecimal_octal_and_sexagesimal_numbers_are_refused_not_converted(tmp_path, written):
     with pytest.raises(CcdrecError, match="teacher.base.epochs: Input should be a valid integer"):
         load_config("yelp", overrides=[f"teacher.base.epochs={written}"])
+    with pytest.raises(CcdrecError, match="student.update.lr: Input should be a valid number"):
+        load_config("yelp", overrides=[f"student.update.lr={written}.0"])  # 1:30.0 was 90.0
 
 
 @pytest.mark.parametrize(
@@ -289,3 +295,11 @@ def test_a_part_the_model_family_does_not_have_is_refused_not_ignored(override, 
     # a stored configuration writes every field at its default, and still loads
     stored = load_config("yelp", overrides=["student.model={kind: mf, dim: 8}"]).model_dump()
     assert stored["student"]["model"]["layers"] == 2 and RunConfig.model_validate(stored).student.model.kind == "mf"
+
+
+@pytest.mark.parametrize("value", ["mf", "5", "[{kind: mf}]"])
+def test_the_student_model_set_whole_says_it_takes_a_mapping(value):
+    with pytest.raises(
+        CcdrecError, match=r"student.model: takes a mapping such as \{kind: mf, dim: 16\}, .*student.model.kind=mf$"
+    ):
+        load_config("yelp", overrides=[f"student.model={value}"])

@@ -174,13 +174,16 @@ def test_resume_rejects_a_corrupt_run_directory(full_run, tmp_path):
 
 def test_new_run_refuses_a_non_empty_directory_and_says_what_it_is(full_run, stream_dir, tmp_path):
     cfg, out = full_run
-    with pytest.raises(CcdrecError, match=r"run directory exists and is not empty \(use --resume to continue it\)$"):
+    with pytest.raises(
+        CcdrecError,
+        match=r"a run directory exists there; continue it with ccdrec run --resume .*, or give --out a new directory$",
+    ):
         run_stream(cfg, out, progress=False)
     # --resume would not help with a stream directory, or a directory of other files
     with pytest.raises(CcdrecError, match="a stream directory, not a place for a new run directory; give --out a new directory$"):
         run_stream(cfg, stream_dir, progress=False)
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(CcdrecError, match=r"not empty \(not one of ccdrec's; give --out a new or empty directory\)$"):
+    with pytest.raises(CcdrecError, match=r"exists and is not empty \(not ccdrec's; give --out a new or empty directory\)$"):
         run_stream(cfg, tmp_path, progress=False)
 
 

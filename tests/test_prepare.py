@@ -324,9 +324,16 @@ def test_non_empty_output_without_force_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CcdrecError, match="out.*not empty"):
-        prepare_stream(tmp_path / "log.csv", out, **KW)
+    for force in (False, True):  # no --force hint for a directory --force would not replace either
+        with pytest.raises(
+            CcdrecError,
+            match=r"out already exists and is not a stream directory \(no universe.csv\); give --out a new directory$",
+        ):
+            prepare_stream(tmp_path / "log.csv", out, force=force, **KW)
     assert (out / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == ["out"]
+    prepare_stream(tmp_path / "log.csv", tmp_path / "s", **KW)
+    with pytest.raises(CcdrecError, match=r"already holds a stream \(use --force to replace it\)$"):
+        prepare_stream(tmp_path / "log.csv", tmp_path / "s", **KW)
 
 
 def test_force_refuses_to_delete_the_log_itself(tmp_path):

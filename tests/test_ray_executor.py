@@ -199,6 +199,8 @@ def test_ray_tasks_may_take_more_threads_than_the_drivers_machine_has(local_ray,
     try:
         with pytest.raises(CcdrecError, match=r"--threads must be between 1 and 4 \(4 x the 1 cores; more with --executor ray"):
             app(args, standalone_mode=False)
+        with pytest.raises(CcdrecError, match=r"--threads must be between 1 and 4 \(4 x the 1 cores\), got 5$"):
+            app(["train", "--data", str(stream_dir), "--threads", "5"], standalone_mode=False)  # no --executor there
         for cmd in (args, ["compare", *args[1:], "--methods", "ccd,finetune"]):
             with pytest.raises(CcdrecError, match="needs 5 CPUs.*largest: 2 CPUs"):
                 app([*cmd, "--executor", "ray"], standalone_mode=False)

@@ -204,8 +204,8 @@ def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_pl
     config.write_text(config.read_text().replace(old, str(tmp_path / "gone")))  # as if the stream had moved
     for args in (["recommend", str(run), "--user", "0"], ["run", "--resume", str(run), "--max-blocks", "1"]):
         line = one_error_line(ccdrec(*args, cwd=cli_run / "b"))
-        assert f"the stream directory the run started on, {tmp_path / 'gone'}, is not there (moved or removed)" in line
-        assert f"write its new path as `dataset:` in {config}" in line
+        assert f"its stream directory {tmp_path / 'gone'} (`dataset:` in {config}) is not there (moved or removed)" in line
+        assert "write its new absolute path there" in line
     config.write_text(config.read_text().replace(str(tmp_path / "gone"), str(moved)))  # what the message says to do
     rec = ccdrec("recommend", str(run), "--user", "0", "-k", "5", cwd=cli_run / "b")
     assert rec.returncode == 0, rec.stderr
@@ -214,6 +214,8 @@ def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_pl
     save_stream(synthetic_stream(n_blocks=3, seed=5), other)  # another stream is not taken for it
     config.write_text(config.read_text().replace(str(moved), str(other)))
     assert "has changed since the run started" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
+    config.write_text(config.read_text().replace(str(other), "moved"))  # relative: read from where?
+    assert "must be an absolute path" in one_error_line(ccdrec("recommend", str(run), "--user", "0", cwd=tmp_path))
 
 
 def test_a_changed_stream_is_refused_and_nothing_changes(cli_run, tmp_path):

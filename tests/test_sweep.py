@@ -241,7 +241,7 @@ def test_sweep_over_seeds_and_cadences_shares_block_zero_per_seed_and_resumes(st
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == before  # nothing trained again
     with pytest.raises(CcdrecError, match="not a sweep"):
         run_sweep(None, out / "seed-0-every-1", resume=True, progress=False)
-    with pytest.raises(CcdrecError, match="not empty"):
+    with pytest.raises(CcdrecError, match=r"a sweep directory exists there; continue it with ccdrec compare --resume "):
         run_sweep(cfg, out, seeds=[0], progress=False)
 
 

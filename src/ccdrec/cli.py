@@ -387,7 +387,7 @@ def _check_output_file(path: Path, option: str) -> None:
             raise CcdrecError(f"{option} {path}: no file can be written in {above} ({e.strerror or e})") from None
 
 
-def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
+def _set_threads(threads: int | None, executor: Executor | None = None, *, cluster: bool = False) -> None:
     """Cap torch's CPU threads. Concurrent jobs whose OpenMP threads outnumber the cores spin against
     each other (with two 2-thread runs on 2 cores, a Yelp teacher update took 267 s instead of 34 s).
 
@@ -399,10 +399,8 @@ def _set_threads(threads: int | None, executor: Executor | None = None) -> None:
         most = 4 * cores
         on_ray = executor is not None and executor.value == "ray"
         if threads < 1 or (threads > most and not on_ray):
-            raise CcdrecError(
-                f"--threads must be between 1 and {most} (4 x the {cores} cores; more with --executor ray, "
-                f"for the cluster's nodes), got {threads}"
-            )
+            ray = "; more with --executor ray, for the cluster's nodes" if cluster else ""  # a command that has it
+            raise CcdrecError(f"--threads must be between 1 and {most} (4 x the {cores} cores{ray}), got {threads}")
         import torch
 
         torch.set_num_threads(threads if threads <= most else cores)
@@ -525,7 +523,7 @@ def run(
     """Run CCD over the whole stream: teachers, distillation, student and teacher updates, report."""
     from ccdrec.pipeline.ccd import run_stream
 
-    _set_threads(threads, executor)
+    _set_threads(threads, executor, cluster=True)
     if resume is not None:
         _refuse_on_resume(
             "run", dataset=dataset, data=data, preset=preset, config=config, set_=set_, seed=seed, device=device, out=out
@@ -677,7 +675,7 @@ def compare(
     from ccdrec.pipeline.sweep import is_sweep, parse_ints, run_sweep
     from ccdrec.presets import override_key
 
-    _set_threads(threads, executor)
+    _set_threads(threads, executor, cluster=True)
     method_list = parse_methods(methods) if methods is not None else None
     ablation_list = parse_ablations(only_ablations, ablations)
     seed_list = parse_ints(seeds, "--seeds", 0, SEED_MAX) if seeds is not None else None
@@ -767,23 +765,23 @@ def compare(
 @app.command("bench-serve")
 def bench_serve_command(
     run_dir: Path = typer.Argument(..., help="a run directory of `ccdrec run` (or a competitor run of `ccdrec compare`)"),
-    batch: int = typer.Option(1024, help="users in the batch measurement"),
-    repeats: int = typer.Option(10, help="timed repetitions per measurement (the median is reported)"),
+    batch: int | None = typer.Option(None, min=1, help="users in the batch measurement [default: 1,024, or every user]"),
+    repeats: int = typer.Option(10, min=1, help="timed repetitions per measurement (the median is reported)"),
     k: int = typer.Option(20, "-k", min=1, help="recommendation list length"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     threads: ThreadsOpt = None,
 ) -> None:
     """Serving cost of the final teacher ensemble vs the final served student: parameters, memory, top-K latency."""
-    from ccdrec.serve_bench import TARGET_SPEEDUP, bench_records, bench_serve, format_bench, speedup
+    from ccdrec.serve_bench import DEFAULT_BATCH, TARGET_SPEEDUP, bench_records, bench_serve, format_bench, speedup
 
     _set_threads(threads)
     if json_out is not None:
         _check_output_file(json_out, "--json")
-    df = bench_serve(run_dir, batch=batch, repeats=repeats, k=k, device=device)
+    df = bench_serve(run_dir, batch=batch or DEFAULT_BATCH, repeats=repeats, k=k, device=device)
     text = format_bench(df)
     listed, measured = df.attrs.get("k", k), int(df.loc["student", "batch_users"])
-    if measured < batch:
+    if batch is not None and measured < batch:  # a --batch given; the default takes every user of a small stream
         print(
             f"note: --batch {batch:,} is more than the {measured:,} users there are; the batch measured has them all",
             file=sys.stderr,

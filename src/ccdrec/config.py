@@ -323,7 +323,11 @@ class StudentConfig(Strict):
     def _embedding_student(cls, model):
         """The student is distilled by ranking (RRD, method.md 4) and replays through its embeddings: MF or
         LightGCN; another kind (``vae``, a typo) is named with the two it can be, not the teachers' three."""
-        kind = model.get("kind", "lightgcn") if isinstance(model, dict) else getattr(model, "kind", None)
+        if not isinstance(model, dict | ModelConfig):
+            raise ValueError(
+                f"takes a mapping such as {{kind: mf, dim: 16}}, not {model!r:.40}; one field is set as student.model.kind=mf"
+            )
+        kind = model.get("kind", "lightgcn") if isinstance(model, dict) else model.kind
         if kind not in ("mf", "lightgcn"):
             raise ValueError(
                 f"the student is an embedding model: kind mf or lightgcn, not {kind!r} (a Mult-VAE can be a teacher member)"

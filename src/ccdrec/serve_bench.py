@@ -53,6 +53,9 @@ class ServingModels:
     block: int
 
 
+DEFAULT_BATCH = 1024  # users of the batch measurement
+
+
 def seen_matrix(stream: Stream, block: int, shape: tuple[int, int]) -> sp.csr_matrix:
     """Binary ``shape`` matrix of every (user, item) of every split of blocks 0..``block``."""
     pairs = np.concatenate([b.split(s) for b in stream.blocks[: block + 1] for s in ("train", "valid", "test")])
@@ -174,7 +177,9 @@ def bench_models(teacher, student, seen: sp.csr_matrix, batch: int = 1024, repea
     return df
 
 
-def bench_serve(run_dir: str | Path, batch: int = 1024, repeats: int = 10, k: int = 20, device: str = "cpu", seed: int = 0):
+def bench_serve(
+    run_dir: str | Path, batch: int = DEFAULT_BATCH, repeats: int = 10, k: int = 20, device: str = "cpu", seed: int = 0
+):
     """Measure the serving cost of a run's final teacher ensemble and served student (module docstring)."""
     models = load_serving(run_dir, device)
     return bench_models(models.teacher, models.student, models.seen, batch, repeats, k, seed)

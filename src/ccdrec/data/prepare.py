@@ -699,12 +699,13 @@ def _check_out(log: Path, out: Path, force: bool) -> None:
         raise CcdrecError(f"cannot prepare {log}: output {out} exists and is not a directory")
     if not any(out.iterdir()):
         return
-    if not force:
+    if not (out / UNIVERSE).exists():  # --force replaces a stream, never another directory: no hint of it here
         raise CcdrecError(
-            f"cannot prepare {log}: output directory {out} already exists and is not empty (use --force to replace it)"
+            f"cannot prepare {log}: output directory {out} already exists and is not a stream directory (no {UNIVERSE}); "
+            "give --out a new directory"
         )
-    if not (out / UNIVERSE).exists():  # --force replaces a stream, never another directory
-        raise CcdrecError(f"cannot prepare {log}: {out} is not a stream directory (no {UNIVERSE}); --force replaces only streams")
+    if not force:
+        raise CcdrecError(f"cannot prepare {log}: output directory {out} already holds a stream (use --force to replace it)")
     if log.resolve().is_relative_to(out.resolve()):
         raise CcdrecError(f"cannot prepare {log}: it lies inside the output directory {out}, which --force would delete")
 

@@ -48,7 +48,10 @@ class LightGCN(EmbeddingModel):
         if self.layers == 0:
             return
         if train_matrix.shape != (self.n_users, self.n_items):
-            raise ValueError(f"graph shape {train_matrix.shape} != model universe {(self.n_users, self.n_items)}")
+            raise InvalidArgument(
+                f"graph shape {train_matrix.shape} != model universe {(self.n_users, self.n_items)}: give the train "
+                "matrix of the block the model is sized for"
+            )
         self._adj = to_torch_sparse(normalized_adjacency(train_matrix), self.user_emb.device)
 
     def _apply(self, fn, recurse=True):

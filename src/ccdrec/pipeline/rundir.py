@@ -123,9 +123,16 @@ class RunDir:
         if self.path.is_dir() and any(self.path.iterdir()):
             if (self.path / UNIVERSE).exists() or (self.path / INTERACTIONS).exists():
                 raise CcdrecError(f"{self.path}: a stream directory, not a place for a new {what}; give --out a new directory")
-            ours = any((self.path / f).exists() for f in ("state.json", "compare.json", "sweep.json"))
-            hint = "use --resume to continue it" if ours else "not one of ccdrec's; give --out a new or empty directory"
-            raise CcdrecError(f"{self.path}: {what} exists and is not empty ({hint})")
+            kinds = {"state.json": ("run directory", "run"), "compare.json": ("comparison directory", "compare"),
+                     "sweep.json": ("sweep directory", "compare")}  # fmt: skip
+            found = [kind for f, kind in kinds.items() if (self.path / f).exists()]
+            if not found:
+                raise CcdrecError(f"{self.path}: exists and is not empty (not ccdrec's; give --out a new or empty directory)")
+            kind, command = found[0]
+            raise CcdrecError(
+                f"{self.path}: a {kind} exists there; continue it with ccdrec {command} --resume {shell_word(self.path)}, "
+                "or give --out a new directory"
+            )
 
     def create(self, cfg: RunConfig, stream: Stream) -> None:
         """A new run of ``cfg`` on ``stream`` (its content hash is recorded, :meth:`open_stream`)."""
@@ -158,11 +165,16 @@ class RunDir:
         A stream directory that has moved is named as gone, with the line of ``config.yaml`` that points the
         run at its new place (the content hash is checked there as anywhere); the record follows it.
         """
+        if cfg.dataset not in BUNDLED and not Path(cfg.dataset).is_absolute():
+            raise CcdrecError(
+                f"{self.path}: its stream directory {cfg.dataset} (`dataset:` in {self.config_path}) must be an absolute "
+                "path: the run is used from any working directory"
+            )
         if cfg.dataset not in BUNDLED and not Path(cfg.dataset).is_dir():
             raise CcdrecError(
-                f"{self.path}: the stream directory the run started on, {cfg.dataset}, is not there (moved or removed); "
-                f"move it back, or write its new path as `dataset:` in {self.config_path} (its content is still checked "
-                "against the stream the run started on)"
+                f"{self.path}: its stream directory {cfg.dataset} (`dataset:` in {self.config_path}) is not there (moved "
+                "or removed); move it back, or write its new absolute path there (its content is still checked against "
+                "the stream the run started on)"
             )
         stream = load_stream(cfg.dataset)
         recorded = self.path / STREAM_FILE

@@ -49,13 +49,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # YAML 1.1 reads 010 as 8 (octal), 0x10 as 16 and 1:30 as 90, so `epochs: 010` trained 8 epochs without a
 # word. Here a whole number is decimal digits only, read in base 10 (010 is 10); the other forms stay text,
 # which a number field refuses (0x10, 1:30).
-_INT = "tag:yaml.org,2002:int"
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _INT]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _UniqueKeyLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
+_UniqueKeyLoader.add_implicit_resolver(  # YAML 1.1's floats without the base-60 form (1:30.0 was 90.0)
+    _FLOAT,
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def _yaml(text: str):
@@ -96,7 +107,7 @@ def read_file(path: Path) -> dict:
             return tomllib.loads(text)
         data = _yaml(text)
     except tomllib.TOMLDecodeError as e:
-        raise CcdrecError(f"{path}: cannot be parsed as TOML ({str(e).splitlines()[0]})") from None
+        raise CcdrecError(f"{path}: cannot be parsed as TOML ({str(e).splitlines()[0]}){_yaml_hint(path, text)}") from None
     except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
         raise CcdrecError(f"{path}: {_too_long(e)}") from None
     except yaml.YAMLError as e:
@@ -106,6 +117,16 @@ def read_file(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CcdrecError(f"{path}: a configuration file must hold a mapping of fields{_toml_hint(path, text)}")
     return data
+
+
+def _yaml_hint(path: Path, text: str) -> str:
+    """A hint for a YAML file named .toml (``seed: 3``), else ''."""
+    try:
+        if not isinstance(_yaml(text), dict):
+            return ""
+    except (yaml.YAMLError, ValueError):
+        return ""
+    return f"; it reads as YAML: name it {path.with_suffix('.yaml').name}"
 
 
 def _toml_hint(path: Path, text: str) -> str:

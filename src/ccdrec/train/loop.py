@@ -60,9 +60,10 @@ class EarlyStopping:
         self.best_score, self.bad = -1.0, 0
 
     def observe(self, model: Recommender, epoch: int, valid: dict) -> None:
-        if self.key not in valid:
+        if self.key not in valid or self.key == "users":  # 'users' is a count, not a quality to maximise
+            figures = [k for k in valid if k != "users"]
             raise InvalidArgument(
-                f"select={self.key!r} is not a figure the validation gives; it gives {', '.join(map(repr, valid))}"
+                f"select={self.key!r} is not a figure the validation gives; it gives {', '.join(map(repr, figures))}"
             )
         score = valid[self.key]
         if score is None:  # no validation users: nothing to select on, the last epoch is kept

@@ -313,9 +313,10 @@ def test_append_failures_change_nothing(parts):
     )
     spaced.to_csv(d / "spaced.csv", index=False)
     example = repr(" " + str(few["user"].iloc[0]))
-    said = r"removed by the k-core filter .*; \d+ user ID\(s\) of the log are the stream's user IDs with spaces around "
-    said += rf"them \(e\.g\. {re.escape(example)} for .*\), so they name new users; remove the spaces in the log if they "
-    said += r"are the same; \d+ item ID\(s\) of the log"
+    said = r"removed by the k-core filter .*; \d+ user ID\(s\) of the log differ from the stream's user IDs only by spaces "
+    said += rf"around them \(e\.g\. {re.escape(example)} for .*\), so they name new users; remove the spaces in the log if "
+    said += r"they are the same; \d+ item ID\(s\) of the log"
+
     with pytest.raises(CcdrecError, match=said):
         append_stream(d / "s", d / "spaced.csv")
     assert snapshot() == before
@@ -688,3 +689,15 @@ def test_new_timestamps_in_seconds_for_a_millisecond_stream_are_refused(tmp_path
                        r"read as milliseconds \(the stream's unit\), .*in seconds they would fall within: write them in "
                        r"milliseconds"):  # fmt: skip
         append_stream(tmp_path / "s", tmp_path / "secs.csv")
+
+
+def test_ids_that_differ_from_the_streams_only_by_spaces_are_named_either_way():
+    from ccdrec.data.append import _spaced_ids_note
+
+    known = {"12": 0, " 90": 1, "7": 2}
+    log_spaced = _spaced_ids_note(pd.Series([" 12", "7", "new"]), known, "user")
+    assert log_spaced.startswith("1 user ID(s) of the log differ from the stream's user IDs only by spaces around them")
+    assert "(e.g. ' 12' for '12')" in log_spaced and "remove the spaces in the log if they are the same" in log_spaced
+    stream_spaced = _spaced_ids_note(pd.Series(["90", "91"]), known, "item")  # the stream has ' 90'
+    assert "(e.g. '90' for ' 90'), so they name new items; write them as the stream does in the log" in stream_spaced
+    assert _spaced_ids_note(pd.Series(["12", "new"]), known, "user") is None

@@ -216,7 +216,8 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     )
     r = record["read"]
     kind = r["file_format"] or P._kind(log)
-    notes += P.spaced_ids_notes(log, new_users, new_items, kind, r["sep"] or P._default_sep(log))
+    if not spaced:  # else said of these IDs already, and better
+        notes += P.spaced_ids_notes(log, new_users, new_items, kind, r["sep"] or P._default_sep(log), again="append")
     notes += P.lookalike_ids_notes([*stream.user_vocab, *map(str, new_users)], [*stream.item_vocab, *map(str, new_items)])
     old_left_out = record.get("left_out")
     new_last = max(last, times.max().item())
@@ -253,15 +254,19 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
 
 
 def _spaced_ids_note(ids: pd.Series, known: dict, what: str) -> str | None:
-    """A note when new ``what`` IDs are stored IDs with spaces around them (``' 12'`` for ``'12'``): IDs are
-    kept as written, so they name new users or items, which the k-core filter then often removes."""
+    """A note when new ``what`` IDs differ from stored ones only by spaces around them (``' 12'`` in the log
+    for the stream's ``'12'``, or ``'12'`` for ``' 12'``): IDs are kept as written, so they name new users or
+    items, which the k-core filter then often removes."""
     unknown = pd.unique(ids[~ids.isin(known.keys())].astype(str))
-    near = [i for i in unknown if i.strip() != i and i.strip() in known]
+    stored = {str(k).strip(): str(k) for k in known}  # the stream's IDs without their spaces
+    near = [(i, stored[i.strip()]) for i in unknown if i.strip() in stored]
     if not near:
         return None
+    given, meant = near[0]
+    fix = "remove the spaces in the log" if given != given.strip() else "write them as the stream does in the log"
     return (
-        f"{len(near):,} {what} ID(s) of the log are the stream's {what} IDs with spaces around them (e.g. {near[0]!r} "
-        f"for {near[0].strip()!r}), so they name new {what}s; remove the spaces in the log if they are the same"
+        f"{len(near):,} {what} ID(s) of the log differ from the stream's {what} IDs only by spaces around them "
+        f"(e.g. {given!r} for {meant!r}), so they name new {what}s; {fix} if they are the same"
     )
 
 

@@ -377,22 +377,27 @@ def rows_note(log: Path, n_read: int, steps: list[tuple[int, str]], kept: int, l
     return f"{log.name}: " + "; ".join([*parts, kept_text])
 
 
-def spaced_ids_notes(log: Path, users, items, kind: str, sep: str) -> list[str]:
+def spaced_ids_notes(log: Path, users, items, kind: str, sep: str, again: str = "prepare") -> list[str]:
     """A note when IDs among ``users`` / ``items`` begin or end with whitespace (``1, 242, ...``: spaces after
-    the separator): they are kept as written, so ``242`` would not find `` 242``; says how to strip them."""
+    the separator): they are kept as written, so ``242`` would not find `` 242``; says how to strip them and
+    ``prepare`` (or ``append``) again."""
     counts = {}
     example = None
     for what, ids in (("user", users), ("item", items)):
         spaced = [str(v) for v in ([] if ids is None else ids) if str(v) != str(v).strip()]
         if spaced:
             counts[what] = len(spaced)
-            example = example or spaced[0]
+            example = example or (spaced[0], what)
     if not counts:
         return []
     which = " and ".join(f"{n:,} {what} ID(s)" for what, n in counts.items())
+    (shown, what), option = example, "--user" if example[1] == "user" else "--items"
+    hint = _strip_hint(log, kind, sep)
+    if again == "append":  # these rows are in the stream now, as written
+        hint = hint.replace(" and prepare again", " in the logs you append")
     return [
-        f"{which} begin or end with whitespace, e.g. {example!r}: IDs are kept as written, so {example.strip()!r} "
-        f"is not {example!r} (in recommend --items, for instance); {_strip_hint(log, kind, sep)}"
+        f"{which} begin or end with whitespace, e.g. {shown!r}: IDs are kept as written, so {shown.strip()!r} "
+        f"is not {shown!r} (in recommend {option}, for instance); {hint}"
     ]
 
 

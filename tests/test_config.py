@@ -75,7 +75,7 @@ def test_a_boolean_inside_a_list_or_as_a_block_key_is_refused(tmp_path):
     for key in ("true", "1.0"):  # YAML reads them as True and 1.0; pydantic would make both block 1
         f = tmp_path / f"blocks-{key}.yaml"
         f.write_text(f"blocks:\n  {key}: {{w_stability: 0.5}}\n")
-        with pytest.raises(CcdrecError, match="blocks: key .* is not a whole number"):
+        with pytest.raises(CcdrecError, match="the blocks key .* is not a block number"):
             load_config("yelp", file=f)
     f = tmp_path / "ok.yaml"
     f.write_text("blocks:\n  1: {w_stability: 0.5}\n")
@@ -303,3 +303,31 @@ def test_the_student_model_set_whole_says_it_takes_a_mapping(value):
         CcdrecError, match=r"student.model: takes a mapping such as \{kind: mf, dim: 16\}, .*student.model.kind=mf$"
     ):
         load_config("yelp", overrides=[f"student.model={value}"])
+
+
+def test_block_keys_that_are_not_block_numbers_are_refused_in_every_layer(tmp_path):
+    # True and 1.0 are the dict key 1: with a preset's block 1 they were merged into it without a word
+    for override in ("blocks={true: {w_stability: 0.3}}", "blocks={1.0: {w_stability: 0.3}}"):
+        for preset in ("paper-yelp", "quick"):
+            with pytest.raises(CcdrecError, match="is not a block number|not a whole number"):
+                load_config("yelp", preset=preset, overrides=[override])
+    # a digit that is not an ASCII one ('²'.isdigit() is True) is an error, not a traceback
+    with pytest.raises(CcdrecError, match=r"blocks\.²"):
+        load_config("yelp", overrides=["blocks.².w_stability=0.4"])
+    f = tmp_path / "sup.yaml"
+    f.write_text('blocks: {"²": {w_stability: 0.5}}\n')
+    with pytest.raises(CcdrecError, match="blocks"):
+        load_config("yelp", file=f)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["teacher.base={epochs: 2}", "teacher.base.epochs=3"], "teacher.base.epochs"),
+        (["teacher.base.epochs=3", "teacher.base={epochs: 2}"], "teacher.base.epochs"),
+        (["blocks.1.w_stability=0.4", "blocks={1: {w_stability: 0.1}}"], "blocks.1.w_stability"),
+    ],
+)
+def test_a_field_set_whole_and_on_its_own_is_given_twice(overrides, named):
+    with pytest.raises(CcdrecError, match=rf"--set names {re.escape(named)} twice \(also inside .*=\.\.\.\); give it once$"):
+        load_config("yelp", overrides=overrides)

@@ -182,6 +182,14 @@ def test_new_run_refuses_a_non_empty_directory_and_says_what_it_is(full_run, str
     # --resume would not help with a stream directory, or a directory of other files
     with pytest.raises(CcdrecError, match="a stream directory, not a place for a new run directory; give --out a new directory$"):
         run_stream(cfg, stream_dir, progress=False)
+    cmp = tmp_path / "cmp 1"  # a run of a comparison goes on with the comparison (its runs stay at one block)
+    (cmp / "ccd").mkdir(parents=True)
+    (cmp / "compare.json").write_text("{}")
+    (cmp / "ccd" / "state.json").write_text("{}")
+    with pytest.raises(
+        CcdrecError, match=r"a run of the comparison .*cmp 1 exists there; continue it with ccdrec compare --resume '.*cmp 1'"
+    ):
+        run_stream(cfg, cmp / "ccd", progress=False)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CcdrecError, match=r"exists and is not empty \(not ccdrec's; give --out a new or empty directory\)$"):
         run_stream(cfg, tmp_path, progress=False)

@@ -566,9 +566,13 @@ def run(
         console.print(f"note: {note}", markup=False)
     stopped, last = rd.load_config().max_blocks, rd.stream_blocks() - 1
     if stopped is not None and stopped < last:  # e.g. after `ccdrec data append`: the stream went on
+        # a run of a comparison goes on with the comparison, so that its runs stay at one block
+        command = f"ccdrec run --resume {shell_word(rd.path)}"
+        if (rd.path.parent / "compare.json").exists():
+            command = f"ccdrec compare --resume {shell_word(rd.path.parent)}"
         console.print(
             f"note: the run stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
-            f"ccdrec run --resume {shell_word(rd.path)} --max-blocks {last} takes it on",
+            f"{command} --max-blocks {last} takes it on",
             markup=False,
         )
 

@@ -129,6 +129,11 @@ class RunDir:
             if not found:
                 raise CcdrecError(f"{self.path}: exists and is not empty (not ccdrec's; give --out a new or empty directory)")
             kind, command = found[0]
+            if kind == "run directory" and (self.path.parent / "compare.json").exists():  # one run of a comparison
+                raise CcdrecError(
+                    f"{self.path}: a run of the comparison {self.path.parent} exists there; continue it with ccdrec compare "
+                    f"--resume {shell_word(self.path.parent)}, or give --out a new directory"
+                )
             raise CcdrecError(
                 f"{self.path}: a {kind} exists there; continue it with ccdrec {command} --resume {shell_word(self.path)}, "
                 "or give --out a new directory"

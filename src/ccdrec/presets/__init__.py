@@ -177,17 +177,22 @@ def block_keys(layer: dict, where: str) -> dict:
     out: dict = {}
     named: dict[object, object] = {}
     for key, value in blocks.items():
+        if isinstance(key, bool | float):  # True and 1.0 are the dict key 1: refused, never merged into block 1
+            raise CcdrecError(f"{where}: the blocks key {str(key).lower()} is not a block number (write 1, 2, ...)")
         text = str(key).strip()
-        block = int(text) if not isinstance(key, bool | float) and text.isdigit() else key
+        block = int(text) if _DECIMAL.fullmatch(text) else key
         if block in out:
             raise CcdrecError(f"{where}: block {block} is given twice (keys {named[block]!r} and {key!r})")
         out[block], named[block] = value, key
     return {**layer, "blocks": out}
 
 
+_DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: '²'.isdigit() is True, and int('²') fails
+
+
 def canonical_key(key: str) -> str:
     """A dotted override key with its block numbers as numbers (``blocks.01.w_stability`` -> ``blocks.1.w_stability``)."""
-    return ".".join(str(int(part)) if part.isdigit() else part for part in key.split("."))
+    return ".".join(str(int(part)) if _DECIMAL.fullmatch(part) else part for part in key.split("."))
 
 
 def override_key(item: str) -> str:
@@ -214,13 +219,13 @@ def apply_override(data: dict, item: str) -> dict:
     parts = key.split(".")
     at = data
     for depth, part in enumerate(parts[:-1]):  # a list is set whole: teacher.members=[...], not teacher.members.0.dim
-        at = at.get(int(part) if part.isdigit() else part) if isinstance(at, dict) else None
+        at = at.get(int(part) if _DECIMAL.fullmatch(part) else part) if isinstance(at, dict) else None
         if isinstance(at, list):
             whole = ".".join(parts[: depth + 1])
             raise CcdrecError(f"override {item!r}: {whole} is a list; set it whole (--set '{whole}=[...]')")
     nested: dict = value
     for part in reversed(parts):
-        nested = {int(part) if part.isdigit() else part: nested}
+        nested = {int(part) if _DECIMAL.fullmatch(part) else part: nested}
     return merge(data, block_keys(nested, f"override {key}=..."))
 
 
@@ -251,6 +256,9 @@ def load_config(
     keys = [canonical_key(override_key(item)) for item in overrides]  # blocks.1.x and blocks.01.x: one field
     for key in {k for k in keys if keys.count(k) > 1}:
         raise CcdrecError(f"--set names {key} twice; give it once")
+    for key in keys:  # a whole mapping and one of its fields: teacher.base={epochs: 2} and teacher.base.epochs=3
+        if inner := next((k for k in keys if k.startswith(key + ".")), None):
+            raise CcdrecError(f"--set names {inner} twice (also inside {key}=...); give it once")
     for item in overrides:
         data = apply_override(data, item)
     try:

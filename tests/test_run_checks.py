@@ -216,6 +216,14 @@ def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_pl
     assert "has changed since the run started" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
     config.write_text(config.read_text().replace(str(other), "moved"))  # relative: read from where?
     assert "must be an absolute path" in one_error_line(ccdrec("recommend", str(run), "--user", "0", cwd=tmp_path))
+    (tmp_path / "afile").write_text("x")
+    config.write_text(config.read_text().replace("dataset: moved", f"dataset: {tmp_path / 'afile'}"))
+    assert (
+        "(`dataset:` in" in (line := one_error_line(ccdrec("recommend", str(run), "--user", "0")))
+        and "is a file, not a directory" in line
+    )
+    config.write_text(config.read_text().replace(f"dataset: {tmp_path / 'afile'}", "dataset: ''"))
+    assert f"`dataset:` in {config} is empty" in one_error_line(ccdrec("recommend", str(run), "--user", "0"))
 
 
 def test_a_changed_stream_is_refused_and_nothing_changes(cli_run, tmp_path):

@@ -170,10 +170,19 @@ class RunDir:
         A stream directory that has moved is named as gone, with the line of ``config.yaml`` that points the
         run at its new place (the content hash is checked there as anywhere); the record follows it.
         """
+        if not cfg.dataset.strip():
+            raise CcdrecError(
+                f"{self.path}: `dataset:` in {self.config_path} is empty; write the stream directory's absolute path"
+            )
         if cfg.dataset not in BUNDLED and not Path(cfg.dataset).is_absolute():
             raise CcdrecError(
                 f"{self.path}: its stream directory {cfg.dataset} (`dataset:` in {self.config_path}) must be an absolute "
                 "path: the run is used from any working directory"
+            )
+        if cfg.dataset not in BUNDLED and Path(cfg.dataset).exists() and not Path(cfg.dataset).is_dir():
+            raise CcdrecError(
+                f"{self.path}: its stream directory {cfg.dataset} (`dataset:` in {self.config_path}) is a file, not a "
+                "directory; write the stream directory's absolute path there"
             )
         if cfg.dataset not in BUNDLED and not Path(cfg.dataset).is_dir():
             raise CcdrecError(

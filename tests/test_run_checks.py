@@ -191,6 +191,19 @@ def test_a_run_that_stops_before_its_streams_end_says_how_to_go_on(cli_run, tmp_
     assert hint in " ".join(res.stdout.split())
 
 
+def test_a_comparison_that_stops_before_its_streams_end_says_how_to_go_on(cli_run, tmp_path):
+    out = tmp_path / "cmp x"
+    args = ["compare", "--data", str(cli_run / "a" / "streams" / "base"), "--methods", "ccd,finetune", "--out", str(out)]
+    args += ["--preset", "quick", "--max-blocks", "0", "--no-bench", "--no-progress", "--threads", "1"]
+    for item in SMALL:
+        args += ["--set", item]
+    res = ccdrec(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hint = "note: the comparison stops at block 0 (--max-blocks) and its stream has blocks 0..2; "
+    hint += f"ccdrec compare --resume '{out}' --max-blocks 2"
+    assert hint in " ".join(res.stdout.split())
+
+
 def test_a_moved_stream_is_named_with_the_line_that_points_the_run_at_its_new_place(cli_run, tmp_path):
     """It used to say "no stream directory '...' (bundled datasets: yelp, gowalla)", nothing about the run
     or how to point it at the stream's new place."""

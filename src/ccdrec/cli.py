@@ -564,15 +564,23 @@ def run(
         console.print(tables.as_text(summary).to_string())
     if note := tables.capped_note(rows):
         console.print(f"note: {note}", markup=False)
+    # a run of a comparison goes on with the comparison, so that its runs stay at one block
+    inside = (rd.path.parent / "compare.json").exists()
+    _more_blocks_note(rd.path.parent if inside else rd.path, "compare" if inside else "run")
+
+
+def _more_blocks_note(path: Path, command: str) -> None:
+    """Note, after a run or comparison, that it stops (``--max-blocks``) before its stream's last block,
+    with the command that takes it on (e.g. after ``ccdrec data append``)."""
+    from ccdrec.pipeline.rundir import RunDir
+
+    rd = RunDir(path)
     stopped, last = rd.load_config().max_blocks, rd.stream_blocks() - 1
-    if stopped is not None and stopped < last:  # e.g. after `ccdrec data append`: the stream went on
-        # a run of a comparison goes on with the comparison, so that its runs stay at one block
-        command = f"ccdrec run --resume {shell_word(rd.path)}"
-        if (rd.path.parent / "compare.json").exists():
-            command = f"ccdrec compare --resume {shell_word(rd.path.parent)}"
+    if stopped is not None and stopped < last:
+        what = "run" if command == "run" else "comparison"
         console.print(
-            f"note: the run stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
-            f"{command} --max-blocks {last} takes it on",
+            f"note: the {what} stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
+            f"ccdrec {command} --resume {shell_word(path)} --max-blocks {last} takes it on",
             markup=False,
         )
 
@@ -764,6 +772,7 @@ def compare(
             opened=_named("comparison directory"),
         )
     console.print(f"report: {report}")
+    _more_blocks_note(report.parent, "compare")
 
 
 @app.command("bench-serve")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -412,6 +413,26 @@ class StudentConfig(Strict):
     )
 
 
+DECIMAL = re.compile(r"[0-9]+")  # a block number: ASCII digits only ('²'.isdigit() is True, and int('²') fails)
+
+
+def block_numbers(blocks: dict) -> dict:
+    """``blocks`` (per-block overrides) keyed by block number: ``1``, ``"1"``, ``" 01"`` are block 1; a key that
+    is no number is kept for the validation to name. ValueError for a key ``true`` or ``1.0`` (which a dict
+    takes for the key 1) and for two keys of one block."""
+    out: dict = {}
+    named: dict[object, object] = {}
+    for key, value in blocks.items():
+        if isinstance(key, bool | float):
+            raise ValueError(f"the blocks key {str(key).lower()} is not a block number (write 1, 2, ...)")
+        text = str(key).strip()
+        block = int(text) if DECIMAL.fullmatch(text) else key
+        if block in out:
+            raise ValueError(f"block {block} is given twice (keys {named[block]!r} and {key!r})")
+        out[block], named[block] = value, key
+    return out
+
+
 class BlockOverride(Strict):
     """Per-block overrides (the authors tuned these per block; method.md 5.1, 5.3).
 
@@ -481,18 +502,8 @@ class RunConfig(Strict):
     @classmethod
     def _one_key_per_block(cls, blocks):
         """Two keys of one block (``1`` and ``"01"``, ``"1"`` and ``" 1"``) are an error: pydantic would keep
-        the last one's override and silently drop the other's."""
-        if isinstance(blocks, dict):
-            seen: dict[object, object] = {}
-            for key in blocks:
-                try:
-                    block = int(str(key).strip()) if not isinstance(key, bool | float) else key
-                except ValueError:
-                    continue  # not a block number: pydantic names it
-                if block in seen:
-                    raise ValueError(f"block {block} is given twice (keys {seen[block]!r} and {key!r})")
-                seen[block] = key
-        return blocks
+        the last one's override and silently drop the other's (:func:`block_numbers`)."""
+        return block_numbers(blocks) if isinstance(blocks, dict) else blocks
 
     @field_validator("blocks")
     @classmethod

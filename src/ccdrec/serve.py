@@ -136,7 +136,7 @@ class ServedRun:
         pairs = read_set_aside(Path(source)) if counts and source is not None else []
         if not pairs or sum(counts) != len(pairs):
             return np.empty((0, 2), dtype=np.int64)
-        items = {str(i): n for n, i in enumerate(self.item_ids)}
+        items = self._item_positions()  # exactly as written: a set-aside item may be in no block's vocabulary
         known = [(self._user_index.get(u), items.get(i)) for u, i in pairs[: sum(counts[: self.block + 1])]]
         return np.array([p for p in known if None not in p], dtype=np.int64).reshape(-1, 2)
 
@@ -219,11 +219,15 @@ class ServedRun:
     def item_index(self, item: str | int) -> int | None:
         """The index of original item ID ``item`` in the served universe (as given, else without surrounding
         spaces, as a user ID is looked up), or None when it is not in it."""
+        key, items = str(item), self._item_positions()
+        found = items.get(key)
+        return items.get(key.strip()) if found is None else found
+
+    def _item_positions(self) -> dict[str, int]:
+        """Original item ID -> index in the served universe (built once)."""
         if self._item_index is None:
             self._item_index = {str(x): i for i, x in enumerate(self.item_ids)}
-        key = str(item)
-        found = self._item_index.get(key)
-        return self._item_index.get(key.strip()) if found is None else found
+        return self._item_index
 
     def _train_graph(self) -> sp.csr_matrix:
         """The train matrix the served model is attached to (its block's, or the union of blocks 0..k)."""

@@ -392,9 +392,7 @@ def spaced_ids_notes(log: Path, users, items, kind: str, sep: str, again: str = 
         return []
     which = " and ".join(f"{n:,} {what} ID(s)" for what, n in counts.items())
     (shown, what), option = example, "--user" if example[1] == "user" else "--items"
-    hint = _strip_hint(log, kind, sep)
-    if again == "append":  # these rows are in the stream now, as written
-        hint = hint.replace(" and prepare again", " in the logs you append")
+    hint = _strip_hint(log, kind, sep, "in the logs you append" if again == "append" else "and prepare again")
     return [
         f"{which} begin or end with whitespace, e.g. {shown!r}: IDs are kept as written, so {shown.strip()!r} "
         f"is not {shown!r} (in recommend {option}, for instance); {hint}"
@@ -429,12 +427,14 @@ def lookalike_ids_notes(users, items) -> list[str]:
     return notes
 
 
-def _strip_hint(log: Path, kind: str, sep: str) -> str:
+def _strip_hint(log: Path, kind: str, sep: str, then: str = "and prepare again") -> str:
+    """How to strip the spaces around IDs, ``then`` what (``and prepare again``; for an append, where the rows
+    are in the stream as written, ``in the logs you append``)."""
     if kind == "parquet":
-        return "to drop the spaces, strip the ID columns first (pandas: df[col] = df[col].str.strip()) and prepare again"
+        return f"to drop the spaces, strip the ID columns first (pandas: df[col] = df[col].str.strip()) {then}"
     if (cmd := _strip_command(log, sep)) is None:
-        return "to drop them, remove the spaces around the separators in the log and prepare again"
-    return f"if they are spaces around the separators, remove them and prepare again, e.g. {cmd}"
+        return f"to drop them, remove the spaces around the separators in the log {then}"
+    return f"if they are spaces around the separators, remove them {then}, e.g. {cmd}"
 
 
 def _sed(sep: str) -> tuple[str, str] | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from ccdrec.config import RunConfig, validation_message
+from ccdrec.config import DECIMAL, RunConfig, block_numbers, validation_message
 from ccdrec.data.stream import resolve_source
 from ccdrec.errors import CcdrecError
 
@@ -167,32 +167,22 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def block_keys(layer: dict, where: str) -> dict:
-    """``layer`` with the keys of its ``blocks`` mapping as block numbers (``"1"``, ``"01"``, ``1`` -> 1), so
-    that a TOML file's string keys, a stored ``config.yaml``'s and a preset's integer keys name one block
-    when the layers are merged (the later one's fields winning). Two keys of one block in one layer are an
-    error (``where`` names the layer); a key that is no block number is left to the validation."""
+    """``layer`` with the keys of its ``blocks`` mapping as block numbers (:func:`ccdrec.config.block_numbers`),
+    so that a TOML file's string keys, a stored ``config.yaml``'s and a preset's integer keys name one block
+    when the layers are merged (the later one's fields winning). Two keys of one block in one layer, or a key
+    ``true`` / ``1.0``, are an error naming the layer (``where``)."""
     blocks = layer.get("blocks") if isinstance(layer, dict) else None
     if not isinstance(blocks, dict):
         return layer
-    out: dict = {}
-    named: dict[object, object] = {}
-    for key, value in blocks.items():
-        if isinstance(key, bool | float):  # True and 1.0 are the dict key 1: refused, never merged into block 1
-            raise CcdrecError(f"{where}: the blocks key {str(key).lower()} is not a block number (write 1, 2, ...)")
-        text = str(key).strip()
-        block = int(text) if _DECIMAL.fullmatch(text) else key
-        if block in out:
-            raise CcdrecError(f"{where}: block {block} is given twice (keys {named[block]!r} and {key!r})")
-        out[block], named[block] = value, key
-    return {**layer, "blocks": out}
-
-
-_DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: '²'.isdigit() is True, and int('²') fails
+    try:
+        return {**layer, "blocks": block_numbers(blocks)}
+    except ValueError as e:
+        raise CcdrecError(f"{where}: {e}") from None
 
 
 def canonical_key(key: str) -> str:
     """A dotted override key with its block numbers as numbers (``blocks.01.w_stability`` -> ``blocks.1.w_stability``)."""
-    return ".".join(str(int(part)) if _DECIMAL.fullmatch(part) else part for part in key.split("."))
+    return ".".join(str(int(part)) if DECIMAL.fullmatch(part) else part for part in key.split("."))
 
 
 def override_key(item: str) -> str:
@@ -219,13 +209,13 @@ def apply_override(data: dict, item: str) -> dict:
     parts = key.split(".")
     at = data
     for depth, part in enumerate(parts[:-1]):  # a list is set whole: teacher.members=[...], not teacher.members.0.dim
-        at = at.get(int(part) if _DECIMAL.fullmatch(part) else part) if isinstance(at, dict) else None
+        at = at.get(int(part) if DECIMAL.fullmatch(part) else part) if isinstance(at, dict) else None
         if isinstance(at, list):
             whole = ".".join(parts[: depth + 1])
             raise CcdrecError(f"override {item!r}: {whole} is a list; set it whole (--set '{whole}=[...]')")
     nested: dict = value
     for part in reversed(parts):
-        nested = {int(part) if _DECIMAL.fullmatch(part) else part: nested}
+        nested = {int(part) if DECIMAL.fullmatch(part) else part: nested}
     return merge(data, block_keys(nested, f"override {key}=..."))
 
 

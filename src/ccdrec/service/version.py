@@ -154,11 +154,9 @@ class ModelVersion:
     stage: str | None
     loaded_at: float = field(default_factory=time.time)
     item_names: list[str] = field(init=False, repr=False)
-    item_pos: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.item_names = [str(x) for x in self.run.item_ids]
-        self.item_pos = {name: i for i, name in enumerate(self.item_names)}
 
     @property
     def id(self) -> str:

@@ -94,7 +94,7 @@ def test_load_run_wants_a_path_and_a_device_there_is(run_dir):
         load_run(None)
     with pytest.raises(CcdrecError, match="^run_dir is an empty path"):  # never read as '.', as the CLI refuses it
         load_run(" ")
-    with pytest.raises(CcdrecError, match="^unknown device 'gpu'; expected auto, cpu or cuda$"):
+    with pytest.raises(CcdrecError, match="^unknown device 'gpu'; expected auto, cpu, cuda or cuda:N$"):
         load_run(run_dir, device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(CcdrecError, match="no CUDA device is available"):
@@ -339,3 +339,227 @@ def test_a_user_of_a_later_block_is_named_as_such(block0_run):
     assert "first appears" not in str(e.value)
     torch.manual_seed(0)  # the student of block 0 still serves its own users
     assert len(served.recommend("3", k=3)) == 3
+
+
+# --- a library user's second round (session 19's probe): each kind of mistake is one line, nothing silently wrong
+
+
+def small_stream():
+    return synthetic_stream(n_blocks=2, base_users=60, base_items=40, seed=1)
+
+
+def test_save_model_refuses_meta_json_cannot_hold_before_writing_and_writes_numpy_numbers(tmp_path):
+    from ccdrec.checkpoint import load_model, save_model
+
+    a, b = LightGCN(60, 40, dim=8), LightGCN(60, 40, dim=8)
+    save_model(a, tmp_path / "x", meta={"epoch": 1})
+    with pytest.raises(CcdrecError, match="cannot be written as JSON") as e:
+        save_model(b, tmp_path / "x", meta={"weights": torch.zeros(2)})
+    one_line(e)
+    model, meta = load_model(tmp_path / "x")  # the old pair is whole: a's weights with a's meta
+    assert meta == {"epoch": 1} and torch.equal(model.user_emb, a.user_emb)
+    save_model(b, tmp_path / "x", meta={"epoch": np.int64(2), "h": np.float32(0.5)})
+    model, meta = load_model(tmp_path / "x")
+    assert meta == {"epoch": 2, "h": 0.5} and torch.equal(model.user_emb, b.user_emb)
+    with pytest.raises(CcdrecError, match="model must be a ccdrec model"):
+        save_model("not a model", tmp_path / "y")
+    assert not (tmp_path / "y.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", "not a ccdrec model checkpoint"),
+        ('{"format": 1, "model": "x"}', "not a ccdrec model checkpoint"),
+        ('{"format": 1, "model": {"n_users": 60, "n_items": 40, "dim": 8, "layers": 2}}', "no 'kind'"),
+        ('{"format": 1, "model": {"kind": "lightgcn", "n_users": 60, "n_items": 40, "dim": 8, "foo": 1}}', "takes .*not foo"),
+    ],
+)
+def test_load_model_names_a_damaged_json_in_one_line(tmp_path, content, message):
+    from ccdrec.checkpoint import load_model, save_model
+
+    save_model(LightGCN(60, 40, dim=8), tmp_path / "x")
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(CcdrecError, match=message) as e:
+        load_model(tmp_path / "x")
+    one_line(e)
+
+
+def test_load_model_checks_the_device_and_the_path(tmp_path):
+    from ccdrec.checkpoint import load_model, save_model
+
+    save_model(LightGCN(60, 40, dim=8), tmp_path / "x")
+    with pytest.raises(CcdrecError, match="unknown device 'gpu'"):
+        load_model(tmp_path / "x", device="gpu")
+    with pytest.raises(CcdrecError, match="stem must be a path"):
+        load_model(None)
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(CcdrecError, match="is a directory"):
+        load_model(tmp_path / "d")
+    model, _ = load_model(tmp_path / "x", device=torch.device("cpu"))
+    assert model.device.type == "cpu"
+    assert load_model(tmp_path / "x", device="CPU")[0].device.type == "cpu"
+
+
+def test_fit_takes_avoid_as_pairs_or_a_sparse_matrix_and_never_reads_a_dense_one_as_either():
+    from ccdrec.train.objectives import objective_for
+
+    block = small_stream()[0]
+    model = LightGCN(block.n_users, block.n_items, dim=8)
+    pairs = np.array([[0, 5], [1, 7]])
+    keys = set(objective_for(model, block, TrainConfig(), avoid=None).sampler.keys.tolist())
+    # the loop converts pairs before the objective sees them: check through fit's own conversion
+    from ccdrec.models.checks import check_matrix
+
+    avoid = check_matrix("avoid", pairs, (block.n_users, block.n_items), at_most=True, pairs=True)
+    with_pairs = set(objective_for(model, block, TrainConfig(), avoid=avoid).sampler.keys.tolist())
+    assert with_pairs - keys <= {0 * block.n_items + 5, 1 * block.n_items + 7}
+    assert {0 * block.n_items + 5, 1 * block.n_items + 7} <= with_pairs
+    assert fit(model, block, TrainConfig(epochs=1, eval_every=1), avoid=pairs).epochs_run == 1
+    with pytest.raises(CcdrecError, match="must be a scipy.sparse .* not a dense 2-D array of shape \\(60, 40\\)") as e:
+        fit(model, block, TrainConfig(epochs=1), avoid=np.zeros((block.n_users, block.n_items)))
+    one_line(e)
+    with pytest.raises(CcdrecError, match="item IDs must be in 0..39, not 40"):
+        fit(model, block, TrainConfig(epochs=1), avoid=np.array([[0, 40]]))
+    with pytest.raises(CcdrecError, match="not at most 60 x 40"):
+        fit(model, block, TrainConfig(epochs=1), avoid=small_stream()[1].train_matrix)
+
+
+def test_a_mult_vae_refuses_input_rows_of_another_shape_or_type_as_lightgcn_does():
+    s = small_stream()
+    b0, b1 = s[0], s[1]
+    for model in (MultVAE(b0.n_users, b0.n_items, dim=8), LightGCN(b0.n_users, b0.n_items, dim=8)):
+        with pytest.raises(CcdrecError, match="is 40 x 60 .*not 60 x 40"):
+            model.set_graph(b0.train_matrix.T.tocsr())
+        with pytest.raises(CcdrecError, match="must be a scipy.sparse .*not None"):
+            model.set_graph(None)
+    vae = MultVAE(b0.n_users, b0.n_items, dim=8)
+    with pytest.raises(CcdrecError, match="inputs is 100 x 60"):
+        fit(vae, b0, TrainConfig(epochs=1, batch_size=32), inputs=b1.train_matrix)
+    with pytest.raises(CcdrecError, match="inputs must be a scipy.sparse .*dense 2-D array"):
+        fit(vae, b0, TrainConfig(epochs=1, batch_size=32), inputs=b0.train_matrix.toarray())
+
+
+def test_a_block_checks_its_sizes_and_pairs_when_made():
+    from ccdrec.data import Block
+
+    tr = np.array([[u, i] for u in range(20) for i in range(5)])
+    va = te = np.array([[u, 6] for u in range(20)])
+
+    def make(**changes):
+        return Block(
+            **{**dict(index=0, n_users=20, n_items=15, prev_users=0, prev_items=0, train=tr, valid=va, test=te), **changes}
+        )
+
+    for changes, message in [
+        ({"train": np.vstack([tr, [[25, 1]]])}, "train has user ID 25, outside the universe 0..19"),
+        ({"train": np.vstack([tr, [[-1, 1]]])}, "train has user ID -1"),
+        ({"valid": np.array([[0, 15]])}, "valid has item ID 15, outside the universe 0..14"),
+        ({"train": tr.astype(float)}, "must hold integer IDs, not float64"),
+        ({"train": np.hstack([tr, tr[:, :1]])}, "not shape \\(100, 3\\)"),
+        ({"prev_users": 30}, "prev_users \\(30\\) is larger than n_users \\(20\\)"),
+        ({"n_users": 2.0}, "n_users must be an int"),
+        ({"train": "pairs"}, "must be an \\(n, 2\\) array"),
+    ]:
+        with pytest.raises(CcdrecError, match=message) as e:
+            make(**changes)
+        one_line(e)
+    block = make(train=tr.tolist(), valid=np.zeros((0, 2)))
+    assert block.train.dtype == np.int64 and block.train.shape == (100, 2) and block.valid.shape == (0, 2)
+    with pytest.raises(CcdrecError, match="n_users 10 is smaller than block 0's universe"):
+        block.matrix("train", 10, 10)
+
+
+def test_stream_spans_take_block_numbers_as_stream_indexing_does():
+    s = small_stream()
+    with pytest.raises(CcdrecError, match="from block 1 to 0"):
+        s.span(1, 0)
+    for call in (lambda: s.span(0, 7), lambda: s.union_block(9), lambda: s.train_until(5)):
+        with pytest.raises(CcdrecError, match="out of range: synthetic has blocks 0..1"):
+            call()
+    assert np.array_equal(s.train_until(-1), s.train_until(1))
+    assert s.union_block(-1).index == 1
+
+
+def test_synthetic_stream_checks_its_arguments():
+    for kwargs, message in [
+        ({"n_blocks": 0}, "n_blocks must be at least 1"),
+        ({"base_users": 0}, "base_users must be at least 1"),
+        ({"n_blocks": 1.5}, "n_blocks must be an int"),
+        ({"clusters": 0}, "clusters must be at least 1"),
+        ({"affinity": 2}, "affinity must be in \\[0, 1\\]"),
+        ({"base_items": 3}, "at least clusters"),
+    ]:
+        with pytest.raises(CcdrecError, match=message):
+            synthetic_stream(**kwargs)
+    assert len(synthetic_stream(n_blocks=1, affinity=1.0, base_users=30)) == 1
+
+
+def test_prepare_stream_writes_numpy_numbers_and_names_a_dataframe(tmp_path):
+    import pandas as pd
+
+    from ccdrec.data.prepare import prepare_stream
+
+    rng = np.random.default_rng(0)
+    log = pd.DataFrame({"user": rng.integers(0, 40, 2000), "item": rng.integers(0, 30, 2000), "timestamp": np.arange(2000)})
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream = prepare_stream(tmp_path / "log.csv", tmp_path / "out", min_user=np.int64(5), seed=np.int64(1), n_blocks=np.int32(2))
+    assert len(stream) == 3
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["min_user"] == 5
+    with pytest.raises(CcdrecError, match="the log must be a path .*df.to_parquet") as e:
+        prepare_stream(log, tmp_path / "out2")
+    one_line(e)
+
+
+def test_harmonic_keeps_a_missing_value_missing():
+    import math
+
+    from ccdrec.eval import harmonic
+
+    assert math.isnan(harmonic(float("nan"), 0.5)) and harmonic(0.0, 0.0) == 0.0
+    assert harmonic(0.2, 0.1) == pytest.approx(2 * 0.02 / 0.3)
+    with pytest.raises(CcdrecError, match="a is NoneType"):
+        harmonic(None, 0.5)
+
+
+def test_evaluation_names_a_scorer_of_the_wrong_shape_and_takes_a_dense_mask():
+    block = small_stream()[0]
+    model = LightGCN(block.n_users, block.n_items, dim=8)
+    with pytest.raises(CcdrecError, match="scores of shape \\(60, 3\\) for 60 users; expected \\(60, 40\\)") as e:
+        evaluate_block(model, block, "test", scorer=lambda u: torch.zeros(len(u), 3))
+    one_line(e)
+    with pytest.raises(CcdrecError, match="scorer must be a function"):
+        evaluate_block(model, block, "test", scorer=5)
+    t = block_target(model, block, "test")
+    model.set_graph(block.train_matrix)
+    scorer = model.scorer()
+    dense = rank_metrics(scorer, t.target, t.exclude.toarray(), block.n_items)
+    assert dense == rank_metrics(scorer, t.target, t.exclude, block.n_items)
+    with pytest.raises(CcdrecError, match="user index 999 is outside the model's universe 0..59"):
+        scorer(torch.tensor([999]))
+    vae = MultVAE(block.n_users, block.n_items, dim=8)
+    vae.set_graph(block.train_matrix)
+    with pytest.raises(CcdrecError, match="user index 60 is outside"):
+        vae.scorer()(torch.tensor([60]))
+
+
+def test_build_model_and_run_stream_name_their_arguments(tmp_path):
+    from ccdrec.pipeline.ccd import run_stream
+
+    with pytest.raises(CcdrecError, match="kind must be a string"):
+        build_model(["mf"], 5, 4)
+    with pytest.raises(CcdrecError, match="a vae model takes dim, dropout, not layers"):
+        build_model("vae", 5, 4, layers=2)
+    with pytest.raises(CcdrecError, match="cfg must be a ccdrec.config.RunConfig, not dict"):
+        run_stream({"dataset": "yelp"}, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_fit_checks_a_config_that_skipped_validation():
+    block = small_stream()[0]
+    cfg = TrainConfig(epochs=1).model_copy(update={"epochs": 0})
+    with pytest.raises(CcdrecError, match="cfg.epochs: Input should be greater than or equal to 1") as e:
+        fit(LightGCN(block.n_users, block.n_items, dim=8), block, cfg)
+    one_line(e)
+    with pytest.raises(CcdrecError, match="callbacks must be a list"):
+        fit(LightGCN(block.n_users, block.n_items, dim=8), block, TrainConfig(epochs=1), callbacks=None)

@@ -4,6 +4,7 @@ and cold-start recommendations from a new user's items (``recommend --items``, `
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -470,6 +471,33 @@ def test_a_run_goes_on_to_appended_blocks(grown_run):
     assert served.model.n_users == load_stream(d / "s")[3].n_users
 
 
+def test_a_running_service_swaps_in_the_students_of_blocks_appended_after_it_started(tmp_path):
+    """``ccdrec serve`` reads the run's stream when it starts; the run then goes on to blocks appended since
+    (``data append``, ``run --resume --max-blocks``): the watcher reads the grown stream again and swaps the
+    new students in, instead of refusing each with an IndexError from the old stream."""
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.presets import load_config
+    from ccdrec.service.swap import ModelSlot, RunWatcher
+    from ccdrec.service.version import load_version
+
+    log = weekly_log()
+    log[log["timestamp"] < T0 + 14 * DAY].to_csv(tmp_path / "first.csv", index=False)
+    log[log["timestamp"] >= T0 + 14 * DAY].to_csv(tmp_path / "rest.csv", index=False)
+    prepare_stream(tmp_path / "first.csv", tmp_path / "s", n_blocks=1, **KW)
+    run_stream(load_config(str(tmp_path / "s"), preset="quick", overrides=SMALL), tmp_path / "run", progress=False)
+    rd = RunDir(tmp_path / "run")
+    stream = rd.open_stream(rd.load_config())
+    slot = ModelSlot(load_version(rd, stream, rd.read_state()))
+    watcher = RunWatcher(slot, rd, stream)
+    assert slot.current.block == 1 and len(stream) == 2
+    append_stream(tmp_path / "s", tmp_path / "rest.csv", n_blocks=2)
+    run_stream(None, tmp_path / "run", resume=True, progress=False, max_blocks=3)
+    assert watcher.check(), list(slot.refused)
+    assert slot.current.block == 3 and len(watcher.stream) == 4 and not slot.refused
+    new_user = load_stream(tmp_path / "s").user_vocab[-1]
+    assert len(slot.current.run.recommend(new_user, 5)) == 5
+
+
 def test_a_stream_changed_in_the_blocks_a_run_used_is_still_refused(grown_run, tmp_path):
     import shutil
 
@@ -701,3 +729,23 @@ def test_ids_that_differ_from_the_streams_only_by_spaces_are_named_either_way():
     stream_spaced = _spaced_ids_note(pd.Series(["90", "91"]), known, "item")  # the stream has ' 90'
     assert "(e.g. '90' for ' 90'), so they name new items; write them as the stream does in the log" in stream_spaced
     assert _spaced_ids_note(pd.Series(["12", "new"]), known, "user") is None
+
+
+def test_an_append_killed_between_its_writes_is_cleaned_up_by_the_next(parts):
+    """kill -9 leaves the temporary siblings of a write (``.s.tmp-PID-*``, and between the two renames the
+    old stream as ``.s.old-PID-*`` with ``s`` missing): the next append removes what a dead process left,
+    puts a moved-aside stream back, and leaves a live process's files alone."""
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=1, **KW)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    (d / f".s.tmp-{pid}-abc").mkdir()
+    (d / f".s.tmp-{os.getpid()}-live").mkdir()  # a write still going on (this process)
+    (d / ".s.tmp-earlier").mkdir()  # no PID: written by an earlier ccdrec, left alone
+    digest = load_stream(d / "s").digest
+    (d / "s").rename(d / f".s.old-{pid}-xyz")
+    with pytest.warns(P.PrepareWarning, match="put back the stream a killed write had moved aside"):
+        grown = append_stream(d / "s", d / "rest1.csv")
+    assert grown.prefix_digest(2) == digest and len(grown) == 3
+    left = sorted(p.name for p in d.iterdir() if p.name.startswith(".s."))
+    assert left == sorted([".s.tmp-earlier", f".s.tmp-{os.getpid()}-live"]), left

@@ -108,7 +108,7 @@ def test_a_bad_option_value_is_a_usage_error():
 # Lowest first. A module may import modules of its own rank or below, never above; within a rank,
 # modules of different packages may import each other only without forming a cycle.
 LAYERS = [
-    ("errors", "device", "memory", "determinism", "option_values", "filemode"),
+    ("errors", "arguments", "device", "memory", "determinism", "option_values", "filemode"),
     ("config",),
     ("data", "presets"),
     ("models",),

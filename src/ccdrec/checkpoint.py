@@ -12,9 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.filemode import plain_mode
 from ccdrec.models.base import Recommender
 from ccdrec.models.registry import build_model
@@ -41,8 +42,26 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def _plain(value):
+    """A numpy scalar as the Python number it holds (``np.int64(2)`` -> 2), for :func:`json_text`."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__}")
+
+
+def json_text(obj, indent: int | None = 2) -> str:
+    """``obj`` as JSON text, numpy scalars written as the numbers they hold; a value JSON cannot hold (a
+    tensor, an array, a set, ...) is an :class:`InvalidArgument` naming its type, raised before any file is
+    touched."""
+    try:
+        return json.dumps(obj, indent=indent, sort_keys=True, default=_plain)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"cannot be written as JSON: {e} (give plain numbers, strings, lists and dicts)") from None
+
+
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    text = json_text(obj).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
 
 
 def read_json(path: Path) -> dict:
@@ -76,23 +95,47 @@ def stem_file(stem: Path, suffix: str) -> Path:
 
 
 def save_model(model: Recommender, stem: Path, meta: dict | None = None) -> None:
-    """Write ``stem.pt`` (weights) and then ``stem.json`` (architecture + ``meta``)."""
+    """Write ``stem.pt`` (weights) and then ``stem.json`` (architecture + ``meta``, a dict of JSON values;
+    numpy scalars are written as numbers). ``meta`` that JSON cannot hold is an :class:`InvalidArgument`
+    before either file is written, so an existing pair is never left half replaced."""
+    if not isinstance(model, Recommender):
+        raise WrongArgumentType(f"model must be a ccdrec model (a Recommender), not {type(model).__name__}")
     stem = Path(stem)
+    if meta is not None and not isinstance(meta, dict):
+        raise WrongArgumentType(f"meta must be a dict, not {type(meta).__name__}")
+    info = json_text({"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}}).encode()
     save_tensors(stem_file(stem, ".pt"), model.state_dict())
-    atomic_write_json(stem_file(stem, ".json"), {"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}})
+    atomic_write_bytes(stem_file(stem, ".json"), lambda f: f.write(info))
 
 
 def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Recommender, dict]:
-    """Rebuild a model saved by :func:`save_model`; returns (model, meta). Call ``set_graph`` before use."""
+    """Rebuild a model saved by :func:`save_model`; returns (model, meta). Call ``set_graph`` before use.
+
+    ``device``: as :func:`ccdrec.device.resolve_device` takes it. A ``stem`` whose files are missing,
+    damaged or not a ccdrec model checkpoint, and an unknown device, are :class:`CcdrecError`.
+    """
+    from ccdrec.device import resolve_device
+
+    if not isinstance(stem, str | os.PathLike):
+        raise WrongArgumentType(f"stem must be a path (str or Path), not {type(stem).__name__}")
+    dev = resolve_device(device)
     stem = Path(stem)
-    info = read_json(stem_file(stem, ".json"))
-    if info.get("format") != FORMAT_VERSION or "model" not in info:
-        raise CcdrecError(f"{stem_file(stem, '.json')}: not a ccdrec model checkpoint of format {FORMAT_VERSION}")
-    cfg = dict(info["model"])
-    model = build_model(cfg.pop("kind"), cfg.pop("n_users"), cfg.pop("n_items"), **cfg)
+    where = stem_file(stem, ".json")
+    if where.is_dir():
+        raise CcdrecError(f"{where}: is a directory, not a model checkpoint's JSON file")
+    info = read_json(where)
+    cfg = info.get("model") if isinstance(info, dict) and info.get("format") == FORMAT_VERSION else None
+    if not isinstance(cfg, dict) or not isinstance(info.get("meta", {}), dict):
+        raise CcdrecError(f"{where}: not a ccdrec model checkpoint of format {FORMAT_VERSION}")
+    cfg = dict(cfg)
+    try:
+        model = build_model(cfg.pop("kind"), cfg.pop("n_users"), cfg.pop("n_items"), **cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise CcdrecError(f"{where}: not a ccdrec model checkpoint of format {FORMAT_VERSION} ({detail})") from None
     state = load_tensors(stem_file(stem, ".pt"))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CcdrecError(f"{stem_file(stem, '.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
-    return model.to(device), info.get("meta", {})
+    return model.to(dev), info.get("meta", {})

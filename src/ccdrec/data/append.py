@@ -121,6 +121,8 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
         raise CcdrecError(f"{log}: give either --blocks (equal-count blocks) or --window (calendar windows), not both")
     if n_blocks is not None and (isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 1):
         raise CcdrecError(f"{log}: --blocks must be an integer >= 1, got {n_blocks!r}")
+    for note in P.clear_stale_writes(stream_dir) if stream_dir.parent.is_dir() else []:  # after a killed append
+        warnings.warn(note, P.PrepareWarning, stacklevel=2)
     if not stream_dir.is_dir():
         raise CcdrecError(f"no stream directory {str(stream_dir)!r}")
     check_stream_dir(stream_dir, bundled=False)

@@ -74,6 +74,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -92,7 +93,7 @@ import pyarrow.parquet as pq
 from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, WrongArgumentType
 from ccdrec.filemode import plain_mode
 
 try:
@@ -210,6 +211,9 @@ def prepare_stream(
     are issued as :class:`PrepareWarning` after it is written.
     """
     for what, given in (("log", log), ("output", out)):
+        if not isinstance(given, str | os.PathLike):
+            hint = " (write a DataFrame to a file first: df.to_parquet('log.parquet'))" if what == "log" else ""
+            raise WrongArgumentType(f"the {what} must be a path (str or Path), not {type(given).__name__}{hint}")
         if isinstance(given, str) and not given.strip():  # Path("") would be ".", the current directory
             raise CcdrecError(f"the {what} path is empty")
     log, out = Path(log), Path(out)
@@ -218,6 +222,10 @@ def prepare_stream(
     window_s = parse_window(window) if window is not None else None
     n_blocks = DEFAULT_BLOCKS if n_blocks is None else n_blocks
     _check_params(log, user_col, item_col, time_col, rating_col, min_user, min_item, base_fraction, n_blocks, seed)
+    # numpy numbers pass the checks; prepare.json is written with the plain numbers they hold
+    min_user, min_item, n_blocks, seed = int(min_user), int(min_item), int(n_blocks), int(seed)
+    base_fraction = float(base_fraction)
+    min_rating = min_rating.item() if isinstance(min_rating, np.generic) else min_rating
     _check_time_options(log, time_format, time_unit)
     names = _column_names(log, header, columns)
     sep = _separator(log, sep)
@@ -1704,7 +1712,9 @@ def _write_atomically(
     Whatever goes wrong, the temporary directory is removed and ``out`` is left as it was."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)).resolve()
+        for note in clear_stale_writes(out):
+            warnings.warn(note, PrepareWarning, stacklevel=3)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)).resolve()
         tmp.chmod(plain_mode(directory=True))  # mkdtemp's is owner-only
     except OSError as e:
         raise CcdrecError(f"{out}: cannot create the output directory ({e})") from None
@@ -1726,6 +1736,37 @@ def _write_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
     loaded.name, loaded.source = out.name, out.resolve()
     return loaded
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or no way to tell: leave its files alone
+    return True
+
+
+def clear_stale_writes(out: Path) -> list[str]:
+    """Clean up after a write of the stream ``out`` whose process was killed (``kill -9``, a power cut):
+    the temporary siblings it leaves are named ``.NAME.tmp-PID-*`` (the new stream being written) and
+    ``.NAME.old-PID-*`` (the stream it replaces, between two renames). When process PID is gone, a
+    ``tmp`` sibling is removed, and an ``old`` one is put back as ``out`` if ``out`` is missing (the kill
+    fell between the renames), else removed. Siblings of a live process, and names without a PID
+    (written by an earlier ccdrec), are left alone. Returns one line per stream put back."""
+    notes = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*")
+    for sibling in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        match = pattern.fullmatch(sibling.name)
+        if not match or not sibling.is_dir() or _alive(int(match[2])):
+            continue
+        if match[1] == "old" and not out.exists():
+            sibling.rename(out)
+            notes.append(f"{out}: put back the stream a killed write had moved aside ({sibling.name})")
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
+    return notes
 
 
 def _check_read_back(written: Stream, loaded: Stream, log: Path, out: Path) -> None:
@@ -1756,7 +1797,7 @@ def _replace(tmp: Path, log: Path, out: Path, force: bool) -> None:
         tmp.rename(out)
         return
     _check_out(log, out, force)  # it may have been filled since the first check
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
     old.rmdir()
     out.rename(old)
     try:

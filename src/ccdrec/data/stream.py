@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ccdrec.errors import BlockOutOfRange, CcdrecError, WrongArgumentType
+from ccdrec.errors import BlockOutOfRange, CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.option_values import shell_word
 
 SPLITS = ("train", "valid", "test")
@@ -109,12 +109,45 @@ class Block:
     _given: dict[str, np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check()
         keep_valid, keep_test = held_out_pairs(self.train, self.valid, self.test)
         for name, keep in (("valid", keep_valid), ("test", keep_test)):
             if not keep.all():
                 given = getattr(self, name)
                 self._given[name] = given
                 setattr(self, name, given[keep])
+
+    def _check(self) -> None:
+        """The sizes as ints with 0 <= previous <= current universe, and each split an (n, 2) integer
+        array (a list of pairs is taken) of IDs inside the universe; a mistake is one line naming it
+        (:class:`InvalidArgument`, or :class:`WrongArgumentType` for a type), not a SciPy or torch error later."""
+        for name in ("index", "n_users", "n_items", "prev_users", "prev_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise WrongArgumentType(f"Block {name} must be an int, not {type(value).__name__} {value!r:.40}")
+            if value < 0:
+                raise InvalidArgument(f"Block {name} must be at least 0, not {value}")
+            setattr(self, name, int(value))
+        for prev, now in (("prev_users", "n_users"), ("prev_items", "n_items")):
+            if getattr(self, prev) > getattr(self, now):
+                raise InvalidArgument(f"Block {prev} ({getattr(self, prev)}) is larger than {now} ({getattr(self, now)})")
+        for name in SPLITS:
+            given = getattr(self, name)
+            pairs = np.asarray(given) if isinstance(given, (list, tuple, np.ndarray)) else None
+            if pairs is None:
+                raise WrongArgumentType(f"Block {name} must be an (n, 2) array of (user, item) pairs, not {type(given).__name__}")
+            if pairs.size == 0:
+                pairs = pairs.reshape(0, 2).astype(np.int64)
+            if pairs.ndim != 2 or pairs.shape[1] != 2:
+                raise InvalidArgument(f"Block {name} must be an (n, 2) array of (user, item) pairs, not shape {pairs.shape}")
+            if not np.issubdtype(pairs.dtype, np.integer):
+                raise WrongArgumentType(f"Block {name} must hold integer IDs, not {pairs.dtype} (convert with .astype(np.int64))")
+            for col, what, limit in ((0, "user", self.n_users), (1, "item", self.n_items)):
+                ids = pairs[:, col]
+                if len(ids) and (ids.min() < 0 or ids.max() >= limit):
+                    bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+                    raise InvalidArgument(f"Block {name} has {what} ID {bad}, outside the universe 0..{limit - 1}")
+            setattr(self, name, pairs.astype(np.int64, copy=False))
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -141,8 +174,17 @@ class Block:
         return getattr(self, name)
 
     def matrix(self, name: str, n_users: int | None = None, n_items: int | None = None) -> sp.csr_matrix:
-        """Binary CSR matrix of one split, shaped to this block's universe (or a larger one)."""
-        return _pairs_matrix(self.split(name), n_users or self.n_users, n_items or self.n_items)
+        """Binary CSR matrix of one split, shaped to this block's universe (or a larger one); a smaller
+        shape is an :class:`InvalidArgument`."""
+        shape = (self.n_users if n_users is None else n_users, self.n_items if n_items is None else n_items)
+        for size, least, what in ((shape[0], self.n_users, "n_users"), (shape[1], self.n_items, "n_items")):
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+                raise WrongArgumentType(f"{what} must be an int, not {type(size).__name__}")
+            if size < least:
+                raise InvalidArgument(
+                    f"{what} {size} is smaller than block {self.index}'s universe ({self.n_users} users x {self.n_items} items)"
+                )
+        return _pairs_matrix(self.split(name), int(shape[0]), int(shape[1]))
 
     @cached_property
     def train_matrix(self) -> sp.csr_matrix:
@@ -278,8 +320,14 @@ class Stream:
         )
         return part.digest
 
+    def block_index(self, k: int) -> int:
+        """Block ``k`` as a non-negative index (negative from the end), checked as ``stream[k]`` checks it."""
+        self[k]  # a type or range mistake is the error stream[k] gives
+        return int(k) % len(self.blocks)
+
     def train_until(self, k: int) -> np.ndarray:
         """All deduplicated train pairs of blocks 0..k (for the full-retraining reference)."""
+        k = self.block_index(k)
         pairs = np.concatenate([b.train for b in self.blocks[: k + 1]])
         return np.unique(pairs, axis=0)
 
@@ -288,8 +336,11 @@ class Stream:
         (method.md 5, teacher update cycle): Tr = the deduplicated train pairs of those blocks; valid and
         test are block ``last``'s less the pairs the span trains on (:class:`Block`); the universe is
         block ``last``'s and the previous universe block ``first - 1``'s. A span of one block is that
-        block itself.
+        block itself. Indices as ``stream[k]`` takes them; ``first`` after ``last`` is an :class:`InvalidArgument`.
         """
+        first, last = self.block_index(first), self.block_index(last)
+        if first > last:
+            raise InvalidArgument(f"a span runs from an earlier block to a later one, not from block {first} to {last}")
         if first == last:
             return self.blocks[last]
         before = self.blocks[first - 1] if first > 0 else None
@@ -302,6 +353,7 @@ class Stream:
         Valid and test are block k's; those that are train pairs of an earlier block are dropped
         (:class:`Block`: they are masked as observed and could never be hit).
         """
+        k = self.block_index(k)
         b = self.blocks[k]
         return self._merged(0, k, b.prev_users, b.prev_items)
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ccdrec.arguments import check_fraction, check_int
 from ccdrec.data.split import split_block
 from ccdrec.data.stream import Block, Stream
+from ccdrec.errors import InvalidArgument
 
 
 def synthetic_stream(
@@ -26,7 +28,24 @@ def synthetic_stream(
     old_user_activity: float = 0.6,
     seed: int = 0,
 ) -> Stream:
-    """A :class:`Stream` of ``n_blocks`` blocks (block 0 plus ``n_blocks - 1`` incremental ones)."""
+    """A :class:`Stream` of ``n_blocks`` blocks (block 0 plus ``n_blocks - 1`` incremental ones).
+
+    Sizes are ints: ``n_blocks``, ``base_users``, ``base_items``, ``clusters`` and ``per_user`` at least 1
+    (``base_items`` at least ``clusters``, so that every cluster has items), ``new_users`` / ``new_items``
+    at least 0; ``affinity`` and ``old_user_activity`` are fractions in [0, 1]; a mistake is an
+    :class:`~ccdrec.errors.InvalidArgument` or :class:`~ccdrec.errors.WrongArgumentType`."""
+    n_blocks, base_users, base_items = (
+        check_int("n_blocks", n_blocks),
+        check_int("base_users", base_users),
+        check_int("base_items", base_items),
+    )
+    new_users, new_items = check_int("new_users", new_users, minimum=0), check_int("new_items", new_items, minimum=0)
+    clusters, per_user = check_int("clusters", clusters), check_int("per_user", per_user)
+    seed = check_int("seed", seed, minimum=0)
+    if base_items < clusters:
+        raise InvalidArgument(f"base_items ({base_items}) must be at least clusters ({clusters}): every cluster needs an item")
+    affinity = check_fraction("affinity", affinity, closed=True)
+    old_user_activity = check_fraction("old_user_activity", old_user_activity, closed=True)
     rng = np.random.default_rng(seed)
     total_u = base_users + new_users * (n_blocks - 1)
     total_i = base_items + new_items * (n_blocks - 1)

@@ -93,8 +93,9 @@ class _Tally:
     """Per-user Recall@K / NDCG@K of one :class:`Target`, filled one user chunk at a time."""
 
     def __init__(self, t: Target, n_items: int, ks: tuple[int, ...]):
-        self.target = sp.csr_matrix(t.target)
-        self.exclude, self.n_items, self.ks = t.exclude, n_items, ks
+        self.target = _as_csr("target", t.target)
+        self.exclude = None if t.exclude is None else _as_csr("exclude", t.exclude)
+        self.n_items, self.ks = n_items, ks
         self.counts = np.diff(self.target.indptr)
         users = np.flatnonzero(self.counts) if t.users is None else np.unique(_check_users(t.users))
         users = users[users < self.target.shape[0]]
@@ -137,6 +138,28 @@ class _Tally:
         res = {name: float(v.mean()) if len(v) else None for name, v in self.per_user.items()}
         res["users"] = int(len(self.users))
         return res
+
+
+def _as_csr(name: str, matrix) -> sp.csr_matrix:
+    """A (users x items) target or mask as CSR: a SciPy sparse matrix, or a dense 2-D array or tensor."""
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix)
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().numpy()
+    if isinstance(matrix, np.ndarray) and matrix.ndim == 2:
+        return sp.csr_matrix(matrix)
+    raise WrongArgumentType(f"{name} must be a (users x items) scipy.sparse matrix or 2-D array, not {type(matrix).__name__}")
+
+
+def _check_scores(scores, rows: int, n_items: int) -> None:
+    """A scorer's answer for ``rows`` users must be a (rows, n_items) tensor: one score per item of the universe."""
+    if not isinstance(scores, torch.Tensor):
+        raise WrongArgumentType(f"the scorer must return a torch.Tensor of scores, not {type(scores).__name__}")
+    if scores.dim() != 2 or tuple(scores.shape) != (rows, n_items):
+        raise InvalidArgument(
+            f"the scorer returned scores of shape {tuple(scores.shape)} for {rows} users; expected ({rows}, {n_items}): "
+            "one score per item of the model's universe"
+        )
 
 
 def _per_context(scorers: list[Scorer]):
@@ -191,6 +214,8 @@ def rank_metrics_contexts(
         rows = [torch.from_numpy(np.searchsorted(batch, w)) for w in wanted]
         scores = context_scorer(torch.from_numpy(batch).to(device), rows)
         for g, w, sc in zip(tallies, wanted, scores, strict=True):
+            if len(w) and g:
+                _check_scores(sc, len(w), n_items)
             for t in g if len(w) else ():
                 t.add(w, sc.float())
     return [[t.result() for t in g] for g in tallies]
@@ -214,6 +239,8 @@ def evaluate_block(
     """
     ks, chunk = _check_run(ks, chunk)
     t = block_target(model, block, split, users)
+    if scorer is not None and not callable(scorer):
+        raise WrongArgumentType(f"scorer must be a function of user indices (model.scorer()), not {type(scorer).__name__}")
     if scorer is None:
         scorer = model.scorer(context=block.matrix("train", model.n_users, model.n_items))
     return rank_metrics(scorer, t.target, t.exclude, model.n_items, t.users, ks, chunk, model.device)

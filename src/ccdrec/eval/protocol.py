@@ -13,9 +13,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Real
+
+from ccdrec.errors import WrongArgumentType
 
 
 def harmonic(a: float, b: float) -> float:
+    """H = 2ab / (a + b), the harmonic mean of two metric values (method.md 8); 0 when both are 0, NaN
+    when either is NaN (a missing value, above). Values that are not real numbers are a
+    :class:`~ccdrec.errors.WrongArgumentType`."""
+    for name, v in (("a", a), ("b", b)):
+        if isinstance(v, bool) or not isinstance(v, Real):
+            raise WrongArgumentType(f"harmonic takes two numbers; {name} is {type(v).__name__} {v!r:.40}")
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 

@@ -121,6 +121,17 @@ class Recommender(nn.Module, ABC):
         return next(self.parameters()).device
 
 
+def check_user_rows(users: torch.Tensor, n_users: int) -> None:
+    """A scorer's ``users``: a 1-D integer tensor of user indices in ``0..n_users-1``; else a one-line
+    :class:`~ccdrec.errors.InvalidArgument` / :class:`~ccdrec.errors.WrongArgumentType`."""
+    if not isinstance(users, torch.Tensor) or users.dim() != 1 or users.is_floating_point() or users.dtype == torch.bool:
+        what = f"{users.dim()}-D {users.dtype} tensor" if isinstance(users, torch.Tensor) else type(users).__name__
+        raise WrongArgumentType(f"a scorer takes a 1-D integer tensor of user indices, not a {what}")
+    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= n_users):
+        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
+        raise InvalidArgument(f"user index {bad} is outside the model's universe 0..{n_users - 1}")
+
+
 class EmbeddingModel(Recommender):
     """A model scoring s(u, i) = <e_u, e_i> from user and item ego tables (MF, LightGCN)."""
 
@@ -142,7 +153,12 @@ class EmbeddingModel(Recommender):
     def scorer_of(reps: tuple[torch.Tensor, torch.Tensor]) -> Scorer:
         """The scorer of propagated (users, items) tables (:meth:`propagate`): s(u, ·) = e_u E_itemsᵀ."""
         users, items = reps
-        return lambda u: users[u] @ items.T
+
+        def score(u: torch.Tensor) -> torch.Tensor:
+            check_user_rows(u, users.shape[0])
+            return users[u] @ items.T
+
+        return score
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor, reps=None) -> torch.Tensor:
         u, i = reps if reps is not None else self.propagate()

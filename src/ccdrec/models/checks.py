@@ -10,11 +10,11 @@ inside.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 
+from ccdrec.arguments import check_fraction, check_int, described, is_int, shown  # noqa: F401 - re-exported
 from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType  # noqa: F401 - the argument errors, re-exported
 
 
@@ -22,43 +22,10 @@ class ModelNotReady(CcdrecError, RuntimeError):
     """A model used before what it needs is set (a LightGCN's graph, a Mult-VAE's input rows)."""
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _described(value: Any) -> str:
-    """``None``, or the type and the (shortened) repr of ``value``: ``float 2.5``."""
-    return "None" if value is None else f"{type(value).__name__} {_shown(value)}"
-
-
-def is_int(value: Any) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as a Python int; raises unless it is an integer (not a bool) of at least ``minimum``."""
-    if not is_int(value):
-        raise WrongArgumentType(f"{name} must be an int of at least {minimum}, not {_described(value)}")
-    if value < minimum:
-        raise InvalidArgument(f"{name} must be at least {minimum}, not {int(value)}")
-    return int(value)
-
-
-def check_fraction(name: str, value: Any, low: float = 0.0, high: float = 1.0) -> float:
-    """``value`` as a float in ``[low, high)``; raises otherwise (bools and non-numbers are type errors)."""
-    if not isinstance(value, Real) or isinstance(value, (bool, np.bool_)):
-        raise WrongArgumentType(f"{name} must be a number in [{low:g}, {high:g}), not {_described(value)}")
-    if not low <= float(value) < high:
-        raise InvalidArgument(f"{name} must be in [{low:g}, {high:g}), not {value}")
-    return float(value)
-
-
 def check_ks(name: str, value: Any) -> tuple[int, ...]:
     """A non-empty tuple (or list) of cut-offs, each an int of at least 1, as a tuple of ints."""
     if is_int(value) or not isinstance(value, (tuple, list)) or not value:
-        raise WrongArgumentType(f"{name} must be a non-empty tuple of ints, e.g. (20, 50), not {_shown(value)}")
+        raise WrongArgumentType(f"{name} must be a non-empty tuple of ints, e.g. (20, 50), not {shown(value)}")
     return tuple(check_int(f"{name}[{n}]", k) for n, k in enumerate(value))
 
 
@@ -68,8 +35,8 @@ def check_ids(name: str, value: Any, what: str = "item IDs") -> list:
     that is not a ``str`` or an int."""
     if isinstance(value, (str, bytes, bytearray)):
         one = "one string" if isinstance(value, str) else f"one {type(value).__name__} object"
-        shown = _shown(value)
-        raise WrongArgumentType(f"{name} must be a list of {what}, not {one} ({shown}); for one ID write [{shown}]")
+        text = shown(value)
+        raise WrongArgumentType(f"{name} must be a list of {what}, not {one} ({text}); for one ID write [{text}]")
     if isinstance(value, Mapping):  # list() would take its keys and drop the values without a word
         raise WrongArgumentType(f"{name} must be a list of {what}, not a {type(value).__name__} (its values would be ignored)")
     if isinstance(value, np.ndarray) and value.ndim != 1:
@@ -77,10 +44,10 @@ def check_ids(name: str, value: Any, what: str = "item IDs") -> list:
     try:
         out = list(value)
     except TypeError:
-        raise WrongArgumentType(f"{name} must be a list of {what}, not {_described(value)}") from None
+        raise WrongArgumentType(f"{name} must be a list of {what}, not {described(value)}") from None
     for x in out:
         if not (isinstance(x, str) or is_int(x)):
-            raise WrongArgumentType(f"{name} must hold {what} (str or int), not {_described(x)}")
+            raise WrongArgumentType(f"{name} must hold {what} (str or int), not {described(x)}")
     return out
 
 
@@ -88,7 +55,7 @@ def check_indices(name: str, value: Any, size: int | None, what: str = "indices"
     """``value``, integer ``what`` in ``[0, size)`` (``size`` None: any non-negative), as a 1-D int64 array (a
     str, a float array or an index out of range is an error)."""
     if isinstance(value, (str, bytes, bytearray)) or value is None:
-        raise WrongArgumentType(f"{name} must be an array of {what}, not {_described(value)}")
+        raise WrongArgumentType(f"{name} must be an array of {what}, not {described(value)}")
     arr = np.asarray(value)
     if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
         raise WrongArgumentType(f"{name} must be a 1-D array of integer {what}, not {arr.ndim}-D of {arr.dtype}")
@@ -120,3 +87,35 @@ def check_universe(model: Any, block: Any, *, exact: bool, doing: str) -> None:
     elif exact:
         msg += "; train a model of the block's size: build_model(kind, block.n_users, block.n_items)"
     raise InvalidArgument(msg)
+
+
+def check_matrix(name: str, value: Any, shape: tuple[int, int], *, at_most: bool = False, pairs: bool = False):
+    """``value``, a SciPy sparse (users x items) matrix, as CSR: of exactly ``shape``, or with ``at_most`` of
+    any universe up to it (an earlier block's). With ``pairs``, an ``(n, 2)`` integer array of (user, item)
+    pairs is taken too and made that matrix. ``None``, a dense array or a list is a
+    :class:`WrongArgumentType` (a dense matrix would be read as pairs, or pairs as a matrix); a shape that
+    does not fit an :class:`InvalidArgument`."""
+    import scipy.sparse as sp
+
+    if pairs and isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2:
+        if not (value.size == 0 or np.issubdtype(value.dtype, np.integer)):
+            raise WrongArgumentType(f"{name}: (user, item) pairs must be integers, not {value.dtype}")
+        for col, limit, what in ((0, shape[0], "user"), (1, shape[1], "item")):
+            ids = value[:, col]
+            if ids.size and (ids.min() < 0 or ids.max() >= limit):
+                bad = int(ids.min() if ids.min() < 0 else ids.max())
+                raise InvalidArgument(f"{name}: {what} IDs must be in 0..{limit - 1}, not {bad}")
+        data = np.ones(len(value), dtype=np.float32)
+        return sp.csr_matrix((data, (value[:, 0], value[:, 1])), shape=shape)
+    if not sp.issparse(value):
+        also = " or an (n, 2) integer array of (user, item) pairs" if pairs else ""
+        what = f"a dense {value.ndim}-D array of shape {value.shape}" if isinstance(value, np.ndarray) else described(value)
+        raise WrongArgumentType(
+            f"{name} must be a scipy.sparse (users x items) matrix{also}, not {what} (e.g. block.train_matrix)"
+        )
+    got = tuple(int(n) for n in value.shape)
+    fits = got == tuple(shape) or (at_most and got[0] <= shape[0] and got[1] <= shape[1])
+    if not fits:
+        want = f"at most {shape[0]:,} x {shape[1]:,}" if at_most else f"{shape[0]:,} x {shape[1]:,}"
+        raise InvalidArgument(f"{name} is {got[0]:,} x {got[1]:,} (users x items), not {want}, the model's universe")
+    return sp.csr_matrix(value)

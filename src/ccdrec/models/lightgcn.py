@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ccdrec.models.base import INIT_STD, EmbeddingModel, InitStrategy, Representations, Scorer, check_growth
-from ccdrec.models.checks import InvalidArgument, ModelNotReady, check_int
+from ccdrec.models.checks import InvalidArgument, ModelNotReady, check_int, check_matrix
 from ccdrec.models.graph import normalized_adjacency, propagate_symmetric, to_torch_sparse
 from ccdrec.models.growth import entity_rows, grow_table
 
@@ -45,13 +45,11 @@ class LightGCN(EmbeddingModel):
         return {"kind": self.kind, "n_users": self.n_users, "n_items": self.n_items, "dim": self.dim, "layers": self.layers}
 
     def set_graph(self, train_matrix: sp.csr_matrix) -> None:
+        """The propagation graph from ``train_matrix``, a SciPy sparse matrix of the model's universe (the
+        train matrix of the block the model is sized for); another shape or type is an error (checks.check_matrix)."""
+        train_matrix = check_matrix("the graph (train_matrix)", train_matrix, (self.n_users, self.n_items))
         if self.layers == 0:
             return
-        if train_matrix.shape != (self.n_users, self.n_items):
-            raise InvalidArgument(
-                f"graph shape {train_matrix.shape} != model universe {(self.n_users, self.n_items)}: give the train "
-                "matrix of the block the model is sized for"
-            )
         self._adj = to_torch_sparse(normalized_adjacency(train_matrix), self.user_emb.device)
 
     def _apply(self, fn, recurse=True):

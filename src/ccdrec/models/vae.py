@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth
-from ccdrec.models.checks import ModelNotReady, check_fraction, check_int
+from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth, check_user_rows
+from ccdrec.models.checks import ModelNotReady, check_fraction, check_int, check_matrix
 from ccdrec.models.growth import entity_rows
 from ccdrec.models.indexing import take_rows
 
@@ -76,6 +76,9 @@ class MultVAE(Recommender):
         return {"kind": self.kind, "n_users": self.n_users, "n_items": self.n_items, "dim": self.dim, "dropout": self.dropout}
 
     def set_graph(self, train_matrix: sp.csr_matrix) -> None:
+        """The users' input rows: ``train_matrix``, a SciPy sparse matrix of the model's universe; another
+        shape or type is an error (checks.check_matrix)."""
+        train_matrix = check_matrix("the input rows (train_matrix)", train_matrix, (self.n_users, self.n_items))
         self._context = sp.csr_matrix(train_matrix, dtype=np.float32)
 
     def input_rows(self, users: torch.Tensor, context: sp.csr_matrix | None = None) -> torch.Tensor:
@@ -85,6 +88,7 @@ class MultVAE(Recommender):
                 "this Mult-VAE has no input rows: call model.set_graph(block.train_matrix) with the train matrix of the "
                 "block it is sized for (fit does), or pass a context matrix"
             )
+        check_user_rows(users, ctx.shape[0])
         return rows_tensor(ctx, users, self.n_items, self.device)
 
     def _encode_sparse(self, x: torch.Tensor, stochastic: bool) -> torch.Tensor:

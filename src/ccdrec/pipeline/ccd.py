@@ -27,7 +27,7 @@ from rich.console import Console
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, WrongArgumentType
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
 from ccdrec.pipeline.rundir import RunDir
@@ -88,6 +88,11 @@ def prepare_run(
     """
     if workers is not None and workers < 1:
         raise CcdrecError(f"workers must be at least 1, got {workers}")
+    if cfg is not None and not isinstance(cfg, RunConfig):
+        raise WrongArgumentType(
+            f"cfg must be a ccdrec.config.RunConfig, not {type(cfg).__name__}: RunConfig(**settings) or "
+            "ccdrec.presets.load_config(...) makes one"
+        )
     if cfg is not None:
         resolve_device(cfg.device)  # a device that is not there is refused before anything is created
     if resume:

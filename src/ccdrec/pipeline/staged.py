@@ -121,6 +121,10 @@ class StagedRun:
         known = {name for name, _ in todo}
         if done - known:
             raise CcdrecError(f"{self.rd.path}: state names stages this configuration does not have: {sorted(done - known)[:3]}")
+        if stop_after is not None and stop_after not in known:
+            raise CcdrecError(
+                f"stop_after {stop_after!r} is not a stage of this run; its stages are {', '.join(list(known)[:4])}, ..."
+            )
         self.restore()
         todo = [(name, fn) for name, fn in todo if name not in done]
         executor, address = cluster.chosen_executor(self.executor, self.ray_address)

@@ -27,7 +27,7 @@ from ccdrec.eval.metrics import DEFAULT_KS, evaluate_block, evaluate_many
 from ccdrec.eval.protocol import harmonic
 from ccdrec.memory import reused_step_memory
 from ccdrec.models.base import Recommender
-from ccdrec.models.checks import WrongArgumentType, check_int, check_universe
+from ccdrec.models.checks import WrongArgumentType, check_int, check_matrix, check_universe
 from ccdrec.train.callbacks import Callback
 from ccdrec.train.objectives import objective_for
 
@@ -81,12 +81,21 @@ class EarlyStopping:
 
 
 def check_train_config(cfg) -> TrainConfig:
-    """``cfg`` if it is a :class:`TrainConfig`; else a one-line :class:`WrongArgumentType` saying how to make one."""
+    """``cfg`` if it is a valid :class:`TrainConfig`; else a one-line :class:`WrongArgumentType` saying how to
+    make one. Its values are checked again (``model_copy(update=...)`` and attribute assignment skip
+    pydantic's checks): one out of range, such as ``epochs=0``, is an :class:`InvalidArgument`."""
     if not isinstance(cfg, TrainConfig):
         raise WrongArgumentType(
             f"cfg must be a ccdrec.config.TrainConfig, not {type(cfg).__name__}: make one with TrainConfig(**settings) "
             "(e.g. TrainConfig(epochs=20)) or take a model family's schedule with ccdrec.config.default_schedule(kind)"
         )
+    try:
+        TrainConfig.model_validate(cfg.model_dump())
+    except ValueError as e:
+        errors = getattr(e, "errors", lambda: [])()
+        first = errors[0] if errors else {"loc": (), "msg": str(e)}
+        where = ".".join(str(x) for x in first["loc"])
+        raise InvalidArgument(f"cfg.{where}: {first['msg']}" if where else f"cfg: {first['msg']}") from None
     return cfg
 
 
@@ -147,8 +156,10 @@ def fit(
     """Train ``model`` on ``block``'s train split with early stopping; restores the best weights.
 
     ``callbacks``: :class:`Callback` hooks, called in order. ``avoid`` and ``inputs`` go to the model
-    family's objective: (user, item) pairs the BPR negatives must avoid beyond the user's train items;
-    a Mult-VAE's input/target rows (default: the block's train matrix). ``select``: the validation
+    family's objective: the (user, item) pairs the BPR negatives must avoid beyond the user's train items
+    (a SciPy sparse matrix of the model's universe or an earlier, smaller one, or an (n, 2) integer array
+    of pairs); a Mult-VAE's input/target rows (a sparse matrix of the model's universe; default: the
+    block's train matrix). ``select``: the validation
     figure model selection maximises (default ``cfg.select_metric``; a callback's ``on_validate`` may
     add it). ``past``: the blocks before ``block``; with ``cfg.select_on = "stream"`` every validation
     also scores them (:func:`stream_validation`) and selection maximises ``stream_h@K`` unless
@@ -167,6 +178,13 @@ def fit(
     check_universe(model, block, exact=True, doing=f"train on block {block.index}")
     past = check_blocks("past", past)
     seed = check_int("seed", seed, minimum=0)
+    universe = (model.n_users, model.n_items)
+    if avoid is not None:
+        avoid = check_matrix("avoid", avoid, universe, at_most=True, pairs=True)
+    if inputs is not None:
+        inputs = check_matrix("inputs", inputs, universe)
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence):
+        raise WrongArgumentType(f"callbacks must be a list of Callback objects (or () for none), not {type(callbacks).__name__}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     r = block.matrix("train", model.n_users, model.n_items)

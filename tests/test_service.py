@@ -228,7 +228,9 @@ def test_malformed_inputs_get_the_right_status(run_dir):
             assert b"pointers" not in reply and b"root:" not in reply
         ok = client.post("/recommend", json={"users": ["3"], "k": 3})
         assert ok.status_code == 200
-        assert client.post("/recommend", json={"users": [str(u) for u in range(51)]}).status_code == 422  # oversize batch
+        oversize = client.post("/recommend", json={"users": [str(u) for u in range(51)]})
+        assert oversize.status_code == 422  # oversize batch, named, not repeated back
+        assert "a list of 51 entries, not repeated" in oversize.text and '"50"' not in oversize.text, oversize.text
         assert client.post("/recommend", json={"users": []}).status_code == 422
         too_much = client.post("/recommend", json={"users": ["3"] * 50, "k": 1000})  # 50,000 items > 20,000
         assert too_much.status_code == 422 and "more than 20,000 items" in too_much.text

@@ -782,7 +782,9 @@ def bench_serve_command(
     repeats: int = typer.Option(10, min=1, help="timed repetitions per measurement (the median is reported)"),
     k: int = typer.Option(20, "-k", min=1, help="recommendation list length"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
-    json_out: Path | None = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="also write the figures to this JSON file (its missing directories are made)"
+    ),
     threads: ThreadsOpt = None,
 ) -> None:
     """Serving cost of the final teacher ensemble vs the final served student: parameters, memory, top-K latency."""

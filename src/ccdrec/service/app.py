@@ -42,6 +42,7 @@ hot path, a valid
 included, goes to the FastAPI route, whose answers (422, 404) are the documented ones.
 """
 
+import json
 import math
 import re
 import time
@@ -160,12 +161,30 @@ def json_safe(value):
     return value
 
 
+MAX_ECHO = 200  # characters of JSON of a refused input a 422 answer repeats
+
+
+def _short_input(error):
+    """``error`` with an ``input`` of more than :data:`MAX_ECHO` characters of JSON replaced by a description."""
+    if not isinstance(error, dict) or "input" not in error:
+        return error
+    value = error["input"]
+    if len(json.dumps(value)) <= MAX_ECHO:
+        return error
+    size = (
+        f" of {len(value):,} {'entries' if isinstance(value, list | dict) else 'characters'}" if hasattr(value, "__len__") else ""
+    )
+    return {**error, "input": f"(a {type(value).__name__}{size}, not repeated)"}
+
+
 def validation_errors(errors) -> list:
-    """FastAPI's list of validation errors as JSON-safe data (non-finite inputs as strings)."""
+    """FastAPI's list of validation errors as JSON-safe data (non-finite inputs as strings); an ``input``
+    longer than :data:`MAX_ECHO` characters of JSON is named by its kind and size instead of repeated
+    (a refused body of 60,000 items would otherwise come back whole)."""
     from fastapi.encoders import jsonable_encoder
 
     try:
-        return json_safe(jsonable_encoder(errors))
+        return [_short_input(e) for e in json_safe(jsonable_encoder(errors))]
     except Exception:  # an input or context JSON cannot carry: keep where and what
         return [
             {"type": str(e.get("type", "")), "loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}

@@ -10,6 +10,10 @@ and then swaps :attr:`ModelSlot.current`, one reference assignment, atomic in Py
 ``slot.current`` once at its start and computes its whole answer with that version, which stays alive as
 long as a request holds it; the answer names it (``model``).
 
+A version of a block past the stream the service read (blocks appended with ``ccdrec data append`` after
+it started, which ``ccdrec run --resume`` went on to) makes the watcher read the run's stream again
+(:meth:`RunDir.open_stream`, with its checks) before it loads the version.
+
 A version that fails to load or verify (missing, truncated or corrupt checkpoint, non-finite weights,
 wrong universe) is refused with one log line (logger ``ccdrec.service``, level WARNING) and the old
 version keeps serving; the same target is tried again only once its files change (size or mtime). A
@@ -98,7 +102,7 @@ class RunWatcher:
         self.slot, self.rd, self.stream, self.role = slot, rd, stream, role
         self.interval = float(interval)
         self.n_members = n_members
-        self.loader = loader or (lambda state: load_version(rd, stream, state, role, exact_top, n_members))
+        self.loader = loader or (lambda state: load_version(rd, self.stream, state, role, exact_top, n_members))
         self._state_stat = _stat_key(rd.state_path)
         self._state: dict | None = None
         self._refused: tuple | None = None  # (target key, files' stat) of the last refusal
@@ -138,6 +142,13 @@ class RunWatcher:
         if self._refused == (target, files):
             return False  # refused already; tried again once its files change
         label = f"{'+'.join(names)} (block {target[1]})"
+        if target[1] >= len(self.stream):
+            # the run went on to blocks appended to its stream (`ccdrec data append`) after the service started
+            try:
+                self.stream = self.rd.open_stream(self.rd.load_config())
+            except CcdrecError as e:
+                return self._refuse(target, files, label, f"its stream could not be read again: {e}")
+            log.info("the run's stream has grown to %d blocks; read it again", len(self.stream))
         try:
             version = self.loader(state)
         except RefusedVersion as e:

@@ -563,3 +563,25 @@ def test_fit_checks_a_config_that_skipped_validation():
     one_line(e)
     with pytest.raises(CcdrecError, match="callbacks must be a list"):
         fit(LightGCN(block.n_users, block.n_items, dim=8), block, TrainConfig(epochs=1), callbacks=None)
+
+
+def test_a_stream_checks_its_blocks_follow_one_another():
+    from ccdrec.data import Block
+    from ccdrec.data.stream import Stream
+
+    s = small_stream()
+    b0, b1 = s[0], s[1]
+    assert len(Stream("mine", (b0, b1))) == 2
+    moved = Block(1, b1.n_users, b1.n_items, b1.prev_users - 1, b1.prev_items, b1.train, b1.valid, b1.test)
+    for blocks, message in [
+        ([], "at least one block"),
+        ([b1], "block 0 in the list has index 1"),
+        ([b0, b0], "block 1 in the list has index 0"),
+        ([b0, moved], "block 1 starts from a universe of 59 x 40 .*block 0's is 60 x 40"),
+        ([b0, "b1"], "blocks must be a list of Block objects"),
+    ]:
+        with pytest.raises(CcdrecError, match=message) as e:
+            Stream("mine", blocks)
+        one_line(e)
+    with pytest.raises(CcdrecError, match="the user vocabulary has 3 IDs for 100 users"):
+        Stream("mine", [b0, b1], user_vocab=np.array(["a", "b", "c"]))

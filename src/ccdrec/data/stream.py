@@ -208,6 +208,35 @@ class Stream:
     # train interaction in the block (so they are in no split); from prepare.json, None when unknown
     left_out: list[int] | None = field(default=None)
 
+    def __post_init__(self) -> None:
+        """A stream is at least one :class:`Block`, numbered 0, 1, ... in order, each block's previous universe
+        the universe of the block before it (block 0's is empty), and vocabularies, when given, covering the
+        last universe; a mistake is one line (:class:`InvalidArgument` / :class:`WrongArgumentType`)."""
+        if not isinstance(self.name, str):
+            raise WrongArgumentType(f"a stream's name is a string, not {type(self.name).__name__}")
+        if not isinstance(self.blocks, list | tuple) or not all(isinstance(b, Block) for b in self.blocks):
+            raise WrongArgumentType(f"stream {self.name}: blocks must be a list of Block objects")
+        if not self.blocks:
+            raise InvalidArgument(f"stream {self.name}: a stream has at least one block (block 0)")
+        self.blocks = list(self.blocks)
+        users = items = 0
+        for k, b in enumerate(self.blocks):
+            if b.index != k:
+                raise InvalidArgument(
+                    f"stream {self.name}: block {k} in the list has index {b.index}; blocks are numbered 0, 1, ..."
+                )
+            if (b.prev_users, b.prev_items) != (users, items):
+                raise InvalidArgument(
+                    f"stream {self.name}: block {k} starts from a universe of {b.prev_users} x {b.prev_items} (users x items), "
+                    f"but block {k - 1}'s is {users} x {items}"
+                    if k
+                    else f"stream {self.name}: block 0 starts from an empty universe, not {b.prev_users} x {b.prev_items}"
+                )
+            users, items = b.n_users, b.n_items
+        for what, vocab, size in (("user", self.user_vocab, users), ("item", self.item_vocab, items)):
+            if vocab is not None and len(vocab) < size:
+                raise InvalidArgument(f"stream {self.name}: the {what} vocabulary has {len(vocab)} IDs for {size} {what}s")
+
     def __len__(self) -> int:
         return len(self.blocks)
 

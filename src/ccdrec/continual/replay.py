@@ -350,6 +350,7 @@ def sample_replay(
             else:  # "rank": the current model's own score at position rank_X of its ranking
                 label_logits = ranking.score_at(pick)
             out_y.append(torch.sigmoid(label_logits[drawn]).cpu().numpy())
+        del ranking  # its chunk x n_items blocks go before the next chunk's are made (peak memory)
     return _merge_max(np.concatenate(out_u), np.concatenate(out_i), np.concatenate(out_y), n_items)
 
 

@@ -749,3 +749,19 @@ def test_an_append_killed_between_its_writes_is_cleaned_up_by_the_next(parts):
     assert grown.prefix_digest(2) == digest and len(grown) == 3
     left = sorted(p.name for p in d.iterdir() if p.name.startswith(".s."))
     assert left == sorted([".s.tmp-earlier", f".s.tmp-{os.getpid()}-live"]), left
+
+
+def test_the_cli_puts_back_a_stream_a_killed_write_moved_aside_and_a_missing_one_is_named(parts):
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=1, **KW)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (d / "s").rename(d / f".s.old-{int(dead.stdout)}-xyz")
+    with pytest.raises(CcdrecError, match="a killed write moved it aside as .s.old-.*the next `ccdrec data append`") as e:
+        load_stream(d / "s")
+    assert "\n" not in str(e.value)
+    out = subprocess.run(
+        [sys.executable, "-m", "ccdrec", "data", "append", str(d / "s"), str(d / "rest1.csv")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "put back the stream a killed write had moved aside" in out.stderr
+    assert len(load_stream(d / "s")) == 3 and not list(d.glob(".s.*"))

@@ -231,6 +231,10 @@ def test_malformed_inputs_get_the_right_status(run_dir):
         oversize = client.post("/recommend", json={"users": [str(u) for u in range(51)]})
         assert oversize.status_code == 422  # oversize batch, named, not repeated back
         assert "a list of 51 entries, not repeated" in oversize.text and '"50"' not in oversize.text, oversize.text
+        long_key = client.post("/recommend", json={"users": ["3"], "k": 3, "x" * 3000: 1})
+        assert long_key.status_code == 422 and len(long_key.text) < 1000, long_key.text[:300]
+        many = client.post("/recommend", json={"users": [None] * 40})
+        assert many.status_code == 422 and "more error(s), not listed" in many.text and len(many.json()["detail"]) == 21
         assert client.post("/recommend", json={"users": []}).status_code == 422
         too_much = client.post("/recommend", json={"users": ["3"] * 50, "k": 1000})  # 50,000 items > 20,000
         assert too_much.status_code == 422 and "more than 20,000 items" in too_much.text

@@ -272,7 +272,10 @@ def data_append(
 
     The log is read and filtered with the options the stream was prepared with (prepare.json); pairs already in the stream are dropped, new IDs are appended to the vocabularies, the existing blocks are unchanged. Notes are printed as `note:` lines on stderr.
     """  # noqa: E501
+    import warnings
+
     from ccdrec.data.append import append_stream
+    from ccdrec.data.prepare import PrepareWarning, clear_stale_writes
 
     for what, given in (("stream directory", stream_dir), ("new log", log)):
         if not given.strip():  # never read as '.', the current directory
@@ -282,6 +285,8 @@ def data_append(
     if Path(stream_dir).is_dir():
         check_stream_dir(Path(stream_dir), bundled=False)  # (not a bundled dataset, which cannot grow)
     with _prepare_notes():
+        for note in clear_stale_writes(Path(stream_dir)):  # a killed write's leftovers, a stream it moved aside
+            warnings.warn(note, PrepareWarning, stacklevel=1)
         before = len(load_stream_dir(Path(stream_dir)))
         stream = append_stream(stream_dir, log, n_blocks=blocks, window=window)
         added = f"block {before}" if len(stream) - 1 == before else f"blocks {before}..{len(stream) - 1}"

@@ -56,6 +56,31 @@ class Strict(BaseModel):
                     raise ValueError(f"key {key!r} is not a whole number or a name")
         return value
 
+    def checked(self) -> Strict:
+        """A copy of this configuration validated again, field by field and nested: ``model_copy(update=...)``
+        and ``copy.copy`` skip pydantic's checks, so a value of the wrong type or out of range (``epochs=0``,
+        ``lr="0.01"``, ``seed=-1``), or a field that does not exist, reaches the code that uses it. Each such
+        mistake is an :class:`InvalidArgument` naming the field (``field.path: message``)."""
+        for model, path in _nested(self, ""):
+            extra = sorted(set(model.__dict__) - set(type(model).model_fields))
+            if extra:
+                raise InvalidArgument(f"{path}{extra[0]}: {type(model).__name__} has no such field")
+        try:
+            return type(self).model_validate(self.model_dump(warnings=False))
+        except ValidationError as e:
+            raise InvalidArgument(validation_message(e)) from None
+
+
+def _nested(model: BaseModel, path: str):
+    """``model`` and every configuration nested in it (fields, lists and mappings of them), with their dotted paths."""
+    yield model, path
+    for name in type(model).model_fields:
+        value = model.__dict__.get(name)
+        values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+        for key, v in values:
+            if isinstance(v, BaseModel):
+                yield from _nested(v, f"{path}{name}." + ("" if key is None else f"{key}."))
+
 
 def _kind(annotation) -> str:
     """What a field takes, in words, for an error message."""

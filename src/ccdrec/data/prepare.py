@@ -92,7 +92,7 @@ import pyarrow.parquet as pq
 
 from ccdrec.config import SEED_MAX
 from ccdrec.data.split import split_block
-from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream
+from ccdrec.data.stream import SPLITS, UNIVERSE, Block, Stream, load_stream, save_stream, write_siblings
 from ccdrec.errors import CcdrecError, WrongArgumentType
 from ccdrec.filemode import plain_mode
 
@@ -1756,12 +1756,10 @@ def clear_stale_writes(out: Path) -> list[str]:
     fell between the renames), else removed. Siblings of a live process, and names without a PID
     (written by an earlier ccdrec), are left alone. Returns one line per stream put back."""
     notes = []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*")
-    for sibling in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
-        match = pattern.fullmatch(sibling.name)
-        if not match or not sibling.is_dir() or _alive(int(match[2])):
+    for kind, pid, sibling in write_siblings(out):
+        if _alive(pid):
             continue
-        if match[1] == "old" and not out.exists():
+        if kind == "old" and not out.exists():
             sibling.rename(out)
             notes.append(f"{out}: put back the stream a killed write had moved aside ({sibling.name})")
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -394,6 +395,22 @@ class Stream:
         return Block(last, b.n_users, b.n_items, prev_users, prev_items, train, b.valid, b.test)
 
 
+def write_siblings(out: Path) -> list[tuple[str, int, Path]]:
+    """The temporary siblings a write of the stream directory ``out`` makes (``data prepare`` / ``append``):
+    ``(kind, pid, path)`` for ``.NAME.tmp-PID-*`` (kind ``tmp``: the new stream being written) and
+    ``.NAME.old-PID-*`` (kind ``old``: the stream it replaces, between two renames), sorted by name."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[^/]*")
+    if not out.name or not out.parent.is_dir():
+        return []
+    found = []
+    for sibling in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir():
+            found.append((match[1], int(match[2]), sibling))
+    return found
+
+
 def bundled_path(name: str) -> Path:
     return Path(str(resources.files("ccdrec.data") / "bundled" / name))
 
@@ -438,6 +455,12 @@ def load_stream(source: str | Path) -> Stream:
                 f"`ccdrec data prepare {shell_word(name)} --out DIR`"
             )
         if not path.is_dir():
+            aside = [a for kind, _, a in write_siblings(path) if kind == "old"]
+            if aside:
+                raise CcdrecError(
+                    f"no stream directory {name!r}: a killed write moved it aside as {aside[0].name}; the next "
+                    f"`ccdrec data append` of it puts it back (or rename that directory to {path.name})"
+                )
             raise CcdrecError(f"no stream directory {name!r} (bundled datasets: {', '.join(BUNDLED)})")
         check_stream_dir(path)
         name = path.name

@@ -19,15 +19,18 @@ name, and marks itself complete in ``state.json`` only after its outputs are on 
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
+from ccdrec.arguments import check_int
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
-from ccdrec.errors import CcdrecError, WrongArgumentType
+from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
 from ccdrec.pipeline.rundir import RunDir
@@ -86,14 +89,21 @@ def prepare_run(
     fast a run goes, not what it computes, so a run may be resumed with another number).
     ``max_blocks`` (resume only) takes the run on to that block (:meth:`RunDir.check_max_blocks`).
     """
-    if workers is not None and workers < 1:
-        raise CcdrecError(f"workers must be at least 1, got {workers}")
+    if not isinstance(run_dir, str | os.PathLike):
+        raise WrongArgumentType(f"run_dir must be a path (str or Path), not {type(run_dir).__name__}")
+    run_dir = Path(run_dir)
+    if workers is not None:
+        workers = check_int("workers", workers)
+    if max_blocks is not None:
+        max_blocks = check_int("max_blocks", max_blocks, minimum=0)
     if cfg is not None and not isinstance(cfg, RunConfig):
         raise WrongArgumentType(
             f"cfg must be a ccdrec.config.RunConfig, not {type(cfg).__name__}: RunConfig(**settings) or "
             "ccdrec.presets.load_config(...) makes one"
         )
     if cfg is not None:
+        cfg = cfg.checked()  # model_copy(update=...) skips pydantic's checks: a bad value is refused before anything
+
         resolve_device(cfg.device)  # a device that is not there is refused before anything is created
     if resume:
         rd = RunDir.open(run_dir)
@@ -173,6 +183,8 @@ def run_stream(
     ``workers``: the number of worker processes, instead of the configuration's; ``max_blocks``: with
     ``resume``, take the run on to this block (see :func:`prepare_run`); ``opened`` is called with the
     run directory once every check has passed and it is created (or reopened), before any training."""
+    if stop_after is not None and not (isinstance(stop_after, str) and re.fullmatch(r"b\d+/[a-z_]+\d*", stop_after)):
+        raise InvalidArgument(f"stop_after must name a stage such as 'b0/eval' or 'b1/teacher0', not {stop_after!r:.60}")
     cfg, rd, stream = prepare_run(cfg, run_dir, resume, workers, max_blocks)
     if opened is not None:
         opened(rd.path)

@@ -162,34 +162,51 @@ def json_safe(value):
 
 
 MAX_ECHO = 200  # characters of JSON of a refused input a 422 answer repeats
+MAX_ERRORS = 20  # validation errors a 422 answer lists; past them, a count
 
 
-def _short_input(error):
-    """``error`` with an ``input`` of more than :data:`MAX_ECHO` characters of JSON replaced by a description."""
-    if not isinstance(error, dict) or "input" not in error:
-        return error
-    value = error["input"]
-    if len(json.dumps(value)) <= MAX_ECHO:
-        return error
+def _short(value, limit: int):
+    """``value`` as it is when its JSON has at most ``limit`` characters, else named by its kind and size."""
+    if len(json.dumps(value)) <= limit:
+        return value
     size = (
         f" of {len(value):,} {'entries' if isinstance(value, list | dict) else 'characters'}" if hasattr(value, "__len__") else ""
     )
-    return {**error, "input": f"(a {type(value).__name__}{size}, not repeated)"}
+    return f"(a {type(value).__name__}{size}, not repeated)"
+
+
+def _short_input(error):
+    """``error`` with a long ``input`` (over :data:`MAX_ECHO` characters of JSON) or a long key in its ``loc``
+    (a body's own key, over 64) named instead of repeated."""
+    if not isinstance(error, dict):
+        return error
+    out = dict(error)
+    if "input" in out:
+        out["input"] = _short(out["input"], MAX_ECHO)
+    if isinstance(out.get("loc"), list):
+        out["loc"] = [_short(x, 64) if isinstance(x, str) else x for x in out["loc"]]
+    return out
 
 
 def validation_errors(errors) -> list:
-    """FastAPI's list of validation errors as JSON-safe data (non-finite inputs as strings); an ``input``
-    longer than :data:`MAX_ECHO` characters of JSON is named by its kind and size instead of repeated
-    (a refused body of 60,000 items would otherwise come back whole)."""
+    """FastAPI's list of validation errors as JSON-safe data (non-finite inputs as strings), long inputs and
+    keys named instead of repeated (:func:`_short_input`: a refused body of 60,000 items would otherwise come
+    back whole), at most :data:`MAX_ERRORS` of them and then one entry counting the rest."""
     from fastapi.encoders import jsonable_encoder
 
     try:
-        return [_short_input(e) for e in json_safe(jsonable_encoder(errors))]
+        listed = [_short_input(e) for e in json_safe(jsonable_encoder(errors))]
     except Exception:  # an input or context JSON cannot carry: keep where and what
-        return [
-            {"type": str(e.get("type", "")), "loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+        listed = [
+            _short_input(
+                {"type": str(e.get("type", "")), "loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            )
             for e in errors
         ]
+    if len(listed) > MAX_ERRORS:
+        more = len(listed) - MAX_ERRORS
+        listed = [*listed[:MAX_ERRORS], {"type": "more_errors", "loc": [], "msg": f"and {more:,} more error(s), not listed"}]
+    return listed
 
 
 def create_app(

@@ -81,22 +81,19 @@ class EarlyStopping:
 
 
 def check_train_config(cfg) -> TrainConfig:
-    """``cfg`` if it is a valid :class:`TrainConfig`; else a one-line :class:`WrongArgumentType` saying how to
-    make one. Its values are checked again (``model_copy(update=...)`` and attribute assignment skip
-    pydantic's checks): one out of range, such as ``epochs=0``, is an :class:`InvalidArgument`."""
+    """``cfg``, a :class:`TrainConfig`, validated again (:meth:`ccdrec.config.Strict.checked`: ``model_copy``
+    skips pydantic's checks), the copy to train with; not a TrainConfig is a one-line
+    :class:`WrongArgumentType` saying how to make one, a value out of range or of the wrong type, or a
+    field that does not exist, an :class:`InvalidArgument`."""
     if not isinstance(cfg, TrainConfig):
         raise WrongArgumentType(
             f"cfg must be a ccdrec.config.TrainConfig, not {type(cfg).__name__}: make one with TrainConfig(**settings) "
             "(e.g. TrainConfig(epochs=20)) or take a model family's schedule with ccdrec.config.default_schedule(kind)"
         )
     try:
-        TrainConfig.model_validate(cfg.model_dump())
-    except ValueError as e:
-        errors = getattr(e, "errors", lambda: [])()
-        first = errors[0] if errors else {"loc": (), "msg": str(e)}
-        where = ".".join(str(x) for x in first["loc"])
-        raise InvalidArgument(f"cfg.{where}: {first['msg']}" if where else f"cfg: {first['msg']}") from None
-    return cfg
+        return cfg.checked()
+    except InvalidArgument as e:
+        raise InvalidArgument(f"cfg.{e}") from None
 
 
 def check_blocks(name: str, blocks) -> list[Block]:

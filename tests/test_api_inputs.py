@@ -585,3 +585,158 @@ def test_a_stream_checks_its_blocks_follow_one_another():
         one_line(e)
     with pytest.raises(CcdrecError, match="the user vocabulary has 3 IDs for 100 users"):
         Stream("mine", [b0, b1], user_vocab=np.array(["a", "b", "c"]))
+
+
+# --- the third round (a probe of the second round's checks)
+
+
+def test_run_stream_checks_a_copied_configuration_before_it_creates_anything(tmp_path):
+    from ccdrec.data.stream import save_stream
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.presets import load_config
+
+    save_stream(small_stream(), tmp_path / "st")
+    cfg = load_config(str(tmp_path / "st"), preset="quick", overrides=["max_blocks=1"])
+    for update, message in [
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"max_blocks": -3}, "max_blocks: Input should be greater than or equal to 0"),
+        ({"ks": [0]}, "ks: every cut-off must be at least 1"),
+        ({"sed": 1}, "sed: RunConfig has no such field"),
+    ]:
+        with pytest.raises(CcdrecError, match=message) as e:
+            run_stream(cfg.model_copy(update=update), tmp_path / "r", progress=False)
+        one_line(e)
+    for kwargs, message in [
+        ({"stop_after": "bogus"}, "stop_after must name a stage"),
+        ({"workers": "2"}, "workers must be an int"),
+        ({"workers": 1.5}, "workers must be an int"),
+    ]:
+        with pytest.raises(CcdrecError, match=message):
+            run_stream(cfg, tmp_path / "r", progress=False, **kwargs)
+    with pytest.raises(CcdrecError, match="run_dir must be a path"):
+        run_stream(cfg, 5)
+    assert not (tmp_path / "r").exists()
+
+
+def test_fit_trains_with_the_checked_copy_of_a_copied_config_and_checks_family_arguments():
+    import scipy.sparse as sp
+
+    block = small_stream()[0]
+    cfg = TrainConfig(epochs=1, batch_size=256)
+    for update in ({"epochs": 2.0}, {"lr": "0.01"}, {"batch_size": 256.0}, {"eval_every": "1"}):
+        assert fit(LightGCN(block.n_users, block.n_items, dim=8), block, cfg.model_copy(update=update)).epochs_run >= 1
+    with pytest.raises(CcdrecError, match="cfg.epochz: TrainConfig has no such field"):
+        fit(LightGCN(block.n_users, block.n_items, dim=8), block, cfg.model_copy(update={"epochz": 1}))
+    with pytest.raises(CcdrecError, match="inputs is for a Mult-VAE"):
+        fit(LightGCN(block.n_users, block.n_items, dim=8), block, cfg, inputs=sp.csr_matrix((block.n_users, block.n_items)))
+    with pytest.raises(CcdrecError, match="avoid is for BPR models"):
+        fit(MultVAE(block.n_users, block.n_items, dim=8), block, cfg, avoid=np.array([[0, 1]]))
+    for callbacks in ("ab", [None], [object()]):
+        with pytest.raises(CcdrecError, match="callbacks must be"):
+            fit(LightGCN(block.n_users, block.n_items, dim=8), block, cfg, callbacks=callbacks)
+    with pytest.raises(CcdrecError, match="negative, NaN or infinite values"):
+        fit(MultVAE(block.n_users, block.n_items, dim=8), block, cfg, inputs=block.train_matrix * np.nan)
+    with pytest.raises(CcdrecError, match="negative, NaN or infinite values"):
+        LightGCN(block.n_users, block.n_items, dim=8).set_graph(-block.train_matrix)
+
+
+def test_a_diverged_model_is_named_before_the_next_training():
+    from ccdrec.errors import TrainingDiverged
+
+    block = small_stream()[0]
+    model = LightGCN(block.n_users, block.n_items, dim=8)
+    with torch.no_grad():
+        model.user_emb[0, 0] = float("nan")
+    with pytest.raises(CcdrecError, match="not finite .* before training: an earlier training diverged") as e:
+        fit(model, block, TrainConfig(epochs=1))
+    one_line(e)
+    from ccdrec.train import Callback
+
+    class NaNGradient(Callback):
+        def batch_loss(self, model, out, users, items, epoch):
+            return out[0].sum() * float("nan")  # NaN gradients: the weights become NaN
+
+    fresh = LightGCN(block.n_users, block.n_items, dim=8)
+    with pytest.raises(TrainingDiverged):  # in epoch 1, before any validation: no best weights to go back to
+        fit(fresh, block, TrainConfig(epochs=3, eval_every=1), callbacks=[NaNGradient()])
+    with pytest.raises(CcdrecError, match="an earlier training diverged"):  # not "a smaller learning rate may help"
+        fit(fresh, block, TrainConfig(epochs=1))
+
+
+def test_custom_masks_targets_and_user_tensors_are_read_as_meant():
+    import scipy.sparse as sp
+
+    block = small_stream()[0]
+    model = LightGCN(block.n_users, block.n_items, dim=8)
+    model.set_graph(block.train_matrix)
+    scorer = model.scorer()
+    t = block_target(model, block, "test")
+    with pytest.raises(CcdrecError, match="target has 45 item columns, more than the 40 items ranked"):
+        rank_metrics(scorer, sp.hstack([t.target, sp.csr_matrix(np.ones((block.n_users, 5)))]).tocsr(), t.exclude, 40)
+    short = rank_metrics(scorer, t.target, t.exclude[:5], 40)  # users past the mask's rows mask nothing
+    assert short == rank_metrics(scorer, t.target, sp.vstack([t.exclude[:5], sp.csr_matrix((block.n_users - 5, 40))]), 40)
+    zeros = sp.csr_matrix((np.zeros(3), ([0, 1, 2], [0, 1, 2])), shape=(block.n_users, 40))
+    assert rank_metrics(scorer, zeros, None, 40)["users"] == 0  # a stored 0 is no held-out item
+    with pytest.raises(CcdrecError, match="unknown device 'gpu'"):
+        rank_metrics(scorer, t.target, t.exclude, 40, device="gpu")
+    rows = torch.tensor([0, 1, 1])
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(scorer(rows.to(dtype)), scorer(rows))  # uint8 is indices, not a mask
+    with pytest.raises(CcdrecError, match="1-D integer tensor"):
+        scorer(rows.to(torch.bool))
+
+
+def test_damaged_weights_and_sizes_are_named_before_memory_is_taken(tmp_path):
+    from ccdrec.checkpoint import load_model, save_model
+
+    save_model(LightGCN(60, 40, dim=8), tmp_path / "k")
+    info = json.loads((tmp_path / "k.json").read_text())
+    info["model"]["n_users"] = 10**12
+    (tmp_path / "k.json").write_text(json.dumps(info))
+    with pytest.raises(CcdrecError, match="user_emb: \\(60, 8\\) stored, \\(1000000000000, 8\\) expected"):
+        load_model(tmp_path / "k")
+    info["model"]["n_users"], info["format"] = 60, True
+    (tmp_path / "k.json").write_text(json.dumps(info))
+    with pytest.raises(CcdrecError, match="not a ccdrec model checkpoint"):
+        load_model(tmp_path / "k")
+    save_model(LightGCN(60, 40, dim=8), tmp_path / "k")
+    torch.save(torch.zeros(3), tmp_path / "k.pt")
+    with pytest.raises(CcdrecError, match="not a ccdrec model's weights"):
+        load_model(tmp_path / "k")
+    with pytest.raises(CcdrecError, match="cannot be written as JSON"):
+        save_model(LightGCN(60, 40, dim=8), tmp_path / "n", meta={"x": float("nan")})
+    with pytest.raises(CcdrecError, match="stem must be a path"):
+        save_model(LightGCN(60, 40, dim=8), 5)
+    save_model(LightGCN(60, 40, dim=8), tmp_path / "good")
+    assert load_model(tmp_path / "good", device="cpu:0")[0].device.type == "cpu"
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_other_public_functions_name_their_arguments():
+    from ccdrec.continual.proxy import Proxy, ema_update
+    from ccdrec.continual.replay import replay_weight
+    from ccdrec.distill.ensemble import RankEnsemble, top_lists
+
+    block = small_stream()[0]
+    model = LightGCN(block.n_users, block.n_items, dim=8)
+    model.set_graph(block.train_matrix)
+    for kwargs, message in [
+        ({"exponent": float("nan")}, "exponent must be"),
+        ({"exact_top": -1}, "exact_top must be at least 1"),
+        ({"sketch": 0}, "sketch must be at least 1"),
+    ]:
+        with pytest.raises(CcdrecError, match=message):
+            RankEnsemble([model], **kwargs)
+    with pytest.raises(CcdrecError, match="members must be models"):
+        RankEnsemble([model, "ab"])
+    with pytest.raises(CcdrecError, match="chunk must be at least 1"):
+        top_lists(model.scorer(), block.n_users, block.n_items, None, chunk=0)
+    with pytest.raises(CcdrecError, match="user indices"):
+        top_lists(model.scorer(), block.n_users, block.n_items, None, users=[1.7])
+    proxy = Proxy.from_model(model)
+    with pytest.raises(CcdrecError, match="indices must be non-negative, not -1"):
+        proxy.scorer()(torch.tensor([-1]))
+    with pytest.raises(CcdrecError, match="proxy weight must be"):
+        ema_update(proxy, model, "0.5")
+    with pytest.raises(CcdrecError, match="epoch must be at least 0"):
+        replay_weight(-1)

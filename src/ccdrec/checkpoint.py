@@ -49,12 +49,12 @@ def _plain(value):
     raise TypeError(f"a {type(value).__name__}")
 
 
-def json_text(obj, indent: int | None = 2) -> str:
+def json_text(obj, indent: int | None = 2, *, finite: bool = False) -> str:
     """``obj`` as JSON text, numpy scalars written as the numbers they hold; a value JSON cannot hold (a
-    tensor, an array, a set, ...) is an :class:`InvalidArgument` naming its type, raised before any file is
-    touched."""
+    tensor, an array, a set, ...; with ``finite``, NaN and infinities too, which JSON has no words for) is
+    an :class:`InvalidArgument` naming its type, raised before any file is touched."""
     try:
-        return json.dumps(obj, indent=indent, sort_keys=True, default=_plain)
+        return json.dumps(obj, indent=indent, sort_keys=True, default=_plain, allow_nan=not finite)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"cannot be written as JSON: {e} (give plain numbers, strings, lists and dicts)") from None
 
@@ -96,14 +96,17 @@ def stem_file(stem: Path, suffix: str) -> Path:
 
 def save_model(model: Recommender, stem: Path, meta: dict | None = None) -> None:
     """Write ``stem.pt`` (weights) and then ``stem.json`` (architecture + ``meta``, a dict of JSON values;
-    numpy scalars are written as numbers). ``meta`` that JSON cannot hold is an :class:`InvalidArgument`
-    before either file is written, so an existing pair is never left half replaced."""
+    numpy scalars are written as numbers). ``meta`` that JSON cannot hold (NaN and infinities too: JSON has
+    no words for them) is an :class:`InvalidArgument` before either file is written, so an existing pair
+    is never left half replaced."""
     if not isinstance(model, Recommender):
         raise WrongArgumentType(f"model must be a ccdrec model (a Recommender), not {type(model).__name__}")
+    if not isinstance(stem, str | os.PathLike):
+        raise WrongArgumentType(f"stem must be a path (str or Path), not {type(stem).__name__}")
     stem = Path(stem)
     if meta is not None and not isinstance(meta, dict):
         raise WrongArgumentType(f"meta must be a dict, not {type(meta).__name__}")
-    info = json_text({"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}}).encode()
+    info = json_text({"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}}, finite=True).encode()
     save_tensors(stem_file(stem, ".pt"), model.state_dict())
     atomic_write_bytes(stem_file(stem, ".json"), lambda f: f.write(info))
 
@@ -124,18 +127,29 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Recommen
     if where.is_dir():
         raise CcdrecError(f"{where}: is a directory, not a model checkpoint's JSON file")
     info = read_json(where)
-    cfg = info.get("model") if isinstance(info, dict) and info.get("format") == FORMAT_VERSION else None
+    version = info.get("format") if isinstance(info, dict) else None
+    cfg = info.get("model") if type(version) is int and version == FORMAT_VERSION else None
     if not isinstance(cfg, dict) or not isinstance(info.get("meta", {}), dict):
         raise CcdrecError(f"{where}: not a ccdrec model checkpoint of format {FORMAT_VERSION}")
     cfg = dict(cfg)
+    weights = stem_file(stem, ".pt")
+    state = load_tensors(weights)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CcdrecError(f"{weights}: not a ccdrec model's weights (a dict of named tensors)")
     try:
-        model = build_model(cfg.pop("kind"), cfg.pop("n_users"), cfg.pop("n_items"), **cfg)
+        kind, n_users, n_items = cfg.pop("kind"), cfg.pop("n_users"), cfg.pop("n_items")
+        with torch.device("meta"):  # the architecture's shapes, checked against the weights before any memory is taken
+            shapes = {k: tuple(v.shape) for k, v in build_model(kind, n_users, n_items, **cfg).state_dict().items()}
     except (KeyError, TypeError, ValueError) as e:
         detail = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
         raise CcdrecError(f"{where}: not a ccdrec model checkpoint of format {FORMAT_VERSION} ({detail})") from None
-    state = load_tensors(stem_file(stem, ".pt"))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CcdrecError(f"{stem_file(stem, '.pt')}: weights do not match the architecture ({str(e).splitlines()[0]})") from None
+    stored = {k: tuple(v.shape) for k, v in state.items()}
+    if stored != shapes:
+        differ = sorted(set(shapes) ^ set(stored)) or [k for k in shapes if shapes[k] != stored[k]]
+        raise CcdrecError(
+            f"{weights}: weights do not match the architecture of {where.name} ({differ[0]}: "
+            f"{stored.get(differ[0], 'missing')} stored, {shapes.get(differ[0], 'none')} expected)"
+        )
+    model = build_model(kind, n_users, n_items, **cfg)
+    model.load_state_dict(state)
     return model.to(dev), info.get("meta", {})

@@ -12,13 +12,13 @@ _DEVICE = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 
 
 def resolve_device(pref: str | torch.device = "auto") -> torch.device:
-    """The torch device for ``pref``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or
-    ``cuda:N`` (any case), or a ``torch.device`` of those kinds. A CUDA device that is not there, or
+    """The torch device for ``pref``: ``auto`` (CUDA when present, else the CPU), ``cpu`` (``cpu:N`` is the
+    CPU too), ``cuda`` or ``cuda:N`` (any case), or a ``torch.device`` of those kinds. A CUDA device that is not there, or
     any other name, is a :class:`CcdrecError` (one line, for the command line's ``--device`` too)."""
     if isinstance(pref, torch.device):
         pref = str(pref)
     match = _DEVICE.fullmatch(pref.strip().lower()) if isinstance(pref, str) else None
-    if match is None or (match[2] is not None and match[1] != "cuda"):
+    if match is None or (match[2] is not None and match[1] == "auto"):
         raise CcdrecError(f"unknown device {pref!r}; expected auto, cpu, cuda or cuda:N")
     kind, index = match[1], match[2]
     if kind == "auto":

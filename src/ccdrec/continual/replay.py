@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from ccdrec.config import ReplayLabels, bounded_batch
 from ccdrec.eval.ranking import ascending_values
 from ccdrec.models.base import EmbeddingModel, Scorer
+from ccdrec.models.checks import InvalidArgument, check_int
 from ccdrec.models.indexing import take_rows
 from ccdrec.models.vae import MultVAE, rows_tensor
 from ccdrec.train.callbacks import Callback
@@ -79,7 +80,11 @@ class ReplaySet:
 
 
 def replay_weight(epoch: int, scale: float = 0.5, decay: float = 10.0) -> float:
-    """λ_e = scale · exp(−e / decay): 0.5·exp(−e/10) for the student (5.1), decay 5 for teachers (5.3)."""
+    """λ_e = scale · exp(−e / decay): 0.5·exp(−e/10) for the student (5.1), decay 5 for teachers (5.3);
+    ``epoch`` is the 0-based epoch index, ``decay`` positive."""
+    epoch = check_int("epoch", epoch, minimum=0)
+    if not decay > 0:
+        raise InvalidArgument(f"decay must be positive, not {decay}")
     return scale * math.exp(-epoch / decay)
 
 

@@ -90,9 +90,10 @@ def _among(keys: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 @dataclass(eq=False)
 class Block:
-    """One block D_k: its deduplicated train/valid/test pairs inside the cumulative universe.
+    """One block D_k: its train/valid/test pairs inside the cumulative universe.
 
-    ``train``, ``valid`` and ``test`` are ``(n, 2)`` int64 arrays of (user, item) pairs. Built with pairs
+    ``train``, ``valid`` and ``test`` are ``(n, 2)`` int64 arrays of (user, item) pairs, deduplicated per
+    split in a loaded stream (a block built by hand keeps its pairs as given). Built with pairs
     that are in several splits, a block keeps only the held-out targets of :func:`held_out_pairs` in
     ``valid`` and ``test`` (method.md 2, 8), so every consumer sees the same held-out sets; the pairs
     as given (what the stream's files hold) stay available as :meth:`stored`, and :attr:`dropped`
@@ -235,6 +236,10 @@ class Stream:
                 )
             users, items = b.n_users, b.n_items
         for what, vocab, size in (("user", self.user_vocab, users), ("item", self.item_vocab, items)):
+            if vocab is not None and (isinstance(vocab, str | bytes) or not isinstance(vocab, np.ndarray | list | tuple)):
+                raise WrongArgumentType(
+                    f"stream {self.name}: the {what} vocabulary is an array or list of IDs, not {type(vocab).__name__}"
+                )
             if vocab is not None and len(vocab) < size:
                 raise InvalidArgument(f"stream {self.name}: the {what} vocabulary has {len(vocab)} IDs for {size} {what}s")
 

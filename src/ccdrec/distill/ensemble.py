@@ -18,6 +18,7 @@ the user's own training items; method.md 9). Everything is computed in user chun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 
 from ccdrec.eval.ranking import add_rank_weights, ascending_values
 from ccdrec.models.base import Recommender, Scorer
+from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_fraction, check_indices, check_int
 
 DEFAULT_EXPONENT = 0.05
 DEFAULT_RANK_CAP = 45_000
@@ -53,16 +55,20 @@ class RankEnsemble:
         exact_top: int | None = DEFAULT_EXACT_TOP,
         sketch: int = DEFAULT_SKETCH,
     ):
+        if isinstance(members, Recommender | str) or not isinstance(members, Sequence):
+            raise WrongArgumentType(f"members must be a list of models, not {type(members).__name__}")
         members = list(members)
         if not members:
-            raise ValueError("a RankEnsemble needs at least one member")
+            raise InvalidArgument("a RankEnsemble needs at least one member")
+        if bad := [type(m).__name__ for m in members if not all(hasattr(m, a) for a in ("n_users", "n_items", "scorer"))]:
+            raise WrongArgumentType(f"members must be models (MF, LightGCN, MultVAE: n_users, n_items, scorer), not {bad[0]}")
         universes = {(m.n_users, m.n_items) for m in members}
         if len(universes) != 1:
-            raise ValueError(f"ensemble members must share one universe (n_users, n_items), got {sorted(universes)}")
-        if exponent <= 0:
-            raise ValueError(f"exponent must be positive, got {exponent}")
-        if rank_cap < 0:
-            raise ValueError(f"rank_cap must be non-negative, got {rank_cap}")
+            raise InvalidArgument(f"ensemble members must share one universe (n_users, n_items), got {sorted(universes)}")
+        exponent = check_fraction("exponent", exponent, low=1e-12, high=math.inf)
+        rank_cap = check_int("rank_cap", rank_cap, minimum=0)
+        exact_top = None if exact_top is None else check_int("exact_top", exact_top)
+        sketch = check_int("sketch", sketch)
         self.members = members
         self.exponent = float(exponent)
         self.rank_cap = int(rank_cap)
@@ -219,12 +225,14 @@ def top_lists(
     merged into it, so memory is ``O(n_items x n)`` besides the chunk's scores; ties between equal
     scores are broken arbitrarily.
     """
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+    n, chunk = check_int("n", n), check_int("chunk", chunk)
+    if not callable(scorer):
+        raise WrongArgumentType(f"scorer must be a function of user indices (model.scorer()), not {type(scorer).__name__}")
+    n_users, n_items = check_int("n_users", n_users), check_int("n_items", n_items)
     observed = sp.csr_matrix(observed) if observed is not None else sp.csr_matrix((n_users, n_items), dtype=np.float32)
-    users = np.arange(n_users, dtype=np.int64) if users is None else np.unique(np.asarray(users, dtype=np.int64))
-    if len(users) and (users[0] < 0 or users[-1] >= n_users):
-        raise ValueError(f"users must lie in [0, {n_users})")
+    users = (
+        np.arange(n_users, dtype=np.int64) if users is None else np.unique(check_indices("users", users, n_users, "user indices"))
+    )
     k_user, n = min(n, n_items), min(n, max(len(users), 1))  # no list is longer than what it ranks
     user_top = np.full((n_users, k_user), PAD, dtype=np.int64)
     # the running item-side top lists, one column per item

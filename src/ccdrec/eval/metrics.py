@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ccdrec.data.stream import Block
+from ccdrec.data.stream import Block, pad_to
 from ccdrec.models.base import Recommender, Scorer
 from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_indices, check_int, check_ks, check_universe
 
@@ -93,8 +93,10 @@ class _Tally:
     """Per-user Recall@K / NDCG@K of one :class:`Target`, filled one user chunk at a time."""
 
     def __init__(self, t: Target, n_items: int, ks: tuple[int, ...]):
-        self.target = _as_csr("target", t.target)
-        self.exclude = None if t.exclude is None else _as_csr("exclude", t.exclude)
+        self.target = _as_csr("target", t.target, n_items)
+        self.exclude = None if t.exclude is None else _as_csr("exclude", t.exclude, n_items)
+        if self.exclude is not None and self.exclude.shape[0] < self.target.shape[0]:  # users past its rows mask nothing
+            self.exclude = pad_to(self.exclude, (self.target.shape[0], self.exclude.shape[1]))
         self.n_items, self.ks = n_items, ks
         self.counts = np.diff(self.target.indptr)
         users = np.flatnonzero(self.counts) if t.users is None else np.unique(_check_users(t.users))
@@ -140,15 +142,29 @@ class _Tally:
         return res
 
 
-def _as_csr(name: str, matrix) -> sp.csr_matrix:
-    """A (users x items) target or mask as CSR: a SciPy sparse matrix, or a dense 2-D array or tensor."""
-    if sp.issparse(matrix):
-        return sp.csr_matrix(matrix)
+def _as_csr(name: str, matrix, n_items: int) -> sp.csr_matrix:
+    """A (users x items) target or mask as CSR without stored zeros: a SciPy sparse matrix, or a dense 2-D
+    array or tensor, of at most ``n_items`` columns (an earlier universe's may have fewer); more columns
+    are an :class:`InvalidArgument` (items outside the ranking would count in |G| and never be hit)."""
     if isinstance(matrix, torch.Tensor):
         matrix = matrix.detach().cpu().numpy()
-    if isinstance(matrix, np.ndarray) and matrix.ndim == 2:
-        return sp.csr_matrix(matrix)
-    raise WrongArgumentType(f"{name} must be a (users x items) scipy.sparse matrix or 2-D array, not {type(matrix).__name__}")
+    if not sp.issparse(matrix) and not (isinstance(matrix, np.ndarray) and matrix.ndim == 2):
+        raise WrongArgumentType(f"{name} must be a (users x items) scipy.sparse matrix or 2-D array, not {type(matrix).__name__}")
+    m = sp.csr_matrix(matrix)
+    if m.shape[1] > n_items:
+        raise InvalidArgument(f"{name} has {m.shape[1]:,} item columns, more than the {n_items:,} items ranked")
+    if m.nnz and not m.data.all():  # a stored 0 is no interaction (a copy: the caller's matrix is left alone)
+        m = m.copy()
+        m.eliminate_zeros()
+    return m
+
+
+def _check_device(device) -> torch.device:
+    """``device`` as a torch device; a name torch does not know is an :class:`InvalidArgument`."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgument(f"unknown device {device!r:.40}; expected e.g. 'cpu' or 'cuda'") from None
 
 
 def _check_scores(scores, rows: int, n_items: int) -> None:
@@ -204,6 +220,7 @@ def rank_metrics_contexts(
     union of all groups' users; each group scores only the users it evaluates.
     """
     ks, chunk = _check_run(ks, chunk)
+    device = _check_device(device)
     n_items = check_int("n_items", n_items)
     tallies = [[_Tally(t, n_items, ks) for t in g] for g in groups]
     every = [t.users for g in tallies for t in g]

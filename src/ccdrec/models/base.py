@@ -121,15 +121,21 @@ class Recommender(nn.Module, ABC):
         return next(self.parameters()).device
 
 
-def check_user_rows(users: torch.Tensor, n_users: int) -> None:
-    """A scorer's ``users``: a 1-D integer tensor of user indices in ``0..n_users-1``; else a one-line
+def check_user_rows(users: torch.Tensor, n_users: int) -> torch.Tensor:
+    """A scorer's ``users``: a 1-D tensor of integer user indices (any integer dtype; ``uint8`` too, which
+    torch would read as a mask) in ``0..n_users-1``, returned as int64; else a one-line
     :class:`~ccdrec.errors.InvalidArgument` / :class:`~ccdrec.errors.WrongArgumentType`."""
-    if not isinstance(users, torch.Tensor) or users.dim() != 1 or users.is_floating_point() or users.dtype == torch.bool:
+    integer = isinstance(users, torch.Tensor) and not (
+        users.is_floating_point() or users.is_complex() or users.dtype == torch.bool
+    )
+    if not integer or users.dim() != 1:
         what = f"{users.dim()}-D {users.dtype} tensor" if isinstance(users, torch.Tensor) else type(users).__name__
         raise WrongArgumentType(f"a scorer takes a 1-D integer tensor of user indices, not a {what}")
+    users = users.long()
     if users.numel() and (int(users.min()) < 0 or int(users.max()) >= n_users):
         bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
         raise InvalidArgument(f"user index {bad} is outside the model's universe 0..{n_users - 1}")
+    return users
 
 
 class EmbeddingModel(Recommender):
@@ -155,8 +161,7 @@ class EmbeddingModel(Recommender):
         users, items = reps
 
         def score(u: torch.Tensor) -> torch.Tensor:
-            check_user_rows(u, users.shape[0])
-            return users[u] @ items.T
+            return users[check_user_rows(u, users.shape[0])] @ items.T
 
         return score
 

@@ -89,12 +89,15 @@ def check_universe(model: Any, block: Any, *, exact: bool, doing: str) -> None:
     raise InvalidArgument(msg)
 
 
-def check_matrix(name: str, value: Any, shape: tuple[int, int], *, at_most: bool = False, pairs: bool = False):
+def check_matrix(
+    name: str, value: Any, shape: tuple[int, int], *, at_most: bool = False, pairs: bool = False, values: bool = False
+):
     """``value``, a SciPy sparse (users x items) matrix, as CSR: of exactly ``shape``, or with ``at_most`` of
     any universe up to it (an earlier block's). With ``pairs``, an ``(n, 2)`` integer array of (user, item)
     pairs is taken too and made that matrix. ``None``, a dense array or a list is a
     :class:`WrongArgumentType` (a dense matrix would be read as pairs, or pairs as a matrix); a shape that
-    does not fit an :class:`InvalidArgument`."""
+    does not fit an :class:`InvalidArgument`; with ``values``, so is a stored value that is negative, NaN or
+    infinite (interactions, or their weights)."""
     import scipy.sparse as sp
 
     if pairs and isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 2:
@@ -118,4 +121,7 @@ def check_matrix(name: str, value: Any, shape: tuple[int, int], *, at_most: bool
     if not fits:
         want = f"at most {shape[0]:,} x {shape[1]:,}" if at_most else f"{shape[0]:,} x {shape[1]:,}"
         raise InvalidArgument(f"{name} is {got[0]:,} x {got[1]:,} (users x items), not {want}, the model's universe")
-    return sp.csr_matrix(value)
+    matrix = sp.csr_matrix(value)
+    if values and matrix.nnz and not (np.isfinite(matrix.data).all() and (matrix.data >= 0).all()):
+        raise InvalidArgument(f"{name} holds negative, NaN or infinite values: interactions are 1 (or a weight >= 0)")
+    return matrix

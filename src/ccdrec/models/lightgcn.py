@@ -47,7 +47,7 @@ class LightGCN(EmbeddingModel):
     def set_graph(self, train_matrix: sp.csr_matrix) -> None:
         """The propagation graph from ``train_matrix``, a SciPy sparse matrix of the model's universe (the
         train matrix of the block the model is sized for); another shape or type is an error (checks.check_matrix)."""
-        train_matrix = check_matrix("the graph (train_matrix)", train_matrix, (self.n_users, self.n_items))
+        train_matrix = check_matrix("the graph (train_matrix)", train_matrix, (self.n_users, self.n_items), values=True)
         if self.layers == 0:
             return
         self._adj = to_torch_sparse(normalized_adjacency(train_matrix), self.user_emb.device)

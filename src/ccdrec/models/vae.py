@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth, check_user_rows
-from ccdrec.models.checks import ModelNotReady, check_fraction, check_int, check_matrix
+from ccdrec.models.checks import ModelNotReady, WrongArgumentType, check_fraction, check_int, check_matrix
 from ccdrec.models.growth import entity_rows
 from ccdrec.models.indexing import take_rows
 
@@ -78,7 +78,7 @@ class MultVAE(Recommender):
     def set_graph(self, train_matrix: sp.csr_matrix) -> None:
         """The users' input rows: ``train_matrix``, a SciPy sparse matrix of the model's universe; another
         shape or type is an error (checks.check_matrix)."""
-        train_matrix = check_matrix("the input rows (train_matrix)", train_matrix, (self.n_users, self.n_items))
+        train_matrix = check_matrix("the input rows (train_matrix)", train_matrix, (self.n_users, self.n_items), values=True)
         self._context = sp.csr_matrix(train_matrix, dtype=np.float32)
 
     def input_rows(self, users: torch.Tensor, context: sp.csr_matrix | None = None) -> torch.Tensor:
@@ -88,7 +88,9 @@ class MultVAE(Recommender):
                 "this Mult-VAE has no input rows: call model.set_graph(block.train_matrix) with the train matrix of the "
                 "block it is sized for (fit does), or pass a context matrix"
             )
-        check_user_rows(users, ctx.shape[0])
+        if not sp.issparse(ctx):
+            raise WrongArgumentType(f"context must be a scipy.sparse (users x items) matrix, not {type(ctx).__name__}")
+        users = check_user_rows(users, ctx.shape[0])
         return rows_tensor(ctx, users, self.n_items, self.device)
 
     def _encode_sparse(self, x: torch.Tensor, stochastic: bool) -> torch.Tensor:

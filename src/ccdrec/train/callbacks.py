@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ccdrec.errors import WrongArgumentType
 from ccdrec.models.base import Recommender
 
 
@@ -39,6 +40,10 @@ def add_batch_losses(loss: torch.Tensor, callbacks, model, out, users: np.ndarra
     """``loss`` plus every callback's :meth:`Callback.batch_loss` for the minibatch, in order."""
     for cb in callbacks:
         extra = cb.batch_loss(model, out, users, items, epoch)
-        if extra is not None:
-            loss = loss + extra
+        if extra is None:
+            continue
+        if not isinstance(extra, torch.Tensor) or extra.numel() != 1:
+            what = f"a tensor of shape {tuple(extra.shape)}" if isinstance(extra, torch.Tensor) else type(extra).__name__
+            raise WrongArgumentType(f"{type(cb).__name__}.batch_loss must return None or a scalar tensor, not {what}")
+        loss = loss + extra.reshape(())
     return loss

@@ -177,11 +177,22 @@ def fit(
     seed = check_int("seed", seed, minimum=0)
     universe = (model.n_users, model.n_items)
     if avoid is not None:
+        if model.objective == "vae":
+            raise InvalidArgument("avoid is for BPR models (MF, LightGCN): a Mult-VAE draws no negatives")
         avoid = check_matrix("avoid", avoid, universe, at_most=True, pairs=True)
     if inputs is not None:
-        inputs = check_matrix("inputs", inputs, universe)
-    if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence):
+        if model.objective != "vae":
+            raise InvalidArgument("inputs is for a Mult-VAE (its input/target rows); a BPR model trains on block's pairs")
+        inputs = check_matrix("inputs", inputs, universe, values=True)
+    if isinstance(callbacks, Callback | str | bytes) or not isinstance(callbacks, Sequence):
         raise WrongArgumentType(f"callbacks must be a list of Callback objects (or () for none), not {type(callbacks).__name__}")
+    if bad := [type(cb).__name__ for cb in callbacks if not isinstance(cb, Callback)]:
+        raise WrongArgumentType(f"callbacks must be Callback objects (subclass ccdrec.train.Callback), not {bad[0]}")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise InvalidArgument(
+            "the model's weights are not finite (NaN or infinite) before training: an earlier training diverged? "
+            "build a new model or load a checkpoint"
+        )
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     r = block.matrix("train", model.n_users, model.n_items)
@@ -204,7 +215,12 @@ def fit(
                 loss = objective.epoch(model, opt, rng, epoch, callbacks)
                 for cb in callbacks:
                     cb.on_epoch_end(model, opt, epoch)
-            check_finite(model, loss, label, epoch, cfg)
+            try:
+                check_finite(model, loss, label, epoch, cfg)
+            except TrainingDiverged:
+                if selection.best_state is not None:  # the model is left as its best epoch so far, not NaN
+                    model.load_state_dict(selection.best_state)
+                raise
             for group in opt.param_groups:
                 group["lr"] *= cfg.lr_decay
             model.eval()

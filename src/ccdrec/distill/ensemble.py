@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ccdrec.eval.metrics import check_scores
 from ccdrec.eval.ranking import add_rank_weights, ascending_values
 from ccdrec.models.base import Recommender, Scorer
 from ccdrec.models.checks import InvalidArgument, WrongArgumentType, check_fraction, check_indices, check_int
@@ -240,7 +241,9 @@ def top_lists(
     best_users = torch.full((n, n_items), PAD, dtype=torch.long, device=device)
     for start in range(0, len(users), chunk):
         batch = users[start : start + chunk]
-        scores = scorer(torch.from_numpy(batch).to(device)).to(device=device, dtype=torch.float32)
+        scores = scorer(torch.from_numpy(batch).to(device))
+        check_scores(scores, len(batch), n_items)
+        scores = scores.to(device=device, dtype=torch.float32)
         scores = torch.nan_to_num(scores, nan=-torch.inf)
         r, c = _chunk_pairs(observed, batch, n_items)
         scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -torch.inf

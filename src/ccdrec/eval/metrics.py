@@ -167,7 +167,7 @@ def _check_device(device) -> torch.device:
         raise InvalidArgument(f"unknown device {device!r:.40}; expected e.g. 'cpu' or 'cuda'") from None
 
 
-def _check_scores(scores, rows: int, n_items: int) -> None:
+def check_scores(scores, rows: int, n_items: int) -> None:
     """A scorer's answer for ``rows`` users must be a (rows, n_items) tensor: one score per item of the universe."""
     if not isinstance(scores, torch.Tensor):
         raise WrongArgumentType(f"the scorer must return a torch.Tensor of scores, not {type(scores).__name__}")
@@ -232,7 +232,7 @@ def rank_metrics_contexts(
         scores = context_scorer(torch.from_numpy(batch).to(device), rows)
         for g, w, sc in zip(tallies, wanted, scores, strict=True):
             if len(w) and g:
-                _check_scores(sc, len(w), n_items)
+                check_scores(sc, len(w), n_items)
             for t in g if len(w) else ():
                 t.add(w, sc.float())
     return [[t.result() for t in g] for g in tallies]

@@ -14,6 +14,7 @@ from ccdrec.errors import InvalidArgument, WrongArgumentType
 
 
 def shown(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ccdrec.arguments import check_int
 from ccdrec.errors import BlockOutOfRange, CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.option_values import shell_word
 
@@ -124,12 +125,7 @@ class Block:
         array (a list of pairs is taken) of IDs inside the universe; a mistake is one line naming it
         (:class:`InvalidArgument`, or :class:`WrongArgumentType` for a type), not a SciPy or torch error later."""
         for name in ("index", "n_users", "n_items", "prev_users", "prev_items"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise WrongArgumentType(f"Block {name} must be an int, not {type(value).__name__} {value!r:.40}")
-            if value < 0:
-                raise InvalidArgument(f"Block {name} must be at least 0, not {value}")
-            setattr(self, name, int(value))
+            setattr(self, name, check_int(f"Block {name}", getattr(self, name), minimum=0))
         for prev, now in (("prev_users", "n_users"), ("prev_items", "n_items")):
             if getattr(self, prev) > getattr(self, now):
                 raise InvalidArgument(f"Block {prev} ({getattr(self, prev)}) is larger than {now} ({getattr(self, now)})")

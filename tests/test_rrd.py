@@ -358,3 +358,14 @@ def test_fit_stops_a_training_whose_weights_become_nan():
         fit(MF(block.n_users, block.n_items, dim=8), block, cfg, seed=0, callbacks=[Poison()], label="distil D_0")
     with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 1 \(train\): its loss is nan"):
         fit(MF(block.n_users, block.n_items, dim=8), block, cfg.model_copy(update={"lr": 1e30}), seed=0)
+
+
+def test_rrd_loss_stays_finite_when_a_list_spreads_past_the_float64_range():
+    """A suffix far below the row's maximum (a gap past ~745) underflowed to 0 and its log gave -inf with a
+    NaN gradient; it now takes the log-space sum: L = log 2 for scores (gap, 0) against one sample at 0."""
+    for gap in (700.0, 750.0, 1e5):
+        a = torch.tensor([[gap, 0.0]], requires_grad=True)
+        loss = rrd_loss(a, torch.tensor([[0.0]]))
+        loss.backward()
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-4), gap
+        assert torch.allclose(a.grad, torch.tensor([[0.0, -0.5]]), atol=1e-4), (gap, a.grad)

@@ -111,7 +111,14 @@ def rrd_loss(
         # shorter than n, every sampled column observed or listed: a small catalogue); its log is -inf and,
         # though torch.where drops the term, the gradient 0 · (1/0) is NaN. Those terms are dropped anyway.
         tail = tail.masked_fill(~mask, 1.0)
-    terms = interesting - (c + tail.log().to(a.dtype))
+    # a suffix far below the row's maximum (a gap past ~745 in float64) underflows to 0: those positions
+    # take the log-space suffix sum instead (the rest keep the value above, bit for bit)
+    underflow = tail == 0
+    denominator = c + tail.masked_fill(underflow, 1.0).log().to(a.dtype)
+    if bool(underflow.any()):
+        exact = torch.logaddexp(torch.logcumsumexp(a.flip(1), dim=1).flip(1), below.expand_as(a))
+        denominator = torch.where(underflow, exact, denominator)
+    terms = interesting - denominator
     if mask is None:
         return -terms.sum(1).mean()
     terms = torch.where(mask, terms, torch.zeros_like(terms))

@@ -740,3 +740,94 @@ def test_other_public_functions_name_their_arguments():
         ema_update(proxy, model, "0.5")
     with pytest.raises(CcdrecError, match="epoch must be at least 0"):
         replay_weight(-1)
+
+
+# --- the fourth round (comparisons, sweeps, reports, configuration loading)
+
+
+def test_comparisons_and_sweeps_check_their_arguments_before_creating_anything(tmp_path):
+    from ccdrec.data.stream import save_stream
+    from ccdrec.pipeline.compare import run_compare
+    from ccdrec.pipeline.sweep import run_sweep
+    from ccdrec.presets import load_config
+
+    save_stream(small_stream(), tmp_path / "st")
+    cfg = load_config(str(tmp_path / "st"), preset="quick")
+    for call, message in [
+        (lambda: run_compare(cfg.model_copy(update={"seed": -1}), tmp_path / "c", methods=["ccd"]), "seed: Input should be"),
+        (lambda: run_compare(cfg, tmp_path / "c", methods=["ccd"], bench_repeats=0), "bench_repeats must be at least 1"),
+        (lambda: run_compare(cfg.model_dump(), tmp_path / "c"), "cfg must be a ccdrec.config.RunConfig, not dict"),
+        (lambda: run_compare(cfg, tmp_path / "c", methods="ccd"), "methods must be a list of names"),
+        (lambda: run_compare(cfg, tmp_path / "c", methods=[]), "methods is empty"),
+        (lambda: run_compare(cfg, tmp_path / "c", ablations="no-replay"), "ablations must be a list of names"),
+        (lambda: run_sweep(cfg, tmp_path / "s", seeds=[-1], methods=["ccd"]), "seeds\\[0\\] must be at least 0"),
+        (lambda: run_sweep(cfg, tmp_path / "s", seeds=[True], methods=["ccd"]), "seeds\\[0\\] must be an int"),
+        (lambda: run_sweep(cfg, tmp_path / "s", seeds="0,1", methods=["ccd"]), "seeds must be a non-empty list"),
+        (lambda: run_sweep(cfg, tmp_path / "s", seeds=[0, 0], methods=["ccd"]), "seeds repeats a value"),
+        (lambda: run_sweep(cfg, tmp_path / "s", cadences=[0], methods=["ccd"]), "cadences\\[0\\] must be at least 1"),
+        (lambda: run_sweep(cfg.model_copy(update={"workers": 0}), tmp_path / "s"), "workers: Input should be"),
+    ]:
+        with pytest.raises(CcdrecError, match=message) as e:
+            call()
+        one_line(e)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_new_run_stops_at_max_blocks_given_to_run_stream(tmp_path):
+    from ccdrec.data.stream import save_stream
+    from ccdrec.pipeline.ccd import run_stream
+    from ccdrec.presets import load_config
+
+    save_stream(small_stream(), tmp_path / "st")
+    rd = run_stream(load_config(str(tmp_path / "st"), preset="quick", overrides=OVERRIDES), tmp_path / "r", progress=False, max_blocks=0)
+    assert rd.read_state()["completed"][-1] == "b0/eval" and rd.load_config().max_blocks == 0
+
+
+def test_report_tables_name_a_metric_or_model_the_rows_do_not_hold(run_dir):
+    from ccdrec.pipeline.rundir import RunDir
+    from ccdrec.report import tables
+    from ccdrec.report.markdown import write_report
+
+    rows = RunDir(run_dir).read_metrics()
+    assert not tables.summary(rows, ("recall@20",)).isna().all().all()
+    for call, message in [
+        (lambda: tables.summary(rows, ("recal@20",)), "no metric 'recal@20' in these rows; they hold .*recall@20"),
+        (lambda: tables.summary(rows, "recall@20"), "metrics must be a tuple"),
+        (lambda: tables.rkj_table(rows, "teachr"), "no model 'teachr' in these rows; they evaluate teacher"),
+        (lambda: tables.new_users(rows, "bogus"), "no metric 'bogus'"),
+        (lambda: tables.summary(str(run_dir / "metrics.jsonl")), "rows must be a list of metric rows"),
+        (lambda: write_report(str(run_dir)), "write_report takes a RunDir, not a path"),
+    ]:
+        with pytest.raises(CcdrecError, match=message) as e:
+            call()
+        one_line(e)
+
+
+def test_streams_configurations_and_checkpoints_refuse_what_would_be_read_wrong(tmp_path):
+    from ccdrec.checkpoint import load_model, save_model
+    from ccdrec.data.append import append_stream
+    from ccdrec.data.stream import Stream, save_stream
+    from ccdrec.presets import load_config
+
+    s = small_stream()
+    with pytest.raises(CcdrecError, match="the user vocabulary holds 'a' twice"):
+        Stream("x", s.blocks, user_vocab=np.array(["a", "a", *map(str, range(s.n_users - 2))]))
+    with pytest.raises(CcdrecError, match="save_stream takes a Stream, not list"):
+        save_stream([s[0]], tmp_path / "st_list")
+    assert not (tmp_path / "st_list").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CcdrecError, match="a file, not a directory"):
+        save_stream(s, tmp_path / "f")
+    for kwargs, message in [
+        ({"dataset": ""}, "the dataset path is empty"),
+        ({"preset": "../presets/quick"}, "unknown preset"),
+        ({"overrides": "seed=3"}, "overrides must be a list"),
+        ({"dataset": 5}, "dataset must be a name or a path"),
+    ]:
+        with pytest.raises(CcdrecError, match=message):
+            load_config(**kwargs)
+    with pytest.raises(CcdrecError, match="the stream directory must be a path"):
+        append_stream(5, "new.csv")
+    for call in (lambda: save_model(LightGCN(60, 40, dim=8), ""), lambda: load_model("")):
+        with pytest.raises(CcdrecError, match="stem must name a file"):
+            call()

@@ -94,6 +94,15 @@ def stem_file(stem: Path, suffix: str) -> Path:
     return stem.with_name(stem.name + suffix)
 
 
+def _stem(stem) -> Path:
+    """A checkpoint's stem as a Path: a non-empty path (``Path("")`` would be the current directory)."""
+    if not isinstance(stem, str | os.PathLike):
+        raise WrongArgumentType(f"stem must be a path (str or Path), not {type(stem).__name__}")
+    if not str(stem).strip() or not Path(stem).name:
+        raise InvalidArgument(f"stem must name a file, such as 'models/mf', not {str(stem)!r}")
+    return Path(stem)
+
+
 def save_model(model: Recommender, stem: Path, meta: dict | None = None) -> None:
     """Write ``stem.pt`` (weights) and then ``stem.json`` (architecture + ``meta``, a dict of JSON values;
     numpy scalars are written as numbers). ``meta`` that JSON cannot hold (NaN and infinities too: JSON has
@@ -101,9 +110,7 @@ def save_model(model: Recommender, stem: Path, meta: dict | None = None) -> None
     is never left half replaced."""
     if not isinstance(model, Recommender):
         raise WrongArgumentType(f"model must be a ccdrec model (a Recommender), not {type(model).__name__}")
-    if not isinstance(stem, str | os.PathLike):
-        raise WrongArgumentType(f"stem must be a path (str or Path), not {type(stem).__name__}")
-    stem = Path(stem)
+    stem = _stem(stem)
     if meta is not None and not isinstance(meta, dict):
         raise WrongArgumentType(f"meta must be a dict, not {type(meta).__name__}")
     info = json_text({"format": FORMAT_VERSION, "model": model.config(), "meta": meta or {}}, finite=True).encode()
@@ -119,10 +126,8 @@ def load_model(stem: Path, device: torch.device | str = "cpu") -> tuple[Recommen
     """
     from ccdrec.device import resolve_device
 
-    if not isinstance(stem, str | os.PathLike):
-        raise WrongArgumentType(f"stem must be a path (str or Path), not {type(stem).__name__}")
+    stem = _stem(stem)
     dev = resolve_device(device)
-    stem = Path(stem)
     where = stem_file(stem, ".json")
     if where.is_dir():
         raise CcdrecError(f"{where}: is a directory, not a model checkpoint's JSON file")

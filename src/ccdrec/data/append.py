@@ -50,6 +50,7 @@ What happens to ``NEW_LOG``, with the options ``ccdrec data prepare`` recorded i
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -59,7 +60,7 @@ import pandas as pd
 
 from ccdrec.data import prepare as P
 from ccdrec.data.stream import SPLITS, Stream, check_stream_dir, load_stream
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, WrongArgumentType
 
 
 def read_set_aside(stream_dir: Path) -> list[list[str]]:
@@ -115,6 +116,11 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     """
     for what, given in (("stream directory", stream_dir), ("new log", log)):
         if isinstance(given, str) and not given.strip():
+            raise CcdrecError(f"the {what} path is empty")
+    for what, given in (("stream directory", stream_dir), ("new log", log)):
+        if not isinstance(given, str | os.PathLike):
+            raise WrongArgumentType(f"the {what} must be a path (str or Path), not {type(given).__name__}")
+        if not str(given).strip():  # Path("") would be ".", the current directory
             raise CcdrecError(f"the {what} path is empty")
     stream_dir, log = Path(stream_dir), Path(log)
     if n_blocks is not None and window is not None:

@@ -236,6 +236,12 @@ class Stream:
                 raise WrongArgumentType(
                     f"stream {self.name}: the {what} vocabulary is an array or list of IDs, not {type(vocab).__name__}"
                 )
+            if vocab is not None and len({str(v) for v in vocab}) < len(vocab):
+                seen: set[str] = set()
+                twice = next(str(v) for v in vocab if str(v) in seen or seen.add(str(v)))
+                raise InvalidArgument(
+                    f"stream {self.name}: the {what} vocabulary holds {twice!r:.60} twice; one ID names one {what}"
+                )
             if vocab is not None and len(vocab) < size:
                 raise InvalidArgument(f"stream {self.name}: the {what} vocabulary has {len(vocab)} IDs for {size} {what}s")
 
@@ -608,8 +614,15 @@ def _read_vocab(directory: Path, kind: str, size: int) -> np.ndarray | None:
 
 def save_stream(stream: Stream, path: Path) -> None:
     """Write ``stream`` in the stream-directory format that :func:`load_stream` reads: every block's
-    splits as given (:meth:`Block.stored`), so writing a loaded stream keeps its files and digest."""
+    splits as given (:meth:`Block.stored`), so writing a loaded stream keeps its files and digest. Not a
+    :class:`Stream`, or a path that is a file, is a one-line error before anything is written."""
+    if not isinstance(stream, Stream):
+        raise WrongArgumentType(f"save_stream takes a Stream, not {type(stream).__name__} (Stream(name, blocks) makes one)")
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise WrongArgumentType(f"the stream directory must be a non-empty path, not {path!r:.40}")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CcdrecError(f"{path}: a file, not a directory to write a stream in")
     path.mkdir(parents=True, exist_ok=True)
     frames = []
     for b in stream.blocks:

@@ -87,7 +87,8 @@ def prepare_run(
     A resumed run drops the metric rows of unfinished stages and the temporary files of interrupted writes.
     ``workers``, if given, replaces the configuration's number of worker processes (it changes how
     fast a run goes, not what it computes, so a run may be resumed with another number).
-    ``max_blocks`` (resume only) takes the run on to that block (:meth:`RunDir.check_max_blocks`).
+    ``max_blocks`` takes a resumed run on to that block (:meth:`RunDir.check_max_blocks`), and stops a new
+    one there (its configuration's ``max_blocks``).
     """
     if not isinstance(run_dir, str | os.PathLike):
         raise WrongArgumentType(f"run_dir must be a path (str or Path), not {type(run_dir).__name__}")
@@ -102,6 +103,8 @@ def prepare_run(
             "ccdrec.presets.load_config(...) makes one"
         )
     if cfg is not None:
+        if max_blocks is not None and not resume:  # a new run stops there, as --max-blocks on the command line
+            cfg = cfg.model_copy(update={"max_blocks": max_blocks})
         cfg = cfg.checked()  # model_copy(update=...) skips pydantic's checks: a bad value is refused before anything
 
         resolve_device(cfg.device)  # a device that is not there is refused before anything is created

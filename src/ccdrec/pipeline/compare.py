@@ -45,11 +45,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ccdrec.arguments import check_int
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
-from ccdrec.errors import CcdrecError, StageLost
+from ccdrec.errors import CcdrecError, InvalidArgument, StageLost, WrongArgumentType
 from ccdrec.option_values import comma_values, one_of, shell_word
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
@@ -227,6 +228,32 @@ def read_plan(out: Path) -> tuple[RunConfig, dict]:
     return cfg, plan
 
 
+def check_plan_arguments(cfg, methods, ablations, workers, max_blocks, resume: bool):
+    """The arguments a comparison or a sweep shares, checked before anything is created: ``cfg`` a
+    :class:`RunConfig` validated again (:meth:`~ccdrec.config.Strict.checked`), with ``max_blocks`` in it
+    for a new one; ``methods`` / ``ablations`` None or non-empty lists of names (one string would be read
+    letter by letter); ``workers`` an int of at least 1, ``max_blocks`` of at least 0. Returns
+    ``(cfg, methods, ablations, workers, max_blocks)``."""
+    if cfg is not None:
+        if not isinstance(cfg, RunConfig):
+            raise WrongArgumentType(
+                f"cfg must be a ccdrec.config.RunConfig, not {type(cfg).__name__}: ccdrec.presets.load_config(...) makes one"
+            )
+        if max_blocks is not None and not resume:
+            cfg = cfg.model_copy(update={"max_blocks": max_blocks})
+        cfg = cfg.checked()
+    for name, names in (("methods", methods), ("ablations", ablations)):
+        if names is None:
+            continue
+        if isinstance(names, str) or not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise WrongArgumentType(f"{name} must be a list of names such as ['ccd', 'finetune'], not {names!r:.60}")
+        if not names and name == "methods":
+            raise InvalidArgument("methods is empty: give some, or None for the default methods")
+    workers = None if workers is None else check_int("workers", workers)
+    max_blocks = None if max_blocks is None else check_int("max_blocks", max_blocks, minimum=0)
+    return cfg, None if methods is None else list(methods), None if ablations is None else list(ablations), workers, max_blocks
+
+
 def run_compare(
     cfg: RunConfig | None,
     out: Path,
@@ -260,6 +287,8 @@ def run_compare(
     CcdrecError for a directory, plan or option that cannot be used; StageLost when a run's task (or a
     stage of a run) was lost, after the others have finished.
     """
+    cfg, methods, ablations, workers, max_blocks = check_plan_arguments(cfg, methods, ablations, workers, max_blocks, resume)
+    bench_repeats = check_int("bench_repeats", bench_repeats)
     out = Path(out)
     console = console or Console(quiet=not progress)
     if cfg is not None and not resume:

@@ -29,17 +29,19 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ccdrec.arguments import check_int
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
 from ccdrec.data.stream import load_stream
 from ccdrec.device import resolve_device
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.option_values import comma_values
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.compare import (
     COMPARE_FILE,
     DEFAULT_METHODS,
     Comparison,
+    check_plan_arguments,
     check_run_tasks,
     comparison_runs,
     finish_comparison,
@@ -114,10 +116,19 @@ def run_sweep(
     Raises :class:`CcdrecError` for a directory that is not a sweep, or not empty on a new sweep, and for
     ``workers`` below 1.
     """
+    cfg, methods, ablations, workers, max_blocks = check_plan_arguments(cfg, methods, ablations, workers, max_blocks, resume)
+    for name, values, least in (("seeds", seeds, 0), ("cadences", cadences, 1)):
+        if values is None:
+            continue
+        if isinstance(values, str) or not isinstance(values, list | tuple) or not values:
+            raise WrongArgumentType(f"{name} must be a non-empty list of ints, such as [0, 1, 2], not {values!r:.60}")
+        checked = [check_int(f"{name}[{i}]", v, minimum=least) for i, v in enumerate(values)]
+        if len(set(checked)) < len(checked):
+            raise InvalidArgument(f"{name} repeats a value: {checked}")
+    seeds = None if seeds is None else [int(v) for v in seeds]
+    cadences = None if cadences is None else [int(v) for v in cadences]
     out = Path(out)
     console = console or Console(quiet=not progress)
-    if workers is not None and workers < 1:
-        raise CcdrecError(f"workers must be at least 1, got {workers}")
     top = RunDir(out)
     if resume:
         if not is_sweep(out):

@@ -8,6 +8,7 @@ overrides are ``dotted.key=value`` strings whose value is parsed as YAML (``stud
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from importlib import resources
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from ccdrec.config import DECIMAL, RunConfig, block_numbers, validation_message
 from ccdrec.data.stream import resolve_source
-from ccdrec.errors import CcdrecError
+from ccdrec.errors import CcdrecError, WrongArgumentType
 
 DATASET_PRESET = {"yelp": "yelp", "gowalla": "gowalla"}
 
@@ -84,6 +85,9 @@ def dataset_preset(dataset: str | Path | None) -> str | None:
 
 
 def read_preset(name: str) -> dict:
+    """The bundled preset ``name`` (one of :func:`preset_names`: a name, never a path)."""
+    if not isinstance(name, str) or name not in preset_names():
+        raise CcdrecError(f"unknown preset {name!r:.60}; available: {', '.join(preset_names())}")
     path = resources.files("ccdrec.presets") / f"{name}.yaml"
     if not path.is_file():
         raise CcdrecError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
@@ -229,6 +233,17 @@ def load_config(
 
     ``dataset``: a bundled name, or a stream directory (a :class:`~pathlib.Path` always is one), stored
     as an absolute path (:func:`ccdrec.data.stream.resolve_source`)."""
+    for what, given in (("dataset", dataset), ("file", file)):
+        if given is not None and not isinstance(given, str | os.PathLike):
+            raise WrongArgumentType(f"{what} must be a name or a path, not {type(given).__name__}")
+        if given is not None and not str(given).strip():  # Path("") would be ".", the current directory
+            raise CcdrecError(f"the {what} path is empty")
+    if (
+        isinstance(overrides, str | bytes)
+        or not isinstance(overrides, list | tuple)
+        or not all(isinstance(o, str) for o in overrides)
+    ):
+        raise WrongArgumentType(f"overrides must be a list of 'key.sub=value' strings, not {overrides!r:.60}")
     # start from every default, so that a partial section (``base: {epochs: 60}``) overrides one field
     data: dict = RunConfig().model_dump()
     from_file = read_file(file) if file is not None else {}

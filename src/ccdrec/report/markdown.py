@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 
+from ccdrec.errors import WrongArgumentType
 from ccdrec.report import tables
 
 NAMES = {
@@ -68,7 +70,10 @@ def plot_h(rows: list[dict], path: Path, metric: str = "recall@20") -> None:
 
 
 def write_report(rd) -> Path:
-    """Write ``report.md`` (and ``plots/*.png``) of a run directory from its metrics and state."""
+    """Write ``report.md`` (and ``plots/*.png``) of a run directory, a ``ccdrec.pipeline.rundir.RunDir``,
+    from its metrics and state; a path is a :class:`~ccdrec.errors.WrongArgumentType` saying so."""
+    if isinstance(rd, str | os.PathLike):
+        raise WrongArgumentType(f"write_report takes a RunDir, not a path: write_report(RunDir({str(rd)!r}))")
     rows = rd.read_metrics()
     state = rd.read_state()
     out = rd.path / "report.md"

@@ -13,6 +13,7 @@ import re
 
 import pandas as pd
 
+from ccdrec.errors import InvalidArgument, WrongArgumentType
 from ccdrec.eval.protocol import StreamScores
 
 MISSING = "—"
@@ -67,8 +68,32 @@ def models_in(rows: list[dict]) -> list[str]:
     return seen
 
 
+EVALUATED = ("test", "valid", "new_users")
+
+
+def check_rows(rows, metric: str | None = None, model: str | None = None) -> None:
+    """``rows`` a list of metric rows (``RunDir.read_metrics()``, the lines of ``metrics.jsonl``); ``metric``
+    one they hold and ``model`` one they evaluate, when they hold any evaluation. A misspelt name would
+    give a table of NaN, which reads as "no users to evaluate": an :class:`InvalidArgument` naming the
+    ones there are."""
+    if isinstance(rows, str | bytes | dict) or not isinstance(rows, list | tuple) or not all(isinstance(r, dict) for r in rows):
+        raise WrongArgumentType(f"rows must be a list of metric rows (RunDir(path).read_metrics()), not {type(rows).__name__}")
+    evaluated = [r for r in rows if r.get("kind") in EVALUATED]
+    if not evaluated:
+        return
+    if metric is not None:
+        if not isinstance(metric, str):
+            raise WrongArgumentType(f"a metric is a name such as 'recall@20', not {metric!r:.40}")
+        held = sorted({k for r in evaluated for k in r if "@" in k})
+        if metric not in held:
+            raise InvalidArgument(f"no metric {metric!r} in these rows; they hold {', '.join(held)}")
+    if model is not None and model not in {r.get("model") for r in evaluated}:
+        raise InvalidArgument(f"no model {model!r} in these rows; they evaluate {', '.join(models_in(rows))}")
+
+
 def stream_scores(rows: list[dict], model: str, metric: str = "recall@20", split: str = "test") -> StreamScores:
     """The r_(k,j) of ``model`` on the test splits (``split="valid"``: on the validation splits)."""
+    check_rows(rows, metric, model)
     s = StreamScores()
     for r in test_rows(rows, model, split):
         s.add(r["k"], r["j"], r.get(metric))
@@ -78,6 +103,7 @@ def stream_scores(rows: list[dict], model: str, metric: str = "recall@20", split
 def rkj_table(rows: list[dict], model: str, metric: str = "recall@20") -> pd.DataFrame:
     """The r_{k,j} matrix: one row per block k the model was evaluated after, one column per test block j;
     NaN where r_(k,j) is missing (no test users), an empty string where j > k (not seen yet)."""
+    check_rows(rows, metric, model)
     sel = test_rows(rows, model)
     ks = sorted({r["k"] for r in sel})
     js = sorted({r["j"] for r in sel})
@@ -97,6 +123,10 @@ def per_block(rows: list[dict], model: str, metric: str = "recall@20") -> pd.Dat
 
 def summary(rows: list[dict], metrics: tuple[str, ...] = ("recall@20", "ndcg@20")) -> pd.DataFrame:
     """Stream LA / RA / H-mean of every evaluated model, for each metric."""
+    if isinstance(metrics, str) or not isinstance(metrics, list | tuple):
+        raise WrongArgumentType(f"metrics must be a tuple of names such as ('recall@20',), not {metrics!r:.40}")
+    for metric in metrics:
+        check_rows(rows, metric)
     out = []
     for model in models_in(rows):
         row = {"model": model}
@@ -109,6 +139,7 @@ def summary(rows: list[dict], metrics: tuple[str, ...] = ("recall@20", "ndcg@20"
 
 def new_users(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
     """Block k's new users (test split of block k), per model and block."""
+    check_rows(rows, metric)
     sel = [r for r in rows if r.get("kind") == "new_users"]
     if not sel:
         return pd.DataFrame()

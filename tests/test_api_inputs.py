@@ -779,7 +779,9 @@ def test_a_new_run_stops_at_max_blocks_given_to_run_stream(tmp_path):
     from ccdrec.presets import load_config
 
     save_stream(small_stream(), tmp_path / "st")
-    rd = run_stream(load_config(str(tmp_path / "st"), preset="quick", overrides=OVERRIDES), tmp_path / "r", progress=False, max_blocks=0)
+    rd = run_stream(
+        load_config(str(tmp_path / "st"), preset="quick", overrides=OVERRIDES), tmp_path / "r", progress=False, max_blocks=0
+    )
     assert rd.read_state()["completed"][-1] == "b0/eval" and rd.load_config().max_blocks == 0
 
 

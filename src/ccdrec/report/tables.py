@@ -92,8 +92,9 @@ def check_rows(rows, metric: str | None = None, model: str | None = None) -> Non
 
 
 def stream_scores(rows: list[dict], model: str, metric: str = "recall@20", split: str = "test") -> StreamScores:
-    """The r_(k,j) of ``model`` on the test splits (``split="valid"``: on the validation splits)."""
-    check_rows(rows, metric, model)
+    """The r_(k,j) of ``model`` on the test splits (``split="valid"``: on the validation splits); a model
+    the rows do not evaluate gives no r_(k,j) (a comparison asks for every method's roles)."""
+    check_rows(rows, metric)
     s = StreamScores()
     for r in test_rows(rows, model, split):
         s.add(r["k"], r["j"], r.get(metric))

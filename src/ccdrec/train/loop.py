@@ -182,7 +182,7 @@ def fit(
         avoid = check_matrix("avoid", avoid, universe, at_most=True, pairs=True)
     if inputs is not None:
         if model.objective != "vae":
-            raise InvalidArgument("inputs is for a Mult-VAE (its input/target rows); a BPR model trains on block's pairs")
+            raise InvalidArgument("inputs is for a Mult-VAE (its input/target rows); a BPR model trains on the block's pairs")
         inputs = check_matrix("inputs", inputs, universe, values=True)
     if isinstance(callbacks, Callback | str | bytes) or not isinstance(callbacks, Sequence):
         raise WrongArgumentType(f"callbacks must be a list of Callback objects (or () for none), not {type(callbacks).__name__}")

@@ -833,3 +833,25 @@ def test_streams_configurations_and_checkpoints_refuse_what_would_be_read_wrong(
     for call in (lambda: save_model(LightGCN(60, 40, dim=8), ""), lambda: load_model("")):
         with pytest.raises(CcdrecError, match="stem must name a file"):
             call()
+
+
+def test_low_level_helpers_name_their_arguments():
+    import scipy.sparse as sp
+
+    from ccdrec.continual.lwckd import knn_graph
+    from ccdrec.distill import rrd_loss
+    from ccdrec.eval import harmonic
+
+    with pytest.raises(CcdrecError, match="k must be an int"):
+        knn_graph(sp.eye(4, format="csr"), k=2.5)
+    with pytest.raises(CcdrecError, match="k must be an int"):
+        knn_graph(sp.eye(4, format="csr"), k=True)
+    scores = torch.zeros(2, 3)
+    with pytest.raises(CcdrecError, match="mask must be a bool tensor of shape \\(2, 3\\)"):
+        rrd_loss(scores, torch.zeros(2, 4), mask=torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(CcdrecError, match="the interesting lists are empty"):
+        rrd_loss(torch.zeros(2, 0), torch.zeros(2, 4))
+    with pytest.raises(CcdrecError, match="torch tensors"):
+        rrd_loss(np.zeros((2, 3)), torch.zeros(2, 4))
+    with pytest.raises(CcdrecError, match="at least 0"):
+        harmonic(-1, 0.5)

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ccdrec.arguments import check_int
 from ccdrec.models.base import EmbeddingModel
 from ccdrec.models.indexing import take_pairs, take_rows
 from ccdrec.train.callbacks import Callback
@@ -90,10 +91,7 @@ def knn_graph(matrix: sp.spmatrix, k: int = 10, chunk: int = 1024) -> sp.csr_mat
     smaller column ID, so the result does not depend on ``chunk``. Rows without any interaction have no
     neighbours. No dense rows x rows matrix is built.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, not {k}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, not {chunk}")
+    k, chunk = check_int("k", k), check_int("chunk", chunk)
     x = sp.csr_matrix(matrix, dtype=np.float64)
     n = x.shape[0]
     norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())

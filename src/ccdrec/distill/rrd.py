@@ -28,6 +28,7 @@ from ccdrec.config import TrainConfig, bounded_batch
 from ccdrec.data.stream import Block, pad_to
 from ccdrec.distill.agreement import TeacherAgreement
 from ccdrec.distill.ensemble import top_matrix
+from ccdrec.errors import InvalidArgument, WrongArgumentType
 from ccdrec.models.base import EmbeddingModel, Recommender
 from ccdrec.models.indexing import take_rows
 from ccdrec.train.callbacks import Callback
@@ -99,8 +100,16 @@ def rrd_loss(
     c + log(Σ_{j≥t} e^{a_j − c} + e^{log Σ_m e^{b_m} − c}), its suffix sums one reversed ``cumsum`` in
     float64 (the n list entries are few; the M samples go through :func:`masked_logsumexp`).
     """
+    if not isinstance(interesting, torch.Tensor) or not isinstance(uninteresting, torch.Tensor):
+        raise WrongArgumentType("rrd_loss takes torch tensors of scores")
     if interesting.dim() != 2 or uninteresting.dim() != 2 or interesting.shape[0] != uninteresting.shape[0]:
-        raise ValueError(f"expected (B, n) and (B, M) scores, got {tuple(interesting.shape)} and {tuple(uninteresting.shape)}")
+        raise InvalidArgument(
+            f"expected (B, n) and (B, M) scores, got {tuple(interesting.shape)} and {tuple(uninteresting.shape)}"
+        )
+    if interesting.shape[1] == 0:
+        raise InvalidArgument("the interesting lists are empty (B, 0): there is nothing to distil")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != interesting.shape):
+        raise InvalidArgument(f"mask must be a bool tensor of shape {tuple(interesting.shape)}")
     a = _masked(interesting, mask)
     below = masked_logsumexp(uninteresting, uninteresting_mask)  # log Σ_m e^{b_m}
     c = torch.maximum(a.amax(1, keepdim=True), below).detach()  # the value does not depend on c

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from numbers import Real
 
-from ccdrec.errors import WrongArgumentType
+from ccdrec.errors import InvalidArgument, WrongArgumentType
 
 
 def harmonic(a: float, b: float) -> float:
@@ -27,6 +27,8 @@ def harmonic(a: float, b: float) -> float:
             raise WrongArgumentType(f"harmonic takes two numbers; {name} is {type(v).__name__} {v!r:.40}")
     if math.isnan(a) or math.isnan(b):
         return math.nan
+    if a < 0 or b < 0:
+        raise InvalidArgument(f"harmonic takes metric values of at least 0, not {a} and {b}")
     return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 

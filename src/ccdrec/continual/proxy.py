@@ -20,8 +20,8 @@ import scipy.sparse as sp
 import torch
 
 from ccdrec.arguments import check_fraction
-from ccdrec.errors import InvalidArgument, WrongArgumentType
-from ccdrec.models.base import EmbeddingModel, Scorer
+from ccdrec.errors import WrongArgumentType
+from ccdrec.models.base import EmbeddingModel, Scorer, check_index_tensor
 
 
 class Proxy:
@@ -70,7 +70,7 @@ class Proxy:
         user, item = self.user, self.item[:n]
 
         def score(users: torch.Tensor) -> torch.Tensor:
-            users = _indices("users", users).to(self.device)
+            users = check_index_tensor(users, None, "users").to(self.device)
             known = users < self.n_users
             out = user[users.clamp(max=self.n_users - 1)] @ item.T
             if n > self.n_items:
@@ -84,7 +84,10 @@ class Proxy:
 
     def score_pairs(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """s_X(u, i) for paired 1-D tensors; −inf where u or i lies outside the proxy's tables."""
-        users, items = _indices("users", users).to(self.device), _indices("items", items).to(self.device)
+        users, items = (
+            check_index_tensor(users, None, "users").to(self.device),
+            check_index_tensor(items, None, "items").to(self.device),
+        )
         known = (users < self.n_users) & (items < self.n_items)
         s = (self.user[users.clamp(max=self.n_users - 1)] * self.item[items.clamp(max=self.n_items - 1)]).sum(-1)
         return torch.where(known, s, torch.full_like(s, -torch.inf))
@@ -130,14 +133,3 @@ def ema_update(prev: Proxy, student: EmbeddingModel, weight: float) -> Proxy:
         return out
 
     return Proxy(mix(prev.user, su), mix(prev.item, si))
-
-
-def _indices(name: str, values: torch.Tensor) -> torch.Tensor:
-    """``values``, a 1-D tensor of non-negative integer indices, as int64 (indices past a proxy's table are
-    allowed and score −inf; a negative one would read the table from its end)."""
-    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.is_floating_point() or values.dtype == torch.bool:
-        raise WrongArgumentType(f"{name} must be a 1-D integer tensor of indices, not {type(values).__name__}")
-    values = values.long()
-    if values.numel() and int(values.min()) < 0:
-        raise InvalidArgument(f"{name}: indices must be non-negative, not {int(values.min())}")
-    return values

@@ -115,9 +115,6 @@ def append_stream(stream_dir: str | Path, log: str | Path, *, n_blocks: int | No
     the user can fix raises :class:`CcdrecError` with a one-line message; the stream is then unchanged.
     """
     for what, given in (("stream directory", stream_dir), ("new log", log)):
-        if isinstance(given, str) and not given.strip():
-            raise CcdrecError(f"the {what} path is empty")
-    for what, given in (("stream directory", stream_dir), ("new log", log)):
         if not isinstance(given, str | os.PathLike):
             raise WrongArgumentType(f"the {what} must be a path (str or Path), not {type(given).__name__}")
         if not str(given).strip():  # Path("") would be ".", the current directory

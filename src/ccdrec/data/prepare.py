@@ -1743,7 +1743,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # another user's process, or no way to tell: leave its files alone
     return True
 

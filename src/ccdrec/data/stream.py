@@ -176,9 +176,7 @@ class Block:
         shape is an :class:`InvalidArgument`."""
         shape = (self.n_users if n_users is None else n_users, self.n_items if n_items is None else n_items)
         for size, least, what in ((shape[0], self.n_users, "n_users"), (shape[1], self.n_items, "n_items")):
-            if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-                raise WrongArgumentType(f"{what} must be an int, not {type(size).__name__}")
-            if size < least:
+            if check_int(what, size, minimum=0) < least:
                 raise InvalidArgument(
                     f"{what} {size} is smaller than block {self.index}'s universe ({self.n_users} users x {self.n_items} items)"
                 )
@@ -236,9 +234,9 @@ class Stream:
                 raise WrongArgumentType(
                     f"stream {self.name}: the {what} vocabulary is an array or list of IDs, not {type(vocab).__name__}"
                 )
-            if vocab is not None and len({str(v) for v in vocab}) < len(vocab):
-                seen: set[str] = set()
-                twice = next(str(v) for v in vocab if str(v) in seen or seen.add(str(v)))
+            ids = [] if vocab is None else [str(v) for v in vocab]
+            if len(set(ids)) < len(ids):
+                twice = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
                 raise InvalidArgument(
                     f"stream {self.name}: the {what} vocabulary holds {twice!r:.60} twice; one ID names one {what}"
                 )

@@ -121,21 +121,24 @@ class Recommender(nn.Module, ABC):
         return next(self.parameters()).device
 
 
-def check_user_rows(users: torch.Tensor, n_users: int) -> torch.Tensor:
-    """A scorer's ``users``: a 1-D tensor of integer user indices (any integer dtype; ``uint8`` too, which
-    torch would read as a mask) in ``0..n_users-1``, returned as int64; else a one-line
-    :class:`~ccdrec.errors.InvalidArgument` / :class:`~ccdrec.errors.WrongArgumentType`."""
-    integer = isinstance(users, torch.Tensor) and not (
-        users.is_floating_point() or users.is_complex() or users.dtype == torch.bool
+def check_index_tensor(values: torch.Tensor, size: int | None, name: str = "user index") -> torch.Tensor:
+    """``values``: a 1-D tensor of integer indices (any integer dtype; ``uint8`` too, which torch would read
+    as a mask), in ``0..size-1`` (``size`` None: any non-negative index), returned as int64; else a one-line
+    :class:`~ccdrec.errors.InvalidArgument` / :class:`~ccdrec.errors.WrongArgumentType` naming ``name``."""
+    integer = isinstance(values, torch.Tensor) and not (
+        values.is_floating_point() or values.is_complex() or values.dtype == torch.bool
     )
-    if not integer or users.dim() != 1:
-        what = f"{users.dim()}-D {users.dtype} tensor" if isinstance(users, torch.Tensor) else type(users).__name__
-        raise WrongArgumentType(f"a scorer takes a 1-D integer tensor of user indices, not a {what}")
-    users = users.long()
-    if users.numel() and (int(users.min()) < 0 or int(users.max()) >= n_users):
-        bad = int(users.min()) if int(users.min()) < 0 else int(users.max())
-        raise InvalidArgument(f"user index {bad} is outside the model's universe 0..{n_users - 1}")
-    return users
+    if not integer or values.dim() != 1:
+        what = f"{values.dim()}-D {values.dtype} tensor" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise WrongArgumentType(f"{name}: a scorer takes a 1-D integer tensor of indices, not a {what}")
+    values = values.long()
+    if values.numel():
+        lo, hi = int(values.min()), int(values.max())
+        if size is None and lo < 0:
+            raise InvalidArgument(f"{name}: indices must be non-negative, not {lo}")
+        if size is not None and (lo < 0 or hi >= size):
+            raise InvalidArgument(f"{name} {lo if lo < 0 else hi} is outside the model's universe 0..{size - 1}")
+    return values
 
 
 class EmbeddingModel(Recommender):
@@ -161,7 +164,7 @@ class EmbeddingModel(Recommender):
         users, items = reps
 
         def score(u: torch.Tensor) -> torch.Tensor:
-            return users[check_user_rows(u, users.shape[0])] @ items.T
+            return users[check_index_tensor(u, users.shape[0])] @ items.T
 
         return score
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth, check_user_rows
+from ccdrec.models.base import InitStrategy, Recommender, Scorer, check_growth, check_index_tensor
 from ccdrec.models.checks import ModelNotReady, WrongArgumentType, check_fraction, check_int, check_matrix
 from ccdrec.models.growth import entity_rows
 from ccdrec.models.indexing import take_rows
@@ -90,7 +90,7 @@ class MultVAE(Recommender):
             )
         if not sp.issparse(ctx):
             raise WrongArgumentType(f"context must be a scipy.sparse (users x items) matrix, not {type(ctx).__name__}")
-        users = check_user_rows(users, ctx.shape[0])
+        users = check_index_tensor(users, ctx.shape[0])
         return rows_tensor(ctx, users, self.n_items, self.device)
 
     def _encode_sparse(self, x: torch.Tensor, stochastic: bool) -> torch.Tensor:

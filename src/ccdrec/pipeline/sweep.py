@@ -92,6 +92,18 @@ def is_sweep(out: Path) -> bool:
     return (Path(out) / SWEEP_FILE).exists()
 
 
+def _int_list(name: str, values, least: int) -> list[int] | None:
+    """``values`` (None: the default) as a non-empty list of distinct ints of at least ``least``."""
+    if values is None:
+        return None
+    if isinstance(values, str) or not isinstance(values, list | tuple) or not values:
+        raise WrongArgumentType(f"{name} must be a non-empty list of ints, such as [0, 1, 2], not {values!r:.60}")
+    checked = [check_int(f"{name}[{i}]", v, minimum=least) for i, v in enumerate(values)]
+    if len(set(checked)) < len(checked):
+        raise InvalidArgument(f"{name} repeats a value: {checked}")
+    return checked
+
+
 def run_sweep(
     cfg: RunConfig | None,
     out: Path,
@@ -117,16 +129,7 @@ def run_sweep(
     ``workers`` below 1.
     """
     cfg, methods, ablations, workers, max_blocks = check_plan_arguments(cfg, methods, ablations, workers, max_blocks, resume)
-    for name, values, least in (("seeds", seeds, 0), ("cadences", cadences, 1)):
-        if values is None:
-            continue
-        if isinstance(values, str) or not isinstance(values, list | tuple) or not values:
-            raise WrongArgumentType(f"{name} must be a non-empty list of ints, such as [0, 1, 2], not {values!r:.60}")
-        checked = [check_int(f"{name}[{i}]", v, minimum=least) for i, v in enumerate(values)]
-        if len(set(checked)) < len(checked):
-            raise InvalidArgument(f"{name} repeats a value: {checked}")
-    seeds = None if seeds is None else [int(v) for v in seeds]
-    cadences = None if cadences is None else [int(v) for v in cadences]
+    seeds, cadences = _int_list("seeds", seeds, 0), _int_list("cadences", cadences, 1)
     out = Path(out)
     console = console or Console(quiet=not progress)
     top = RunDir(out)

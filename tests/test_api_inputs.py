@@ -855,3 +855,22 @@ def test_low_level_helpers_name_their_arguments():
         rrd_loss(np.zeros((2, 3)), torch.zeros(2, 4))
     with pytest.raises(CcdrecError, match="at least 0"):
         harmonic(-1, 0.5)
+
+
+def test_losses_and_prefix_digests_name_a_wrong_argument(stream):
+    from ccdrec.train.losses import bpr_loss, vae_loss
+
+    with pytest.raises(CcdrecError, match="bpr_loss: neg must be a floating-point torch tensor, not ndarray"):
+        bpr_loss(torch.zeros(3), np.zeros(3))
+    with pytest.raises(CcdrecError, match="bpr_loss: pos must be .* not a torch.int64 tensor"):
+        bpr_loss(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+    with pytest.raises(CcdrecError, match="vae_loss: target must be"):
+        vae_loss(torch.zeros(2, 4), [[0, 1, 0, 0]] * 2, torch.zeros(2, 3), torch.zeros(2, 3), 0.2)
+    assert bpr_loss(torch.zeros(3), torch.zeros(3, 2)).item() == pytest.approx(np.log(2))  # softplus(0)
+    with pytest.raises(CcdrecError, match="n_blocks must be an int"):
+        stream.prefix_digest("1")
+    with pytest.raises(CcdrecError, match="n_blocks must be at least 1"):
+        stream.prefix_digest(0)
+    with pytest.raises(CcdrecError, match="no prefix of"):
+        stream.prefix_digest(len(stream) + 1)
+    assert stream.prefix_digest(np.int64(len(stream))) == stream.digest

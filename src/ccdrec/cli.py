@@ -60,7 +60,14 @@ SetOpt = Annotated[
     list[str], typer.Option("--set", help="override one configuration field, e.g. --set student.update.epochs=5 (repeatable)")
 ]
 SEED_MAX = 2**32 - 1  # = ccdrec.config.SEED_MAX (tested); the configuration is imported lazily, after --help
-SeedOpt = Annotated[int | None, typer.Option(min=0, help="run seed (default 0)")]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="run seed (default 0) of the student's and the replay's stages; each teacher member trains with its "
+        "own seed (set in teacher.members), which --seed leaves alone and compare --seeds S moves by S x members",
+    ),
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda")]
 ProgressOpt = Annotated[bool, typer.Option(help="show live progress")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads (default: all cores); give concurrent jobs cores/jobs each")]

@@ -342,9 +342,10 @@ class Stream:
         ``prefix_digest(len(stream)) == digest`` when the vocabularies cover exactly the universe (every
         loaded stream), so a digest recorded by a run is also the prefix digest of the blocks it knew;
         ``ccdrec data append`` only adds blocks, and leaves every prefix digest of the old stream as it was.
-        Raises :class:`CcdrecError` unless ``1 <= n_blocks <= len(self)``.
+        Raises :class:`CcdrecError` unless ``n_blocks`` is an int with ``1 <= n_blocks <= len(self)``.
         """
-        if not 1 <= n_blocks <= len(self.blocks):
+        n_blocks = check_int("n_blocks", n_blocks)
+        if n_blocks > len(self.blocks):
             raise CcdrecError(f"stream {self.name}: no prefix of {n_blocks} blocks (it has {len(self.blocks)})")
         last = self.blocks[n_blocks - 1]
         part = Stream(

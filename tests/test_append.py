@@ -765,3 +765,23 @@ def test_the_cli_puts_back_a_stream_a_killed_write_moved_aside_and_a_missing_one
     assert out.returncode == 0, out.stderr
     assert "put back the stream a killed write had moved aside" in out.stderr
     assert len(load_stream(d / "s")) == 3 and not list(d.glob(".s.*"))
+
+
+def test_an_interruption_after_the_append_has_written_says_it_was_appended_and_exits_0(parts, monkeypatch, capsys):
+    import ccdrec.cli as cli
+
+    d, _ = parts
+    prepare_stream(d / "first.csv", d / "s", n_blocks=2, **KW)
+
+    def ctrl_c(stream):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "print_stream_table", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["ccdrec", "data", "append", str(d / "s"), str(d / "rest1.csv")])
+    try:
+        cli.main()  # returns: exit status 0
+    except SystemExit as ended:
+        assert ended.code in (0, None)
+    err = capsys.readouterr().err
+    assert "appended block 3 to" in err and "4 blocks" in err and "interrupted while printing its table" in err
+    assert len(load_stream(d / "s")) == 4

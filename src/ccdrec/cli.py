@@ -297,10 +297,12 @@ def data_append(
         before = len(load_stream_dir(Path(stream_dir)))
         stream = append_stream(stream_dir, log, n_blocks=blocks, window=window)
         added = f"block {before}" if len(stream) - 1 == before else f"blocks {before}..{len(stream) - 1}"
-        console.print(
-            f"appended {added} to {stream_dir}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items"
-        )
-        print_stream_table(stream)
+        done = f"appended {added} to {stream_dir}: {len(stream)} blocks, {stream.n_users:,} users, {stream.n_items:,} items"
+        try:
+            console.print(done)
+            print_stream_table(stream)
+        except KeyboardInterrupt:  # the blocks are written: an interruption now only cuts the table short
+            print(f"{done} (interrupted while printing its table)", file=sys.stderr)
 
 
 def load_stream_dir(path: Path):

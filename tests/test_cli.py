@@ -33,6 +33,25 @@ def test_every_command_has_help(cmd):
     assert out.returncode == 0 and "Usage" in out.stdout
 
 
+def test_no_help_text_holds_brackets_that_rich_would_swallow_as_markup():
+    """Rich reads ``[default: x]`` (a bracket opening with a lower-case letter, #, / or @) as a style tag and
+    prints nothing of it: such text in an option's help or a command's docstring must be escaped (``\\[``)."""
+    import re
+
+    import typer
+
+    from ccdrec.cli import app
+
+    tag = re.compile(r"(?<!\\)\[[a-z#/@][^\[\]]*\]")
+    found, commands = [], [("ccdrec", typer.main.get_command(app))]
+    while commands:
+        name, command = commands.pop()
+        texts = [("help", command.help or "")] + [(p.name, getattr(p, "help", None) or "") for p in command.params]
+        found += [f"{name} {what}: {m.group()}" for what, text in texts for m in tag.finditer(text)]
+        commands += [(f"{name} {sub}", c) for sub, c in getattr(command, "commands", {}).items()]
+    assert len(commands) == 0 and not found, found
+
+
 def test_data_info_bundled_table():
     out = ccdrec("data", "info", "yelp")
     assert out.returncode == 0
@@ -155,7 +174,7 @@ def test_an_interruption_a_library_swallowed_still_exits_with_the_signals_code(s
             signal.signal(s, h)
     assert exc.value.code == code and "interrupted" in capsys.readouterr().err
     # interrupted before the directory exists: no resume hint that cannot work
-    with pytest.raises(SystemExit), cli._resumable("compare", tmp_path / "never"):
+    with pytest.raises(SystemExit), cli._resumable("compare", tmp_path / "never", None, None, True):
         raise KeyboardInterrupt
     assert "nothing was written yet" in capsys.readouterr().err
 
@@ -347,10 +366,10 @@ def test_running_out_of_memory_is_one_line_and_a_run_says_how_to_resume(stream_d
         ),
         (tmp_path / "new", "nothing was written yet"),
     ):
-        with pytest.raises(SystemExit) as stop, cli._resumable("run", where):
+        with pytest.raises(SystemExit) as stop, cli._resumable("run", where, None, None, True):
             raise torch_cpu
         assert stop.value.code == 1 and kept in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", run):  # not memory: as it was
+    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", run, None, None, True):  # not memory: as it was
         raise RuntimeError("shape mismatch")
     # a model far larger than memory (tens of GiB of embeddings): one line, no traceback
     out = ccdrec("train", "--data", str(stream_dir), "--threads", "1", "--epochs", "1", "--dim", "100000000", "--no-progress")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -430,7 +431,7 @@ def ccdrec(*args):
     )
 
 
-def test_cli_compare_help_and_errors(tmp_path):
+def test_cli_compare_help_and_errors(tmp_path, stream_dir):
     out = ccdrec("compare", "--help")
     assert out.returncode == 0 and "--ablations" in out.stdout
     out = ccdrec("compare", "--methods", "ccd,sgd", "--out", str(tmp_path / "x"))
@@ -439,6 +440,11 @@ def test_cli_compare_help_and_errors(tmp_path):
     assert out.returncode == 2 and "no such comparison directory" in out.stderr
     out = ccdrec("compare", "--from-run", str(tmp_path / "missing"), "--out", str(tmp_path / "y"))
     assert out.returncode == 2 and "no such run directory" in out.stderr
+    (tmp_path / "afile").write_text("")
+    out = ccdrec("compare", "--resume", str(tmp_path / "afile"))
+    assert out.returncode == 2 and "afile: a file, not a comparison directory" in out.stderr
+    out = ccdrec("compare", "--data", str(stream_dir), "--out", str(tmp_path / "afile" / "sub"))
+    assert out.returncode == 2 and out.stderr.strip().endswith("(a part of the path is a file)"), out.stderr
 
 
 def test_compare_from_an_existing_run_reuses_its_stages(comparison, tmp_path):
@@ -454,6 +460,35 @@ def test_compare_from_an_existing_run_reuses_its_stages(comparison, tmp_path):
     assert "finetune" in report.read_text()
     with pytest.raises(CcdrecError, match="no such run directory"):
         run_compare(None, tmp_path / "cmp2", ["finetune"], from_run=tmp_path / "nope", progress=False)
+
+
+def test_only_a_ccd_run_is_compared_from_and_a_comparisons_run_goes_on_with_it(comparison, tmp_path):
+    from ccdrec.pipeline.ccd import run_stream
+
+    _, out, _ = comparison
+    with pytest.raises(CcdrecError, match=r"is a finetune run, not a CCD run"):
+        run_compare(None, tmp_path / "p1", ["lwckd"], from_run=out / "finetune", progress=False)
+    with pytest.raises(CcdrecError, match=r"is the ablation-no-replay run of the comparison .*, not a CCD run"):
+        run_compare(None, tmp_path / "p2", ["finetune"], from_run=out / "ablation-no-replay", progress=False)
+    assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
+    state = (out / "ccd" / "state.json").read_bytes()
+    expected = f"is a part of the comparison {out}: --max-blocks 2 is made to the whole comparison, so that its runs "
+    expected += f"stay at one block: ccdrec compare --resume {out} --max-blocks 2"
+    with pytest.raises(CcdrecError, match=re.escape(expected)):
+        run_stream(None, out / "ccd", resume=True, progress=False, max_blocks=2)
+    assert (out / "ccd" / "state.json").read_bytes() == state
+
+
+def test_a_report_says_when_its_runs_end_at_different_blocks_or_none_has_an_incremental_block(hand_rows, tmp_path):
+    parts = {m: [r for r in hand_rows if r["method"] == m] for m in ("ccd", "finetune")}
+    assert rc.stopped_notes(parts, tmp_path) == []  # both end at block 2
+    short = {**parts, "finetune": [r for r in parts["finetune"] if r["k"] <= 1]}
+    (note,) = rc.stopped_notes(short, tmp_path)
+    assert "the runs end at different blocks (ccd at block 2, finetune at block 1)" in note
+    assert f"ccdrec compare --resume {tmp_path} --max-blocks 2 takes every run to one block" in note
+    block0 = {m: [r for r in rows if r["k"] == 0] for m, rows in parts.items()}
+    (note,) = rc.stopped_notes(block0, tmp_path)
+    assert "no run has evaluated an incremental block yet" in note
 
 
 def test_compare_resume_adds_methods_and_takes_every_run_on_to_later_blocks(comparison, tmp_path):

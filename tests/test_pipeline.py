@@ -278,7 +278,7 @@ def test_sigterm_stops_a_run_that_resumes_to_the_same_metrics(full_run, stream_d
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # 143, as a shell reports a SIGTERM
-    assert f"continue with: ccdrec run --resume {part}" in err and "Traceback" not in err
+    assert f"continue with: ccdrec run --resume {part} --threads 1 --no-progress\n" in err and "Traceback" not in err
     done = json.loads((part / "state.json").read_text())["completed"]
     assert 2 <= len(done) < len(json.loads((out / "state.json").read_text())["completed"])
     run_stream(None, part, resume=True, progress=False)

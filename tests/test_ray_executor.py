@@ -305,7 +305,7 @@ def test_a_lost_run_task_names_the_run_and_the_resume_command_and_resume_complet
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line == (
         "error: run finetune lost: its Ray worker process died (killed or out of memory); the completed runs and "
-        f"stages are kept; continue with: ccdrec compare --resume {out}"
+        f"stages are kept; continue with: ccdrec compare --resume {out} --no-progress"  # the options a run does not keep
     )
     assert "b1/eval" in RunDir(out / "ablation-random-init").read_state()["completed"]  # the others finished
     app(["compare", "--resume", str(out), "--no-bench", "--no-progress", "--executor", "ray"], standalone_mode=False)

@@ -373,7 +373,7 @@ def test_a_dead_worker_names_the_lost_stage_and_the_resume_command(tmp_path):
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: stage") and "b0/teacher" in line and "lost" in line
-    assert f"continue with: ccdrec run --resume {tmp_path / 'r'}" in line
+    assert line.endswith(f"continue with: ccdrec run --resume {tmp_path / 'r'} --workers 2 --no-progress")
     assert json.loads((tmp_path / "r" / "state.json").read_text())["completed"] == []
 
 

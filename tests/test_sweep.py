@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from ccdrec import CcdrecError
 from ccdrec.data.stream import save_stream
 from ccdrec.data.synthetic import synthetic_stream
 from ccdrec.eval.protocol import harmonic
-from ccdrec.pipeline.ccd import CCDStream
+from ccdrec.pipeline.ccd import CCDStream, run_stream
 from ccdrec.pipeline.compare import ABLATIONS, KD_METHODS, METHODS, ablation_config, run_compare, variant_config
 from ccdrec.pipeline.rundir import RunDir
 from ccdrec.pipeline.staged import base_signature
@@ -262,11 +263,20 @@ def test_sweep_resume_takes_every_cell_on_and_cli_mistakes_are_one_line(stream_d
             assert max(r["k"] for r in RunDir(out / cell / run).read_metrics()) == 2, (cell, run)
     with pytest.raises(CcdrecError, match="a sweep over seeds and cadences directory, not a run directory"):
         RunDir.open(out)
+    cell = out / "seed-0-every-1"
+    for kwargs, change in (({"max_blocks": 3}, "--max-blocks 3"), ({"methods": ["finetune"]}, "--methods finetune")):
+        expected = f"{cell} is a part of the sweep {out}: {change} is made to the whole sweep"
+        with pytest.raises(CcdrecError, match=re.escape(expected)):
+            run_compare(None, cell, resume=True, progress=False, **kwargs)
+    with pytest.raises(CcdrecError, match=re.escape(f"ccdrec compare --resume {out} --max-blocks 3")):
+        run_stream(None, cell / "ccd", resume=True, progress=False, max_blocks=3)
+    assert json.loads((cell / "compare.json").read_text())["methods"] == ["ccd", "kd-once"]
     runner = CliRunner()
     for args, needle in (
         (["--seed", "3", "--seeds", "0,1"], "--seed and --seeds"),
         (["--seeds", "0", "--from-run", str(out / "seed-0-every-1" / "ccd")], "--from-run starts a single comparison"),
         (["--cadences", "0"], "at least 1"),
+        (["--seeds", "0", "--bench"], "--bench: a sweep (--seeds, --cadences) does not measure serving cost"),
     ):
         res = runner.invoke(app, ["compare", "--data", str(stream_dir), "--out", str(tmp_path / "x"), *args])
         assert res.exit_code != 0 and needle in res.output + str(res.exception), (args, res.output)

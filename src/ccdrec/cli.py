@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -458,10 +459,13 @@ def out_of_memory(e: BaseException) -> str | None:
 
 
 @contextmanager
-def _resumable(command: str, path: Path) -> Iterator[None]:
+def _resumable(command: str, path: Path, threads: int | None, workers: int | None, progress: bool) -> Iterator[None]:
     """An interruption (Ctrl-C, SIGTERM), a lost worker stage or memory running out ends ``command`` with
-    the line that resumes it."""
-    hint = f"continue with: ccdrec {command} --resume {shell_word(path)}"
+    the line that resumes it, with the options given that a run does not store (``--threads``,
+    ``--workers``, ``--no-progress``)."""
+    again = [f"--threads {threads}" if threads is not None else "", f"--workers {workers}" if workers is not None else ""]
+    again.append("" if progress else "--no-progress")
+    hint = " ".join(["continue with: ccdrec", command, "--resume", shell_word(path), *(a for a in again if a)])
     written = lambda: any((Path(path) / f).exists() for f in ("state.json", "compare.json", "sweep.json"))  # noqa: E731
     try:
         yield
@@ -558,7 +562,7 @@ def run(
             ray_address=ray_address,
         )
         run_dir = out or Path("runs") / f"{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _resumable("run", run_dir), _executor(executor, ray_address, cfg, threads):
+    with _resumable("run", run_dir, threads, workers, progress), _executor(executor, ray_address, cfg, threads):
         rd = run_stream(
             cfg,
             run_dir,
@@ -578,9 +582,11 @@ def run(
         console.print(tables.as_text(summary).to_string())
     if note := tables.capped_note(rows):
         console.print(f"note: {note}", markup=False)
-    # a run of a comparison goes on with the comparison, so that its runs stay at one block
-    inside = (rd.path.parent / "compare.json").exists()
-    _more_blocks_note(rd.path.parent if inside else rd.path, "compare" if inside else "run")
+    # a run of a comparison or sweep goes on with it, so that its runs stay at one block
+    from ccdrec.pipeline.rundir import enclosing
+
+    whole = enclosing(rd.path)
+    _more_blocks_note(rd.path if whole is None else whole[1], "run" if whole is None else "compare")
 
 
 def _more_blocks_note(path: Path, command: str) -> None:
@@ -591,7 +597,7 @@ def _more_blocks_note(path: Path, command: str) -> None:
     rd = RunDir(path)
     stopped, last = rd.load_config().max_blocks, rd.stream_blocks() - 1
     if stopped is not None and stopped < last:
-        what = "run" if command == "run" else "comparison"
+        what = "run" if command == "run" else "sweep" if (path / "sweep.json").exists() else "comparison"
         console.print(
             f"note: the {what} stops at block {stopped} (--max-blocks) and its stream has blocks 0..{last}; "
             f"ccdrec {command} --resume {shell_word(path)} --max-blocks {last} takes it on",
@@ -683,7 +689,8 @@ def compare(
     bench: bool | None = typer.Option(
         None,
         "--bench/--no-bench",
-        help="measure CCD's serving cost (teacher ensemble vs student) for the report [default: bench; --resume: as started]",
+        help="measure CCD's serving cost (teacher ensemble vs student) for the report \\[default: bench; --resume: as "
+        "started; a sweep (--seeds, --cadences): no bench]",
         show_default=False,
     ),
     progress: ProgressOpt = True,
@@ -753,7 +760,12 @@ def compare(
             ray_address=ray_address,
         )
         out_dir = out or Path("runs") / f"compare-{name}-{preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with _resumable("compare", out_dir), _executor(executor, ray_address, cfg, threads):
+    if sweep and bench:
+        raise CcdrecError(
+            "--bench: a sweep (--seeds, --cadences) does not measure serving cost; measure a CCD run of it with "
+            "ccdrec bench-serve OUT/seed-S-every-M/ccd"
+        )
+    with _resumable("compare", out_dir, threads, workers, progress), _executor(executor, ray_address, cfg, threads):
         if sweep:
             report = run_sweep(
                 cfg,
@@ -770,6 +782,7 @@ def compare(
                 opened=_named("sweep directory"),
             )
             console.print(f"report: {report}")
+            _more_blocks_note(report.parent, "compare")
             return
         report = run_compare(
             cfg,
@@ -792,7 +805,7 @@ def compare(
 @app.command("bench-serve")
 def bench_serve_command(
     run_dir: Path = typer.Argument(..., help="a run directory of `ccdrec run` (or a competitor run of `ccdrec compare`)"),
-    batch: int | None = typer.Option(None, min=1, help="users in the batch measurement [default: 1,024, or every user]"),
+    batch: int | None = typer.Option(None, min=1, help="users in the batch measurement \\[default: 1,024, or every user]"),
     repeats: int = typer.Option(10, min=1, help="timed repetitions per measurement (the median is reported)"),
     k: int = typer.Option(20, "-k", min=1, help="recommendation list length"),
     device: str = typer.Option("cpu", help="auto, cpu or cuda"),
@@ -978,7 +991,8 @@ def _dispatch() -> None:
         sys.exit(1)
     except OSError as e:  # a path the user gave that cannot be written or read (a file for a directory, ...)
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        why = " (a part of the path is a file)" if e.errno == errno.ENOTDIR else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}{why}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if (oom := out_of_memory(e)) is None:

@@ -33,7 +33,7 @@ from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
-from ccdrec.pipeline.rundir import RunDir
+from ccdrec.pipeline.rundir import RunDir, refuse_part
 from ccdrec.pipeline.staged import TeacherStudentRun, stage_threads
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation, student_update, teacher_update
 
@@ -115,6 +115,7 @@ def prepare_run(
         completed = set(rd.read_state()["completed"])
         stream = rd.open_stream(cfg)
         if max_blocks is not None:
+            refuse_part(run_dir, f"--max-blocks {max_blocks}", "its runs stay at one block")
             rd.check_max_blocks(max_blocks)
         rd.hold()  # every check has passed: from here on the directory changes
         if max_blocks is not None:

@@ -48,18 +48,17 @@ from rich.console import Console
 from ccdrec.arguments import check_int
 from ccdrec.checkpoint import atomic_write_json, read_json
 from ccdrec.config import RunConfig
-from ccdrec.data.stream import Stream, load_stream
+from ccdrec.data.stream import INTERACTIONS, UNIVERSE, Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, InvalidArgument, StageLost, WrongArgumentType
 from ccdrec.option_values import comma_values, one_of, shell_word
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.ccd import run_stream
 from ccdrec.pipeline.competitors import CL_METHODS, run_competitor, start_competitor
-from ccdrec.pipeline.rundir import STREAM_FILE, RunDir
+from ccdrec.pipeline.rundir import COMPARE_FILE, STREAM_FILE, RunDir, enclosing, refuse_part
 from ccdrec.pipeline.staged import StopRequested, link_file, share_block0
 from ccdrec.serve_bench import bench_markdown, bench_records, bench_serve, read_bench
 
-COMPARE_FILE = "compare.json"
 CONFIG_FILE = "config.yaml"
 BENCH_FILE = "bench_serve.json"
 
@@ -216,12 +215,16 @@ def adopt_run(source: Path, target: Path) -> None:
 
 
 def read_plan(out: Path) -> tuple[RunConfig, dict]:
+    if out.is_file():
+        raise CcdrecError(f"{out}: a file, not a comparison directory (one that `ccdrec compare` wrote)")
     if not out.is_dir():
         raise CcdrecError(f"{out}: no such comparison directory to resume")
     if not (out / COMPARE_FILE).exists():
         hint = ""
         if (out / "state.json").exists():
             hint = f": a run directory; continue it with ccdrec run --resume {shell_word(out)}"
+        elif any((out / f).exists() for f in (UNIVERSE, INTERACTIONS)):
+            hint = f": a stream directory (of `ccdrec data prepare`); compare on it with ccdrec compare --data {shell_word(out)}"
         raise CcdrecError(f"{out}: not a comparison directory (no {COMPARE_FILE}){hint}")
     plan = read_json(out / COMPARE_FILE)
     cfg = RunDir(out).load_config()
@@ -269,6 +272,8 @@ def run_compare(
     max_blocks: int | None = None,
     base_from: Path | None = None,
     opened: Callable[[Path], None] | None = None,
+    *,
+    cell: bool = False,
 ) -> Path:
     """Run (or resume) a comparison into ``out``; returns the path of the comparison report.
 
@@ -281,6 +286,8 @@ def run_compare(
     every run on to that block (:meth:`RunDir.set_max_blocks`). ``base_from``: a CCD run directory of the
     same block 0 whose block-0 models a new CCD run shares instead of training them. ``opened`` is called
     with ``out`` once every check has passed and the comparison directory is created (or reopened).
+    A comparison that is a cell of a sweep gets ``methods``, ``ablations`` and ``max_blocks`` on
+    ``resume`` from its sweep only (``cell=True``; otherwise they are refused: :func:`refuse_part`).
 
     With the ``ray`` executor (the configuration's, or :func:`ccdrec.pipeline.cluster.use_executor`'s)
     the runs are Ray tasks (:func:`run_on_ray`); else they run here one after another. Raises
@@ -293,7 +300,7 @@ def run_compare(
     console = console or Console(quiet=not progress)
     if cfg is not None and not resume:
         check_run_tasks(cfg)  # before anything is created
-    cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console)
+    cfg, plan, stream = open_comparison(cfg, out, methods, ablations, resume, from_run, workers, max_blocks, console, cell=cell)
     if bench is None:  # as the comparison was started: --resume keeps a --no-bench
         bench = plan.get("bench", True)
     elif plan.get("bench", True) != bench:
@@ -332,6 +339,8 @@ def open_comparison(
     workers: int | None,
     max_blocks: int | None,
     console: Console,
+    *,
+    cell: bool = False,
 ) -> tuple[RunConfig, dict, Stream]:
     """Create the comparison directory ``out`` (configuration, stream record, plan; ``from_run``
     adopted as its CCD run), or reopen it on ``resume`` (plan extended, ``max_blocks`` applied); returns
@@ -343,6 +352,10 @@ def open_comparison(
     if resume:
         cfg, plan = read_plan(out)
         stream = top.open_stream(cfg)  # every check before anything changes
+        changes = [f"--methods {','.join(methods)}" if methods else "", f"--ablation {','.join(ablations)}" if ablations else ""]
+        changes.append(f"--max-blocks {max_blocks}" if max_blocks is not None else "")
+        if (change := " ".join(c for c in changes if c)) and not cell:
+            refuse_part(out, change, "its comparisons keep one plan and stay at one block")
         merged = merge_plan(cfg, plan, methods or [], ablations or [], console)
         if merged != plan:
             plan = merged
@@ -354,7 +367,13 @@ def open_comparison(
     if from_run is not None:
         source = RunDir.open(from_run)
         cfg = source.load_config()
-        source.read_state()  # a run directory, checked before anything is created
+        if (method := source.read_state().get("method")) is not None:  # a run directory, checked before anything
+            raise CcdrecError(f"{from_run} is a {method} run, not a CCD run: --from-run takes a run of ccdrec run")
+        if (whole := enclosing(from_run)) is not None and Path(from_run).name != "ccd":
+            raise CcdrecError(
+                f"{from_run} is the {Path(from_run).name} run of the {whole[0]} {whole[1]}, not a CCD run: --from-run "
+                "takes a run of ccdrec run or a comparison's ccd/"
+            )
         stream = source.open_stream(cfg)
     elif cfg is None:
         raise CcdrecError("a configuration is needed to start a comparison")

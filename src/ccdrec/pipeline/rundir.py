@@ -42,6 +42,8 @@ from ccdrec.option_values import shell_word
 
 STATE_VERSION = 1
 STREAM_FILE = "stream.json"
+COMPARE_FILE = "compare.json"  # a comparison directory's plan (pipeline/compare.py)
+SWEEP_FILE = "sweep.json"  # a sweep directory's plan (pipeline/sweep.py)
 LOCK_FILE = ".lock"
 _HELD: dict[Path, int] = {}  # run directories this process holds (RunDir.hold)
 UNION_GRAPH = "union"  # checkpoint meta "graph": trained on the union of blocks 0..k (full retraining)
@@ -55,6 +57,36 @@ def trained_on(stream: Stream, meta: dict) -> Block:
     if meta.get("graph") == UNION_GRAPH:
         return stream.union_block(k)
     return stream.span(int(meta.get("first", k)), k)
+
+
+def enclosing(path: Path) -> tuple[str, Path] | None:
+    """The outermost comparison or sweep that directory ``path`` is a part of, as ("comparison" or
+    "sweep", its directory, relative where ``path`` is): a run in ``OUT/`` of ``ccdrec compare``, a
+    comparison (cell) of a sweep, a run of a sweep's cell; None for a directory that stands alone. The
+    parts of one must stay at one block and one plan, so they are taken on through it."""
+    here = Path(path).absolute()
+    parent, grand = here.parent, here.parent.parent
+    if (grand / SWEEP_FILE).exists() and (parent / COMPARE_FILE).exists():
+        found = ("sweep", grand)
+    elif (parent / SWEEP_FILE).exists():
+        found = ("sweep", parent)
+    elif (parent / COMPARE_FILE).exists():
+        found = ("comparison", parent)
+    else:
+        return None
+    kind, where = found
+    return kind, where if Path(path).is_absolute() else Path(os.path.relpath(where))
+
+
+def refuse_part(path: Path, change: str, why: str) -> None:
+    """Raise :class:`CcdrecError` when directory ``path`` is a part of a comparison or sweep
+    (:func:`enclosing`): ``change`` (e.g. ``--max-blocks 3``) must be made to the whole, so that ``why``."""
+    if (whole := enclosing(path)) is not None:
+        kind, where = whole
+        raise CcdrecError(
+            f"{path} is a part of the {kind} {where}: {change} is made to the whole {kind}, so that {why}: "
+            f"ccdrec compare --resume {shell_word(where)} {change}"
+        )
 
 
 # Defaults that changed after runs were written: a stored configuration without the field was written by

@@ -51,9 +51,7 @@ from ccdrec.pipeline.compare import (
     run_on_ray,
     variant_notes,
 )
-from ccdrec.pipeline.rundir import RunDir
-
-SWEEP_FILE = "sweep.json"
+from ccdrec.pipeline.rundir import SWEEP_FILE, RunDir
 
 
 def parse_ints(text: str, option: str, minimum: int, maximum: int | None = None) -> list[int]:
@@ -221,6 +219,7 @@ def _run_cells(
                 workers=workers,
                 max_blocks=max_blocks if started else None,
                 base_from=None if started else base_ccd,
+                cell=True,
             )
             if "ccd" in plan["methods"] and base_ccd is None:
                 base_ccd = d / "ccd"
@@ -248,6 +247,7 @@ def _run_cells_on_ray(
                 workers,
                 max_blocks if started else None,
                 console,
+                cell=True,
             )
             # base_ccd even for a started cell: it only seeds a CCD run not started yet (same block 0, checked)
             cells.append(Comparison(d, cell_cfg, stream, cell_plan["methods"], cell_plan["ablations"], base_ccd))

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from ccdrec.eval.protocol import StreamScores
+from ccdrec.option_values import shell_word
 from ccdrec.report import tables
 from ccdrec.report.markdown import integer_blocks, markdown_table
 
@@ -248,6 +249,19 @@ def comparison_rows(runs: dict) -> list[dict]:
     return rows
 
 
+def stopped_notes(parts: dict[str, list[dict]], out: Path) -> list[str]:
+    """The report's lines on where its runs (``parts``: a name -> its rows) stop: none evaluated past
+    block 0 yet, or runs that end at different blocks (:func:`tables.coverage_note`); [] when neither."""
+    resume = f"ccdrec compare --resume {shell_word(out)}"
+    if all(tables.last_block(rows) in (None, 0) for rows in parts.values()):
+        return [
+            "**Note:** no run has evaluated an incremental block yet (LA / RA / H-mean start at block 1, so the "
+            f"tables below are empty); {resume} --max-blocks K takes the runs on to block K.\n"
+        ]
+    note = tables.coverage_note(parts, resume)
+    return [] if note is None else [f"**Note:** {note}.\n"]
+
+
 def write_compare_report(
     out: Path, runs: dict, serving: str | None = None, notes: dict[str, str] | None = None, start: str | None = None
 ) -> Path:
@@ -279,6 +293,7 @@ def write_compare_report(
         + ".\n"
     )
     lines.append("Runs: " + ", ".join(f"[{m}]({rd.path.name}/report.md)" for m, (rd, _) in runs.items()) + "\n")
+    lines += stopped_notes({m: [r for r in rows if r.get("method") == m] for m in labels}, out)
     lead, lead_ndcg = tables.lead_metrics(rows)
     for metric in (lead, lead_ndcg):
         lines.append(f"## LA / RA / H-mean ({metric})\n")

@@ -24,7 +24,16 @@ import numpy as np
 import pandas as pd
 
 from ccdrec.report import tables
-from ccdrec.report.compare import REFERENCE, ROLE_NAMES, SERVED_TEXT, block_bars, comparison_rows, pyplot, stream_summary
+from ccdrec.report.compare import (
+    REFERENCE,
+    ROLE_NAMES,
+    SERVED_TEXT,
+    block_bars,
+    comparison_rows,
+    pyplot,
+    stopped_notes,
+    stream_summary,
+)
 from ccdrec.report.markdown import markdown_table
 
 CELL_ROLES = ("student", "teacher", "distilled", "updated")
@@ -233,6 +242,12 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
     )
     links = [f"[seed {s}, every {c}]({_cell_dir(runs)}/report.md)" for (s, c), runs in cells.items() if runs]
     lines.append("Cells: " + ", ".join(links) + "\n")
+    parts = {
+        f"{label} (seed {s}, every {c})": [r for r in rows if r.get("method") == label]
+        for (s, c), (rows, _) in data.items()
+        for label in labels
+    }
+    lines += stopped_notes(parts, out)
     lines += [f"- `{m}`: {notes[m]}" for m in labels if m in notes]
     if any(m in notes for m in labels):
         lines.append("")
@@ -248,9 +263,10 @@ def write_sweep_report(out: Path, cells: Cells, notes: dict[str, str] | None = N
                 rival = best_competitor(by_seed, competitors, role, lead)
                 if rival is None:
                     continue
+                others = f" ({', '.join(competitors)})" if len(competitors) > 1 else " (the only one)"
                 lines.append(f"### CCD's paired gain over {rival}, {ROLE_NAMES[role]} (H_k, {lead})\n")
                 lines.append(
-                    f"{rival} has the best mean validation H-mean of the CL competitors ({', '.join(competitors)}) for "
+                    f"{rival} has the best mean validation H-mean of the CL competitors{others} for "
                     f"this role; the gain is CCD's test H_k minus {rival}'s test H_k on the same seed. It is a gain only "
                     "where it is positive on every seed.\n"
                 )

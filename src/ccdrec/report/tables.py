@@ -160,6 +160,25 @@ def fit_table(rows: list[dict], metric: str = "recall@20") -> pd.DataFrame:
     return df[[c for c in cols if c in df.columns]]
 
 
+def last_block(rows: list[dict]) -> int | None:
+    """The last block k with test rows r_(k,j) in ``rows`` (None: no test rows)."""
+    return max((int(r["k"]) for r in rows if r.get("kind") == "test"), default=None)
+
+
+def coverage_note(parts: dict[str, list[dict]], resume: str) -> str | None:
+    """A sentence when the runs of a report (``parts``: a name -> its rows) end at different blocks, whose
+    stream figures then average different blocks, with the command ``resume`` (a ``ccdrec compare
+    --resume OUT``) that takes every run to the same one; None when they end at one block (or none)."""
+    last = {name: k for name, k in ((name, last_block(rows)) for name, rows in parts.items()) if k is not None}
+    if len(set(last.values())) <= 1:
+        return None
+    ends = ", ".join(f"{name} at block {k}" for name, k in last.items())
+    return (
+        f"the runs end at different blocks ({ends}): stream figures over different blocks do not compare, and a "
+        f"table's mean or gain mixes them; {resume} --max-blocks {max(last.values())} takes every run to one block"
+    )
+
+
 def capped_note(rows: list[dict], shown: int = 8) -> str | None:
     """A sentence naming the training stages whose epoch cap ended them while their last validation was
     the best (``fit`` rows marked ``capped``, :class:`ccdrec.train.loop.FitResult`), or None if none did."""

@@ -369,7 +369,10 @@ def test_running_out_of_memory_is_one_line_and_a_run_says_how_to_resume(stream_d
         with pytest.raises(SystemExit) as stop, cli._resumable("run", where, None, None, True):
             raise torch_cpu
         assert stop.value.code == 1 and kept in capsys.readouterr().err
-    with pytest.raises(RuntimeError, match="shape mismatch"), cli._resumable("run", run, None, None, True):  # not memory: as it was
+    with (
+        pytest.raises(RuntimeError, match="shape mismatch"),
+        cli._resumable("run", run, None, None, True),
+    ):  # not memory: as it was
         raise RuntimeError("shape mismatch")
     # a model far larger than memory (tens of GiB of embeddings): one line, no traceback
     out = ccdrec("train", "--data", str(stream_dir), "--threads", "1", "--epochs", "1", "--dim", "100000000", "--no-progress")

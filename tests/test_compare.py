@@ -466,9 +466,9 @@ def test_only_a_ccd_run_is_compared_from_and_a_comparisons_run_goes_on_with_it(c
     from ccdrec.pipeline.ccd import run_stream
 
     _, out, _ = comparison
-    with pytest.raises(CcdrecError, match=r"is a finetune run, not a CCD run"):
+    with pytest.raises(CcdrecError, match=r"is a run of finetune, not of CCD: --from-run takes a run of ccdrec run or a comparison.s ccd/"):
         run_compare(None, tmp_path / "p1", ["lwckd"], from_run=out / "finetune", progress=False)
-    with pytest.raises(CcdrecError, match=r"is the ablation-no-replay run of the comparison .*, not a CCD run"):
+    with pytest.raises(CcdrecError, match=r"is the ablation-no-replay run of the comparison .*, not its CCD run"):
         run_compare(None, tmp_path / "p2", ["finetune"], from_run=out / "ablation-no-replay", progress=False)
     assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
     state = (out / "ccd" / "state.json").read_bytes()
@@ -476,7 +476,17 @@ def test_only_a_ccd_run_is_compared_from_and_a_comparisons_run_goes_on_with_it(c
     expected += f"stay at one block: ccdrec compare --resume {out} --max-blocks 2"
     with pytest.raises(CcdrecError, match=re.escape(expected)):
         run_stream(None, out / "ccd", resume=True, progress=False, max_blocks=2)
-    assert (out / "ccd" / "state.json").read_bytes() == state
+    (tmp_path / "link").symlink_to(out / "ccd")  # a link to a part is that part
+    with pytest.raises(CcdrecError, match=re.escape(f"is a part of the comparison {out}")):
+        run_stream(None, tmp_path / "link", resume=True, progress=False, max_blocks=2)
+    (tmp_path / "ablation").symlink_to(out / "ablation-no-replay")
+    with pytest.raises(CcdrecError, match=r"is the ablation-no-replay run of the comparison .*, not its CCD run"):
+        run_compare(None, tmp_path / "p3", ["finetune"], from_run=tmp_path / "ablation", progress=False)
+    with pytest.raises(
+        CcdrecError, match=re.escape(f"is a run of finetune, not of CCD: it goes on with ccdrec compare --resume {out}")
+    ):
+        run_stream(None, out / "finetune", resume=True, progress=False)
+    assert (out / "ccd" / "state.json").read_bytes() == state and not (tmp_path / "p3").exists()
 
 
 def test_a_report_says_when_its_runs_end_at_different_blocks_or_none_has_an_incremental_block(hand_rows, tmp_path):

@@ -1272,6 +1272,17 @@ def test_ids_that_differ_only_in_unicode_form_or_hold_control_characters_are_not
     assert len(stream.item_vocab) == 60  # kept distinct, as written
 
 
+def test_ids_that_read_like_a_missing_value_are_noted_and_kept(tmp_path):
+    log = udata_like().astype({"user": str, "item": str})
+    log.loc[log.index % 7 == 0, "item"] = "NaN"
+    log.loc[log.index % 11 == 0, "user"] = " null"
+    log.to_csv(tmp_path / "log.csv", index=False)
+    stream, notes = prepare_notes(tmp_path / "log.csv", tmp_path / "s", min_user=1, min_item=1, base_fraction=0.5, n_blocks=3)
+    assert any(n.startswith("1 item ID(s) read like a missing value ('NaN'): each is kept as one ID") for n in notes), notes
+    assert any(n.startswith("1 user ID(s) read like a missing value (' null')") for n in notes), notes
+    assert "NaN" in set(stream.item_vocab)  # kept, as the note says
+
+
 def test_the_content_of_a_log_decides_and_json_binary_and_comment_lines_are_named(tmp_path):
     """A text log without a telling name is read (gzip and Parquet already were); JSON, binary data and a
     comment first line say what they are, with a command for the comment."""

@@ -271,6 +271,9 @@ def test_sweep_resume_takes_every_cell_on_and_cli_mistakes_are_one_line(stream_d
     with pytest.raises(CcdrecError, match=re.escape(f"ccdrec compare --resume {out} --max-blocks 3")):
         run_stream(None, cell / "ccd", resume=True, progress=False, max_blocks=3)
     assert json.loads((cell / "compare.json").read_text())["methods"] == ["ccd", "kd-once"]
+    with pytest.raises(CcdrecError, match="--max-blocks must be at least 2"):  # not a command that fails as well
+        run_compare(None, cell, resume=True, progress=False, max_blocks=1)
+    run_compare(None, cell, resume=True, progress=False, methods=["ccd"], max_blocks=2, bench=False)  # no change: goes on
     runner = CliRunner()
     for args, needle in (
         (["--seed", "3", "--seeds", "0,1"], "--seed and --seeds"),

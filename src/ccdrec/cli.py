@@ -582,18 +582,18 @@ def run(
         console.print(tables.as_text(summary).to_string())
     if note := tables.capped_note(rows):
         console.print(f"note: {note}", markup=False)
-    # a run of a comparison or sweep goes on with it, so that its runs stay at one block
-    from ccdrec.pipeline.rundir import enclosing
-
-    whole = enclosing(rd.path)
-    _more_blocks_note(rd.path if whole is None else whole[1], "run" if whole is None else "compare")
+    _more_blocks_note(rd.path)
 
 
-def _more_blocks_note(path: Path, command: str) -> None:
-    """Note, after a run or comparison, that it stops (``--max-blocks``) before its stream's last block,
-    with the command that takes it on (e.g. after ``ccdrec data append``)."""
-    from ccdrec.pipeline.rundir import RunDir
+def _more_blocks_note(path: Path) -> None:
+    """Note, after a run, comparison or sweep, that it stops (``--max-blocks``) before its stream's last
+    block, with the command that takes it on (e.g. after ``ccdrec data append``): for a part of a
+    comparison or sweep, the command of the whole, so that its runs stay at one block."""
+    from ccdrec.pipeline.rundir import RunDir, enclosing
 
+    whole = enclosing(path)
+    path = Path(path) if whole is None else whole[1]
+    command = "compare" if any((path / f).exists() for f in ("compare.json", "sweep.json")) else "run"
     rd = RunDir(path)
     stopped, last = rd.load_config().max_blocks, rd.stream_blocks() - 1
     if stopped is not None and stopped < last:
@@ -782,7 +782,7 @@ def compare(
                 opened=_named("sweep directory"),
             )
             console.print(f"report: {report}")
-            _more_blocks_note(report.parent, "compare")
+            _report_notes(report)
             return
         report = run_compare(
             cfg,
@@ -799,7 +799,16 @@ def compare(
             opened=_named("comparison directory"),
         )
     console.print(f"report: {report}")
-    _more_blocks_note(report.parent, "compare")
+    _report_notes(report)
+
+
+def _report_notes(report: Path) -> None:
+    """After a comparison or sweep: the notes its report opens with (runs that end at different blocks,
+    none past block 0), then where it stops against its stream's last block."""
+    for line in report.read_text().splitlines():
+        if line.startswith(NOTE := "**Note:** "):
+            console.print(f"note: {line[len(NOTE) :]}", markup=False)
+    _more_blocks_note(report.parent)
 
 
 @app.command("bench-serve")

@@ -409,8 +409,9 @@ def spaced_ids_notes(log: Path, users, items, kind: str, sep: str, again: str = 
 
 def lookalike_ids_notes(users, items) -> list[str]:
     """A note when distinct IDs are the same text in another Unicode form (``é`` composed and decomposed:
-    NFC differs from NFD, so they are two users or items), and when IDs hold control characters (a NUL,
-    a line break), which a terminal does not show; IDs are kept as written either way."""
+    NFC differs from NFD, so they are two users or items), when IDs hold control characters (a NUL,
+    a line break), which a terminal does not show, and when IDs read like a missing value (``nan``,
+    ``NULL``: :data:`MISSING_WORDS`); IDs are kept as written either way."""
     import unicodedata
 
     notes = []
@@ -432,7 +433,18 @@ def lookalike_ids_notes(users, items) -> list[str]:
             notes.append(
                 f"{len(control):,} {what} ID(s) hold control or invisible characters (e.g. {ascii(control[0])}), kept as written"
             )
+        missing = [i for i in distinct if i.strip().casefold() in MISSING_WORDS]
+        if missing:
+            notes.append(
+                f"{len(missing):,} {what} ID(s) read like a missing value ({', '.join(map(repr, missing[:3]))}): each is kept "
+                "as one ID for all its rows; if the log's writer put them for missing IDs (pandas' astype(str) writes "
+                "'nan'), leave those rows out of the log"
+            )
     return notes
+
+
+# IDs that a writer of a log likely put for a missing value (compared case-insensitively)
+MISSING_WORDS = frozenset({"nan", "none", "null", "na", "n/a", "nil", "<na>", "nat"})
 
 
 def _strip_hint(log: Path, kind: str, sep: str, then: str = "and prepare again") -> str:

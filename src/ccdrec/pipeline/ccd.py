@@ -31,9 +31,10 @@ from ccdrec.config import RunConfig
 from ccdrec.data.stream import Stream, load_stream
 from ccdrec.device import resolve_device
 from ccdrec.errors import CcdrecError, InvalidArgument, WrongArgumentType
+from ccdrec.option_values import shell_word
 from ccdrec.pipeline import cluster
 from ccdrec.pipeline.context import StageOutput
-from ccdrec.pipeline.rundir import RunDir, refuse_part
+from ccdrec.pipeline.rundir import RunDir, enclosing, refuse_part
 from ccdrec.pipeline.staged import TeacherStudentRun, stage_threads
 from ccdrec.pipeline.stages import base_teachers, evaluation, generation, student_update, teacher_update
 
@@ -114,9 +115,14 @@ def prepare_run(
         resolve_device(cfg.device)
         completed = set(rd.read_state()["completed"])
         stream = rd.open_stream(cfg)
+        if (method := rd.read_state().get("method")) is not None:  # a competitor's run (pipeline/competitors.py)
+            whole = enclosing(run_dir)
+            goes_on = f"ccdrec compare --resume {shell_word(whole[1])}" if whole else "ccdrec.pipeline.competitors.run_competitor"
+            raise CcdrecError(f"{run_dir} is a run of {method}, not of CCD: it goes on with {goes_on}")
         if max_blocks is not None:
-            refuse_part(run_dir, f"--max-blocks {max_blocks}", "its runs stay at one block")
             rd.check_max_blocks(max_blocks)
+            if max_blocks != cfg.max_blocks:
+                refuse_part(run_dir, f"--max-blocks {max_blocks}", "its runs stay at one block")
         rd.hold()  # every check has passed: from here on the directory changes
         if max_blocks is not None:
             cfg = cfg.model_copy(update={"max_blocks": max_blocks})

@@ -352,10 +352,8 @@ def open_comparison(
     if resume:
         cfg, plan = read_plan(out)
         stream = top.open_stream(cfg)  # every check before anything changes
-        changes = [f"--methods {','.join(methods)}" if methods else "", f"--ablation {','.join(ablations)}" if ablations else ""]
-        changes.append(f"--max-blocks {max_blocks}" if max_blocks is not None else "")
-        if (change := " ".join(c for c in changes if c)) and not cell:
-            refuse_part(out, change, "its comparisons keep one plan and stay at one block")
+        if not cell:
+            _refuse_changing_a_part(cfg, out, plan, methods, ablations, max_blocks)
         merged = merge_plan(cfg, plan, methods or [], ablations or [], console)
         if merged != plan:
             plan = merged
@@ -367,13 +365,12 @@ def open_comparison(
     if from_run is not None:
         source = RunDir.open(from_run)
         cfg = source.load_config()
+        takes = "--from-run takes a run of ccdrec run or a comparison's ccd/"
         if (method := source.read_state().get("method")) is not None:  # a run directory, checked before anything
-            raise CcdrecError(f"{from_run} is a {method} run, not a CCD run: --from-run takes a run of ccdrec run")
-        if (whole := enclosing(from_run)) is not None and Path(from_run).name != "ccd":
-            raise CcdrecError(
-                f"{from_run} is the {Path(from_run).name} run of the {whole[0]} {whole[1]}, not a CCD run: --from-run "
-                "takes a run of ccdrec run or a comparison's ccd/"
-            )
+            raise CcdrecError(f"{from_run} is a run of {method}, not of CCD: {takes}")
+        real = Path(from_run).resolve()  # a link to a comparison's run is that run
+        if (whole := enclosing(real)) is not None and real.name != "ccd":
+            raise CcdrecError(f"{from_run} is the {real.name} run of the {whole[0]} {whole[1]}, not its CCD run: {takes}")
         stream = source.open_stream(cfg)
     elif cfg is None:
         raise CcdrecError("a configuration is needed to start a comparison")
@@ -661,6 +658,24 @@ def merge_plan(cfg: RunConfig, plan: dict, methods: list[str], ablations: list[s
     if (new_ablations or set(merged) & set(KD_METHODS)) and "ccd" not in merged:
         merged.insert(0, "ccd")
     return {**plan, "methods": merged, "ablations": [*plan["ablations"], *new_ablations]}
+
+
+def _refuse_changing_a_part(
+    cfg: RunConfig, out: Path, plan: dict, methods: list[str] | None, ablations: list[str] | None, max_blocks: int | None
+) -> None:
+    """Raise when the comparison ``out`` is a cell of a sweep and the resume would change its plan or its
+    last block (:func:`refuse_part`), after the checks a sweep's own resume makes (so that the command
+    it names works); a resume that changes nothing passes."""
+    changes = []
+    if merge_plan(cfg, plan, methods or [], ablations or [], Console(quiet=True)) != plan:
+        changes += [f"--methods {','.join(methods)}" if methods else "", f"--ablation {','.join(ablations)}" if ablations else ""]
+    if max_blocks is not None and max_blocks != cfg.max_blocks:
+        for rd, _ in comparison_runs(out, plan["methods"], plan["ablations"]).values():
+            if _started(rd.path):
+                rd.check_max_blocks(max_blocks)
+        changes.append(f"--max-blocks {max_blocks}")
+    if change := " ".join(c for c in changes if c):
+        refuse_part(out, change, "its comparisons keep one plan and stay at one block")
 
 
 def _extend_blocks(out: Path, plan: dict, max_blocks: int) -> RunConfig:

@@ -63,8 +63,9 @@ def enclosing(path: Path) -> tuple[str, Path] | None:
     """The outermost comparison or sweep that directory ``path`` is a part of, as ("comparison" or
     "sweep", its directory, relative where ``path`` is): a run in ``OUT/`` of ``ccdrec compare``, a
     comparison (cell) of a sweep, a run of a sweep's cell; None for a directory that stands alone. The
-    parts of one must stay at one block and one plan, so they are taken on through it."""
-    here = Path(path).absolute()
+    parts of one must stay at one block and one plan, so they are taken on through it. Symbolic links
+    are followed: a link to a part is that part."""
+    here = Path(path).resolve()
     parent, grand = here.parent, here.parent.parent
     if (grand / SWEEP_FILE).exists() and (parent / COMPARE_FILE).exists():
         found = ("sweep", grand)

@@ -136,12 +136,12 @@ class StagedRun:
         workers = self.workers
         if workers > (threads := torch.get_num_threads()) and not on_ray:  # --workers 3 --threads 1 ran 2 threads
             self.console.print(
-                f"{workers} worker processes capped at {threads}: each takes at least one of the {threads} thread(s) "
+                f"note: {workers} worker processes capped at {threads}: each takes at least one of the {threads} thread(s) "
                 "this run may use (--threads)"
             )
             workers = self.workers = threads
         if workers > 1 and not on_ray and not _main_can_be_spawned():
-            self.console.print("one process: workers cannot re-import a program read from stdin")
+            self.console.print("note: one process: workers cannot re-import a program read from stdin")
             workers = 1
         i = 0
         while i < len(todo):

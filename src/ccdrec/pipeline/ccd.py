@@ -78,7 +78,12 @@ class CCDStream(TeacherStudentRun):
 
 
 def prepare_run(
-    cfg: RunConfig | None, run_dir: Path, resume: bool, workers: int | None = None, max_blocks: int | None = None
+    cfg: RunConfig | None,
+    run_dir: Path,
+    resume: bool,
+    workers: int | None = None,
+    max_blocks: int | None = None,
+    method: str = "ccd",
 ) -> tuple[RunConfig, RunDir, Stream]:
     """The configuration, directory and stream of a new run, or of the run to resume (its stored
     configuration, on the stream it started on).
@@ -89,7 +94,8 @@ def prepare_run(
     ``workers``, if given, replaces the configuration's number of worker processes (it changes how
     fast a run goes, not what it computes, so a run may be resumed with another number).
     ``max_blocks`` takes a resumed run on to that block (:meth:`RunDir.check_max_blocks`), and stops a new
-    one there (its configuration's ``max_blocks``).
+    one there (its configuration's ``max_blocks``). ``method``: ``ccd`` (a CCD-family run; a competitor's
+    run is refused) or ``cl`` (a competitor's, :func:`ccdrec.pipeline.competitors.run_competitor`).
     """
     if not isinstance(run_dir, str | os.PathLike):
         raise WrongArgumentType(f"run_dir must be a path (str or Path), not {type(run_dir).__name__}")
@@ -115,10 +121,10 @@ def prepare_run(
         resolve_device(cfg.device)
         completed = set(rd.read_state()["completed"])
         stream = rd.open_stream(cfg)
-        if (method := rd.read_state().get("method")) is not None:  # a competitor's run (pipeline/competitors.py)
+        if method == "ccd" and (competitor := rd.read_state().get("method")) is not None:  # pipeline/competitors.py
             whole = enclosing(run_dir)
             goes_on = f"ccdrec compare --resume {shell_word(whole[1])}" if whole else "ccdrec.pipeline.competitors.run_competitor"
-            raise CcdrecError(f"{run_dir} is a run of {method}, not of CCD: it goes on with {goes_on}")
+            raise CcdrecError(f"{run_dir} is a run of {competitor}, not of CCD: it goes on with {goes_on}")
         if max_blocks is not None:
             rd.check_max_blocks(max_blocks)
             if max_blocks != cfg.max_blocks:

@@ -263,7 +263,7 @@ def run_competitor(
     shares instead of training them again; its configuration must agree on block 0.
     """
     check_method(method)
-    cfg, rd, stream = prepare_run(cfg, run_dir, resume, workers)
+    cfg, rd, stream = prepare_run(cfg, run_dir, resume, workers, method="cl")
     if resume:
         method = rd.read_state().get("method", method)
     else:

@@ -466,7 +466,8 @@ def test_only_a_ccd_run_is_compared_from_and_a_comparisons_run_goes_on_with_it(c
     from ccdrec.pipeline.ccd import run_stream
 
     _, out, _ = comparison
-    with pytest.raises(CcdrecError, match=r"is a run of finetune, not of CCD: --from-run takes a run of ccdrec run or a comparison.s ccd/"):
+    takes = r"is a run of finetune, not of CCD: --from-run takes a run of ccdrec run or a comparison.s ccd/"
+    with pytest.raises(CcdrecError, match=takes):
         run_compare(None, tmp_path / "p1", ["lwckd"], from_run=out / "finetune", progress=False)
     with pytest.raises(CcdrecError, match=r"is the ablation-no-replay run of the comparison .*, not its CCD run"):
         run_compare(None, tmp_path / "p2", ["finetune"], from_run=out / "ablation-no-replay", progress=False)
